@@ -1,0 +1,45 @@
+"""Late-fusion multimodal classifier: one encoder and one head per modality, logits summed.
+
+The baselines (joint and unimodal training) use it; it is also the shape every method starts from.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.encoders import build_encoder
+
+
+class LateFusionModel(nn.Module):
+    """encoders[m]: E_m, heads[m]: Linear(E_m.out_dim, C). forward -> {m: (features, logits)}.
+
+    The fused prediction is the sum of the per-modality logits (`fuse`), so each head alone is also
+    that modality's unimodal classifier — which is how per-modality accuracy is read off a joint model.
+    """
+
+    def __init__(self, meta: dict, encoder_cfgs: dict, modalities: list[str] | None = None):
+        super().__init__()
+        modalities = list(modalities or meta["modalities"])
+        for name in modalities:
+            if name not in meta["modalities"]:
+                raise ValueError(f"modality '{name}' is not in the dataset (it has "
+                                 f"{', '.join(meta['modalities'])})")
+        unknown = set(encoder_cfgs) - set(meta["modalities"])
+        if unknown:
+            raise ValueError(f"encoders: no modality named {sorted(unknown)} in the dataset")
+        self.modalities = modalities
+        out_dim = meta["num_classes"]
+        self.encoders = nn.ModuleDict(
+            {m: build_encoder(m, meta["modalities"][m], encoder_cfgs.get(m, {})) for m in modalities})
+        self.heads = nn.ModuleDict({m: nn.Linear(self.encoders[m].out_dim, out_dim) for m in modalities})
+
+    def forward(self, batch: dict) -> dict:
+        out = {}
+        for m in self.modalities:
+            features = self.encoders[m](batch[m])
+            out[m] = (features, self.heads[m](features))
+        return out
+
+    @staticmethod
+    def fuse(outputs: dict) -> torch.Tensor:
+        return torch.stack([logits for _, logits in outputs.values()]).sum(0)

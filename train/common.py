@@ -1,0 +1,535 @@
+"""Shared training pieces, one small module: config, Accelerate set-up, data loaders, logging,
+checkpoints, evaluation and metrics. The training scripts call these; the loop stays in the script.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # scripts run as `python train/x.py` / `accelerate launch train/x.py`
+    sys.path.insert(0, str(REPO_ROOT))
+
+from data_prep import shards  # noqa: E402
+
+
+class ConfigError(ValueError):
+    """A config file or command-line flag is wrong; raised before any compute is spent."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config: the script's DEFAULTS dict < YAML file < command-line flags. Types are those of DEFAULTS.
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def _check_and_merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:
+    """Merge `update` into a copy of `base`, rejecting unknown keys and wrong types.
+
+    Rules: a key must exist in `base`; a value must have the type of the default (an int is
+    accepted for a float; a default of None accepts any value); a non-empty dict default is checked
+    key by key, an empty dict default accepts any dict (its keys depend on the dataset and are
+    validated by whoever consumes them, e.g. models.build_encoder).
+    """
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        name = prefix + key
+        if key not in base:
+            close = [k for k in base if k.split("_")[0] == key.split("_")[0] or k in key or key in k]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{where}: unknown config key '{name}'{hint}")
+        default = base[key]
+        if default is None:
+            merged[key] = value
+        elif isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{name}' must be a mapping, got {_type_name(value)} {value!r}")
+            merged[key] = _check_and_merge(default, value, where, name + ".") if default else copy.deepcopy(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: '{name}' must be true or false, got {value!r}")
+            merged[key] = value
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}: '{name}' must be a number, got {_type_name(value)} {value!r}")
+            merged[key] = float(value)
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{where}: '{name}' must be an integer, got {_type_name(value)} {value!r}")
+            merged[key] = value
+        elif isinstance(default, list):
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}: '{name}' must be a list, got {_type_name(value)} {value!r}")
+            merged[key] = value
+        elif isinstance(default, str):
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: '{name}' must be a string, got {_type_name(value)} {value!r}")
+            merged[key] = value
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_cli_value(text: str):
+    """'3' -> 3, '1e-3' -> 0.001 (YAML 1.1 would keep it a string), 'true' -> True, '[1,2]' -> list."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"command line: cannot parse value {text!r}: {err}") from None
+
+
+def _cli_to_nested(argv: list[str]) -> tuple[str | None, dict]:
+    """Parse `--config F --a.b 3 --c=x --flag` into (F, {"a": {"b": 3}, "c": "x", "flag": True})."""
+    config_path, nested, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"command line: expected --key value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"  # a bare flag, e.g. --resume
+        i += 1
+        key = key.replace("-", "_")
+        if key == "config":
+            config_path = value
+            continue
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: --{key} conflicts with another flag")
+        node[parts[-1]] = _parse_cli_value(value)
+    return config_path, nested
+
+
+def load_config(defaults: dict, argv: list[str] | None = None, default_config: str | None = None) -> dict:
+    """Resolve the run config: DEFAULTS, then the YAML (`--config`, else `default_config`), then flags.
+
+    Every key may be overridden from the command line (`--lr 3e-4`, `--encoders.image.base_width 32`);
+    unknown keys and wrong types raise ConfigError naming the file or flag and the key.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    config_path, cli = _cli_to_nested(argv)
+    config_path = config_path or default_config
+    cfg = copy.deepcopy(defaults)
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+            path = REPO_ROOT / path
+        if not path.is_file():
+            raise ConfigError(f"--config: file not found: {config_path}")
+        try:
+            from_file = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        if not isinstance(from_file, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of config keys")
+        cfg = _check_and_merge(cfg, from_file, str(path))
+        cfg["config_file"] = str(path)
+    cfg = _check_and_merge(cfg, cli, "command line")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Accelerate set-up
+
+def setup_accelerator(cfg: dict):
+    """Accelerator with real DDP on CPU-only machines, and a refusal of silent rank-0 clones.
+
+    On a machine without CUDA, Accelerate only starts a gloo process group when `cpu=True`;
+    without it every launched process believes it is rank 0 of 1 and trains alone.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cpu = cfg.get("cpu", False) or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.get("mixed_precision", "no"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"launcher started {launched} processes (WORLD_SIZE) but Accelerate sees "
+            f"{accelerator.num_processes}: each process would train alone as rank 0. "
+            "On CPU use `accelerate launch --multi_gpu --num_processes N` or torchrun (not --cpu)."
+        )
+    if cfg["batch_size"] % accelerator.num_processes:
+        raise ConfigError(f"batch_size={cfg['batch_size']} (the global batch) is not divisible by "
+                          f"the number of processes {accelerator.num_processes}")
+    set_seed(cfg["seed"])  # same on every rank: identical init, and DDP broadcasts it anyway
+    return accelerator
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+def prepare_data(cfg: dict, accelerator) -> dict:
+    """Validate the shard directory `cfg['data']` (every shard, every split) and return its meta.
+
+    An embedded-benchmark directory (`.../embedded_<flavour>`) that does not exist yet is generated
+    first, on the main process, from `cfg['data_seed']`.
+    """
+    root = Path(cfg["data"])
+    if not (root / "meta.json").exists() and root.name.startswith("embedded_"):
+        from data_prep import embedded
+        flavour = root.name[len("embedded_"):]
+        if flavour not in embedded.FLAVOURS:
+            raise ConfigError(f"data={cfg['data']}: unknown embedded flavour '{flavour}' "
+                              f"(choose from {', '.join(embedded.FLAVOURS)})")
+        if accelerator.is_main_process:
+            embedded.generate(root.parent, flavour, seed=cfg["data_seed"])
+        accelerator.wait_for_everyone()
+    if not (root / "meta.json").exists():
+        raise ConfigError(f"data={cfg['data']}: no meta.json there; prepare the dataset with a "
+                          "data_prep converter first")
+    return shards.validate(root)
+
+
+def make_loader(cfg: dict, meta: dict, split: str, accelerator, modalities=None, train: bool = False):
+    """DataLoader over one split, this rank's part of each global batch (see ShardBatchSampler)."""
+    dataset = shards.ShardDataset(cfg["data"], split, modalities=modalities, meta=meta)
+    sampler = shards.ShardBatchSampler(
+        len(dataset), cfg["batch_size"] if train else cfg["eval_batch_size"],
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        seed=cfg["seed"], shuffle=train, drop_last=train)
+    workers = cfg["num_workers"]
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=None, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=accelerator.device.type == "cuda")
+    return loader, sampler
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Run directory, logging
+
+def setup_run_dir(cfg: dict, accelerator):
+    """Create the run directory, write the resolved config, open TensorBoard on the main process.
+
+    A fresh run refuses a directory that already holds checkpoints (use --resume, or another out_dir)
+    so that nothing already written is lost.
+    """
+    run_dir = Path(cfg["out_dir"])
+    writer = None
+    if accelerator.is_main_process:
+        has_ckpt = (run_dir / "checkpoints" / "latest").exists()
+        if has_ckpt and not cfg["resume"]:
+            raise ConfigError(f"out_dir={run_dir} already holds checkpoints: pass --resume to "
+                              "continue that run, or choose another --out_dir")
+        if cfg["resume"] and not has_ckpt:
+            raise ConfigError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(run_dir / "tb"))
+    accelerator.wait_for_everyone()
+    return run_dir, writer
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def log_scalars(writer, scalars: dict, step: int) -> None:
+    if writer is not None:
+        for key, value in scalars.items():
+            writer.add_scalar(key, float(value), step)
+
+
+def append_jsonl(run_dir: Path, record: dict, accelerator) -> None:
+    if accelerator.is_main_process:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def check_finite(loss_flag: torch.Tensor, step: int, window: int) -> None:
+    """Stop loudly on a NaN/inf loss. `loss_flag` accumulates ~isfinite on the device between checks
+    so that the hot path never waits on the host."""
+    if bool(loss_flag):
+        raise NonFiniteLossError(f"non-finite loss within the {window} steps up to step {step}: "
+                                 "stopping (no checkpoint is written after a NaN)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: <run>/checkpoints/ckpt-<step>/{state.pt, rng-rank<r>.pt}, <run>/checkpoints/latest.
+# Written into a temporary directory, renamed when complete, then `latest` is replaced atomically:
+# a process killed at any point leaves `latest` naming a complete checkpoint.
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir: Path, accelerator, objects: dict, trainer_state: dict, keep: int = 2) -> Path:
+    """Save `objects` (name -> thing with state_dict(); models are unwrapped) and `trainer_state`.
+
+    Collective: every rank calls it. Each rank stores its own RNG state; rank 0 stores the rest.
+    """
+    ckpt_root = run_dir / "checkpoints"
+    name = f"ckpt-{trainer_state['step']:09d}"
+    tmp = ckpt_root / f".tmp-{name}"
+    if accelerator.is_main_process:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    _fsync_save(_rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    final = ckpt_root / name
+    if accelerator.is_main_process:
+        state = {"trainer": trainer_state, "world_size": accelerator.num_processes}
+        for key, obj in objects.items():
+            if isinstance(obj, torch.nn.Module):
+                obj = accelerator.unwrap_model(obj)
+            state[key] = obj.state_dict()
+        _fsync_save(state, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(ckpt_root / "latest", name + "\n")
+        older = sorted(p for p in ckpt_root.glob("ckpt-*") if p.name != name)
+        for stale in older[:max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(run_dir: Path, accelerator, objects: dict) -> dict:
+    """Restore `objects` and this rank's RNG state from the latest checkpoint; return trainer state."""
+    ckpt_root = run_dir / "checkpoints"
+    name = (ckpt_root / "latest").read_text().strip()
+    path = ckpt_root / name
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+        raise RuntimeError(f"cannot read checkpoint {path / 'state.pt'}: {err}") from err
+    for key, obj in objects.items():
+        if key not in state:
+            raise RuntimeError(f"checkpoint {path} has no '{key}' (it holds {sorted(state)})")
+        if isinstance(obj, torch.nn.Module):
+            obj = accelerator.unwrap_model(obj)
+        obj.load_state_dict(state[key])
+    rng_file = path / f"rng-rank{accelerator.process_index}.pt"
+    if state["world_size"] == accelerator.num_processes and rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    elif accelerator.is_main_process:
+        print(f"[resume] world size changed ({state['world_size']} -> {accelerator.num_processes}): "
+              "RNG streams restart; the data order stays exact", flush=True)
+    return state["trainer"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation: each rank predicts its part of the split; the parts are gathered and re-ordered by
+# dataset index so that every rank gets the whole split, once, in order.
+
+def gather_by_index(accelerator, index: torch.Tensor, tensors: dict) -> dict:
+    """All-gather variable-length per-rank results and sort them by dataset index."""
+    if accelerator.num_processes == 1:
+        order = torch.argsort(index)
+        return {k: v[order] for k, v in tensors.items()} | {"index": index[order]}
+    device = accelerator.device
+    n = torch.tensor([index.numel()], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(accelerator.num_processes)]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    out = {}
+    for key, value in list(tensors.items()) + [("index", index)]:
+        padded = torch.zeros((longest, *value.shape[1:]), dtype=value.dtype, device=device)
+        padded[: value.shape[0]] = value.to(device)
+        parts = [torch.zeros_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        out[key] = torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).cpu()
+    order = torch.argsort(out["index"])
+    return {k: v[order] for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+
+def average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the precision-recall step curve: sum over distinct thresholds of
+    (R_n - R_{n-1}) * P_n (tied scores form one threshold). NaN when the class has no positive."""
+    positive = positive.to(torch.float64)
+    num_pos = positive.sum()
+    if num_pos == 0:
+        return float("nan")
+    order = torch.argsort(scores, descending=True, stable=True)
+    scores, positive = scores[order], positive[order]
+    last_of_tie = torch.ones_like(scores, dtype=torch.bool)
+    last_of_tie[:-1] = scores[1:] != scores[:-1]
+    true_pos = torch.cumsum(positive, 0)[last_of_tie]
+    counted = torch.arange(1, len(scores) + 1, dtype=torch.float64)[last_of_tie]
+    precision = true_pos / counted
+    recall = true_pos / num_pos
+    recall_step = torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64))
+    return float((recall_step * precision).sum())
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """accuracy, macro-F1 (mean over classes present in labels or predictions) and mAP (mean over
+    classes with a positive of the per-class average precision of the softmax probabilities)."""
+    logits, labels = logits.float().cpu(), labels.long().cpu()
+    num_classes = logits.shape[1]
+    pred = logits.argmax(1)
+    acc = (pred == labels).double().mean().item()
+    f1s, aps = [], []
+    probs = logits.softmax(1)
+    for c in range(num_classes):
+        tp = ((pred == c) & (labels == c)).sum().item()
+        fp = ((pred == c) & (labels != c)).sum().item()
+        fn = ((pred != c) & (labels == c)).sum().item()
+        if tp + fp + fn > 0:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+        ap = average_precision(probs[:, c], labels == c)
+        if not math.isnan(ap):
+            aps.append(ap)
+    return {"acc": acc, "macro_f1": float(np.mean(f1s)) if f1s else 0.0,
+            "mAP": float(np.mean(aps)) if aps else float("nan")}
+
+
+def regression_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
+    """CMU-MOSI conventions: MAE, Pearson Corr, Acc-7 (both rounded after clipping to [-3, 3]),
+    Acc-2 and F1 on the sign (positive vs negative) over samples whose label is non-zero."""
+    pred, target = pred.double().flatten().cpu(), target.double().flatten().cpu()
+    mae = (pred - target).abs().mean().item()
+    pc, tc = pred - pred.mean(), target - target.mean()
+    denom = (pc.norm() * tc.norm()).item()
+    corr = (pc @ tc).item() / denom if denom > 0 else 0.0
+    acc7 = (pred.clamp(-3, 3).round() == target.clamp(-3, 3).round()).double().mean().item()
+    nonzero = target != 0
+    p_pos, t_pos = pred[nonzero] > 0, target[nonzero] > 0
+    acc2 = (p_pos == t_pos).double().mean().item() if nonzero.any() else float("nan")
+    tp = (p_pos & t_pos).sum().item()
+    fp = (p_pos & ~t_pos).sum().item()
+    fn = (~p_pos & t_pos).sum().item()
+    tn = (~p_pos & ~t_pos).sum().item()
+    # weighted F1 over the two sign classes, as the MOSI literature reports it
+    f1_pos = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    f1_neg = 2 * tn / (2 * tn + fn + fp) if tn + fn + fp else 0.0
+    n_pos, n_neg = t_pos.sum().item(), (~t_pos).sum().item()
+    f1 = (f1_pos * n_pos + f1_neg * n_neg) / max(1, n_pos + n_neg)
+    return {"mae": mae, "corr": corr, "acc2": acc2, "acc7": acc7, "f1": f1}
+
+
+def task_metrics(task: str, outputs: torch.Tensor, labels: torch.Tensor) -> dict:
+    if task == "classification":
+        return classification_metrics(outputs, labels)
+    if task == "regression":
+        return regression_metrics(outputs, labels)
+    raise ConfigError(f"task '{task}': metrics not implemented for this script")
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers used by every script
+
+def grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of the module's gradients, on the device (no host sync)."""
+    grads = [p.grad.detach().flatten() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.cat(grads))
+
+
+def flat_grad(params, loss: torch.Tensor | None = None, accelerator=None) -> torch.Tensor:
+    """Flattened gradient of `params`: of `loss` via autograd.grad (all-reduced by hand, since
+    autograd.grad bypasses DDP), or the stored `.grad` when loss is None."""
+    params = list(params)
+    if loss is None:
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    vec = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+    if accelerator is not None and accelerator.num_processes > 1:
+        dist.all_reduce(vec)
+        vec /= accelerator.num_processes
+    return vec
+
+
+def print_table(rows: list[list], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    text = "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    print(text, flush=True)
+    return text
+
+
+def save_model_atomic(model: torch.nn.Module, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _fsync_save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def write_result(run_dir: Path, result: dict) -> None:
+    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
+
+
+def print_result_table(result: dict, select_key: str = "acc") -> str:
+    """The closing table: per-modality and fused test/val metric beside each Bayes limit."""
+    bayes = result.get("bayes_accuracy") or {}
+    rows = []
+    for name, test in result["test"].items():
+        limit = bayes.get("all" if name == "fused" else name)
+        rows.append([name, f"{test[select_key]:.4f}", f"{result['val'][name][select_key]:.4f}",
+                     "-" if limit is None else f"{limit:.4f}",
+                     "-" if limit is None or select_key != "acc" else f"{limit - test[select_key]:+.4f}"])
+    print(f"\nrun directory: {result['run_dir']}   (best epoch {result['best_epoch']} on validation)")
+    text = print_table(rows, ["modality", f"test {select_key}", f"val {select_key}", "Bayes limit", "gap to limit"])
+    print(f"TensorBoard: tensorboard --logdir {result['run_dir']}/tb\n", flush=True)
+    return text
+
+
+def finish() -> None:
+    """Leave the process group cleanly at the end of a script."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,229 @@
+"""Joint training baseline: late fusion (per-modality heads, logits summed), one loss on the fused
+prediction, optionally plus the sum of the per-modality losses (`aux_weight`).
+
+    accelerate launch train/joint.py                                  # embedded image+tabular benchmark
+    accelerate launch train/joint.py --config train/configs/joint_av.yaml --epochs 5
+    accelerate launch --multi_gpu --num_processes 2 train/joint.py    # 2-rank DDP (gloo on CPU)
+
+Each head alone is that modality's classifier, so the per-modality accuracies read off a jointly
+trained model show modality laziness: the weak modality stays far below what it can reach alone.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from models.fusion import LateFusionModel  # noqa: E402
+from train import common  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------
+# config: every key can be set in the YAML or on the command line (--key value, --a.b value)
+DEFAULTS = dict(
+    data="data/embedded_imgtab",   # a shard directory; a missing embedded_<flavour> is generated
+    data_seed=0,                   # seed of the embedded generator
+    modalities=[],                 # train on these modalities only ([] = all of the dataset's)
+    encoders={},                   # per-modality encoder config, see models.encoders.build_encoder
+    out_dir="runs/joint_imgtab",
+    seed=0,
+    resume=False,                  # continue the run in out_dir from its latest checkpoint
+    epochs=15,
+    batch_size=128,                # global batch (split across ranks)
+    eval_batch_size=500,
+    num_workers=0,
+    optimizer="adam",              # adam | adamw | sgd
+    lr=1e-3,
+    weight_decay=1e-4,
+    momentum=0.9,                  # sgd only
+    scheduler="none",              # none | step | cosine (stepped once per epoch)
+    step_size=10,
+    gamma=0.1,
+    aux_weight=0.0,                # + aux_weight * sum_m loss(head_m(f_m), y)
+    grad_clip=0.0,                 # clip the global gradient norm (0 = off)
+    mixed_precision="no",          # no | bf16 | fp16
+    cpu=False,                     # force CPU even where CUDA exists
+    log_every=25,                  # steps between TensorBoard scalars (and the NaN check)
+    eval_every=1,                  # epochs between validations
+    ckpt_every_steps=0,            # also checkpoint every N steps inside an epoch (0 = per epoch only)
+    keep_checkpoints=2,
+    stop_after_steps=0,            # checkpoint and exit at this step, as a preempted job would (0 = off)
+    progress=True,                 # tqdm bar on rank 0
+)
+DEFAULT_CONFIG = "train/configs/joint_imgtab.yaml"
+
+
+def build_optimizer(cfg, params):
+    if cfg["optimizer"] == "adam":
+        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    raise common.ConfigError(f"optimizer='{cfg['optimizer']}': choose adam, adamw or sgd")
+
+
+def build_scheduler(cfg, optimizer):
+    if cfg["scheduler"] == "none":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    if cfg["scheduler"] == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, cfg["step_size"], cfg["gamma"])
+    if cfg["scheduler"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg["epochs"])
+    raise common.ConfigError(f"scheduler='{cfg['scheduler']}': choose none, step or cosine")
+
+
+def task_loss(task, outputs, labels):
+    if task == "classification":
+        return F.cross_entropy(outputs, labels)
+    return F.l1_loss(outputs.squeeze(-1), labels)  # regression (CMU-MOSI convention)
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, task):
+    """Per-modality and fused metrics on a whole split (gathered from every rank)."""
+    model.eval()
+    outputs, index, labels = {}, [], []
+    for batch in loader:
+        batch = common.to_device(batch, accelerator.device)
+        with accelerator.autocast():
+            out = model(batch)
+        for m, (_, logits) in out.items():
+            outputs.setdefault(m, []).append(logits.float())
+        outputs.setdefault("fused", []).append(LateFusionModel.fuse(out).float())
+        index.append(batch["index"])
+        labels.append(batch["label"])
+    model.train()
+    gathered = common.gather_by_index(
+        accelerator, torch.cat(index), {k: torch.cat(v) for k, v in outputs.items()} | {"label": torch.cat(labels)})
+    return {k: common.task_metrics(task, gathered[k], gathered["label"]) for k in outputs}
+
+
+def main(cfg: dict) -> dict:
+    accelerator = common.setup_accelerator(cfg)
+    meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
+    modalities = cfg["modalities"] or list(meta["modalities"])
+    task = meta["task"]
+    if task not in ("classification", "regression"):
+        raise common.ConfigError(f"{cfg['data']}: task '{task}' is not supported by the joint baseline")
+    select_key = "acc" if task == "classification" else "mae"
+    better = (lambda a, b: a > b) if task == "classification" else (lambda a, b: a < b)
+    run_dir, writer = common.setup_run_dir(cfg, accelerator)
+
+    # data ----------------------------------------------------------------------------------------
+    train_loader, train_sampler = common.make_loader(cfg, meta, "train", accelerator, modalities, train=True)
+    val_loader, _ = common.make_loader(cfg, meta, "val", accelerator, modalities)
+    test_loader, _ = common.make_loader(cfg, meta, "test", accelerator, modalities)
+    steps_per_epoch = len(train_sampler)
+    if steps_per_epoch == 0:
+        raise common.ConfigError(f"batch_size={cfg['batch_size']} exceeds the {meta['splits']['train']['num_samples']} "
+                                 f"training samples of {cfg['data']} (the last partial batch is dropped)")
+
+    # model, optimiser ------------------------------------------------------------------------------
+    model = LateFusionModel(meta, cfg["encoders"], modalities)
+    optimizer = build_optimizer(cfg, model.parameters())
+    scheduler = build_scheduler(cfg, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+
+    state = dict(epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1)
+    checkpointed = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    if cfg["resume"]:
+        state = common.load_checkpoint(run_dir, accelerator, checkpointed)
+        accelerator.print(f"[resume] from step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
+
+    # loop ----------------------------------------------------------------------------------------
+    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+    model.train()
+    while state["epoch"] < cfg["epochs"]:
+        train_sampler.set_epoch(state["epoch"], start_batch=state["batch_in_epoch"])
+        bar = tqdm(train_loader, total=len(train_sampler), desc=f"epoch {state['epoch']}", leave=False,
+                   disable=not (cfg["progress"] and accelerator.is_main_process))
+        for batch in bar:
+            batch = common.to_device(batch, accelerator.device)
+            labels = batch["label"]
+            with accelerator.autocast():
+                out = model(batch)
+                fused = LateFusionModel.fuse(out)
+                loss = task_loss(task, fused, labels)
+                if cfg["aux_weight"]:
+                    loss = loss + cfg["aux_weight"] * sum(task_loss(task, lg, labels) for _, lg in out.values())
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            nonfinite |= ~torch.isfinite(loss.detach())
+            if cfg["grad_clip"] > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+
+            if (state["step"] + 1) % cfg["log_every"] == 0:
+                common.check_finite(nonfinite, state["step"] + 1, cfg["log_every"])
+                scalars = {"train/loss": loss.detach()}
+                fused_head_grads = {m: common.flat_grad(raw.heads[m].parameters()) for m in out}
+                for m, (features, logits) in out.items():
+                    # this modality's own loss through its head alone, vs what the fused loss sends it
+                    own = task_loss(task, raw.heads[m](features.detach().float()), labels)
+                    own_grad = common.flat_grad(raw.heads[m].parameters(), own, accelerator)
+                    scalars[f"{m}/loss"] = task_loss(task, logits.detach().float(), labels)
+                    if task == "classification":
+                        scalars[f"{m}/acc"] = (logits.argmax(1) == labels).float().mean()
+                    scalars[f"{m}/grad_norm_encoder"] = common.grad_norm(raw.encoders[m])
+                    scalars[f"{m}/cos_head_grad_own_vs_fused"] = F.cosine_similarity(
+                        own_grad, fused_head_grads[m], dim=0, eps=1e-12)
+                scalars = {k: accelerator.reduce(v.detach().float(), "mean") for k, v in scalars.items()}
+                scalars["train/lr"] = optimizer.param_groups[0]["lr"]
+                common.log_scalars(writer, scalars, state["step"] + 1)
+                if accelerator.is_main_process:
+                    bar.set_postfix(loss=f"{float(scalars['train/loss']):.4f}")
+            optimizer.step()
+
+            state["step"] += 1
+            state["batch_in_epoch"] += 1
+            preempt = cfg["stop_after_steps"] and state["step"] >= cfg["stop_after_steps"]
+            if preempt or (cfg["ckpt_every_steps"] and state["step"] % cfg["ckpt_every_steps"] == 0):
+                common.check_finite(nonfinite, state["step"], cfg["log_every"])
+                common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"])
+            if preempt:
+                accelerator.print(f"[stop] stop_after_steps={cfg['stop_after_steps']}: checkpoint written, exiting")
+                return {"stopped_at_step": state["step"], "run_dir": str(run_dir)}
+        bar.close()
+
+        # end of epoch: validate, keep the best model, checkpoint ----------------------------------
+        common.check_finite(nonfinite, state["step"], cfg["log_every"])
+        scheduler.step()
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+        if state["epoch"] % cfg["eval_every"] == 0 or state["epoch"] == cfg["epochs"]:
+            val = evaluate(model, val_loader, accelerator, task)
+            common.log_scalars(writer, {f"val_{k}/{name}": v for k, mets in val.items() for name, v in mets.items()},
+                               state["step"])
+            common.append_jsonl(run_dir, {"epoch": state["epoch"], "step": state["step"], "val": val}, accelerator)
+            score = val["fused"][select_key]
+            if state["best"] is None or better(score, state["best"]):
+                state["best"], state["best_epoch"] = score, state["epoch"]
+                if accelerator.is_main_process:
+                    common.save_model_atomic(raw, run_dir / "best.pt")
+            accelerator.print(f"epoch {state['epoch']}: val " +
+                              "  ".join(f"{k} {v[select_key]:.4f}" for k, v in val.items()))
+        common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"])
+
+    # test with the model selected on validation ----------------------------------------------------
+    accelerator.wait_for_everyone()
+    raw.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True))
+    test = evaluate(model, test_loader, accelerator, task)
+    val = evaluate(model, val_loader, accelerator, task)
+    result = {"run_dir": str(run_dir), "best_epoch": state["best_epoch"], "val": val, "test": test,
+              "bayes_accuracy": meta.get("source", {}).get("bayes_accuracy")}
+    if accelerator.is_main_process:
+        common.write_result(run_dir, result)
+        common.print_result_table(result, select_key)
+        writer.close()
+    return result
+
+
+if __name__ == "__main__":
+    main(common.load_config(DEFAULTS, default_config=DEFAULT_CONFIG))
+    common.finish()

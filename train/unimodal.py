@@ -1,0 +1,39 @@
+"""Unimodal baseline: each modality trained alone (its encoder and head), one run per modality.
+
+    accelerate launch train/unimodal.py                         # every modality of the embedded image+tabular set
+    accelerate launch train/unimodal.py --modalities [image]    # just one
+
+It is the joint script restricted to one modality (the fused prediction is then that modality's
+head), so both baselines share one loop; runs go to <out_dir>/<modality>. What a modality reaches
+here is what joint training should at least let it reach.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train import common, joint  # noqa: E402
+
+DEFAULTS = dict(joint.DEFAULTS, out_dir="runs/unimodal_imgtab")
+DEFAULT_CONFIG = "train/configs/unimodal_imgtab.yaml"
+
+
+def main(cfg: dict) -> dict:
+    if cfg["aux_weight"]:
+        raise common.ConfigError("aux_weight: has no meaning for unimodal training (set it to 0)")
+    modalities = cfg["modalities"]
+    if not modalities:  # all of the dataset's (generating a missing embedded set first)
+        meta = common.prepare_data(cfg, common.setup_accelerator(cfg))
+        modalities = list(meta["modalities"])
+    results = {}
+    for m in modalities:
+        run_cfg = dict(cfg, modalities=[m], out_dir=str(Path(cfg["out_dir"]) / m))
+        results[m] = joint.main(run_cfg)
+    return results
+
+
+if __name__ == "__main__":
+    main(common.load_config(DEFAULTS, default_config=DEFAULT_CONFIG))
+    common.finish()
