@@ -166,18 +166,23 @@ def setup_accelerator(cfg: dict):
 
     cpu = cfg.get("cpu", False) or not torch.cuda.is_available()
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.get("mixed_precision", "no"))
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched:
-        raise RuntimeError(
-            f"launcher started {launched} processes (WORLD_SIZE) but Accelerate sees "
-            f"{accelerator.num_processes}: each process would train alone as rank 0. "
-            "On CPU use `accelerate launch --multi_gpu --num_processes N` or torchrun (not --cpu)."
-        )
+    check_world_size(accelerator)
     if cfg["batch_size"] % accelerator.num_processes:
         raise ConfigError(f"batch_size={cfg['batch_size']} (the global batch) is not divisible by "
                           f"the number of processes {accelerator.num_processes}")
     set_seed(cfg["seed"])  # same on every rank: identical init, and DDP broadcasts it anyway
     return accelerator
+
+
+def check_world_size(accelerator) -> None:
+    """Refuse to run when the launcher started more processes than Accelerate joined."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"launcher started {launched} processes (WORLD_SIZE) but Accelerate sees "
+            f"{accelerator.num_processes}: each process would train alone as rank 0. "
+            "On a machine without CUDA pass Accelerator(cpu=True) (our scripts do) and launch with "
+            "`accelerate launch --multi_gpu --num_processes N` or torchrun, not `--cpu`.")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -108,6 +108,9 @@ def main(cfg: dict) -> dict:
     accelerator = common.setup_accelerator(cfg)
     meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
     modalities = cfg["modalities"] or list(meta["modalities"])
+    unknown = [m for m in modalities if m not in meta["modalities"]]
+    if unknown:
+        raise common.ConfigError(f"modalities: {unknown} not in {cfg['data']} (it has {', '.join(meta['modalities'])})")
     task = meta["task"]
     if task not in ("classification", "regression"):
         raise common.ConfigError(f"{cfg['data']}: task '{task}' is not supported by the joint baseline")

@@ -1,0 +1,203 @@
+"""Tiny real trainings end to end: the baselines, exact resume, atomic checkpoints, DDP = 1 process."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep import embedded
+from train import common
+
+REPO = Path(__file__).resolve().parent.parent
+SEQ_ENCODER = {"d_model": 16, "n_layers": 1, "n_heads": 2, "dropout": 0.1}
+
+
+@pytest.fixture(scope="module")
+def seq3_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return embedded.generate(root, "seq3", seed=3, n_train=512, n_val=128, n_test=128)
+
+
+@pytest.fixture(scope="module")
+def imgtab_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return embedded.generate(root, "imgtab", seed=3, n_train=256, n_val=64, n_test=64)
+
+
+def seq3_args(data, out, *extra):
+    args = ["--data", str(data), "--out_dir", str(out), "--epochs", "2", "--batch_size", "64",
+            "--eval_batch_size", "100", "--log_every", "3", "--progress", "false"]
+    for m in ("text", "audio", "vision"):
+        for key, value in SEQ_ENCODER.items():
+            args += [f"--encoders.{m}.{key}", str(value)]
+    return args + list(extra)
+
+
+def run_script(script, args, nproc=1, env_extra=None, check=True):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env_extra or {}))
+    if nproc == 1:
+        cmd = [sys.executable, str(REPO / script)]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(REPO / script)]
+    proc = subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def final_weights(run_dir):
+    name = (Path(run_dir) / "checkpoints" / "latest").read_text().strip()
+    return torch.load(Path(run_dir) / "checkpoints" / name / "state.pt", weights_only=False)["model"]
+
+
+@pytest.mark.slow
+def test_joint_trains_and_reports(seq3_data, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("train/joint.py", seq3_args(seq3_data, out))
+    result = json.loads((out / "result.json").read_text())
+    assert set(result["test"]) == {"text", "audio", "vision", "fused"}
+    assert result["test"]["fused"]["acc"] > 0.5  # chance is 1/8
+    assert "Bayes limit" in proc.stdout and f"tensorboard --logdir {out}/tb" in proc.stdout
+    assert (out / "config.yaml").exists() and (out / "best.pt").exists()
+    tags = set()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    for ev in (out / "tb").iterdir():
+        acc = EventAccumulator(str(ev))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    for m in ("text", "audio", "vision"):
+        for kind in ("loss", "acc", "grad_norm_encoder", "cos_head_grad_own_vs_fused"):
+            assert f"{m}/{kind}" in tags
+    # a fresh run refuses to overwrite a run directory that holds checkpoints
+    again = run_script("train/joint.py", seq3_args(seq3_data, out), check=False)
+    assert again.returncode != 0 and "already holds checkpoints" in again.stderr
+
+
+@pytest.mark.slow
+def test_unimodal_trains_each_modality(imgtab_data, tmp_path):
+    out = tmp_path / "uni"
+    run_script("train/unimodal.py", ["--data", str(imgtab_data), "--out_dir", str(out), "--epochs", "1",
+                                     "--batch_size", "64", "--progress", "false"])
+    for m in ("image", "table"):
+        result = json.loads((out / m / "result.json").read_text())
+        assert set(result["test"]) == {m, "fused"}
+
+
+@pytest.mark.slow
+def test_resume_is_exact(seq3_data, tmp_path):
+    """Stopped mid-epoch (8 steps per epoch, stop at 11) and resumed == uninterrupted, bit for bit."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_script("train/joint.py", seq3_args(seq3_data, whole))
+    stopped = run_script("train/joint.py", seq3_args(seq3_data, split, "--stop_after_steps", "11"))
+    assert "stop_after_steps=11" in stopped.stdout
+    run_script("train/joint.py", seq3_args(seq3_data, split, "--resume"))
+    a, b = final_weights(whole), final_weights(split)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ra = json.loads((whole / "result.json").read_text())
+    rb = json.loads((split / "result.json").read_text())
+    assert ra["test"] == rb["test"]
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_one(seq3_data, tmp_path):
+    """2 ranks x 32 == 1 rank x 64 (no BatchNorm, dropout off): same weights, same metrics."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ("--encoders.text.dropout", "0.0", "--encoders.audio.dropout", "0.0", "--encoders.vision.dropout", "0.0")
+    run_script("train/joint.py", seq3_args(seq3_data, one, *args))
+    proc = run_script("train/joint.py", seq3_args(seq3_data, two, *args), nproc=2)
+    a, b = final_weights(one), final_weights(two)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    ra = json.loads((one / "result.json").read_text())
+    rb = json.loads((two / "result.json").read_text())
+    for split in ("val", "test"):
+        for m in ra[split]:
+            assert rb[split][m]["acc"] == pytest.approx(ra[split][m]["acc"], abs=1 / 128 + 1e-9)
+    assert torch.load(two / "checkpoints" / (two / "checkpoints" / "latest").read_text().strip() / "state.pt",
+                      weights_only=False)["world_size"] == 2, proc.stdout
+
+
+GUARD_SCRIPT = """
+import sys; sys.path.insert(0, {repo!r})
+from accelerate import Accelerator
+from train import common
+common.check_world_size(Accelerator(cpu=False))
+"""
+
+
+def test_silent_rank0_clones_are_refused(tmp_path):
+    """Without cpu=True on a CUDA-less machine, 2 launched processes each think they are rank 0 of 1."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    script = tmp_path / "guard.py"
+    script.write_text(GUARD_SCRIPT.format(repo=str(REPO)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(script)],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0
+    assert "each process would train alone as rank 0" in proc.stderr
+
+
+def test_bad_data_is_refused_before_compute(seq3_data, tmp_path):
+    proc = run_script("train/joint.py", seq3_args(tmp_path / "nowhere", tmp_path / "r"), check=False)
+    assert proc.returncode != 0 and "no meta.json there" in proc.stderr
+    proc = run_script("train/joint.py", seq3_args(seq3_data, tmp_path / "r", "--modalities", "[smell]"), check=False)
+    assert proc.returncode != 0 and "smell" in proc.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints survive a kill at any moment
+
+SAVER = """
+import sys, itertools; sys.path.insert(0, {repo!r})
+from pathlib import Path
+import torch
+from accelerate import Accelerator
+from train import common
+acc = Accelerator(cpu=True)
+model = torch.nn.Linear(512, 512)
+opt = torch.optim.Adam(model.parameters())
+for step in itertools.count(1):
+    with torch.no_grad():
+        model.weight.fill_(step)
+    common.save_checkpoint(Path({run!r}), acc, {{"model": model, "optimizer": opt}}, {{"step": step}}, keep=2)
+    print(step, flush=True)
+"""
+
+
+def test_checkpoint_survives_sigkill(tmp_path):
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER.format(repo=str(REPO), run=str(tmp_path / "run")))
+    from accelerate import Accelerator
+    acc = Accelerator(cpu=True)
+    for delay in (0.9, 1.3, 1.7, 2.1, 2.6):
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        latest = tmp_path / "run" / "checkpoints" / "latest"
+        if not latest.exists():
+            continue  # killed before the first checkpoint completed: nothing claimed, nothing lost
+        model = torch.nn.Linear(512, 512)
+        opt = torch.optim.Adam(model.parameters())
+        state = common.load_checkpoint(tmp_path / "run", acc, {"model": model, "optimizer": opt})
+        assert torch.all(model.weight == state["step"])
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists(), "no checkpoint completed in 2.6 s"
