@@ -17,11 +17,10 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = [
     "BasicBlock",

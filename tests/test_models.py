@@ -1,5 +1,4 @@
 """Tests for models/ (encoders, heads). CPU, fast."""
-import warnings
 
 import pytest
 import torch
