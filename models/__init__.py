@@ -16,6 +16,7 @@ from .encoders import (
     build_encoder,
     load_pretrained,
     resnet18,
+    resnet10,
     resnet34,
     resnet50,
     resnet101,
@@ -33,7 +34,7 @@ __all__ = [
     "ENCODER_DEFAULTS", "RESNET_ARCHS", "BasicBlock", "Bottleneck", "FeatureMLP",
     "FramesEncoder", "ImageEncoder", "ResNet", "SequenceCore", "SequenceEncoder",
     "SpectrogramEncoder", "TabularMLP", "VolumeEncoder", "build_encoder", "load_pretrained",
-    "resnet18", "resnet34", "resnet50", "resnet101",
+    "resnet10", "resnet18", "resnet34", "resnet50", "resnet101",
     "FusionTransformer", "IGMHead", "LateFusionHeads", "LinearHead", "ModalityClassifier",
     "ResidualHead",
 ]

@@ -27,6 +27,7 @@ __all__ = [
     "Bottleneck",
     "ResNet",
     "resnet18",
+    "resnet10",
     "resnet34",
     "resnet50",
     "resnet101",
@@ -202,6 +203,11 @@ class ResNet(nn.Module):
         return torch.flatten(self.avgpool(self.forward_map(x)), 1)
 
 
+def resnet10(**kw) -> ResNet:
+    """One BasicBlock per stage: the small CPU-friendly net of the embedded benchmark and tests."""
+    return ResNet("basic", [1, 1, 1, 1], **kw)
+
+
 def resnet18(**kw) -> ResNet:
     return ResNet("basic", [2, 2, 2, 2], **kw)
 
@@ -218,7 +224,7 @@ def resnet101(**kw) -> ResNet:
     return ResNet("bottleneck", [3, 4, 23, 3], **kw)
 
 
-RESNET_ARCHS = {"resnet18": resnet18, "resnet34": resnet34,
+RESNET_ARCHS = {"resnet10": resnet10, "resnet18": resnet18, "resnet34": resnet34,
                 "resnet50": resnet50, "resnet101": resnet101}
 
 
