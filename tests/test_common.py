@@ -20,6 +20,10 @@ def test_config_precedence_and_types(tmp_path):
     assert cfg["modalities"] == ["image"] and cfg["encoders"] == {"image": {"width": 16}}
     assert cfg["config_file"] == str(f)
     assert common.load_config(DEFAULTS, ["--lr", "3"])["lr"] == 3.0  # int accepted for a float
+    # a free mapping (empty in DEFAULTS) set by the file is deep-merged with flags
+    f.write_text("encoders:\n  image: {width: 8, depth: 2}\n")
+    cfg = common.load_config(DEFAULTS, ["--config", str(f), "--encoders.image.width", "16", "--encoders.text.d", "4"])
+    assert cfg["encoders"] == {"image": {"width": 16, "depth": 2}, "text": {"d": 4}}
 
 
 @pytest.mark.parametrize("argv, message", [

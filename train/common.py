@@ -36,14 +36,26 @@ def _type_name(value) -> str:
     return type(value).__name__
 
 
-def _check_and_merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _check_and_merge(base: dict, update: dict, where: str, prefix: str = "", schema: dict | None = None) -> dict:
     """Merge `update` into a copy of `base`, rejecting unknown keys and wrong types.
 
     Rules: a key must exist in `base`; a value must have the type of the default (an int is
-    accepted for a float; a default of None accepts any value); a non-empty dict default is checked
-    key by key, an empty dict default accepts any dict (its keys depend on the dataset and are
-    validated by whoever consumes them, e.g. models.build_encoder).
+    accepted for a float; a default of None accepts any value); a dict is checked key by key,
+    except where the script's DEFAULTS (`schema`) holds an empty dict: such a mapping is free
+    (its keys depend on the dataset and are validated by whoever consumes them, e.g.
+    models.build_encoder) and is deep-merged.
     """
+    schema = base if schema is None else schema
     merged = copy.deepcopy(base)
     for key, value in update.items():
         name = prefix + key
@@ -52,12 +64,14 @@ def _check_and_merge(base: dict, update: dict, where: str, prefix: str = "") -> 
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"{where}: unknown config key '{name}'{hint}")
         default = base[key]
+        free = isinstance(schema.get(key), dict) and not schema[key]
         if default is None:
             merged[key] = value
         elif isinstance(default, dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: '{name}' must be a mapping, got {_type_name(value)} {value!r}")
-            merged[key] = _check_and_merge(default, value, where, name + ".") if default else copy.deepcopy(value)
+            merged[key] = (_deep_merge(default, value) if free else
+                           _check_and_merge(default, value, where, name + ".", schema.get(key)))
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: '{name}' must be true or false, got {value!r}")
@@ -146,9 +160,10 @@ def load_config(defaults: dict, argv: list[str] | None = None, default_config: s
             raise ConfigError(f"{path}: invalid YAML: {err}") from None
         if not isinstance(from_file, dict):
             raise ConfigError(f"{path}: top level must be a mapping of config keys")
-        cfg = _check_and_merge(cfg, from_file, str(path))
+        from_file.pop("config_file", None)  # a run directory's config.yaml records where it came from
+        cfg = _check_and_merge(cfg, from_file, str(path), schema=defaults)
         cfg["config_file"] = str(path)
-    cfg = _check_and_merge(cfg, cli, "command line")
+    cfg = _check_and_merge(cfg, cli, "command line", schema=defaults)
     return cfg
 
 
@@ -220,7 +235,10 @@ def make_loader(cfg: dict, meta: dict, split: str, accelerator, modalities=None,
     workers = cfg["num_workers"]
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=None, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=accelerator.device.type == "cuda")
+        persistent_workers=workers > 0, pin_memory=accelerator.device.type == "cuda",
+        # its own generator: creating an iterator must not draw from the global RNG (dropout,
+        # augmentation), or a run resumed mid-epoch would see a shifted random stream
+        generator=torch.Generator().manual_seed(cfg["seed"]))
     return loader, sampler
 
 
