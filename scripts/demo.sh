@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Fresh machine -> a trained joint baseline on the embedded image+tabular benchmark and its table.
+# Fresh machine -> a trained joint baseline on the embedded image+tabular benchmark (generated into
+# data/ on first use) and its closing table.
 # Extra arguments go to the training script (e.g. --epochs 5).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-python -m data_prep.embedded --flavour imgtab --out data
 out="runs/demo_joint_imgtab_$(date +%Y%m%d_%H%M%S)"
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   train/joint.py --out_dir "$out" "$@"
