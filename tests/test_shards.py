@@ -103,7 +103,8 @@ def test_round_trip_all_dtypes(toy):
 def test_batched_reads_keep_order_with_unsorted_and_duplicate_indices(toy):
     root, mods, ref = toy
     ds = ShardDataset(root, "train")
-    for indices in ([22, 3, 15, 3, 0, 22, 9, 10], np.array([5, 4, 3, 2, 1]), [7], [12, 12, 12]):
+    for indices in ([22, 3, 15, 3, 0, 22, 9, 10], np.array([5, 4, 3, 2, 1]), [7], [12, 12, 12],
+                    [8, 1, 2, 3, 6, 7, 0, 19, 18, 11]):   # several runs of consecutive rows per shard
         _assert_batch_equal(ds[indices], ref["train"], np.asarray(indices), mods)
     _assert_batch_equal(ds[torch.tensor([1, 20])], ref["train"], np.array([1, 20]), mods)
     with pytest.raises(IndexError):
