@@ -78,7 +78,7 @@ def test_split_sizes_do_not_change_other_splits(tmp_path):
 @pytest.mark.parametrize("flavour", embedded.FLAVOURS)
 def test_bayes_numbers_recorded_and_ordered(flavour):
     acc, err = embedded.bayes_accuracy(flavour, seed=0)
-    strong = [n for n, (*_, role) in [(m[0], m[4]) for m in embedded.LAYOUT[flavour]] if role == "strong"]
+    strong = [m[0] for m in embedded.LAYOUT[flavour] if m[4] == "strong"]
     weak = [m[0] for m in embedded.LAYOUT[flavour] if m[4] == "weak"]
     assert len(strong) == 1 and weak
     s = strong[0]
