@@ -357,6 +357,11 @@ class ShardWriter:
         if self.root.exists():
             if not self.root.is_dir():
                 raise FileExistsError(f"{self.root}: exists and is not a directory")
+            leftovers = [p for p in self.root.iterdir()
+                         if p.name.startswith(_TMP_PREFIX) or p.name == f"{META_NAME}.tmp"]
+            if leftovers and len(leftovers) == len(list(self.root.iterdir())):
+                for p in leftovers:   # only the temporary files of a killed conversion: reuse
+                    p.unlink()
             if any(self.root.iterdir()):
                 if not overwrite:
                     raise FileExistsError(f"{self.root}: dataset directory exists and is not empty "
@@ -622,6 +627,12 @@ class ShardDataset(torch.utils.data.Dataset):
                 if key not in out:
                     out[key] = np.empty((len(idx), *ds.shape[1:]), dtype=ds.dtype)
                 out[key][where] = rows[inverse]
+        if not len(idx):   # an empty batch: empty arrays of the declared dtypes and shapes
+            specs = {m: (self.meta["modalities"][m]["dtype"], self.meta["modalities"][m]["shape"])
+                     for m in self.modalities}
+            label_dtype, label_shape = _label_spec(self.meta)
+            specs.update(label=(label_dtype, label_shape or []), sample_id=("int64", []))
+            out = {k: np.empty((0, *shape), dtype=dtype) for k, (dtype, shape) in specs.items()}
         out["index"] = idx
         return {k: torch.from_numpy(v) for k, v in out.items()}
 

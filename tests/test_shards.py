@@ -109,6 +109,9 @@ def test_batched_reads_keep_order_with_unsorted_and_duplicate_indices(toy):
     _assert_batch_equal(ds[torch.tensor([1, 20])], ref["train"], np.array([1, 20]), mods)
     with pytest.raises(IndexError):
         ds[[0, 23]]
+    empty = ds[[]]
+    assert empty["image"].shape == (0, 3, 5, 4) and empty["label"].dtype == torch.int64
+    assert set(empty) == {*mods, "label", "sample_id", "index"}
 
 
 def test_modality_subset_and_val_split(toy):
@@ -372,7 +375,10 @@ def test_no_meta_json_when_writer_does_not_close(tmp_path):
     w.append("train", _arrays(mods, 5, 0, 0))
     assert not (w.root / "meta.json").exists()
     assert all(p.name.startswith(".tmp-") for p in w.root.iterdir())
-    w.abort()
+    # a new writer (the rerun after a kill) reuses a directory holding only such leftovers
+    root = write_dataset(tmp_path, "crash", "classification", 5, mods, {"train": _arrays(mods, 3, 0, 1)})
+    assert sorted(p.name for p in root.iterdir()) == ["meta.json", "train-00000-of-00001.h5"]
+    assert validate(root)["splits"]["train"]["num_samples"] == 3
 
 
 def test_refuses_to_overwrite_unless_asked(toy):
