@@ -67,7 +67,7 @@ LAYOUT = {
 }
 TABLE_CONTINUOUS = ["length", "width", "height", "wheelbase", "engine_size", "power", "mileage", "price"]
 TABLE_CATEGORICAL = {"colour": 5, "body": 4}
-# plausible units for the continuous columns: (offset, scale)
+# plausible raw units for the continuous columns: (offset, scale); the shards hold them z-scored
 TABLE_UNITS = np.array([[4500, 300], [1800, 80], [1500, 120], [2700, 150],
                         [2.0, 0.5], [150, 40], [40000, 15000], [20000, 6000]], dtype=np.float64)
 
@@ -288,22 +288,37 @@ def generate(out_dir, flavour, seed=0, n_train=None, n_val=None, n_test=None, ov
         "strong_modality": next(n for n, s in structure.items() if s["role"] == "strong"),
         "weak_modalities": [n for n, s in structure.items() if s["role"] == "weak"],
     }
+    def split_blocks(split_idx, n):
+        """The split's (labels, modality arrays) in write blocks; the same every time it is called."""
+        y = _rng(seed, flavour, _DATA, split_idx).integers(0, NUM_CLASSES, n)
+        mod_rngs = [_rng(seed, flavour, _DATA, split_idx, m + 1) for m in range(len(structure))]
+        for start in range(0, n, WRITE_BLOCK):
+            yb = y[start:start + WRITE_BLOCK]
+            yield start, yb, _sample_split(structure, yb, lambda m: mod_rngs[m])
+
+    # Continuous table columns are z-scored with statistics fitted on the training split, as the
+    # dataset converters do: the shards hold what a model is fed. (One extra pass over train.)
+    zscore = {}
+    for name, s in structure.items():
+        if s["kind"] == "tabular":
+            n_cont = len(s["continuous"])
+            cont = np.concatenate([b[name][:, :n_cont] for _, _, b in split_blocks(0, sizes["train"])]).astype(np.float64)
+            zscore[name] = (cont.mean(0), cont.std(0) + 1e-12, n_cont)
+            source.setdefault("standardisation", {})[name] = {
+                "fitted_on": "train", "mean": cont.mean(0).tolist(), "std": cont.std(0).tolist()}
     first_id = 0
     with ShardWriter(out_dir, f"embedded_{flavour}", "classification", NUM_CLASSES, modalities,
                      samples_per_shard=SAMPLES_PER_SHARD, class_names=CLASS_NAMES, source=source,
                      overwrite=overwrite) as writer:
         for split_idx, split in enumerate(("train", "val", "test")):
-            n = sizes[split]
-            label_rng = _rng(seed, flavour, _DATA, split_idx)
-            y = label_rng.integers(0, NUM_CLASSES, n)
-            mod_rngs = [_rng(seed, flavour, _DATA, split_idx, m + 1) for m in range(len(structure))]
-            for start in range(0, n, WRITE_BLOCK):
-                yb = y[start:start + WRITE_BLOCK]
-                batch = _sample_split(structure, yb, lambda m: mod_rngs[m])
+            for start, yb, batch in split_blocks(split_idx, sizes[split]):
+                for name, (mean, std, n_cont) in zscore.items():
+                    cont = (batch[name][:, :n_cont].astype(np.float64) - mean) / std
+                    batch[name][:, :n_cont] = cont.astype(np.float32)
                 batch["label"] = yb.astype(np.int64)
                 batch["sample_id"] = np.arange(first_id + start, first_id + start + len(yb), dtype=np.int64)
                 writer.append(split, batch)
-            first_id += n
+            first_id += sizes[split]
     return writer.root
 
 
