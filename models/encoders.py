@@ -370,24 +370,15 @@ class SpectrogramEncoder(nn.Module):
         return self.backbone(x)
 
 
-class FramesEncoder(nn.Module):
-    """Kind ``frames``: ``(B, n, C, H, W)`` (uint8) -> frames folded into the batch -> 2-D ResNet
-    per frame -> mean over the n frames -> ``(B, out_dim)``."""
-
-    def __init__(self, arch: str = "resnet18", in_channels: int = 3, base_width: int = 64,
-                 small_input: bool = False, normalize: str = "none"):
-        super().__init__()
-        self.prep = _PixelPrep(in_channels, normalize)
-        self.backbone = _make_resnet(arch, in_channels=in_channels, base_width=base_width,
-                                     small_input=small_input)
-        self.out_dim: int = self.backbone.out_dim
+class FramesEncoder(ImageEncoder):
+    """Kind ``frames``: ``(B, n, C, H, W)`` (uint8) -> frames folded into the batch -> the image
+    encoder per frame -> mean over the n frames -> ``(B, out_dim)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5:
             raise ValueError(f"FramesEncoder expects (B, n, C, H, W), got shape {tuple(x.shape)}")
         b, n = x.shape[:2]
-        f = self.backbone(self.prep(x.reshape(b * n, *x.shape[2:])))
-        return f.view(b, n, -1).mean(dim=1)
+        return super().forward(x.reshape(b * n, *x.shape[2:])).view(b, n, -1).mean(dim=1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -538,10 +538,14 @@ def write_result(run_dir: Path, result: dict) -> None:
 
 def print_result_table(result: dict, select_key: str = "acc") -> str:
     """The closing table: per-modality and fused test/val metric beside each Bayes limit."""
-    bayes = result.get("bayes_accuracy") or {}
+    bayes = dict(result.get("bayes_accuracy") or {})
+    trained = [m for m in result["test"] if m != "fused"]
+    # the fused limit is "all" only when every modality was used; one modality alone is its own limit
+    bayes["fused"] = (bayes.get("all") if set(trained) == set(bayes) - {"all"} else
+                      bayes.get(trained[0]) if len(trained) == 1 else None)
     rows = []
     for name, test in result["test"].items():
-        limit = bayes.get("all" if name == "fused" else name)
+        limit = bayes.get(name)
         rows.append([name, f"{test[select_key]:.4f}", f"{result['val'][name][select_key]:.4f}",
                      "-" if limit is None else f"{limit:.4f}",
                      "-" if limit is None or select_key != "acc" else f"{limit - test[select_key]:+.4f}"])
