@@ -203,3 +203,15 @@ def test_checkpoint_survives_sigkill(tmp_path):
         opt = torch.optim.Adam(model.parameters())
         state = common.load_checkpoint(tmp_path / "run", acc, {"model": model, "optimizer": opt})
         assert torch.all(model.weight == state["step"])
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_the_run_loudly(seq3_data, tmp_path):
+    """An absurd learning rate makes the loss non-finite within a few steps: the run must fail with
+    an error naming the step, and leave no checkpoint written after the NaN."""
+    out = tmp_path / "nan"
+    proc = run_script("train/joint.py", seq3_args(seq3_data, out, "--optimizer", "sgd", "--lr", "1e12",
+                                                  "--log_every", "2"), check=False)
+    assert proc.returncode != 0
+    assert "NonFiniteLossError: non-finite loss within the 2 steps up to step" in proc.stderr
+    assert not (out / "checkpoints" / "latest").exists()
