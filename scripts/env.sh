@@ -14,7 +14,6 @@ stamp="$VENV/.requirements.sha256"
 want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "[env] installing requirements.txt (torch takes ~2 minutes)"
-  python -m pip install --quiet --upgrade pip
   python -m pip install --quiet -r "$ROOT/requirements.txt"
   echo "$want" > "$stamp"
 fi
