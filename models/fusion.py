@@ -43,3 +43,38 @@ class LateFusionModel(nn.Module):
     @staticmethod
     def fuse(outputs: dict) -> torch.Tensor:
         return torch.stack([logits for _, logits in outputs.values()]).sum(0)
+
+
+class SharedHeadModel(nn.Module):
+    """encoders[m]: E_m, ONE head H shared by every modality (GAAL). forward -> {m: (features, H(f_m))}.
+
+    Every encoder must produce features of the same width. The fused prediction is the mean of the
+    per-modality logits (`fuse`): GAAL's 0.5·(H(f_img) + H(f_tab)) for two modalities.
+    """
+
+    def __init__(self, meta: dict, encoder_cfgs: dict, modalities: list[str] | None = None):
+        super().__init__()
+        modalities = list(modalities or meta["modalities"])
+        for name in list(modalities) + list(encoder_cfgs):
+            if name not in meta["modalities"]:
+                raise ValueError(f"modality '{name}' is not in the dataset (it has "
+                                 f"{', '.join(meta['modalities'])})")
+        self.modalities = modalities
+        self.encoders = nn.ModuleDict(
+            {m: build_encoder(m, meta["modalities"][m], encoder_cfgs.get(m, {})) for m in modalities})
+        widths = {m: e.out_dim for m, e in self.encoders.items()}
+        if len(set(widths.values())) != 1:
+            raise ValueError(f"encoders: a shared head needs one feature width, got {widths} "
+                             "(set out_dim / base_width so that they agree)")
+        self.head = nn.Linear(next(iter(widths.values())), meta["num_classes"])
+
+    def forward(self, batch: dict) -> dict:
+        out = {}
+        for m in self.modalities:
+            features = self.encoders[m](batch[m])
+            out[m] = (features, self.head(features))
+        return out
+
+    @staticmethod
+    def fuse(outputs: dict) -> torch.Tensor:
+        return torch.stack([logits for _, logits in outputs.values()]).mean(0)

@@ -247,6 +247,56 @@ def to_device(batch: dict, device) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# Optimiser, scheduler, loss, evaluation
+
+def build_optimizer(cfg, params):
+    if cfg["optimizer"] == "adam":
+        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    raise ConfigError(f"optimizer='{cfg['optimizer']}': choose adam, adamw or sgd")
+
+
+def build_scheduler(cfg, optimizer):
+    if cfg["scheduler"] == "none":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    if cfg["scheduler"] == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, cfg["step_size"], cfg["gamma"])
+    if cfg["scheduler"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg["epochs"])
+    raise ConfigError(f"scheduler='{cfg['scheduler']}': choose none, step or cosine")
+
+
+def task_loss(task, outputs, labels):
+    if task == "classification":
+        return F.cross_entropy(outputs, labels)
+    return F.l1_loss(outputs.squeeze(-1), labels)  # regression (CMU-MOSI convention)
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, task, fuse):
+    """Per-modality and fused metrics on a whole split (gathered from every rank).
+    `model(batch)` returns {modality: (features, logits)}; `fuse` maps that dict to fused logits."""
+    model.eval()
+    outputs, index, labels = {}, [], []
+    for batch in loader:
+        batch = to_device(batch, accelerator.device)
+        with accelerator.autocast():
+            out = model(batch)
+        for m, (_, logits) in out.items():
+            outputs.setdefault(m, []).append(logits.float())
+        outputs.setdefault("fused", []).append(fuse(out).float())
+        index.append(batch["index"])
+        labels.append(batch["label"])
+    model.train()
+    gathered = gather_by_index(
+        accelerator, torch.cat(index), {k: torch.cat(v) for k, v in outputs.items()} | {"label": torch.cat(labels)})
+    return {k: task_metrics(task, gathered[k], gathered["label"]) for k in outputs}
+
+
+# --------------------------------------------------------------------------------------------------
 # Run directory, logging
 
 def setup_run_dir(cfg: dict, accelerator):

@@ -10,7 +10,6 @@ trained model show modality laziness: the weak modality stays far below what it 
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -58,52 +57,6 @@ DEFAULTS = dict(
 DEFAULT_CONFIG = "train/configs/joint_imgtab.yaml"
 
 
-def build_optimizer(cfg, params):
-    if cfg["optimizer"] == "adam":
-        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-    raise common.ConfigError(f"optimizer='{cfg['optimizer']}': choose adam, adamw or sgd")
-
-
-def build_scheduler(cfg, optimizer):
-    if cfg["scheduler"] == "none":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-    if cfg["scheduler"] == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, cfg["step_size"], cfg["gamma"])
-    if cfg["scheduler"] == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg["epochs"])
-    raise common.ConfigError(f"scheduler='{cfg['scheduler']}': choose none, step or cosine")
-
-
-def task_loss(task, outputs, labels):
-    if task == "classification":
-        return F.cross_entropy(outputs, labels)
-    return F.l1_loss(outputs.squeeze(-1), labels)  # regression (CMU-MOSI convention)
-
-
-@torch.no_grad()
-def evaluate(model, loader, accelerator, task):
-    """Per-modality and fused metrics on a whole split (gathered from every rank)."""
-    model.eval()
-    outputs, index, labels = {}, [], []
-    for batch in loader:
-        batch = common.to_device(batch, accelerator.device)
-        with accelerator.autocast():
-            out = model(batch)
-        for m, (_, logits) in out.items():
-            outputs.setdefault(m, []).append(logits.float())
-        outputs.setdefault("fused", []).append(LateFusionModel.fuse(out).float())
-        index.append(batch["index"])
-        labels.append(batch["label"])
-    model.train()
-    gathered = common.gather_by_index(
-        accelerator, torch.cat(index), {k: torch.cat(v) for k, v in outputs.items()} | {"label": torch.cat(labels)})
-    return {k: common.task_metrics(task, gathered[k], gathered["label"]) for k in outputs}
-
-
 def main(cfg: dict) -> dict:
     accelerator = common.setup_accelerator(cfg)
     meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
@@ -129,8 +82,8 @@ def main(cfg: dict) -> dict:
 
     # model, optimiser ------------------------------------------------------------------------------
     model = LateFusionModel(meta, cfg["encoders"], modalities)
-    optimizer = build_optimizer(cfg, model.parameters())
-    scheduler = build_scheduler(cfg, optimizer)
+    optimizer = common.build_optimizer(cfg, model.parameters())
+    scheduler = common.build_scheduler(cfg, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
 
@@ -153,9 +106,9 @@ def main(cfg: dict) -> dict:
             with accelerator.autocast():
                 out = model(batch)
                 fused = LateFusionModel.fuse(out)
-                loss = task_loss(task, fused, labels)
+                loss = common.task_loss(task, fused, labels)
                 if cfg["aux_weight"]:
-                    loss = loss + cfg["aux_weight"] * sum(task_loss(task, lg, labels) for _, lg in out.values())
+                    loss = loss + cfg["aux_weight"] * sum(common.task_loss(task, lg, labels) for _, lg in out.values())
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             nonfinite |= ~torch.isfinite(loss.detach())
@@ -168,9 +121,9 @@ def main(cfg: dict) -> dict:
                 fused_head_grads = {m: common.flat_grad(raw.heads[m].parameters()) for m in out}
                 for m, (features, logits) in out.items():
                     # this modality's own loss through its head alone, vs what the fused loss sends it
-                    own = task_loss(task, raw.heads[m](features.detach().float()), labels)
+                    own = common.task_loss(task, raw.heads[m](features.detach().float()), labels)
                     own_grad = common.flat_grad(raw.heads[m].parameters(), own, accelerator)
-                    scalars[f"{m}/loss"] = task_loss(task, logits.detach().float(), labels)
+                    scalars[f"{m}/loss"] = common.task_loss(task, logits.detach().float(), labels)
                     if task == "classification":
                         scalars[f"{m}/acc"] = (logits.argmax(1) == labels).float().mean()
                     scalars[f"{m}/grad_norm_encoder"] = common.grad_norm(raw.encoders[m])
@@ -200,7 +153,7 @@ def main(cfg: dict) -> dict:
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
         if state["epoch"] % cfg["eval_every"] == 0 or state["epoch"] == cfg["epochs"]:
-            val = evaluate(model, val_loader, accelerator, task)
+            val = common.evaluate(model, val_loader, accelerator, task, LateFusionModel.fuse)
             common.log_scalars(writer, {f"val_{k}/{name}": v for k, mets in val.items() for name, v in mets.items()},
                                state["step"])
             common.append_jsonl(run_dir, {"epoch": state["epoch"], "step": state["step"], "val": val}, accelerator)
@@ -216,8 +169,8 @@ def main(cfg: dict) -> dict:
     # test with the model selected on validation ----------------------------------------------------
     accelerator.wait_for_everyone()
     raw.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True))
-    test = evaluate(model, test_loader, accelerator, task)
-    val = evaluate(model, val_loader, accelerator, task)
+    test = common.evaluate(model, test_loader, accelerator, task, LateFusionModel.fuse)
+    val = common.evaluate(model, val_loader, accelerator, task, LateFusionModel.fuse)
     result = {"run_dir": str(run_dir), "best_epoch": state["best_epoch"], "val": val, "test": test,
               "bayes_accuracy": meta.get("source", {}).get("bayes_accuracy")}
     if accelerator.is_main_process:
