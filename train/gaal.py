@@ -1,0 +1,265 @@
+"""GAAL: gradient-aligned alternating learning with cross-modal gradient surgery (tabular + image).
+
+    accelerate launch train/gaal.py                                   # embedded image+tabular benchmark
+    accelerate launch train/gaal.py --variant paper --surgery false   # ablations: surgery, guidance, ...
+    accelerate launch --multi_gpu --num_processes 2 train/gaal.py     # 2-rank data parallel
+
+Per training batch, two updates, image first (../shared/specs/methods.md, "GAAL"):
+  for the active modality m, with the other modality o:
+    1. g_ref = grad_H of the mean CE over the hard samples of o (top topk_frac of the batch by the
+       entropy of softmax(H(f_o))), with f_o computed without a graph (only H's gradient is used);
+    2. g = grad_H of the full-batch CE of m (the same backward gives E_m its gradient);
+    3. if g . g_ref < 0:  v = max(margin, -(g . g_ref) / (|g_ref|^2 + qp_eps)),  g <- g + v g_ref;
+    4. optimizer step.
+  variant official (the released code): one Adam over everything with zero_grad(set_to_none=False),
+    so the inactive encoder is stepped too (momentum echo + weight decay), and every encoder runs two
+    training-mode forwards per batch (BatchNorm statistics update twice);
+  variant paper: clean alternation, the inactive encoder untouched (no step, reference features in
+    eval mode so its BatchNorm statistics update once per batch).
+
+Data parallelism without a DDP wrapper: each phase uses one encoder and the head, so a wrapper would
+see unused parameters every step; instead the phase's gradients are all-reduced by hand (one bucket),
+the hard samples are chosen over the gathered entropies of all ranks (loss normalised by the global
+count), and the surgery acts on the reduced head gradient, so N ranks x B/N = 1 rank x B.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from methods import surgery  # noqa: E402
+from models.fusion import SharedHeadModel  # noqa: E402
+from train import common  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------
+DEFAULTS = dict(
+    data="data/embedded_imgtab",   # a shard directory; a missing embedded_<flavour> is generated
+    data_seed=0,
+    modalities=[],                 # the two modalities in update order ([] = the dataset's order)
+    encoders={},                   # per-modality encoder config (models.encoders.build_encoder)
+    out_dir="runs/gaal_imgtab",
+    seed=0,
+    resume=False,
+    variant="official",            # official | paper
+    surgery=True,                  # cross-modal gradient surgery on the head gradient (paper: CGS)
+    guidance="hard",               # hard | full: reference from the hard samples or the whole batch (UGG)
+    topk_frac=0.5,
+    margin=0.75,
+    qp_eps=1e-3,
+    epochs=100,
+    patience=10,                   # early stopping on fused validation accuracy
+    min_delta=2e-4,
+    batch_size=256,
+    eval_batch_size=500,
+    num_workers=0,
+    optimizer="adam",
+    lr=1e-3,
+    weight_decay=1e-4,             # coupled L2 (torch Adam), as the released code
+    momentum=0.9,
+    scheduler="step",              # StepLR(10, 0.1) per epoch
+    step_size=10,
+    gamma=0.1,
+    mixed_precision="no",          # no | bf16
+    cpu=False,
+    log_every=25,
+    ckpt_every_steps=0,
+    keep_checkpoints=2,
+    stop_after_steps=0,
+    progress=True,
+)
+DEFAULT_CONFIG = "train/configs/gaal_imgtab.yaml"
+
+
+def check_config(cfg):
+    for key, allowed in (("variant", ("official", "paper")), ("guidance", ("hard", "full")),
+                         ("mixed_precision", ("no", "bf16"))):
+        if cfg[key] not in allowed:
+            raise common.ConfigError(f"{key}='{cfg[key]}': choose {' or '.join(allowed)}"
+                                     + (" (fp16 needs a loss scaler, which the two-update step does not use)"
+                                        if key == "mixed_precision" else ""))
+    if not 0 < cfg["topk_frac"] <= 1:
+        raise common.ConfigError(f"topk_frac={cfg['topk_frac']}: must be in (0, 1]")
+    if cfg["margin"] < 0 or cfg["qp_eps"] < 0:
+        raise common.ConfigError("margin and qp_eps must be >= 0")
+
+
+def all_reduce_mean_(tensors, accelerator):
+    """Average gradients over ranks in place, one bucket (DDP's reduction, done by hand)."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def main(cfg: dict) -> dict:
+    check_config(cfg)
+    accelerator = common.setup_accelerator(cfg)
+    meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
+    if meta["task"] != "classification":
+        raise common.ConfigError(f"{cfg['data']}: GAAL is a classification method (task is {meta['task']})")
+    order = cfg["modalities"] or list(meta["modalities"])
+    if len(order) != 2 or any(m not in meta["modalities"] for m in order):
+        raise common.ConfigError(f"modalities={order}: GAAL needs exactly two of {list(meta['modalities'])}")
+    run_dir, writer = common.setup_run_dir(cfg, accelerator)
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    official = cfg["variant"] == "official"
+
+    # data ----------------------------------------------------------------------------------------
+    train_loader, train_sampler = common.make_loader(cfg, meta, "train", accelerator, order, train=True)
+    val_loader, _ = common.make_loader(cfg, meta, "val", accelerator, order)
+    test_loader, _ = common.make_loader(cfg, meta, "test", accelerator, order)
+    if len(train_sampler) == 0:
+        raise common.ConfigError(f"batch_size={cfg['batch_size']} exceeds the training split of {cfg['data']}")
+    local_batch = cfg["batch_size"] // world
+
+    # model, optimiser (one optimiser over everything, as the released code) -----------------------
+    model = SharedHeadModel(meta, cfg["encoders"], order).to(device)
+    encoders, head = model.encoders, model.head
+    head_params = [head.weight, head.bias]
+    optimizer = common.build_optimizer(cfg, model.parameters())
+    scheduler = common.build_scheduler(cfg, optimizer)
+
+    state = dict(epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1, bad_epochs=0, stopped_early=False)
+    checkpointed = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    if cfg["resume"]:
+        state = common.load_checkpoint(run_dir, accelerator, checkpointed)
+        accelerator.print(f"[resume] from step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
+        if official and state["step"] > 0:
+            # after one batch every parameter holds a (zero-filled) gradient, which Adam steps: an
+            # exact resume must recreate them, or the first phase after it would skip an encoder
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+
+    def reference_gradient(other, x_other, labels):
+        """g_ref: head gradient of the CE over the other modality's hard samples (global selection)."""
+        with torch.no_grad():
+            if not official:
+                encoders[other].eval()   # paper: the inactive encoder is untouched (no BN update)
+            with accelerator.autocast():
+                f_other = encoders[other](x_other)
+            encoders[other].train()
+        logits = head(f_other.float())
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        if cfg["guidance"] == "hard":
+            ent = surgery.entropy(logits.detach())
+            if world > 1:
+                parts = [torch.empty_like(ent) for _ in range(world)]
+                dist.all_gather(parts, ent)
+                ent = torch.cat(parts)
+            mask, k = surgery.global_hard_sample_mask(ent, cfg["topk_frac"], rank * local_batch, local_batch)
+            loss_ref = (ce * mask).sum() / k
+        else:
+            loss_ref = ce.sum() / (local_batch * world)
+        g_ref = surgery.flatten_head_grad(*torch.autograd.grad(loss_ref, head_params))
+        if world > 1:
+            dist.all_reduce(g_ref)   # per-rank losses are already normalised by the global count
+        return g_ref
+
+    # loop ----------------------------------------------------------------------------------------
+    window = {f"{m}/{k}": torch.zeros((), device=device) for m in order
+              for k in ("loss", "acc", "conflict", "v", "cos_before", "cos_after")}
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    model.train()
+    while state["epoch"] < cfg["epochs"] and not state["stopped_early"]:
+        train_sampler.set_epoch(state["epoch"], start_batch=state["batch_in_epoch"])
+        bar = tqdm(train_loader, total=len(train_sampler), desc=f"epoch {state['epoch']}", leave=False,
+                   disable=not (cfg["progress"] and accelerator.is_main_process))
+        for batch in bar:
+            batch = common.to_device(batch, device)
+            labels = batch["label"]
+            for m, other in ((order[0], order[1]), (order[1], order[0])):
+                g_ref = reference_gradient(other, batch[other], labels)
+                with accelerator.autocast():
+                    logits = head(encoders[m](batch[m]).float())
+                loss = F.cross_entropy(logits, labels)
+                optimizer.zero_grad(set_to_none=not official)   # official: zeros -> inactive encoder stepped
+                loss.backward()
+                active = [p for p in list(encoders[m].parameters()) + head_params if p.grad is not None]
+                all_reduce_mean_([p.grad for p in active], accelerator)
+                g = surgery.flatten_head_grad(head.weight.grad, head.bias.grad)
+                result = surgery.project_conflicting_with_stats(g, g_ref, cfg["margin"], cfg["qp_eps"])
+                if cfg["surgery"]:
+                    weight_grad, bias_grad = surgery.unflatten_head_grad(result.g, head.weight.shape)
+                    head.weight.grad.copy_(weight_grad)
+                    head.bias.grad.copy_(bias_grad)
+                optimizer.step()
+                # what to log, kept on the device (no host sync on the hot path)
+                nonfinite |= ~torch.isfinite(loss.detach())
+                window[f"{m}/loss"] += loss.detach()
+                window[f"{m}/acc"] += (logits.detach().argmax(1) == labels).float().mean()
+                window[f"{m}/conflict"] += result.conflict.float()
+                window[f"{m}/v"] += result.v.float()
+                window[f"{m}/cos_before"] += result.cos_before.float()
+                window[f"{m}/cos_after"] += result.cos_after.float()
+
+            state["step"] += 1
+            state["batch_in_epoch"] += 1
+            if state["step"] % cfg["log_every"] == 0:
+                common.check_finite(nonfinite, state["step"], cfg["log_every"])
+                scalars = {k: accelerator.reduce(v / cfg["log_every"], "mean") for k, v in window.items()}
+                scalars["train/lr"] = optimizer.param_groups[0]["lr"]
+                common.log_scalars(writer, scalars, state["step"])
+                for v in window.values():
+                    v.zero_()
+                if accelerator.is_main_process:
+                    bar.set_postfix({m: f"{float(scalars[f'{m}/loss']):.3f}" for m in order})
+            preempt = cfg["stop_after_steps"] and state["step"] >= cfg["stop_after_steps"]
+            if preempt or (cfg["ckpt_every_steps"] and state["step"] % cfg["ckpt_every_steps"] == 0):
+                common.check_finite(nonfinite, state["step"], cfg["log_every"])
+                common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"])
+            if preempt:
+                accelerator.print(f"[stop] stop_after_steps={cfg['stop_after_steps']}: checkpoint written, exiting")
+                return {"stopped_at_step": state["step"], "run_dir": str(run_dir)}
+        bar.close()
+
+        # end of epoch: validate (fused = mean of the two heads' logits), early stopping, checkpoint
+        common.check_finite(nonfinite, state["step"], cfg["log_every"])
+        scheduler.step()
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+        val = common.evaluate(model, val_loader, accelerator, "classification", SharedHeadModel.fuse)
+        common.log_scalars(writer, {f"val_{k}/{name}": v for k, mets in val.items() for name, v in mets.items()},
+                           state["step"])
+        common.append_jsonl(run_dir, {"epoch": state["epoch"], "step": state["step"], "val": val}, accelerator)
+        score = val["fused"]["acc"]
+        if state["best"] is None or score > state["best"] + cfg["min_delta"]:
+            state["best"], state["best_epoch"], state["bad_epochs"] = score, state["epoch"], 0
+            if accelerator.is_main_process:
+                common.save_model_atomic(model, run_dir / "best.pt")
+        else:
+            state["bad_epochs"] += 1
+            state["stopped_early"] = state["bad_epochs"] >= cfg["patience"]
+        accelerator.print(f"epoch {state['epoch']}: val " + "  ".join(f"{k} {v['acc']:.4f}" for k, v in val.items())
+                          + ("  [early stop]" if state["stopped_early"] else ""))
+        common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"])
+
+    # test with the model selected on validation ----------------------------------------------------
+    accelerator.wait_for_everyone()
+    model.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True))
+    test = common.evaluate(model, test_loader, accelerator, "classification", SharedHeadModel.fuse)
+    val = common.evaluate(model, val_loader, accelerator, "classification", SharedHeadModel.fuse)
+    result = {"run_dir": str(run_dir), "best_epoch": state["best_epoch"], "val": val, "test": test,
+              "bayes_accuracy": meta.get("source", {}).get("bayes_accuracy"),
+              "variant": cfg["variant"], "surgery": cfg["surgery"], "guidance": cfg["guidance"]}
+    if accelerator.is_main_process:
+        common.write_result(run_dir, result)
+        common.print_result_table(result)
+        writer.close()
+    return result
+
+
+if __name__ == "__main__":
+    main(common.load_config(DEFAULTS, default_config=DEFAULT_CONFIG))
+    common.finish()
