@@ -1,0 +1,213 @@
+"""CelebA -> shards: GAAL's binary task (label `Attractive`, the other 39 attributes as table).
+
+CLI:
+  python -m data_prep.celeba --raw DIR --out DIR [--name celeba] [--attr-csv FILE]
+      [--partition-csv FILE] [--image-root DIR] [--label Attractive] [--image-size 225]
+      [--workers N] [--skip-missing-images] [--crop none|center] [--samples-per-shard N]
+      [--block 512] [--overwrite]
+
+Accepted raw layout (the Kaggle "CelebA dataset" CSVs):
+  <raw>/list_attr_celeba.csv      image_id + the 40 attributes (5_o_Clock_Shadow ... Young), values
+                                  -1 or 1 (anything else is an error naming file, line, column)
+  <raw>/list_eval_partition.csv   image_id, partition (0 train, 1 val, 2 test)
+  <raw>/img_align_celeba/         the aligned JPEGs; when <raw>/img_align_celeba/img_align_celeba/
+                                  exists (the Kaggle archive nests it) that folder is used.
+Every image_id of the attribute file needs a partition and vice versa (else an error naming one).
+The original Google-Drive text files (list_attr_celeba.txt) are not read: use the CSVs.
+
+Output <out>/<name>/ (default name celeba):
+  image  kind image    uint8 [3, S, S] (S = --image-size, default 225). ImageNet mean/std
+         normalisation is the encoder's job (source.image.normalize = "imagenet" is the hint).
+  table  kind tabular  float32 [39]: the other attributes in CSV column order, 1 -> 1.0,
+         -1 -> 0.0, listed as "continuous" (not standardised, no categorical columns)
+  label  1 if Attractive == 1 else 0 (class_names ["not Attractive", "Attractive"])
+  samples.csv  sample_id, split, image_id
+
+Choices the spec leaves open:
+- Splits: the official partition (162,770 / 19,867 / 19,962), nothing re-drawn.
+- sample_id = the row's position in list_attr_celeba.csv (0-based; 000001.jpg -> 0). Within a
+  split, samples are written in sample_id order. A missing image file is an error naming it
+  (--skip-missing-images: drop it).
+- Images: PIL decode, RGB, stretched to S x S with bilinear (antialiased) resampling — the
+  178x218 aligned faces are not cropped unless --crop center; see data_prep.image_io.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from data_prep.image_io import (ImageLoader, csv_header, find_missing, missing_message, read_csv,
+                                write_image_table_splits, write_index)
+from data_prep.shards import ShardWriter
+
+ATTR_CSV = "list_attr_celeba.csv"
+PARTITION_CSV = "list_eval_partition.csv"
+IMAGE_DIR = "img_align_celeba"
+LABEL = "Attractive"
+ATTRIBUTES = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
+    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows",
+    "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup",
+    "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard",
+    "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks", "Sideburns",
+    "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat",
+    "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young")
+PARTITIONS = {"0": "train", "1": "val", "2": "test"}
+_VALUES = {"1": 1.0, "-1": 0.0}
+
+
+def default_image_root(raw):
+    root = pathlib.Path(raw) / IMAGE_DIR
+    nested = root / IMAGE_DIR
+    return nested if nested.is_dir() else root
+
+
+def read_attributes(attr_csv, label=LABEL):
+    """-> (image ids, feature names, features (N, 39) float32 0/1, labels (N,) int64)."""
+    header = [h for h in csv_header(attr_csv) if h]
+    for col in ("image_id", *ATTRIBUTES):
+        if col not in header:
+            raise ValueError(f"{attr_csv}: missing column '{col}'")
+    extra = [h for h in header if h != "image_id" and h not in ATTRIBUTES]
+    if extra:
+        raise ValueError(f"{attr_csv}: unexpected column '{extra[0]}' (expected image_id and the "
+                         "40 CelebA attributes)")
+    if label not in ATTRIBUTES:
+        raise ValueError(f"label {label!r} is not a CelebA attribute")
+    attributes = [h for h in header if h != "image_id"]   # file order
+    ids, values, seen = [], [], {}
+    for line, row in read_csv(attr_csv, ["image_id", *attributes]):
+        iid = row["image_id"]
+        if not iid:
+            raise ValueError(f"{attr_csv}, line {line}: column 'image_id' is empty")
+        if iid in seen:
+            raise ValueError(f"{attr_csv}, line {line}: image_id {iid!r} already listed on line {seen[iid]}")
+        seen[iid] = line
+        vals = []
+        for a in attributes:
+            v = _VALUES.get(row[a])
+            if v is None:
+                raise ValueError(f"{attr_csv}, line {line}: column '{a}' = {row[a]!r}, expected -1 or 1")
+            vals.append(v)
+        ids.append(iid)
+        values.append(vals)
+    if not ids:
+        raise ValueError(f"{attr_csv}: no data rows")
+    arr = np.array(values, dtype=np.float32).reshape(len(ids), len(attributes))
+    li = attributes.index(label)
+    labels = arr[:, li].astype(np.int64)
+    features = [a for a in attributes if a != label]
+    return ids, features, np.delete(arr, li, axis=1), labels
+
+
+def read_partition(partition_csv, ids):
+    """-> array of split names aligned with ``ids``."""
+    part = {}
+    for line, row in read_csv(partition_csv, ["image_id", "partition"]):
+        if row["partition"] not in PARTITIONS:
+            raise ValueError(f"{partition_csv}, line {line}: column 'partition' = "
+                             f"{row['partition']!r}, expected 0, 1 or 2")
+        if row["image_id"] in part:
+            raise ValueError(f"{partition_csv}, line {line}: image_id {row['image_id']!r} listed twice")
+        part[row["image_id"]] = PARTITIONS[row["partition"]]
+    missing = [i for i in ids if i not in part]
+    if missing:
+        raise ValueError(f"{partition_csv}: image_id {missing[0]!r} (of {len(missing)}) from the "
+                         "attribute file has no partition")
+    if len(part) != len(ids):
+        known = set(ids)
+        stray = next(i for i in part if i not in known)
+        raise ValueError(f"{partition_csv}: image_id {stray!r} is not in the attribute file")
+    return np.array([part[i] for i in ids])
+
+
+def convert(raw, out, name="celeba", attr_csv=None, partition_csv=None, image_root=None,
+            label=LABEL, image_size=225, workers=0, skip_missing_images=False, crop="none",
+            samples_per_shard=None, block=512, overwrite=False, log=None) -> pathlib.Path:
+    """Convert CelebA (Kaggle CSV layout of the module docstring) into ``<out>/<name>/``."""
+    log = log or (lambda msg: None)
+    raw = pathlib.Path(raw)
+    attr_csv = pathlib.Path(attr_csv) if attr_csv else raw / ATTR_CSV
+    partition_csv = pathlib.Path(partition_csv) if partition_csv else raw / PARTITION_CSV
+    image_root = pathlib.Path(image_root) if image_root else default_image_root(raw)
+    t0 = time.perf_counter()
+    ids, feature_names, feats, labels = read_attributes(attr_csv, label)
+    split_of = read_partition(partition_csv, ids)
+    paths = [image_root / i for i in ids]
+    keep = np.ones(len(ids), dtype=bool)
+    missing = find_missing(paths)
+    if missing:
+        if not skip_missing_images:
+            raise FileNotFoundError(missing_message(f"{attr_csv} (CelebA)", paths, missing))
+        for i in missing:
+            log(f"skipping {ids[i]}: image not found: {paths[i]}")
+        keep[missing] = False
+    order = {s: np.nonzero(keep & (split_of == s))[0] for s in ("train", "val", "test")}
+    order = {s: idx for s, idx in order.items() if len(idx)}
+    log(f"{int(keep.sum())} images; splits { {s: len(i) for s, i in order.items()} }")
+
+    modalities = {
+        "image": {"kind": "image", "shape": [3, image_size, image_size], "dtype": "uint8"},
+        "table": {"kind": "tabular", "shape": [len(feature_names)], "dtype": "float32",
+                  "continuous": feature_names, "categorical": {}},
+    }
+    source = {
+        "converter": "data_prep.celeba", "raw": str(raw), "attr_csv": str(attr_csv),
+        "partition_csv": str(partition_csv), "image_root": str(image_root),
+        "options": {"label": label, "image_size": image_size,
+                    "skip_missing_images": skip_missing_images, "crop": crop},
+        "label": {"attribute": label, "rule": "1 -> 1, -1 -> 0"},
+        "features": "the other 39 attributes in CSV order, 1 -> 1.0, -1 -> 0.0; not standardised",
+        "image": {"size": image_size, "resize": "PIL bilinear (antialiased), stretched to a square"
+                  if crop == "none" else "centre square crop, then PIL bilinear (antialiased)",
+                  "normalize": "imagenet"},
+        "split": {"rule": "official list_eval_partition (0 train, 1 val, 2 test)"},
+        "counts": {"rows": len(ids), "missing_images_skipped": len(missing),
+                   "splits": {s: int(len(i)) for s, i in order.items()},
+                   "positives": {s: int(labels[i].sum()) for s, i in order.items()}},
+        "sample_id": "position of the row in list_attr_celeba.csv (0-based)",
+    }
+    sample_ids = np.arange(len(ids), dtype=np.int64)
+    with ShardWriter(out, name, "classification", 2, modalities, samples_per_shard=samples_per_shard,
+                     class_names=[f"not {label}", label], source=source, overwrite=overwrite) as writer:
+        with ImageLoader(image_size, crop, workers, block) as loader:
+            write_image_table_splits(writer, loader, order, paths, feats, labels, sample_ids, log=log)
+    write_index(writer.root, ["sample_id", "split", "image_id"],
+                [[int(i), s, ids[i]] for s, idx in order.items() for i in idx])
+    log(f"wrote {writer.root} in {time.perf_counter() - t0:.1f}s")
+    return writer.root
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--raw", required=True, help="root holding the two CSVs and img_align_celeba/")
+    parser.add_argument("--out", required=True, help="output directory (dataset goes to <out>/<name>)")
+    parser.add_argument("--name", default="celeba")
+    parser.add_argument("--attr-csv", help=f"default <raw>/{ATTR_CSV}")
+    parser.add_argument("--partition-csv", help=f"default <raw>/{PARTITION_CSV}")
+    parser.add_argument("--image-root", help=f"default <raw>/{IMAGE_DIR} (or its nested {IMAGE_DIR}/)")
+    parser.add_argument("--label", default=LABEL)
+    parser.add_argument("--image-size", type=int, default=225)
+    parser.add_argument("--workers", type=int, default=0, help="image decoding processes (0: in-process)")
+    parser.add_argument("--skip-missing-images", action="store_true")
+    parser.add_argument("--crop", choices=("none", "center"), default="none")
+    parser.add_argument("--samples-per-shard", type=int, help="default: about 1 GiB per shard")
+    parser.add_argument("--block", type=int, default=512, help="images decoded per block")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    convert(args.raw, args.out, name=args.name, attr_csv=args.attr_csv,
+            partition_csv=args.partition_csv, image_root=args.image_root, label=args.label,
+            image_size=args.image_size, workers=args.workers,
+            skip_missing_images=args.skip_missing_images, crop=args.crop,
+            samples_per_shard=args.samples_per_shard, block=args.block, overwrite=args.overwrite,
+            log=lambda msg: print(f"[celeba] {msg}", file=sys.stderr, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
