@@ -24,6 +24,7 @@ count), and the surgery acts on the reduced head gradient, so N ranks x B/N = 1 
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -90,17 +91,78 @@ def check_config(cfg):
         raise common.ConfigError("margin and qp_eps must be >= 0")
 
 
-def all_reduce_mean_(tensors, accelerator):
+def all_reduce_mean_(tensors, world):
     """Average gradients over ranks in place, one bucket (DDP's reduction, done by hand)."""
-    if accelerator.num_processes == 1:
+    if world == 1:
         return
     flat = torch.cat([t.flatten() for t in tensors])
     dist.all_reduce(flat)
-    flat /= accelerator.num_processes
+    flat /= world
     offset = 0
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def reference_gradient(encoder, head, x_other, labels, cfg, world, rank, autocast):
+    """g_ref: the head gradient of the CE over the other modality's hard samples, flattened
+    [weight | bias]. The hard samples are the global top-k by entropy over all ranks' samples and
+    the loss is normalised by the global count, so the all-reduced sum equals one rank holding the
+    whole batch. The other encoder runs without a graph: training mode in the official variant
+    (its BatchNorm statistics update), eval mode in the paper variant (untouched)."""
+    with torch.no_grad():
+        if cfg["variant"] == "paper":
+            encoder.eval()
+        with autocast():
+            f_other = encoder(x_other)
+        encoder.train()
+    logits = head(f_other.float())
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    local = labels.shape[0]
+    if cfg["guidance"] == "hard":
+        ent = surgery.entropy(logits.detach())
+        if world > 1:
+            parts = [torch.empty_like(ent) for _ in range(world)]
+            dist.all_gather(parts, ent)
+            ent = torch.cat(parts)
+        mask, k = surgery.global_hard_sample_mask(ent, cfg["topk_frac"], rank * local, local)
+        loss_ref = (ce * mask).sum() / k
+    else:
+        loss_ref = ce.sum() / (local * world)
+    g_ref = surgery.flatten_head_grad(*torch.autograd.grad(loss_ref, [head.weight, head.bias]))
+    if world > 1:
+        dist.all_reduce(g_ref)
+    return g_ref
+
+
+def gaal_step(encoders, head, optimizer, batch, order, cfg, world=1, rank=0, autocast=contextlib.nullcontext):
+    """One training batch of GAAL: an update of order[0] then of order[1], each guided by the other.
+
+    Returns what to log, as device tensors: per modality its loss, batch accuracy, whether the head
+    gradients conflicted, the multiplier v and the cosines before/after the surgery."""
+    labels = batch["label"]
+    official = cfg["variant"] == "official"
+    stats = {}
+    for m, other in ((order[0], order[1]), (order[1], order[0])):
+        g_ref = reference_gradient(encoders[other], head, batch[other], labels, cfg, world, rank, autocast)
+        with autocast():
+            logits = head(encoders[m](batch[m]).float())
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=not official)   # official: zeros -> the inactive encoder is stepped
+        loss.backward()
+        active = [p for p in list(encoders[m].parameters()) + [head.weight, head.bias] if p.grad is not None]
+        all_reduce_mean_([p.grad for p in active], world)
+        g = surgery.flatten_head_grad(head.weight.grad, head.bias.grad)
+        result = surgery.project_conflicting_with_stats(g, g_ref, cfg["margin"], cfg["qp_eps"])
+        if cfg["surgery"]:
+            weight_grad, bias_grad = surgery.unflatten_head_grad(result.g, head.weight.shape)
+            head.weight.grad.copy_(weight_grad)
+            head.bias.grad.copy_(bias_grad)
+        optimizer.step()
+        stats.update({f"{m}/loss": loss.detach(), f"{m}/acc": (logits.detach().argmax(1) == labels).float().mean(),
+                      f"{m}/conflict": result.conflict.float(), f"{m}/v": result.v.float(),
+                      f"{m}/cos_before": result.cos_before.float(), f"{m}/cos_after": result.cos_after.float()})
+    return stats
 
 
 def main(cfg: dict) -> dict:
@@ -122,12 +184,10 @@ def main(cfg: dict) -> dict:
     test_loader, _ = common.make_loader(cfg, meta, "test", accelerator, order)
     if len(train_sampler) == 0:
         raise common.ConfigError(f"batch_size={cfg['batch_size']} exceeds the training split of {cfg['data']}")
-    local_batch = cfg["batch_size"] // world
 
     # model, optimiser (one optimiser over everything, as the released code) -----------------------
     model = SharedHeadModel(meta, cfg["encoders"], order).to(device)
     encoders, head = model.encoders, model.head
-    head_params = [head.weight, head.bias]
     optimizer = common.build_optimizer(cfg, model.parameters())
     scheduler = common.build_scheduler(cfg, optimizer)
 
@@ -142,31 +202,6 @@ def main(cfg: dict) -> dict:
             for p in model.parameters():
                 p.grad = torch.zeros_like(p)
 
-    def reference_gradient(other, x_other, labels):
-        """g_ref: head gradient of the CE over the other modality's hard samples (global selection)."""
-        with torch.no_grad():
-            if not official:
-                encoders[other].eval()   # paper: the inactive encoder is untouched (no BN update)
-            with accelerator.autocast():
-                f_other = encoders[other](x_other)
-            encoders[other].train()
-        logits = head(f_other.float())
-        ce = F.cross_entropy(logits, labels, reduction="none")
-        if cfg["guidance"] == "hard":
-            ent = surgery.entropy(logits.detach())
-            if world > 1:
-                parts = [torch.empty_like(ent) for _ in range(world)]
-                dist.all_gather(parts, ent)
-                ent = torch.cat(parts)
-            mask, k = surgery.global_hard_sample_mask(ent, cfg["topk_frac"], rank * local_batch, local_batch)
-            loss_ref = (ce * mask).sum() / k
-        else:
-            loss_ref = ce.sum() / (local_batch * world)
-        g_ref = surgery.flatten_head_grad(*torch.autograd.grad(loss_ref, head_params))
-        if world > 1:
-            dist.all_reduce(g_ref)   # per-rank losses are already normalised by the global count
-        return g_ref
-
     # loop ----------------------------------------------------------------------------------------
     window = {f"{m}/{k}": torch.zeros((), device=device) for m in order
               for k in ("loss", "acc", "conflict", "v", "cos_before", "cos_after")}
@@ -178,31 +213,10 @@ def main(cfg: dict) -> dict:
                    disable=not (cfg["progress"] and accelerator.is_main_process))
         for batch in bar:
             batch = common.to_device(batch, device)
-            labels = batch["label"]
-            for m, other in ((order[0], order[1]), (order[1], order[0])):
-                g_ref = reference_gradient(other, batch[other], labels)
-                with accelerator.autocast():
-                    logits = head(encoders[m](batch[m]).float())
-                loss = F.cross_entropy(logits, labels)
-                optimizer.zero_grad(set_to_none=not official)   # official: zeros -> inactive encoder stepped
-                loss.backward()
-                active = [p for p in list(encoders[m].parameters()) + head_params if p.grad is not None]
-                all_reduce_mean_([p.grad for p in active], accelerator)
-                g = surgery.flatten_head_grad(head.weight.grad, head.bias.grad)
-                result = surgery.project_conflicting_with_stats(g, g_ref, cfg["margin"], cfg["qp_eps"])
-                if cfg["surgery"]:
-                    weight_grad, bias_grad = surgery.unflatten_head_grad(result.g, head.weight.shape)
-                    head.weight.grad.copy_(weight_grad)
-                    head.bias.grad.copy_(bias_grad)
-                optimizer.step()
-                # what to log, kept on the device (no host sync on the hot path)
-                nonfinite |= ~torch.isfinite(loss.detach())
-                window[f"{m}/loss"] += loss.detach()
-                window[f"{m}/acc"] += (logits.detach().argmax(1) == labels).float().mean()
-                window[f"{m}/conflict"] += result.conflict.float()
-                window[f"{m}/v"] += result.v.float()
-                window[f"{m}/cos_before"] += result.cos_before.float()
-                window[f"{m}/cos_after"] += result.cos_after.float()
+            stats = gaal_step(encoders, head, optimizer, batch, order, cfg, world, rank, accelerator.autocast)
+            for key, value in stats.items():   # summed on the device, averaged at log time
+                window[key] += value
+            nonfinite |= ~torch.isfinite(stats[f"{order[0]}/loss"] + stats[f"{order[1]}/loss"])
 
             state["step"] += 1
             state["batch_in_epoch"] += 1
