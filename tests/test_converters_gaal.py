@@ -451,3 +451,19 @@ def test_celeba_errors(celeba_raw, tmp_path):
     (img_root / "000004.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="000004.jpg"):
         celeba.convert(raw, tmp_path / "o", image_root=img_root)
+
+
+@pytest.mark.slow
+def test_gaal_trains_on_converted_dvm(dvm_full, tmp_path):
+    """The shipped DVM config drives train/gaal.py on converter output (encoders shrunk to test size)."""
+    from tests.test_train import run_script
+    out = tmp_path / "run"
+    root = dvm_full[0]
+    run_script("train/gaal.py", [
+        "--config", "train/configs/gaal_dvm.yaml", "--data", str(root), "--out_dir", str(out),
+        "--epochs", "1", "--batch_size", "8", "--eval_batch_size", "16", "--num_workers", "0",
+        "--progress", "false", "--encoders.image.arch", "resnet10", "--encoders.image.base_width", "8",
+        "--encoders.table.hidden", "32", "--encoders.table.out_dim", "64"])
+    import json
+    result = json.loads((out / "result.json").read_text())
+    assert set(result["test"]) == {"image", "table", "fused"}
