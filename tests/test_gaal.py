@@ -124,3 +124,15 @@ def test_gaal_step_two_ranks_equal_one(tmp_path, variant):
     assert [float(c) for c in ddp["conflicts"]] == [float(c) for c in conflicts]
     for key, value in single.items():
         torch.testing.assert_close(ddp["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_step_time_benchmark_runs(capsys):
+    """The benchmark prints its table (figures are read by people, not asserted)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("step_time", Path(__file__).parent.parent / "benchmarks" / "step_time.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--steps", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    for name in ("plain alternating", "gaal official", "gaal paper"):
+        assert name in out
