@@ -62,10 +62,12 @@ def test_switches_run_and_report(imgtab, tmp_path):
 
 @pytest.mark.slow
 def test_gaal_resume_is_exact(imgtab, tmp_path):
+    """With the on-device augmentation on: its generator is part of each rank's checkpointed state."""
     whole, split = tmp_path / "whole", tmp_path / "split"
-    run_script("train/gaal.py", gaal_args(imgtab, whole))
-    run_script("train/gaal.py", gaal_args(imgtab, split, "--stop_after_steps", "5"))
-    run_script("train/gaal.py", gaal_args(imgtab, split, "--resume"))
+    aug = ("--augment.p", "0.95", "--augment.size", "32")
+    run_script("train/gaal.py", gaal_args(imgtab, whole, *aug))
+    run_script("train/gaal.py", gaal_args(imgtab, split, "--stop_after_steps", "5", *aug))
+    run_script("train/gaal.py", gaal_args(imgtab, split, "--resume", *aug))
     a, b = final_weights(whole), final_weights(split)
     for key in a:
         assert torch.equal(a[key], b[key]), key

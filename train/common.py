@@ -360,15 +360,18 @@ def check_finite(loss_flag: torch.Tensor, step: int, window: int) -> None:
 # Written into a temporary directory, renamed when complete, then `latest` is replaced atomically:
 # a process killed at any point leaves `latest` naming a complete checkpoint.
 
-def _rng_state() -> dict:
+def _rng_state(generators: dict | None = None) -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+             "torch": torch.get_rng_state(),
+             "generators": {k: g.get_state() for k, g in (generators or {}).items()}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, generators: dict | None = None) -> None:
+    for key, generator in (generators or {}).items():
+        generator.set_state(state["generators"][key])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -383,10 +386,12 @@ def _fsync_save(obj, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir: Path, accelerator, objects: dict, trainer_state: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, accelerator, objects: dict, trainer_state: dict, keep: int = 2,
+                    generators: dict | None = None) -> Path:
     """Save `objects` (name -> thing with state_dict(); models are unwrapped) and `trainer_state`.
 
-    Collective: every rank calls it. Each rank stores its own RNG state; rank 0 stores the rest.
+    Collective: every rank calls it. Each rank stores its own RNG states (the global ones and the
+    script's own `generators`, e.g. an augmentation's); rank 0 stores the rest.
     """
     ckpt_root = run_dir / "checkpoints"
     name = f"ckpt-{trainer_state['step']:09d}"
@@ -397,7 +402,7 @@ def save_checkpoint(run_dir: Path, accelerator, objects: dict, trainer_state: di
             shutil.rmtree(tmp)
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    _fsync_save(_rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    _fsync_save(_rng_state(generators), tmp / f"rng-rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     final = ckpt_root / name
     if accelerator.is_main_process:
@@ -418,8 +423,8 @@ def save_checkpoint(run_dir: Path, accelerator, objects: dict, trainer_state: di
     return final
 
 
-def load_checkpoint(run_dir: Path, accelerator, objects: dict) -> dict:
-    """Restore `objects` and this rank's RNG state from the latest checkpoint; return trainer state."""
+def load_checkpoint(run_dir: Path, accelerator, objects: dict, generators: dict | None = None) -> dict:
+    """Restore `objects` and this rank's RNG states from the latest checkpoint; return trainer state."""
     ckpt_root = run_dir / "checkpoints"
     name = (ckpt_root / "latest").read_text().strip()
     path = ckpt_root / name
@@ -435,7 +440,7 @@ def load_checkpoint(run_dir: Path, accelerator, objects: dict) -> dict:
         obj.load_state_dict(state[key])
     rng_file = path / f"rng-rank{accelerator.process_index}.pt"
     if state["world_size"] == accelerator.num_processes and rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(torch.load(rng_file, weights_only=False), generators)
     elif accelerator.is_main_process:
         print(f"[resume] world size changed ({state['world_size']} -> {accelerator.num_processes}): "
               "RNG streams restart; the data order stays exact", flush=True)

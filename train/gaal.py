@@ -36,6 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from methods import surgery  # noqa: E402
+from models.augment import build_augment  # noqa: E402
 from models.fusion import SharedHeadModel  # noqa: E402
 from train import common  # noqa: E402
 
@@ -45,6 +46,8 @@ DEFAULTS = dict(
     data_seed=0,
     modalities=[],                 # the two modalities in update order ([] = the dataset's order)
     encoders={},                   # per-modality encoder config (models.encoders.build_encoder)
+    augment={},                    # on-device augmentation of the image modality ({} = none;
+                                   # keys: models.augment.AUGMENT_DEFAULTS, e.g. {p: 0.95} for DVM's recipe)
     out_dir="runs/gaal_imgtab",
     seed=0,
     resume=False,
@@ -190,11 +193,19 @@ def main(cfg: dict) -> dict:
     encoders, head = model.encoders, model.head
     optimizer = common.build_optimizer(cfg, model.parameters())
     scheduler = common.build_scheduler(cfg, optimizer)
+    images = [m for m in order if meta["modalities"][m]["kind"] == "image"]
+    if cfg["augment"] and not images:
+        raise common.ConfigError(f"augment: {cfg['data']} has no modality of kind image to augment")
+    try:   # per-rank stream, checkpointed with the rank's RNG states so that resume stays exact
+        augment = build_augment(cfg["augment"] or None, generator=torch.Generator(device).manual_seed(cfg["seed"] + rank))
+    except (ValueError, TypeError) as err:
+        raise common.ConfigError(f"augment: {err}") from None
+    generators = {"augment": augment.generator}
 
     state = dict(epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1, bad_epochs=0, stopped_early=False)
     checkpointed = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     if cfg["resume"]:
-        state = common.load_checkpoint(run_dir, accelerator, checkpointed)
+        state = common.load_checkpoint(run_dir, accelerator, checkpointed, generators)
         accelerator.print(f"[resume] from step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
         if official and state["step"] > 0:
             # after one batch every parameter holds a (zero-filled) gradient, which Adam steps: an
@@ -213,6 +224,8 @@ def main(cfg: dict) -> dict:
                    disable=not (cfg["progress"] and accelerator.is_main_process))
         for batch in bar:
             batch = common.to_device(batch, device)
+            for m in images:
+                batch[m] = augment(batch[m])
             stats = gaal_step(encoders, head, optimizer, batch, order, cfg, world, rank, accelerator.autocast)
             for key, value in stats.items():   # summed on the device, averaged at log time
                 window[key] += value
@@ -232,7 +245,7 @@ def main(cfg: dict) -> dict:
             preempt = cfg["stop_after_steps"] and state["step"] >= cfg["stop_after_steps"]
             if preempt or (cfg["ckpt_every_steps"] and state["step"] % cfg["ckpt_every_steps"] == 0):
                 common.check_finite(nonfinite, state["step"], cfg["log_every"])
-                common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"])
+                common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"], generators)
             if preempt:
                 accelerator.print(f"[stop] stop_after_steps={cfg['stop_after_steps']}: checkpoint written, exiting")
                 return {"stopped_at_step": state["step"], "run_dir": str(run_dir)}
@@ -257,7 +270,7 @@ def main(cfg: dict) -> dict:
             state["stopped_early"] = state["bad_epochs"] >= cfg["patience"]
         accelerator.print(f"epoch {state['epoch']}: val " + "  ".join(f"{k} {v['acc']:.4f}" for k, v in val.items())
                           + ("  [early stop]" if state["stopped_early"] else ""))
-        common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"])
+        common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"], generators)
 
     # test with the model selected on validation ----------------------------------------------------
     accelerator.wait_for_everyone()
