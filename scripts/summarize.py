@@ -1,10 +1,15 @@
-"""Markdown table of baseline runs: per modality, joint-trained and alone, beside the Bayes limit.
+"""Markdown tables from run directories.
 
-    python scripts/summarize.py runs/baselines
-reads <dir>/joint_<flavour>/result.json and <dir>/unimodal_<flavour>/<modality>/result.json.
+    python scripts/summarize.py runs/baselines             # baselines: joint and alone vs Bayes limit
+    python scripts/summarize.py --ablation runs/gaal_ablation
+The first reads <dir>/joint_<flavour>/result.json and <dir>/unimodal_<flavour>/<modality>/result.json;
+the second groups <dir>/<config>_s<seed>/result.json by config and prints mean ± std (over seeds)
+of the test accuracy of each modality and of the fused prediction.
 """
 import json
+import statistics
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 
@@ -24,5 +29,29 @@ def main(root: str) -> None:
                   f"{'-' if alone is None else f'{alone:.3f}'} | {limit - metrics['acc']:+.3f} |")
 
 
+def ablation(root: str) -> None:
+    groups = defaultdict(list)
+    for result_file in sorted(Path(root).glob("*_s*/result.json")):
+        config = result_file.parent.name.rsplit("_s", 1)[0]
+        groups[config].append(json.loads(result_file.read_text()))
+    if not groups:
+        raise SystemExit(f"no <config>_s<seed>/result.json under {root}")
+    first = next(iter(groups.values()))[0]
+    names = list(first["test"])
+    bayes = first["bayes_accuracy"]
+    print("| run | seeds | " + " | ".join(f"{n} (Bayes {bayes['all' if n == 'fused' else n]:.3f})" for n in names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for config, results in groups.items():
+        cells = []
+        for n in names:
+            accs = [r["test"][n]["acc"] for r in results]
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            cells.append(f"{statistics.mean(accs):.3f} ± {std:.3f}")
+        print(f"| {config} | {len(results)} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/baselines")
+    if len(sys.argv) > 2 and sys.argv[1] == "--ablation":
+        ablation(sys.argv[2])
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "runs/baselines")
