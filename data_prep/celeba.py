@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-from data_prep.image_io import (ImageLoader, csv_header, find_missing, missing_message, read_csv,
+from data_prep.image_io import (add_image_table_args, ImageLoader, csv_header, find_missing, missing_message, read_csv,
                                 write_image_table_splits, write_index)
 from data_prep.shards import ShardWriter
 
@@ -186,21 +186,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--raw", required=True, help="root holding the two CSVs and img_align_celeba/")
-    parser.add_argument("--out", required=True, help="output directory (dataset goes to <out>/<name>)")
-    parser.add_argument("--name", default="celeba")
+    add_image_table_args(parser, "dataset name (default celeba)", image_size=225)
     parser.add_argument("--attr-csv", help=f"default <raw>/{ATTR_CSV}")
     parser.add_argument("--partition-csv", help=f"default <raw>/{PARTITION_CSV}")
     parser.add_argument("--image-root", help=f"default <raw>/{IMAGE_DIR} (or its nested {IMAGE_DIR}/)")
     parser.add_argument("--label", default=LABEL)
-    parser.add_argument("--image-size", type=int, default=225)
-    parser.add_argument("--workers", type=int, default=0, help="image decoding processes (0: in-process)")
-    parser.add_argument("--skip-missing-images", action="store_true")
-    parser.add_argument("--crop", choices=("none", "center"), default="none")
-    parser.add_argument("--samples-per-shard", type=int, help="default: about 1 GiB per shard")
-    parser.add_argument("--block", type=int, default=512, help="images decoded per block")
-    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    convert(args.raw, args.out, name=args.name, attr_csv=args.attr_csv,
+    convert(args.raw, args.out, name=args.name or "celeba", attr_csv=args.attr_csv,
             partition_csv=args.partition_csv, image_root=args.image_root, label=args.label,
             image_size=args.image_size, workers=args.workers,
             skip_missing_images=args.skip_missing_images, crop=args.crop,

@@ -80,7 +80,7 @@ import time
 
 import numpy as np
 
-from data_prep.image_io import (NA_STRINGS, CsvColumnError, ImageLoader, csv_header, find_missing,
+from data_prep.image_io import (add_image_table_args, NA_STRINGS, CsvColumnError, ImageLoader, csv_header, find_missing,
                                 missing_message, read_csv, stratified_pick, to_float,
                                 write_image_table_splits, write_index, zscore_stats)
 from data_prep.shards import ShardWriter
@@ -383,20 +383,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--raw", required=True, help="DVM-CAR v2.0 root (tables_V2.0/, resized_DVM/)")
-    parser.add_argument("--out", required=True, help="output directory (dataset goes to <out>/<name>)")
-    parser.add_argument("--name", help="dataset name (default dvm, or dvm_low<frac> with --low-data)")
+    add_image_table_args(parser, "dataset name (default dvm, or dvm_low<frac> with --low-data)", image_size=128)
     parser.add_argument("--low-data", type=float, default=1.0,
                         help="fraction of train to keep (1.0, 0.1, 0.01; >= 1 advert per class)")
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=0, help="image decoding processes (0: in-process)")
     parser.add_argument("--min-class-count", type=int, default=MIN_CLASS_COUNT)
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--skip-missing-images", action="store_true",
-                        help="drop adverts whose image file is missing (default: error)")
-    parser.add_argument("--crop", choices=("none", "center"), default="none")
-    parser.add_argument("--samples-per-shard", type=int, help="default: about 1 GiB per shard")
-    parser.add_argument("--block", type=int, default=512, help="images decoded per block")
-    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     convert(args.raw, args.out, name=args.name, low_data=args.low_data, image_size=args.image_size,
             workers=args.workers, min_class_count=args.min_class_count, seed=args.seed,

@@ -317,3 +317,17 @@ def write_image_table_splits(writer, loader, order, paths, table, labels, sample
             done += len(rows)
             if log is not None and (done == len(idx) or (start // loader.block) % 20 == 19):
                 log(f"{split}: {done}/{len(idx)} samples written")
+
+
+def add_image_table_args(parser, name_help, image_size):
+    """The command-line options every image + table converter shares (one definition for all)."""
+    parser.add_argument("--out", required=True, help="output directory (dataset goes to <out>/<name>)")
+    parser.add_argument("--name", help=name_help)
+    parser.add_argument("--image-size", type=int, default=image_size)
+    parser.add_argument("--workers", type=int, default=0, help="image decoding processes (0: in-process)")
+    parser.add_argument("--skip-missing-images", action="store_true",
+                        help="drop samples whose image file is missing (default: error)")
+    parser.add_argument("--crop", choices=("none", "center"), default="none")
+    parser.add_argument("--samples-per-shard", type=int, help="default: about 1 GiB per shard")
+    parser.add_argument("--block", type=int, default=512, help="images decoded per block")
+    parser.add_argument("--overwrite", action="store_true")

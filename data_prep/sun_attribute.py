@@ -46,7 +46,7 @@ import time
 
 import numpy as np
 
-from data_prep.image_io import (ImageLoader, csv_header, find_missing, missing_message, read_csv,
+from data_prep.image_io import (add_image_table_args, ImageLoader, csv_header, find_missing, missing_message, read_csv,
                                 stratified_pick, to_float, write_image_table_splits, write_index)
 from data_prep.shards import ShardWriter
 
@@ -171,24 +171,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--raw", required=True, help="root holding attributes.csv and images/")
-    parser.add_argument("--out", required=True, help="output directory (dataset goes to <out>/<name>)")
-    parser.add_argument("--name", default="sun_attribute")
+    add_image_table_args(parser, "dataset name (default sun_attribute)", image_size=225)
     parser.add_argument("--csv", help=f"attribute CSV (default <raw>/{CSV_NAME})")
     parser.add_argument("--image-root", help=f"image root (default <raw>/{IMAGE_DIR})")
     parser.add_argument("--label", default=LABEL)
     parser.add_argument("--threshold", type=float, default=0.0, help="value > threshold -> 1")
     parser.add_argument("--expect-attributes", type=int, default=NUM_ATTRIBUTES,
                         help="required number of attribute columns (0: any)")
-    parser.add_argument("--image-size", type=int, default=225)
-    parser.add_argument("--workers", type=int, default=0, help="image decoding processes (0: in-process)")
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--skip-missing-images", action="store_true")
-    parser.add_argument("--crop", choices=("none", "center"), default="none")
-    parser.add_argument("--samples-per-shard", type=int, help="default: about 1 GiB per shard")
-    parser.add_argument("--block", type=int, default=512, help="images decoded per block")
-    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    convert(args.raw, args.out, name=args.name, csv_path=args.csv, image_root=args.image_root,
+    convert(args.raw, args.out, name=args.name or "sun_attribute", csv_path=args.csv, image_root=args.image_root,
             label=args.label, threshold=args.threshold, expect_attributes=args.expect_attributes,
             image_size=args.image_size, workers=args.workers, seed=args.seed,
             skip_missing_images=args.skip_missing_images, crop=args.crop,
