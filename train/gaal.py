@@ -75,6 +75,7 @@ DEFAULTS = dict(
     log_every=25,
     ckpt_every_steps=0,
     keep_checkpoints=2,
+    preempt_check_every=1,         # steps between checks for SIGTERM/SIGUSR1 across ranks
     stop_after_steps=0,
     progress=True,
 )
@@ -171,6 +172,7 @@ def gaal_step(encoders, head, optimizer, batch, order, cfg, world=1, rank=0, aut
 def main(cfg: dict) -> dict:
     check_config(cfg)
     accelerator = common.setup_accelerator(cfg)
+    preemption = common.Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
     meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
     if meta["task"] != "classification":
         raise common.ConfigError(f"{cfg['data']}: GAAL is a classification method (task is {meta['task']})")
@@ -242,12 +244,15 @@ def main(cfg: dict) -> dict:
                     v.zero_()
                 if accelerator.is_main_process:
                     bar.set_postfix({m: f"{float(scalars[f'{m}/loss']):.3f}" for m in order})
-            preempt = cfg["stop_after_steps"] and state["step"] >= cfg["stop_after_steps"]
+            preempt = ((cfg["stop_after_steps"] and state["step"] >= cfg["stop_after_steps"])
+                       or preemption.requested(state["step"]))
             if preempt or (cfg["ckpt_every_steps"] and state["step"] % cfg["ckpt_every_steps"] == 0):
                 common.check_finite(nonfinite, state["step"], cfg["log_every"])
                 common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"], generators)
             if preempt:
-                accelerator.print(f"[stop] stop_after_steps={cfg['stop_after_steps']}: checkpoint written, exiting")
+                reason = preemption.received or f"stop_after_steps={cfg['stop_after_steps']}"
+                accelerator.print(f"[stop] {reason} at step {state['step']}: checkpoint written, "
+                                  "exiting (resume with --resume)")
                 return {"stopped_at_step": state["step"], "run_dir": str(run_dir)}
         bar.close()
 

@@ -51,6 +51,7 @@ DEFAULTS = dict(
     eval_every=1,                  # epochs between validations
     ckpt_every_steps=0,            # also checkpoint every N steps inside an epoch (0 = per epoch only)
     keep_checkpoints=2,
+    preempt_check_every=1,         # steps between checks for SIGTERM/SIGUSR1 across ranks
     stop_after_steps=0,            # checkpoint and exit at this step, as a preempted job would (0 = off)
     progress=True,                 # tqdm bar on rank 0
 )
@@ -59,6 +60,7 @@ DEFAULT_CONFIG = "train/configs/joint_imgtab.yaml"
 
 def main(cfg: dict) -> dict:
     accelerator = common.setup_accelerator(cfg)
+    preemption = common.Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
     meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
     modalities = cfg["modalities"] or list(meta["modalities"])
     unknown = [m for m in modalities if m not in meta["modalities"]]
@@ -138,12 +140,15 @@ def main(cfg: dict) -> dict:
 
             state["step"] += 1
             state["batch_in_epoch"] += 1
-            preempt = cfg["stop_after_steps"] and state["step"] >= cfg["stop_after_steps"]
+            preempt = ((cfg["stop_after_steps"] and state["step"] >= cfg["stop_after_steps"])
+                       or preemption.requested(state["step"]))
             if preempt or (cfg["ckpt_every_steps"] and state["step"] % cfg["ckpt_every_steps"] == 0):
                 common.check_finite(nonfinite, state["step"], cfg["log_every"])
                 common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"])
             if preempt:
-                accelerator.print(f"[stop] stop_after_steps={cfg['stop_after_steps']}: checkpoint written, exiting")
+                reason = preemption.received or f"stop_after_steps={cfg['stop_after_steps']}"
+                accelerator.print(f"[stop] {reason} at step {state['step']}: checkpoint written, "
+                                  "exiting (resume with --resume)")
                 return {"stopped_at_step": state["step"], "run_dir": str(run_dir)}
         bar.close()
 

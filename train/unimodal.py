@@ -29,8 +29,12 @@ def main(cfg: dict) -> dict:
         modalities = list(meta["modalities"])
     results = {}
     for m in modalities:
-        run_cfg = dict(cfg, modalities=[m], out_dir=str(Path(cfg["out_dir"]) / m))
-        results[m] = joint.main(run_cfg)
+        out_dir = Path(cfg["out_dir"]) / m
+        # --resume continues the modality that was interrupted; those not started yet start fresh
+        resume = cfg["resume"] and (out_dir / "checkpoints" / "latest").exists()
+        results[m] = joint.main(dict(cfg, modalities=[m], out_dir=str(out_dir), resume=resume))
+        if "stopped_at_step" in results[m]:   # preempted: stop here, --resume picks up from this modality
+            break
     return results
 
 
