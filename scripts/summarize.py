@@ -36,6 +36,10 @@ def ablation(root: str) -> None:
         groups[config].append(json.loads(result_file.read_text()))
     if not groups:
         raise SystemExit(f"no <config>_s<seed>/result.json under {root}")
+    jobs = Path(root) / "jobs.txt"   # keep the order the runs were listed in, when known
+    if jobs.exists():
+        listed = [line.split()[0].rsplit("_s", 1)[0] for line in jobs.read_text().splitlines() if line.strip()]
+        groups = dict(sorted(groups.items(), key=lambda kv: listed.index(kv[0]) if kv[0] in listed else len(listed)))
     first = next(iter(groups.values()))[0]
     names = list(first["test"])
     bayes = first["bayes_accuracy"]
