@@ -385,6 +385,21 @@ class Preemption:
         return bool(flag.item())
 
 
+def checkpoint_at_step_boundary(cfg: dict, state: dict, preemption: "Preemption", nonfinite: torch.Tensor,
+                                run_dir: Path, accelerator, objects: dict, generators: dict | None = None) -> bool:
+    """After each step: checkpoint every `ckpt_every_steps`, and on a stop request (SIGTERM/SIGUSR1,
+    or `stop_after_steps` reached) checkpoint and return True: the script then exits cleanly."""
+    stop = bool(cfg["stop_after_steps"] and state["step"] >= cfg["stop_after_steps"]) or preemption.requested(state["step"])
+    if stop or (cfg["ckpt_every_steps"] and state["step"] % cfg["ckpt_every_steps"] == 0):
+        check_finite(nonfinite, state["step"], cfg["log_every"])
+        save_checkpoint(run_dir, accelerator, objects, state, cfg["keep_checkpoints"], generators)
+    if stop:
+        reason = preemption.received or f"stop_after_steps={cfg['stop_after_steps']}"
+        accelerator.print(f"[stop] {reason} at step {state['step']}: checkpoint written, "
+                          "exiting (resume with --resume)")
+    return stop
+
+
 # --------------------------------------------------------------------------------------------------
 # Checkpoints: <run>/checkpoints/ckpt-<step>/{state.pt, rng-rank<r>.pt}, <run>/checkpoints/latest.
 # Written into a temporary directory, renamed when complete, then `latest` is replaced atomically:

@@ -140,15 +140,8 @@ def main(cfg: dict) -> dict:
 
             state["step"] += 1
             state["batch_in_epoch"] += 1
-            preempt = ((cfg["stop_after_steps"] and state["step"] >= cfg["stop_after_steps"])
-                       or preemption.requested(state["step"]))
-            if preempt or (cfg["ckpt_every_steps"] and state["step"] % cfg["ckpt_every_steps"] == 0):
-                common.check_finite(nonfinite, state["step"], cfg["log_every"])
-                common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"])
-            if preempt:
-                reason = preemption.received or f"stop_after_steps={cfg['stop_after_steps']}"
-                accelerator.print(f"[stop] {reason} at step {state['step']}: checkpoint written, "
-                                  "exiting (resume with --resume)")
+            if common.checkpoint_at_step_boundary(cfg, state, preemption, nonfinite, run_dir, accelerator,
+                                                  checkpointed):
                 return {"stopped_at_step": state["step"], "run_dir": str(run_dir)}
         bar.close()
 
