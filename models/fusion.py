@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from models.encoders import build_encoder
+from models.heads import IGMHead
 
 
 class LateFusionModel(nn.Module):
@@ -78,3 +79,48 @@ class SharedHeadModel(nn.Module):
     @staticmethod
     def fuse(outputs: dict) -> torch.Tensor:
         return torch.stack([logits for _, logits in outputs.values()]).mean(0)
+
+
+class IGMModel(nn.Module):
+    """encoders[m]: E_m, heads[m]: IGMHead(E_m.out_dim, C) — nothing shared (IGM's released code).
+    forward -> {m: (features, logits)}.
+
+    Fused prediction (returned as log-probabilities, so argmax, softmax and mAP read it directly):
+      `fuse`          log( mean_m softmax(o_m) )                — equal weights (official)
+      `fuse_entropy`  log( sum_m w_m softmax(o_m) ),  w = softmax_m(−H(softmax(o_m))) per sample —
+                      the lower a modality's predictive entropy, the larger its weight (MLA-style
+                      test-time fusion, an option of the paper variant).
+    """
+
+    def __init__(self, meta: dict, encoder_cfgs: dict, modalities: list[str] | None = None,
+                 hidden: tuple[int, int] = (256, 64)):
+        super().__init__()
+        modalities = list(modalities or meta["modalities"])
+        for name in list(modalities) + list(encoder_cfgs):
+            if name not in meta["modalities"]:
+                raise ValueError(f"modality '{name}' is not in the dataset (it has "
+                                 f"{', '.join(meta['modalities'])})")
+        self.modalities = modalities
+        self.encoders = nn.ModuleDict(
+            {m: build_encoder(m, meta["modalities"][m], encoder_cfgs.get(m, {})) for m in modalities})
+        self.heads = nn.ModuleDict(
+            {m: IGMHead(self.encoders[m].out_dim, meta["num_classes"], hidden) for m in modalities})
+
+    def forward(self, batch: dict) -> dict:
+        out = {}
+        for m in self.modalities:
+            features = self.encoders[m](batch[m])
+            out[m] = (features, self.heads[m](features))
+        return out
+
+    @staticmethod
+    def fuse(outputs: dict) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(logits.float(), -1) for _, logits in outputs.values()])
+        return probs.mean(0).clamp_min(1e-12).log()
+
+    @staticmethod
+    def fuse_entropy(outputs: dict) -> torch.Tensor:
+        logp = torch.stack([torch.log_softmax(logits.float(), -1) for _, logits in outputs.values()])
+        entropy = -(logp.exp() * logp).sum(-1)                       # (M, B)
+        weights = torch.softmax(-entropy, dim=0).unsqueeze(-1)       # (M, B, 1)
+        return (weights * logp.exp()).sum(0).clamp_min(1e-12).log()

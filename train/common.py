@@ -596,6 +596,20 @@ def task_metrics(task: str, outputs: torch.Tensor, labels: torch.Tensor) -> dict
 # --------------------------------------------------------------------------------------------------
 # Small helpers used by every script
 
+def all_reduce_mean_(tensors, world: int) -> None:
+    """Average tensors (gradients) over ranks in place, in one bucket: DDP's reduction done by hand,
+    for steps that leave parameters unused (alternating methods) or edit gradients after the reduce."""
+    if world == 1:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def grad_norm(module: torch.nn.Module) -> torch.Tensor:
     """L2 norm of the module's gradients, on the device (no host sync)."""
     grads = [p.grad.detach().flatten() for p in module.parameters() if p.grad is not None]

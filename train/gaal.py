@@ -95,19 +95,6 @@ def check_config(cfg):
         raise common.ConfigError("margin and qp_eps must be >= 0")
 
 
-def all_reduce_mean_(tensors, world):
-    """Average gradients over ranks in place, one bucket (DDP's reduction, done by hand)."""
-    if world == 1:
-        return
-    flat = torch.cat([t.flatten() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
 def reference_gradient(encoder, head, x_other, labels, cfg, world, rank, autocast):
     """g_ref: the head gradient of the CE over the other modality's hard samples, flattened
     [weight | bias]. The hard samples are the global top-k by entropy over all ranks' samples and
@@ -155,7 +142,7 @@ def gaal_step(encoders, head, optimizer, batch, order, cfg, world=1, rank=0, aut
         optimizer.zero_grad(set_to_none=not official)   # official: zeros -> the inactive encoder is stepped
         loss.backward()
         active = [p for p in list(encoders[m].parameters()) + [head.weight, head.bias] if p.grad is not None]
-        all_reduce_mean_([p.grad for p in active], world)
+        common.all_reduce_mean_([p.grad for p in active], world)
         g = surgery.flatten_head_grad(head.weight.grad, head.bias.grad)
         result = surgery.project_conflicting_with_stats(g, g_ref, cfg["margin"], cfg["qp_eps"])
         if cfg["surgery"]:

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# GAAL ablation on the embedded image+tabular benchmark, 3 seeds, plus the joint baseline, then the
-# README table (mean ± std over seeds of test accuracy). Resumable: finished runs are skipped.
-# Usage: bash scripts/gaal_ablation.sh [OUT=runs/gaal_ablation] [PARALLEL=2]
+# A method's ablation on the embedded benchmark, 3 seeds, then the README table (mean ± std over
+# seeds of test accuracy). The runs are listed in scripts/ablations/<method>.jobs. Resumable:
+# finished runs are skipped.
+# Usage: bash scripts/ablation.sh gaal|igm [OUT=runs/<method>_ablation] [PARALLEL=2]
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-out="${1:-runs/gaal_ablation}"; parallel="${2:-2}"
+method="${1:?usage: bash scripts/ablation.sh gaal|igm [OUT] [PARALLEL]}"
+spec="scripts/ablations/$method.jobs"
+[ -f "$spec" ] || { echo "no $spec (methods: $(ls scripts/ablations | sed 's/.jobs//' | tr '\n' ' '))" >&2; exit 2; }
+out="${2:-runs/${method}_ablation}"; parallel="${3:-2}"
 mkdir -p "$out"
 jobs="$out/jobs.txt"; : > "$jobs"
 for seed in 0 1 2; do
-  echo "joint_s$seed train/joint.py --config train/configs/joint_imgtab.yaml" >> "$jobs"
-  echo "official_s$seed train/gaal.py --variant official" >> "$jobs"
-  echo "no_surgery_s$seed train/gaal.py --variant official --surgery false" >> "$jobs"
-  echo "full_guidance_s$seed train/gaal.py --variant official --guidance full" >> "$jobs"
-  echo "paper_s$seed train/gaal.py --variant paper" >> "$jobs"
+  grep -v '^\s*#' "$spec" | grep -v '^\s*$' | while read -r name rest; do echo "${name}_s$seed $rest"; done >> "$jobs"
 done
 run_one() {
   name="$1"; shift; script="$1"; shift

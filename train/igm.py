@@ -1,0 +1,530 @@
+"""IGM: flat gradient modification + SAM over alternating unimodal learning (m modalities).
+
+    accelerate launch train/igm.py                                      # embedded audio-visual benchmark
+    accelerate launch train/igm.py --config train/configs/igm_crema_d.yaml
+    accelerate launch train/igm.py --variant paper --rho 0.05           # step-wise alternation, real SAM
+    accelerate launch train/igm.py --projection false --sam false       # ablations: T, SAM, rho, tau, layers
+    accelerate launch --multi_gpu --num_processes 2 train/igm.py        # 2-rank data parallel
+
+Model: per modality an encoder E_j and a head H_j = Linear(D_j,256) -> ReLU -> Linear(256,64) ->
+Linear(64,C); nothing shared. Fused prediction: mean of the per-modality softmax outputs (official),
+or entropy-weighted (`fusion: entropy`, MLA-style). See ../shared/specs/methods.md, "IGM".
+
+variant official (the released code):
+  stages of whole epochs (`stage_epochs`), modality j = modalities[s % m] in stage s. Each stage
+  restarts from the best checkpoint so far (fused accuracy on VALIDATION), builds a fresh optimiser
+  and scheduler (stepped before each epoch), and trains E_j and H_j only. At its start the flat
+  projection T is built from the PREVIOUS stage's modality k: one no-grad pass over the training
+  loader (eval mode), Y = sum over batches of outer(mean a, mean a) for the input a of each Linear of
+  H_k, T = V diag(exp(-tau (lam - lam_min)/(lam_max - lam_min))) V^T. After backward, before the step:
+  weight.grad <- weight.grad @ T for each Linear of H_j paired with the same-shape Linear of H_k.
+  Step: mixup on the input (Beta(alpha, alpha)), L_ori = lam CE(o,y) + (1-lam) CE(o,y[perm]); the
+  released "SAM" moves each parameter tensor by rho g/|g| (not restored) and re-evaluates the head on
+  the same features with un-mixed labels: loss = 0.7 L_ori + 0.3 CE(H_j(z), y). At the released rho
+  (1e-10 audio-visual, 1e-15 others) the move is below float32 resolution, so the step equals ONE
+  backward of (0.3 + 0.7 lam) CE(o,y) + 0.7 (1 - lam) CE(o,y[perm]) — `sam_impl: reweighted` (default,
+  one backward) computes exactly that; `sam_impl: exact` runs the released two-backward procedure
+  (tests check that both agree at the released rho; reweighted refuses rho > 1e-8).
+variant paper (what the text promises):
+  step-wise alternation: every batch updates each modality in turn (shared optimiser, no restarts);
+  real SAM (Foret et al.): g at theta, eps = rho g/|g| (global norm, on the all-reduced gradient),
+  re-forward and backward at theta + eps (BatchNorm statistics frozen), restore theta, project with T,
+  base optimiser step. Y is an exponential moving average (`moment_decay`) of each modality's head-input
+  moments, taken from its own training forwards; T is rebuilt every `refresh_every` steps and modality
+  j is projected with the T of the modality updated just before it.
+
+Data parallelism without a DDP wrapper (each update uses one modality's parameters): the update's
+gradients are all-reduced by hand in one bucket; moment sums Y and SAM norms use global quantities,
+so N ranks x B/N = 1 rank x B (mixup pairs are drawn within a rank's slice; lambda and the
+permutation come from the seeded global RNG, identical on every rank).
+
+TensorBoard: per-modality train loss/acc, val per-modality and fused metrics, the stage, the spectrum
+of T (min / median eigenvalue), and `plasticity/cos_consecutive_stages`: the cosine between the summed
+weight gradients of the head's 2nd and 3rd Linear (same shapes in every modality) over a stage and over
+the stage before it.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from methods import flat_sam  # noqa: E402
+from models.fusion import IGMModel  # noqa: E402
+from train import common  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------
+DEFAULTS = dict(
+    data="data/embedded_av",       # a shard directory; a missing embedded_<flavour> is generated
+    data_seed=0,
+    modalities=[],                 # stage / alternation order ([] = the dataset's order)
+    encoders={},                   # per-modality encoder config (models.encoders.build_encoder)
+    head_hidden=[256, 64],         # H_j = Linear(D,256) -> ReLU -> Linear(256,64) -> Linear(64,C)
+    out_dir="runs/igm_av",
+    seed=0,
+    resume=False,
+    variant="official",            # official | paper
+    stage_epochs=[25, 50, 25, 50, 25, 50, 25, 50, 25, 50, 25, 50],   # official: epochs per stage
+    epochs=100,                    # paper: total epochs
+    projection=True,               # flat gradient projection T
+    tau=0.4,
+    project_layers=[0, 1, 2],      # which of the head's three Linear layers are projected
+    moment_decay=0.99,             # paper: EMA of the head-input moments Y
+    refresh_every=50,              # paper: steps between rebuilds of T
+    sam=True,                      # official: the released re-weighted "SAM"; paper: Foret SAM
+    rho=1e-10,                     # released: 1e-10 audio-visual, 1e-15 image-text; Foret: ~0.05
+    sam_weight=0.3,                # official: loss = (1 - w) L_ori + w L_sam
+    sam_impl="reweighted",         # official: reweighted (one backward) | exact (the released two)
+    mixup_alpha=1.0,               # Beta(alpha, alpha) mixup of the active modality's input (0 = off)
+    mixup_alpha_by_modality={},    # per-modality override, e.g. {image: 0.9, text: 0.0}
+    fusion="mean",                 # mean (official) | entropy (MLA-style, paper option)
+    batch_size=64,
+    eval_batch_size=500,
+    num_workers=0,
+    optimizer="sgd",
+    lr=1e-2,
+    weight_decay=1e-4,
+    momentum=0.9,
+    scheduler="step",              # StepLR(40, 0.1); official: stepped before each epoch of a stage
+    step_size=40,
+    gamma=0.1,
+    mixed_precision="no",          # no | bf16
+    cpu=False,
+    log_every=25,
+    ckpt_every_steps=0,
+    keep_checkpoints=2,
+    preempt_check_every=1,
+    stop_after_steps=0,
+    progress=True,
+)
+DEFAULT_CONFIG = "train/configs/igm_av.yaml"
+REWEIGHTED_MAX_RHO = 1e-8   # above this the released move is visible in float32: use sam_impl exact
+
+
+def check_config(cfg):
+    for key, allowed in (("variant", ("official", "paper")), ("sam_impl", ("reweighted", "exact")),
+                         ("fusion", ("mean", "entropy")), ("mixed_precision", ("no", "bf16"))):
+        if cfg[key] not in allowed:
+            raise common.ConfigError(f"{key}='{cfg[key]}': choose {' or '.join(allowed)}")
+    if cfg["variant"] == "official" and (not cfg["stage_epochs"] or any(
+            not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in cfg["stage_epochs"])):
+        raise common.ConfigError(f"stage_epochs={cfg['stage_epochs']}: a non-empty list of positive integers")
+    if not set(cfg["project_layers"]) <= {0, 1, 2} or not cfg["project_layers"] and cfg["projection"]:
+        raise common.ConfigError(f"project_layers={cfg['project_layers']}: a non-empty subset of [0, 1, 2]")
+    if cfg["tau"] <= 0 or cfg["rho"] < 0 or not 0 <= cfg["sam_weight"] <= 1 or not 0 <= cfg["moment_decay"] < 1:
+        raise common.ConfigError("need tau > 0, rho >= 0, 0 <= sam_weight <= 1, 0 <= moment_decay < 1")
+    if cfg["refresh_every"] < 1 or len(cfg["head_hidden"]) != 2:
+        raise common.ConfigError("need refresh_every >= 1 and head_hidden = [h0, h1]")
+    if cfg["variant"] == "official" and cfg["sam"] and cfg["sam_impl"] == "reweighted" and cfg["rho"] > REWEIGHTED_MAX_RHO:
+        raise common.ConfigError(f"rho={cfg['rho']}: the released SAM move is visible in float32 above "
+                                 f"{REWEIGHTED_MAX_RHO}; set sam_impl: exact (two backwards) for it")
+    for m, a in {"": cfg["mixup_alpha"], **cfg["mixup_alpha_by_modality"]}.items():
+        if not isinstance(a, (int, float)) or a < 0:
+            raise common.ConfigError(f"mixup_alpha{'_by_modality.' + m if m else ''}={a}: must be a number >= 0")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces of the step (pure functions of their arguments; the loop below decides when to call them)
+
+def as_float(x):
+    """Mixup needs floats: uint8 pixels become [0, 1] (what the image encoders do with uint8)."""
+    return x.float() / 255 if x.dtype == torch.uint8 else x
+
+
+class HeadInputSums:
+    """Forward pre-hooks on chosen Linear layers of a head: per forward, the sum over the batch of
+    each layer's input and the number of rows (flat_sam.input_sum_and_count), kept on the device."""
+
+    def __init__(self, head, layers):
+        self.layers, self.sums, self.count, self.recording = list(layers), {i: [] for i in layers}, [], True
+        self.handles = [head.linears[i].register_forward_pre_hook(self._hook(i)) for i in self.layers]
+
+    def _hook(self, i):
+        def hook(module, args):
+            if not self.recording:
+                return
+            total, n = flat_sam.input_sum_and_count(args[0].detach().float())
+            self.sums[i].append(total)
+            if i == self.layers[0]:
+                self.count.append(n)
+        return hook
+
+    def reduced(self, world):
+        """{layer: (n_forwards, d) sums}, (n_forwards,) counts — summed over ranks in one all-reduce."""
+        sums = {i: torch.stack(v) for i, v in self.sums.items()}
+        counts = torch.tensor(self.count, dtype=torch.float64, device=next(iter(sums.values())).device)
+        if world > 1:
+            flat = torch.cat([s.flatten().double() for s in sums.values()] + [counts])
+            dist.all_reduce(flat)
+            offset = 0
+            for i, s in sums.items():
+                sums[i] = flat[offset:offset + s.numel()].view_as(s)
+                offset += s.numel()
+            counts = flat[offset:]
+        return sums, counts
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def paired_layers(model, active, previous, layers):
+    """Head layers of `active` projected with `previous`'s moments: chosen and of the same shape."""
+    a, p = model.heads[active].linears, model.heads[previous].linears
+    return [i for i in layers if a[i].weight.shape == p[i].weight.shape]
+
+
+@torch.no_grad()
+def moments_from_loader(model, modality, layers, loader, device, world, autocast):
+    """Official: Y_i = sum over training batches of outer(mean a_i, mean a_i), a_i = input of the
+    i-th Linear of H_modality; one no-grad pass in eval mode, global batch means under DDP."""
+    was_training = model.training
+    model.eval()
+    hooks = HeadInputSums(model.heads[modality], layers)
+    try:
+        for batch in loader:
+            x = batch[modality].to(device, non_blocking=True)
+            with autocast():
+                features = model.encoders[modality](x)
+            model.heads[modality](features.float())
+        sums, counts = hooks.reduced(world)
+    finally:
+        hooks.close()
+        model.train(was_training)
+    Y = {}
+    for i in layers:
+        means = sums[i] / counts.unsqueeze(1).to(sums[i].dtype)
+        Y[i] = means.double().T @ means.double()          # = sum_b outer(mean_b, mean_b)
+    return Y
+
+
+def projections_from_moments(Y, tau):
+    return {i: flat_sam.flat_projection(y, tau).float() for i, y in Y.items()}
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(module):
+    """BatchNorm running statistics unchanged (momentum 0) — for SAM's second forward."""
+    saved = [(m, m.momentum) for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m, _ in saved:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+
+
+def igm_step(model, m, batch, optimizer, projections, cfg, world=1, autocast=contextlib.nullcontext,
+             head_hooks=None):
+    """One update of modality m on its part of the batch: mixup, the variant's SAM, T, the step.
+
+    projections: {layer index: T} for H_m (empty = no projection). Returns device tensors to log."""
+    encoder, head = model.encoders[m], model.heads[m]
+    params = list(encoder.parameters()) + list(head.parameters())
+    x, y = batch[m], batch["label"]
+    alpha = float(cfg["mixup_alpha_by_modality"].get(m, cfg["mixup_alpha"]))
+    lam, perm = 1.0, None
+    if alpha > 0:   # drawn from the global CPU RNG: seeded alike on every rank, checkpointed per rank
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        perm = torch.randperm(y.shape[0]).to(y.device)
+        x = flat_sam.mix_inputs(as_float(x), lam, perm)
+
+    def forward():
+        with autocast():
+            features = encoder(x)
+        features = features.float()
+        return features, head(features)
+
+    def mixup_loss(logits):   # per sample
+        if perm is None:
+            return F.cross_entropy(logits, y, reduction="none")
+        return flat_sam.mixup_cross_entropy(logits, y, perm, lam)
+
+    def reduce_grads():
+        common.all_reduce_mean_([p.grad for p in params if p.grad is not None], world)
+
+    optimizer.zero_grad(set_to_none=True)
+    if cfg["variant"] == "official":
+        features, logits = forward()
+        w = cfg["sam_weight"]
+        if not cfg["sam"]:
+            loss = mixup_loss(logits).mean()
+            loss.backward()
+            reduce_grads()
+        elif cfg["sam_impl"] == "reweighted":
+            # (1 - w) L_ori + w CE(o, y): what the released step computes at rho below fp32 resolution
+            ce = F.cross_entropy(logits, y, reduction="none")
+            per_sample = ce if perm is None else ((w + (1 - w) * lam) * ce
+                                                  + (1 - w) * (1 - lam) * F.cross_entropy(logits, y[perm], reduction="none"))
+            loss = per_sample.mean()
+            loss.backward()
+            reduce_grads()
+        else:
+            # the released procedure: g of L_ori, each tensor moved by rho g/|g| (through .data, not
+            # restored), the head re-evaluated on the same features with un-mixed labels
+            loss_ori = mixup_loss(logits).mean()
+            loss_ori.backward(retain_graph=True)
+            reduce_grads()
+            grads = [p.grad for p in params]
+            grads_ori = [None if g is None else g.clone() for g in grads]
+            with torch.no_grad():
+                for p, e in zip(params, flat_sam.sam_perturbation_per_tensor(grads, cfg["rho"])):
+                    if e is not None:
+                        p.data.add_(e)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sam = F.cross_entropy(head(features), y).mean()
+            (w * loss_sam).backward()
+            reduce_grads()
+            for p, g in zip(params, grads_ori):
+                if g is not None:
+                    p.grad.add_(g, alpha=1 - w)
+            loss = (1 - w) * loss_ori.detach() + w * loss_sam.detach()
+    else:
+        features, logits = forward()
+        loss = mixup_loss(logits).mean()
+        loss.backward()
+        reduce_grads()
+        if cfg["sam"]:
+            eps = flat_sam.sam_perturbation_global([p.grad for p in params], cfg["rho"])
+            with torch.no_grad():
+                for p, e in zip(params, eps):
+                    if e is not None:
+                        p.add_(e)
+            optimizer.zero_grad(set_to_none=True)
+            hooks_off = head_hooks.paused() if head_hooks is not None else contextlib.nullcontext()
+            with frozen_batchnorm_stats(encoder), hooks_off:
+                _, logits_sam = forward()
+            mixup_loss(logits_sam).mean().backward()
+            reduce_grads()
+            with torch.no_grad():
+                for p, e in zip(params, eps):
+                    if e is not None:
+                        p.sub_(e)
+    for i, T in projections.items():
+        weight = head.linears[i].weight
+        if weight.grad is not None:
+            weight.grad.copy_(flat_sam.project_weight_grad(weight.grad, T))
+    optimizer.step()
+    return {f"{m}/loss": loss.detach(), f"{m}/acc": (logits.detach().argmax(1) == y).float().mean()}
+
+
+def stage_gradient(head):
+    """Flattened weight gradients of the head's 2nd and 3rd Linear (same shapes in every modality)."""
+    return torch.cat([head.linears[i].weight.grad.flatten() for i in (1, 2)])
+
+
+def spectrum_scalars(prefix, projections):
+    out = {}
+    for i, T in projections.items():
+        sigma = torch.linalg.eigvalsh(T.double())
+        out[f"{prefix}/layer{i}/sigma_min"] = sigma.min()
+        out[f"{prefix}/layer{i}/sigma_median"] = sigma.median()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+def main(cfg: dict) -> dict:
+    check_config(cfg)
+    accelerator = common.setup_accelerator(cfg)
+    preemption = common.Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
+    meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
+    if meta["task"] != "classification":
+        raise common.ConfigError(f"{cfg['data']}: IGM is a classification method (task is {meta['task']})")
+    order = cfg["modalities"] or list(meta["modalities"])
+    if len(order) < 2 or any(m not in meta["modalities"] for m in order) or len(set(order)) != len(order):
+        raise common.ConfigError(f"modalities={order}: IGM needs two or more distinct modalities of "
+                                 f"{list(meta['modalities'])}")
+    unknown = set(cfg["mixup_alpha_by_modality"]) - set(order)
+    if unknown:
+        raise common.ConfigError(f"mixup_alpha_by_modality: no modality {sorted(unknown)} in {order}")
+    run_dir, writer = common.setup_run_dir(cfg, accelerator)
+    device, world = accelerator.device, accelerator.num_processes
+    official = cfg["variant"] == "official"
+    fuse = IGMModel.fuse if cfg["fusion"] == "mean" else IGMModel.fuse_entropy
+
+    # data ----------------------------------------------------------------------------------------
+    train_loader, train_sampler = common.make_loader(cfg, meta, "train", accelerator, order, train=True)
+    val_loader, _ = common.make_loader(cfg, meta, "val", accelerator, order)
+    test_loader, _ = common.make_loader(cfg, meta, "test", accelerator, order)
+    if len(train_sampler) == 0:
+        raise common.ConfigError(f"batch_size={cfg['batch_size']} exceeds the training split of {cfg['data']}")
+
+    # model, optimiser (over every parameter: the inactive modality has no gradient, so no update) ---
+    model = IGMModel(meta, cfg["encoders"], order, tuple(cfg["head_hidden"])).to(device)
+    optimizer = common.build_optimizer(cfg, model.parameters())
+    scheduler = common.build_scheduler(cfg, optimizer)
+    stages = ([order[s % len(order)] for s in range(len(cfg["stage_epochs"]))] if official else [None])
+    stage_len = cfg["stage_epochs"] if official else [cfg["epochs"]]
+
+    # trainer state: position, model selection, IGM's state (T per modality, paper: moments Y)
+    state = dict(stage=0, epoch_in_stage=0, epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1,
+                 T={m: {} for m in order}, Y={m: {} for m in order}, stage_grad=None, prev_stage_grad=None)
+    checkpointed = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    if cfg["resume"]:
+        state = common.load_checkpoint(run_dir, accelerator, checkpointed)
+        state["T"] = {m: {i: t.to(device) for i, t in d.items()} for m, d in state["T"].items()}
+        state["Y"] = {m: {i: y.to(device) for i, y in d.items()} for m, d in state["Y"].items()}
+        for key in ("stage_grad", "prev_stage_grad"):
+            state[key] = None if state[key] is None else state[key].to(device)
+        accelerator.print(f"[resume] from step {state['step']} (stage {state['stage']}, epoch {state['epoch']}, "
+                          f"batch {state['batch_in_epoch']})")
+
+    def start_stage(s):
+        """Official: restart from the best checkpoint, fresh optimiser and scheduler, T from the
+        previous stage's modality. Mutates the optimiser/scheduler in place (checkpointed objects)."""
+        nonlocal optimizer, scheduler
+        if (run_dir / "best.pt").exists():
+            accelerator.wait_for_everyone()
+            model.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=True))
+        optimizer = common.build_optimizer(cfg, model.parameters())
+        scheduler = common.build_scheduler(cfg, optimizer)
+        checkpointed.update(optimizer=optimizer, scheduler=scheduler)
+        active, previous = stages[s], stages[s - 1]
+        state["T"] = {m: {} for m in order}
+        if cfg["projection"] and s > 0 and active != previous:
+            layers = paired_layers(model, active, previous, cfg["project_layers"])
+            train_sampler.set_epoch(state["epoch"])
+            Y = moments_from_loader(model, previous, layers, train_loader, device, world, accelerator.autocast)
+            state["T"][active] = projections_from_moments(Y, cfg["tau"])
+            common.log_scalars(writer, spectrum_scalars(f"T/{active}", state["T"][active]), state["step"])
+        state["prev_stage_grad"], state["stage_grad"] = state["stage_grad"], None
+        accelerator.print(f"stage {s}: {active} for {stage_len[s]} epochs"
+                          + (f", T from {previous} on layers {sorted(state['T'][active])}" if state["T"][active] else ""))
+
+    def refresh_paper_projections():
+        for j, m in enumerate(order):
+            previous = order[j - 1]
+            layers = paired_layers(model, m, previous, cfg["project_layers"])
+            if all(i in state["Y"][previous] for i in layers):
+                state["T"][m] = projections_from_moments({i: state["Y"][previous][i] for i in layers}, cfg["tau"])
+        common.log_scalars(writer, {k: v for m in order for k, v in spectrum_scalars(f"T/{m}", state["T"][m]).items()},
+                           state["step"])
+
+    # loop ----------------------------------------------------------------------------------------
+    window = {f"{m}/{k}": torch.zeros((), device=device) for m in order for k in ("loss", "acc")}
+    counts = {m: 0 for m in order}
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    model.train()
+    if official and state["step"] == 0 and state["stage"] == 0 and state["epoch_in_stage"] == 0:
+        accelerator.print(f"stage 0: {stages[0]} for {stage_len[0]} epochs")
+    while state["stage"] < len(stage_len):
+        active_modalities = [stages[state["stage"]]] if official else order
+        if official and state["batch_in_epoch"] == 0:
+            with warnings.catch_warnings():   # "scheduler.step() before optimizer.step()": intended
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()    # the released scripts step the scheduler before each epoch
+        train_sampler.set_epoch(state["epoch"], start_batch=state["batch_in_epoch"])
+        bar = tqdm(train_loader, total=len(train_sampler), desc=f"epoch {state['epoch']}", leave=False,
+                   disable=not (cfg["progress"] and accelerator.is_main_process))
+        for batch in bar:
+            batch = common.to_device(batch, device)
+            for m in active_modalities:
+                hooks = None
+                if not official and cfg["projection"]:   # paper: Y from the modality's own training forward
+                    hooks = HeadInputSums(model.heads[m], cfg["project_layers"])
+                try:
+                    stats = igm_step(model, m, batch, optimizer, state["T"][m], cfg, world, accelerator.autocast,
+                                     head_hooks=hooks)
+                    if hooks is not None:
+                        sums, n = hooks.reduced(world)
+                finally:
+                    if hooks is not None:
+                        hooks.close()
+                if hooks is not None:
+                    for i, s in sums.items():
+                        moment = flat_sam.accumulate_input_moment_from_sum(None, s[0], n[0])
+                        prev = state["Y"][m].get(i)
+                        state["Y"][m][i] = moment if prev is None else cfg["moment_decay"] * prev + moment
+                if official:
+                    g = stage_gradient(model.heads[m])
+                    state["stage_grad"] = g.clone() if state["stage_grad"] is None else state["stage_grad"] + g
+                for key, value in stats.items():
+                    window[key] += value
+                counts[m] += 1
+                nonfinite |= ~torch.isfinite(stats[f"{m}/loss"])
+
+            state["step"] += 1
+            state["batch_in_epoch"] += 1
+            if not official and cfg["projection"] and state["step"] % cfg["refresh_every"] == 0:
+                refresh_paper_projections()
+            if state["step"] % cfg["log_every"] == 0:
+                common.check_finite(nonfinite, state["step"], cfg["log_every"])
+                scalars = {k: accelerator.reduce(v / counts[k.split("/")[0]], "mean")
+                           for k, v in window.items() if counts[k.split("/")[0]]}
+                scalars["train/lr"] = optimizer.param_groups[0]["lr"]
+                scalars["train/stage"] = state["stage"]
+                common.log_scalars(writer, scalars, state["step"])
+                for v in window.values():
+                    v.zero_()
+                counts = {m: 0 for m in order}
+                if accelerator.is_main_process:
+                    bar.set_postfix({k: f"{float(v):.3f}" for k, v in scalars.items() if k.endswith("/loss")})
+            if common.checkpoint_at_step_boundary(cfg, state, preemption, nonfinite, run_dir, accelerator, checkpointed):
+                return {"stopped_at_step": state["step"], "run_dir": str(run_dir)}
+        bar.close()
+
+        # end of epoch: validate, select on fused validation accuracy, maybe start the next stage
+        common.check_finite(nonfinite, state["step"], cfg["log_every"])
+        if not official:
+            scheduler.step()
+        state["epoch"] += 1
+        state["epoch_in_stage"] += 1
+        state["batch_in_epoch"] = 0
+        val = common.evaluate(model, val_loader, accelerator, "classification", fuse)
+        common.log_scalars(writer, {f"val_{k}/{name}": v for k, mets in val.items() for name, v in mets.items()},
+                           state["step"])
+        common.append_jsonl(run_dir, {"epoch": state["epoch"], "stage": state["stage"], "step": state["step"],
+                                      "val": val}, accelerator)
+        score = val["fused"]["acc"]
+        if state["best"] is None or score > state["best"]:
+            state["best"], state["best_epoch"] = score, state["epoch"]
+            if accelerator.is_main_process:
+                common.save_model_atomic(model, run_dir / "best.pt")
+        accelerator.print(f"epoch {state['epoch']} (stage {state['stage']}"
+                          + (f", {stages[state['stage']]}" if official else "") + "): val "
+                          + "  ".join(f"{k} {v['acc']:.4f}" for k, v in val.items()))
+        if state["epoch_in_stage"] == stage_len[state["stage"]]:
+            if official and state["prev_stage_grad"] is not None and state["stage_grad"] is not None:
+                cos = F.cosine_similarity(state["stage_grad"], state["prev_stage_grad"], dim=0)
+                common.log_scalars(writer, {"plasticity/cos_consecutive_stages": cos}, state["step"])
+            state["stage"] += 1
+            state["epoch_in_stage"] = 0
+            if official and state["stage"] < len(stage_len):
+                start_stage(state["stage"])
+        common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"])
+
+    # test with the model selected on validation ----------------------------------------------------
+    accelerator.wait_for_everyone()
+    model.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True))
+    test = common.evaluate(model, test_loader, accelerator, "classification", fuse)
+    val = common.evaluate(model, val_loader, accelerator, "classification", fuse)
+    result = {"run_dir": str(run_dir), "best_epoch": state["best_epoch"], "val": val, "test": test,
+              "bayes_accuracy": meta.get("source", {}).get("bayes_accuracy"), "variant": cfg["variant"],
+              "projection": cfg["projection"], "sam": cfg["sam"], "rho": cfg["rho"], "tau": cfg["tau"]}
+    if accelerator.is_main_process:
+        common.write_result(run_dir, result)
+        common.print_result_table(result)
+        writer.close()
+    return result
+
+
+if __name__ == "__main__":
+    main(common.load_config(DEFAULTS, default_config=DEFAULT_CONFIG))
+    common.finish()
