@@ -1,0 +1,300 @@
+"""IGM: the step (released SAM, Foret SAM, T), N ranks == 1 rank, and train/igm.py end to end on a
+tiny embedded audio-visual set (stage schedule with restarts, switches, exact resume)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from data_prep import embedded
+from methods import flat_sam
+from models.heads import IGMHead
+from tests.test_train import final_weights, run_script
+from train import igm
+
+STEP_CFG = dict(variant="official", mixup_alpha=1.0, mixup_alpha_by_modality={}, sam=True,
+                sam_impl="reweighted", sam_weight=0.3, rho=1e-10)
+
+
+class Toy(nn.Module):
+    """BatchNorm-free stand-in with IGMModel's layout (encoders[m], heads[m] = IGMHead)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoders = nn.ModuleDict({"audio": nn.Sequential(nn.Linear(6, 8), nn.Tanh()),
+                                       "video": nn.Sequential(nn.Linear(4, 8), nn.Tanh())})
+        self.heads = nn.ModuleDict({m: IGMHead(8, 5, (16, 8)) for m in ("audio", "video")})
+
+
+def toy_batches(n_batches=3, batch=16):
+    g = torch.Generator().manual_seed(1)
+    return [{"audio": torch.randn(batch, 6, generator=g), "video": torch.randn(batch, 4, generator=g),
+             "label": torch.randint(0, 5, (batch,), generator=g)} for _ in range(n_batches)]
+
+
+def toy_projections(layers=(0, 1, 2), seed=2):
+    g = torch.Generator().manual_seed(seed)
+    dims = {0: 8, 1: 16, 2: 8}
+    out = {}
+    for i in layers:
+        a = torch.randn(dims[i], 3, generator=g)
+        out[i] = flat_sam.flat_projection(a @ a.T, 0.4)
+    return out
+
+
+def sgd(model, lr=0.1):
+    return torch.optim.SGD(model.parameters(), lr=lr)
+
+
+def params_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The step
+
+def test_released_sam_equals_one_reweighted_backward_at_released_rho():
+    batch = toy_batches(1)[0]
+    results = {}
+    for impl, rho in (("reweighted", 1e-10), ("exact", 1e-10), ("exact", 0.5)):
+        model = Toy()
+        torch.manual_seed(3)   # same lambda and permutation in each run
+        igm.igm_step(model, "video", batch, sgd(model), {}, dict(STEP_CFG, sam_impl=impl, rho=rho))
+        results[(impl, rho)] = params_of(model)
+    before = params_of(Toy())
+    for key, value in results[("reweighted", 1e-10)].items():
+        assert not torch.equal(value, before[key]) or key.startswith(("encoders.audio", "heads.audio")), key
+        torch.testing.assert_close(results[("exact", 1e-10)][key], value, rtol=1e-6, atol=1e-7, msg=key)
+    # the exact path really moves the parameters: at a large rho it no longer agrees
+    diff = max((results[("exact", 0.5)][k] - v).abs().max().item() for k, v in results[("reweighted", 1e-10)].items())
+    assert diff > 1e-4
+    # and the audio modality was not touched by a video update
+    for key, value in results[("reweighted", 1e-10)].items():
+        if key.startswith(("encoders.audio", "heads.audio")):
+            assert torch.equal(value, before[key])
+
+
+def test_reweighted_loss_is_the_documented_formula():
+    model, batch = Toy(), toy_batches(1)[0]
+    torch.manual_seed(3)
+    lam = float(torch.distributions.Beta(1.0, 1.0).sample())
+    perm = torch.randperm(16)
+    x = flat_sam.mix_inputs(batch["video"], lam, perm)
+    logits = model.heads["video"](model.encoders["video"](x))
+    ce = nn.functional.cross_entropy
+    want = ((0.3 + 0.7 * lam) * ce(logits, batch["label"], reduction="none")
+            + 0.7 * (1 - lam) * ce(logits, batch["label"][perm], reduction="none")).mean()
+    fresh = Toy()
+    torch.manual_seed(3)
+    stats = igm.igm_step(fresh, "video", batch, sgd(fresh), {}, STEP_CFG)
+    torch.testing.assert_close(stats["video/loss"], want.detach())
+
+
+def test_paper_sam_matches_a_hand_computed_two_pass_step():
+    batch, rho, lr = toy_batches(1)[0], 0.05, 0.1
+    model = Toy()
+    igm.igm_step(model, "audio", batch, sgd(model, lr), {},
+                 dict(STEP_CFG, variant="paper", mixup_alpha=0.0, rho=rho))
+    ref = Toy()
+    params = list(ref.encoders["audio"].parameters()) + list(ref.heads["audio"].parameters())
+    ce = nn.functional.cross_entropy
+
+    def loss():
+        return ce(ref.heads["audio"](ref.encoders["audio"](batch["audio"])), batch["label"])
+    g = torch.autograd.grad(loss(), params)
+    norm = torch.sqrt(sum((t ** 2).sum() for t in g))
+    with torch.no_grad():
+        for p, t in zip(params, g):
+            p.add_(rho * t / norm)
+    g_sam = torch.autograd.grad(loss(), params)
+    with torch.no_grad():
+        for p, t, t_sam in zip(params, g, g_sam):
+            p.sub_(rho * t / norm)         # restore theta, then the SGD step with the SAM gradient
+            p.sub_(lr * t_sam)
+    got = params_of(model)
+    for key, value in params_of(ref).items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-7, msg=key)
+    # SAM changes the step (the test would pass trivially if the second pass were skipped)
+    plain = Toy()
+    igm.igm_step(plain, "audio", batch, sgd(plain, lr), {}, dict(STEP_CFG, variant="paper", mixup_alpha=0.0, sam=False))
+    assert max((params_of(plain)[k] - v).abs().max().item() for k, v in got.items()) > 1e-6
+
+
+@pytest.mark.parametrize("variant", ["official", "paper"])
+def test_projection_multiplies_head_weight_gradients_by_T(variant):
+    batch, lr = toy_batches(1)[0], 0.1
+    T = toy_projections(layers=(0, 2))
+    cfg = dict(STEP_CFG, variant=variant, mixup_alpha=0.0, sam=False)
+    model, plain = Toy(), Toy()
+    before = params_of(model)
+    igm.igm_step(model, "video", batch, sgd(model, lr), T, cfg)
+    igm.igm_step(plain, "video", batch, sgd(plain, lr), {}, cfg)
+    after, after_plain = params_of(model), params_of(plain)
+    for key in before:
+        grad = (before[key] - after_plain[key]) / lr
+        layer = next((i for i in T if key == f"heads.video.linears.{i}.weight"), None)
+        want = grad if layer is None else grad @ T[layer]
+        torch.testing.assert_close((before[key] - after[key]) / lr, want, rtol=1e-4, atol=1e-5, msg=key)
+    assert not torch.equal(after["heads.video.linears.0.weight"], after_plain["heads.video.linears.0.weight"])
+
+
+def test_moments_from_hooks_match_the_definition():
+    model, batches = Toy(), toy_batches(3)
+    hooks = igm.HeadInputSums(model.heads["audio"], [0, 1, 2])
+    for b in batches:
+        model.heads["audio"](model.encoders["audio"](b["audio"]))
+    sums, counts = hooks.reduced(1)
+    hooks.close()
+    for i in range(3):
+        Y = sum(torch.outer(m, m) for m in (sums[i] / counts.unsqueeze(1).float()).double())
+        want = None
+        for b in batches:
+            _, inputs = model.heads["audio"](model.encoders["audio"](b["audio"]), return_inputs=True)
+            want = flat_sam.accumulate_input_moment(want, inputs[i].detach())
+        torch.testing.assert_close(Y, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# N ranks x B/N == 1 rank x B (in-process gloo group)
+
+DDP_CFGS = {"official": dict(STEP_CFG, mixup_alpha=0.0), "paper": dict(STEP_CFG, variant="paper", mixup_alpha=0.0, rho=0.05)}
+
+
+def _run_steps(model, cfg, batches, world=1, rank=0):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
+    T = toy_projections()
+    hooks = igm.HeadInputSums(model.heads["audio"], [0, 1, 2])
+    for batch in batches:
+        local = {k: v.chunk(world)[rank] for k, v in batch.items()}
+        for m in ("audio", "video"):
+            igm.igm_step(model, m, local, opt, T if m == "video" else {}, cfg, world, head_hooks=hooks)
+    sums, counts = hooks.reduced(world)
+    hooks.close()
+    return params_of(model), {i: s / counts.unsqueeze(1) for i, s in sums.items()}
+
+
+def _ddp_worker(rank, world, init_file, variant, out_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    state, means = _run_steps(Toy(), DDP_CFGS[variant], toy_batches(), world, rank)
+    if rank == 0:
+        torch.save({"state": state, "means": means}, out_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("variant", ["official", "paper"])
+def test_igm_step_two_ranks_equal_one(tmp_path, variant):
+    single, means = _run_steps(Toy(), DDP_CFGS[variant], toy_batches())
+    out = tmp_path / "ddp.pt"
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), variant, str(out)), nprocs=2)
+    ddp = torch.load(out)
+    for key, value in single.items():
+        torch.testing.assert_close(ddp["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for i, m in means.items():   # global batch means of the head inputs (what Y is built from)
+        torch.testing.assert_close(ddp["means"][i].float(), m.float(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# train/igm.py end to end
+
+@pytest.fixture(scope="module")
+def av(tmp_path_factory):
+    return embedded.generate(tmp_path_factory.mktemp("data"), "av", seed=5, n_train=256, n_val=64, n_test=64)
+
+
+def igm_args(data, out, *extra):
+    return ["--data", str(data), "--out_dir", str(out), "--batch_size", "64", "--log_every", "2",
+            "--progress", "false", "--encoders.audio.base_width", "8", "--encoders.video.base_width", "8", *extra]
+
+
+def tb_tags(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(Path(run_dir) / "tb"))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def checkpoint(run_dir, step):
+    return torch.load(Path(run_dir) / "checkpoints" / f"ckpt-{step:09d}" / "state.pt", weights_only=False)
+
+
+@pytest.mark.slow
+def test_official_stages_restart_from_best_with_fresh_optimizer(av, tmp_path):
+    out = tmp_path / "official"
+    # 4 steps per epoch; stage 0 = audio epochs 1-2, stage 1 = video from step 9
+    run_script("train/igm.py", igm_args(av, out, "--stage_epochs", "[2, 1]", "--optimizer", "sgd",
+                                        "--lr", "0.05", "--stop_after_steps", "9", "--keep_checkpoints", "5"))
+    state = checkpoint(out, 9)
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert state["trainer"]["stage"] == 1
+    for key, value in state["model"].items():   # restarted from best.pt; the video stage never touches audio
+        if key.startswith(("encoders.audio", "heads.audio")):
+            assert torch.equal(value, best[key]), key
+    names = [k for k in state["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    with_momentum = {names[i] for i in state["optimizer"]["state"]}
+    assert with_momentum and all(n.startswith(("encoders.video", "heads.video")) for n in with_momentum), \
+        "fresh optimiser: no momentum left from the audio stage"
+    T = state["trainer"]["T"]["video"]
+    assert sorted(T) == [0, 1, 2] and not state["trainer"]["T"]["audio"]
+    for t in T.values():
+        sigma = torch.linalg.eigvalsh(t.double())
+        assert sigma.min() >= torch.exp(torch.tensor(-0.4, dtype=torch.float64)) - 1e-5 and sigma.max() <= 1 + 1e-5
+    run_script("train/igm.py", igm_args(av, out, "--stage_epochs", "[2, 1]", "--optimizer", "sgd",
+                                        "--lr", "0.05", "--keep_checkpoints", "5", "--resume"))
+    result = json.loads((out / "result.json").read_text())
+    assert set(result["test"]) == {"audio", "video", "fused"}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == [0, 0, 1]
+    tags = tb_tags(out)
+    assert {"T/video/layer0/sigma_min", "T/video/layer2/sigma_median", "val_fused/mAP", "video/acc", "train/stage"} <= tags
+
+
+@pytest.mark.slow
+def test_switches(av, tmp_path):
+    out = tmp_path / "switches"
+    run_script("train/igm.py", igm_args(av, out, "--stage_epochs", "[1, 1, 1]", "--project_layers", "[2]",
+                                        "--tau", "1.0", "--sam", "false", "--fusion", "entropy",
+                                        "--mixup_alpha_by_modality.video", "0.0"))
+    tags = tb_tags(out)
+    assert "T/video/layer2/sigma_min" in tags and "T/video/layer0/sigma_min" not in tags
+    assert "T/audio/layer2/sigma_min" in tags and "plasticity/cos_consecutive_stages" in tags
+    state = torch.load(out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "state.pt",
+                       weights_only=False)
+    sigma = torch.linalg.eigvalsh(state["trainer"]["T"]["audio"][2].double())   # the last stage: audio from video
+    assert abs(sigma.min().item() - torch.exp(torch.tensor(-1.0)).item()) < 1e-4   # tau = 1.0 reached
+    result = json.loads((out / "result.json").read_text())
+    assert result["sam"] is False and result["tau"] == 1.0
+    off = tmp_path / "no_projection"
+    run_script("train/igm.py", igm_args(av, off, "--stage_epochs", "[1, 1]", "--projection", "false"))
+    assert not any(t.startswith("T/") for t in tb_tags(off))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, stop", [
+    (["--variant", "official", "--stage_epochs", "[1, 2]"], "6"),                      # inside stage 1
+    (["--variant", "paper", "--epochs", "2", "--rho", "0.05", "--refresh_every", "3"], "5"),
+])
+def test_resume_is_exact(av, tmp_path, args, stop):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_script("train/igm.py", igm_args(av, whole, *args))
+    run_script("train/igm.py", igm_args(av, split, *args, "--stop_after_steps", stop))
+    run_script("train/igm.py", igm_args(av, split, *args, "--resume"))
+    a, b = final_weights(whole), final_weights(split)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (whole, split))
+    assert ra["test"] == rb["test"]
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(rho=1e-3), "sam_impl: exact"),
+    (dict(stage_epochs=[]), "stage_epochs"),
+    (dict(project_layers=[3]), "project_layers"),
+    (dict(variant="foret"), "variant='foret'"),
+    (dict(mixup_alpha_by_modality={"video": -1}), "mixup_alpha_by_modality.video"),
+])
+def test_bad_config_is_refused_before_compute(override, message):
+    with pytest.raises(igm.common.ConfigError, match=message.replace(".", r"\.").replace("'", ".")):
+        igm.check_config(dict(igm.DEFAULTS, **override))
