@@ -1,0 +1,205 @@
+"""Sarcasm (multimodal sarcasm detection tweets) -> shards: IGM's 2-class task (BERT text + ResNet-50 image).
+
+CLI:
+  python -m data_prep.sarcasm --raw DIR --out DIR --bert DIR --resnet FILE [--name sarcasm]
+      [--train-json FILE] [--val-json FILE] [--test-json FILE] [--image-root DIR]
+      [--resnet-arch resnet50] [--resnet-width 64] [--device cpu|cuda] [--batch-size 64]
+      [--max-tokens N] [--image-size 224] [--crop center|none] [--workers N] [--block 256]
+      [--skip-missing-images] [--samples-per-shard N] [--overwrite]
+
+Accepted raw layout (under --raw):
+  train.json, valid.json, test.json   (or --train-json / --val-json / --test-json): each a JSON
+      list of objects {"image": ..., "text": ..., "label": ...}. `image` is a path or file name;
+      only its last component (split on '/' and '\\') is used. `text` a string. `label` 0 or 1
+      (1 = sarcastic; the integers, booleans or the strings "0"/"1"). Anything else -- not a
+      list, an item that is not an object, a missing key, a wrong type or value -- is an error
+      naming the file, the item index and the key.
+  images/<file>   (or --image-root): a missing file is an error naming it
+      (--skip-missing-images: drop the sample and count it).
+
+Output <out>/<name>/ (default name sarcasm):
+  text   kind features float32 [768]   [CLS] of BERT's last hidden state (hidden of --bert)
+  image  kind features float32 [2048]  globally pooled ResNet-50 features (out_dim of --resnet)
+  label  0 not sarcastic, 1 sarcastic
+  splits train / val (valid.json) / test: the released 19,816 / 2,410 / 2,409
+  samples.csv  sample_id, split, item (index in its JSON list), image (file name)
+
+Choices the spec leaves open:
+- Text: fed to BERT as given, only surrounding whitespace stripped and inner runs of whitespace
+  collapsed (the released texts are already tokenised, with "<user>" for mentions); BERT
+  truncates at --max-tokens (default the model's 512). No word limit (Twitter2015's 50-word
+  cleaning is specific to that dataset).
+- Images: PIL decode, RGB, centred square, resized to 224 x 224 with bilinear (antialiased)
+  resampling, /255, ImageNet mean/std (--crop none stretches instead); see data_prep.features.
+- sample_id = running item number over train, valid, test in that order (0-based).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import sys
+import time
+
+import numpy as np
+
+from data_prep import features
+from data_prep.image_io import ImageLoader, find_missing, missing_message, write_index
+from data_prep.shards import ShardWriter
+
+SPLIT_FILES = {"train": "train.json", "val": "valid.json", "test": "test.json"}
+IMAGE_DIR = "images"
+CLASS_NAMES = ["not sarcastic", "sarcastic"]
+_LABELS = {0: 0, 1: 1, "0": 0, "1": 1, False: 0, True: 1}
+_SPACE = re.compile(r"\s+")
+
+
+def image_name(value):
+    """Last path component of ``value`` ('/' or '\\' separated)."""
+    return re.split(r"[\\/]", value.strip())[-1]
+
+
+def read_json(path):
+    """-> list of (item index, label, image file name, text) of one split file."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: annotation file not found")
+    try:
+        with open(path, "r", encoding="utf-8-sig") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of {{image, text, label}} objects, got "
+                         f"{type(data).__name__}")
+    rows = []
+    for i, item in enumerate(data):
+        where = f"{path}, item {i}"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected an object, got {type(item).__name__}")
+        for key in ("image", "text", "label"):
+            if key not in item:
+                raise ValueError(f"{where}: missing key '{key}'")
+        if not isinstance(item["image"], str) or not image_name(item["image"]):
+            raise ValueError(f"{where}: key 'image' = {item['image']!r} is not a file name")
+        if not isinstance(item["text"], str):
+            raise ValueError(f"{where}: key 'text' = {item['text']!r} is not a string")
+        label = item["label"]
+        if isinstance(label, str):
+            label = label.strip()
+        if isinstance(label, float) and label in (0.0, 1.0):
+            label = int(label)
+        if not isinstance(label, (int, str)) or label not in _LABELS:
+            raise ValueError(f"{where}: key 'label' = {item['label']!r} is not 0 or 1")
+        rows.append((i, _LABELS[label], image_name(item["image"]),
+                     _SPACE.sub(" ", item["text"]).strip()))
+    if not rows:
+        raise ValueError(f"{path}: empty list")
+    return rows
+
+
+def convert(raw, out, bert, resnet, name="sarcasm", split_files=None, image_root=None,
+            resnet_arch="resnet50", resnet_width=64, device="cpu", batch_size=64, max_tokens=None,
+            image_size=224, crop="center", workers=0, block=256, skip_missing_images=False,
+            samples_per_shard=None, overwrite=False, log=None) -> pathlib.Path:
+    """Convert Sarcasm (layout of the module docstring) into ``<out>/<name>/``.
+    ``split_files``: {"train"|"val"|"test": path} overriding the default file names."""
+    log = log or (lambda msg: None)
+    features.check_feature_weights(bert, resnet, device)
+    raw = pathlib.Path(raw)
+    files = {s: raw / f for s, f in SPLIT_FILES.items()}
+    for s, p in (split_files or {}).items():
+        if s not in files:
+            raise ValueError(f"unknown split {s!r} (expected {list(files)})")
+        if p:
+            files[s] = pathlib.Path(p)
+    image_root = pathlib.Path(image_root) if image_root else raw / IMAGE_DIR
+    t0 = time.perf_counter()
+    for s, p in files.items():
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: annotation file not found (the {s} split)")
+    rows = {s: read_json(p) for s, p in files.items()}
+
+    texts, paths, labels, index, order, skipped = [], [], [], [], {}, {}
+    for split, split_rows in rows.items():
+        split_paths = [image_root / r[2] for r in split_rows]
+        missing = find_missing(split_paths)
+        if missing and not skip_missing_images:
+            raise FileNotFoundError(missing_message(f"{files[split]} (Sarcasm)", split_paths, missing))
+        gone = set(missing)
+        for i in missing:
+            log(f"skipping {files[split].name} item {split_rows[i][0]}: image not found: {split_paths[i]}")
+        skipped[split] = len(missing)
+        idx = []
+        for i, (item, label, image, text) in enumerate(split_rows):
+            if i in gone:
+                continue
+            idx.append(len(texts))
+            texts.append(text)
+            paths.append(split_paths[i])
+            labels.append(label)
+            index.append((split, item, image))
+        if not idx:
+            raise ValueError(f"{files[split]}: no sample left (all images missing)")
+        order[split] = np.array(idx, dtype=np.int64)
+    labels = np.array(labels, dtype=np.int64)
+    sample_ids = np.arange(len(texts), dtype=np.int64)
+    counts = {s: int(len(i)) for s, i in order.items()}
+    log(f"read annotations: {counts} samples ({time.perf_counter() - t0:.1f}s)")
+
+    bert_x, resnet_x = features.text_image_extractors(bert, resnet, resnet_arch, resnet_width, device,
+                                                      batch_size, max_tokens)
+    source = {
+        "converter": "data_prep.sarcasm", "raw": features.abspath(raw),
+        "annotations": {s: features.abspath(p) for s, p in files.items()},
+        "image_root": features.abspath(image_root),
+        "options": {"resnet_arch": resnet_arch, "resnet_width": resnet_width, "device": device,
+                    "batch_size": batch_size, "max_tokens": bert_x.max_length,
+                    "image_size": image_size, "crop": crop, "skip_missing_images": skip_missing_images},
+        **features.weights_source(bert_x, resnet_x, image_size, crop),
+        "text_cleaning": "none: whitespace runs collapsed and stripped; BERT truncates at max_tokens",
+        "image_rule": "last path component of `image` under the image root",
+        "split": {"rule": "official files: train.json -> train, valid.json -> val, test.json -> test"},
+        "counts": {"items": {s: len(r) for s, r in rows.items()}, "missing_images_skipped": skipped,
+                   "splits": counts,
+                   "per_class": {s: np.bincount(labels[i], minlength=2).tolist() for s, i in order.items()}},
+        "sample_id": "running item number over train, valid, test (0-based), after dropping "
+                     "skipped items; samples.csv maps it to the item index",
+    }
+    with ShardWriter(out, name, "classification", len(CLASS_NAMES),
+                     features.text_image_modalities(bert_x, resnet_x),
+                     samples_per_shard=samples_per_shard, class_names=CLASS_NAMES, source=source,
+                     overwrite=overwrite) as writer:
+        with ImageLoader(image_size, crop, workers, block) as loader:
+            features.write_text_image_splits(writer, loader, order, texts, paths, labels, sample_ids,
+                                             bert_x, resnet_x, log=log)
+    write_index(writer.root, ["sample_id", "split", "item", "image"],
+                [[i, *index[i]] for i in range(len(texts))])
+    log(f"wrote {writer.root} in {time.perf_counter() - t0:.1f}s")
+    return writer.root
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--raw", required=True, help="root holding the split JSON files and images/")
+    features.add_feature_args(parser, "dataset name (default sarcasm)")
+    parser.add_argument("--train-json", help="default <raw>/train.json")
+    parser.add_argument("--val-json", help="default <raw>/valid.json")
+    parser.add_argument("--test-json", help="default <raw>/test.json")
+    parser.add_argument("--image-root", help=f"image folder (default <raw>/{IMAGE_DIR})")
+    args = parser.parse_args(argv)
+    convert(args.raw, args.out, args.bert, args.resnet, name=args.name or "sarcasm",
+            split_files={"train": args.train_json, "val": args.val_json, "test": args.test_json},
+            image_root=args.image_root, resnet_arch=args.resnet_arch, resnet_width=args.resnet_width,
+            device=args.device, batch_size=args.batch_size, max_tokens=args.max_tokens,
+            image_size=args.image_size, crop=args.crop, workers=args.workers, block=args.block,
+            skip_missing_images=args.skip_missing_images, samples_per_shard=args.samples_per_shard,
+            overwrite=args.overwrite,
+            log=lambda msg: print(f"[sarcasm] {msg}", file=sys.stderr, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
