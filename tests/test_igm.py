@@ -298,3 +298,38 @@ def test_resume_is_exact(av, tmp_path, args, stop):
 def test_bad_config_is_refused_before_compute(override, message):
     with pytest.raises(igm.common.ConfigError, match=message.replace(".", r"\.").replace("'", ".")):
         igm.check_config(dict(igm.DEFAULTS, **override))
+
+
+# the shapes each converter writes with its defaults (data_prep/<dataset>.py)
+CONVERTED = {
+    "crema_d": {"audio": ("spectrogram", [257, 188]), "video": ("frames", [1, 3, 224, 224])},
+    "kinetics_sounds": {"audio": ("spectrogram", [257, 1003]), "video": ("frames", [3, 3, 224, 224])},
+    "twitter2015": {"text": ("features", [768]), "image": ("features", [2048])},
+    "sarcasm": {"text": ("features", [768]), "image": ("features", [2048])},
+    "nvgesture": {"depth": ("frames", [80, 1, 256, 256]), "rgb": ("frames", [80, 3, 256, 256]),
+                  "of": ("frames", [80, 1, 256, 256])},
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(CONVERTED))
+def test_dataset_configs_load_and_build_on_the_converted_shapes(dataset):
+    from models.fusion import IGMModel
+    from train.common import load_config
+    cfg = load_config(igm.DEFAULTS, ["--config", f"train/configs/igm_{dataset}.yaml"])
+    igm.check_config(cfg)
+    meta = {"num_classes": 3, "modalities": {m: {"kind": k, "shape": s, "dtype": "float32"}
+                                             for m, (k, s) in CONVERTED[dataset].items()}}
+    assert cfg["modalities"] == list(CONVERTED[dataset])
+    model = IGMModel(meta, cfg["encoders"], cfg["modalities"], tuple(cfg["head_hidden"]))
+    assert [h.linears[2].out_features for h in model.heads.values()] == [3] * len(cfg["modalities"])
+
+
+def test_step_time_benchmark_runs(capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("step_time", Path(__file__).parent.parent / "benchmarks" / "step_time.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--method", "igm", "--steps", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    for name in ("plain alternating", "igm official", "igm paper"):
+        assert name in out

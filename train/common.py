@@ -251,10 +251,11 @@ def to_device(batch: dict, device) -> dict:
 # Optimiser, scheduler, loss, evaluation
 
 def build_optimizer(cfg, params):
+    betas = tuple(cfg.get("betas", (0.9, 0.999)))   # a script without a `betas` key gets torch's default
     if cfg["optimizer"] == "adam":
-        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        return torch.optim.Adam(params, lr=cfg["lr"], betas=betas, weight_decay=cfg["weight_decay"])
     if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        return torch.optim.AdamW(params, lr=cfg["lr"], betas=betas, weight_decay=cfg["weight_decay"])
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     raise ConfigError(f"optimizer='{cfg['optimizer']}': choose adam, adamw or sgd")

@@ -93,6 +93,7 @@ DEFAULTS = dict(
     lr=1e-2,
     weight_decay=1e-4,
     momentum=0.9,
+    betas=[0.9, 0.999],            # adam/adamw; the released image-text recipe uses [0.9, 0.99]
     scheduler="step",              # StepLR(40, 0.1); official: stepped before each epoch of a stage
     step_size=40,
     gamma=0.1,
