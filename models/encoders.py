@@ -50,12 +50,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 in [0, 1]; any other dtype -> floating point unchanged in value."""
+    """uint8 -> float32 in [0, 1]; float16/bfloat16 (half-size shards) and integers -> float32;
+    float32/float64 unchanged. Autocast, where on, lowers the precision inside the layers."""
     if x.dtype == torch.uint8:
         return x.float().div_(255.0)
-    if not torch.is_floating_point(x):
-        return x.float()
-    return x
+    if x.dtype in (torch.float32, torch.float64):
+        return x
+    return x.float()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models.encoders import build_encoder
-from models.heads import IGMHead
+from models.heads import FusionTransformer, IGMHead, ModalityClassifier, ResidualHead
 
 
 class LateFusionModel(nn.Module):
@@ -124,3 +124,61 @@ class IGMModel(nn.Module):
         entropy = -(logp.exp() * logp).sum(-1)                       # (M, B)
         weights = torch.softmax(-entropy, dim=0).unsqueeze(-1)       # (M, B, 1)
         return (weights * logp.exp()).sum(0).clamp_min(1e-12).log()
+
+
+class CGGMModel(nn.Module):
+    """CGGM's model: per-modality encoders (input projection + core), a fusion transformer Ω over
+    every encoded modality, a residual prediction head F (last layer Linear ``head.out``), and per-
+    modality classifiers f_i (self-attention + Linear ``out``) on DETACHED encoder outputs.
+
+    ``forward(batch) -> {m: (h_m, f_m(h_m.detach()))}``: h_m is the encoded sequence (B, T_m, d)
+    (a pooled encoder's (B, d) counts as a length-1 sequence) and the classifier logits are that
+    modality's prediction. ``fuse(outputs)`` = F(Ω({h_m})): the model's prediction. Every encoder
+    must give features of width ``d_model``. ``forward`` and ``fuse`` together are what
+    ``train.common.evaluate`` expects (per-modality metrics = the classifiers').
+    """
+
+    def __init__(self, meta: dict, encoder_cfgs: dict, modalities: list[str] | None = None,
+                 d_model: int = 64, fusion: dict | None = None, head_hidden: int = 128,
+                 head_dropout: float = 0.0, classifier: dict | None = None):
+        super().__init__()
+        modalities = list(modalities or meta["modalities"])
+        for name in list(modalities) + list(encoder_cfgs):
+            if name not in meta["modalities"]:
+                raise ValueError(f"modality '{name}' is not in the dataset (it has "
+                                 f"{', '.join(meta['modalities'])})")
+        self.modalities = modalities
+        out_dim = meta["num_classes"]
+        self.encoders = nn.ModuleDict()
+        for m in modalities:
+            spec, cfg = meta["modalities"][m], dict(encoder_cfgs.get(m, {}))
+            if spec["kind"] == "sequence":
+                cfg.setdefault("d_model", d_model)
+            self.encoders[m] = build_encoder(m, spec, cfg)
+            if self.encoders[m].out_dim != d_model:
+                raise ValueError(f"encoders.{m}: gives {self.encoders[m].out_dim}-d features; the fusion "
+                                 f"transformer needs d_model={d_model}")
+        self.fusion = FusionTransformer(d_model, modalities=modalities, **{"n_layers": 2, "n_heads": 4, **(fusion or {})})
+        self.head = ResidualHead(d_model, head_hidden, out_dim, head_dropout)
+        clf = {"n_layers": 1, "n_heads": 4, **(classifier or {})}
+        self.classifiers = nn.ModuleDict({m: ModalityClassifier(d_model, out_dim, **clf) for m in modalities})
+
+    def encode(self, m: str, x: torch.Tensor) -> torch.Tensor:
+        encoder = self.encoders[m]
+        if hasattr(encoder, "core"):          # sequence encoder: keep the time axis for Ω
+            return encoder(x, return_sequence=True)
+        return encoder(x)
+
+    def forward(self, batch: dict) -> dict:
+        out = {}
+        for m in self.modalities:
+            h = self.encode(m, batch[m])
+            out[m] = (h, self.classifiers[m](h.detach()))
+        return out
+
+    def fuse(self, outputs: dict, return_hidden: bool = False):
+        return self.head(self.fusion({m: h for m, (h, _) in outputs.items()}), return_hidden=return_hidden)
+
+    def model_parameters(self):
+        """Everything but the classifiers (they have their own optimiser)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("classifiers.")]

@@ -455,3 +455,12 @@ def test_forward_has_no_host_sync_on_gpu(name):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape == (3, enc.out_dim)
+
+
+def test_half_precision_shards_are_read_as_float32():
+    """Converters may store features as float16 (half the bytes); encoders compute in float32."""
+    from models.encoders import build_encoder
+    torch.manual_seed(0)
+    enc = build_encoder("text", {"kind": "sequence", "shape": [5, 8]}, {"d_model": 16, "n_layers": 1, "dropout": 0.0})
+    x = torch.randn(2, 5, 8).half()
+    torch.testing.assert_close(enc(x), enc(x.float()))

@@ -1,0 +1,326 @@
+"""CGGM: classifier-guided gradient modulation (any number of modalities; classification, regression).
+
+    accelerate launch train/cggm.py                                   # embedded three-modality benchmark
+    accelerate launch train/cggm.py --config train/configs/cggm_mosi.yaml
+    accelerate launch train/cggm.py --direction false                 # ablations: modulation, direction
+    accelerate launch --multi_gpu --num_processes 2 train/cggm.py     # 2-rank data parallel
+
+Model: per modality an encoder (input projection + core), a fusion transformer over all encoded
+modalities, a residual head F (last Linear `out`), and per-modality classifiers f_i on DETACHED encoder
+outputs with their own optimiser (they never send gradient to the encoders). Per step t
+(../shared/specs/methods.md, "CGGM"; metric_prev = 0 and no L_gm at the very first step):
+  1. loss = task_loss(F(fusion(h)), y) [+ lambda_gm * L_gm of the previous step]; backward.
+  2. classifier losses sum_i task_loss(f_i(h_i.detach()), y); backward into the classifiers.
+  3. metric_now_i = f_i's accuracy on the GLOBAL training batch (regression: sign accuracy over
+     non-zero labels).
+  4. d_i = now_i - prev_i; S = sum d + 1e-8; c_i = (S - d_i)/S; encoder-core gradients of modality i
+     are multiplied by rho * c_i (`modulation`); c_i always logged, optionally clipped (`coeff_clip`).
+  5. `direction`: L_gm = (sum |c_i| - sum c_i cos(vec_i, vec_F)) / M.
+       official: vec = the flattened WEIGHTS of F.out and f_i.out; L_gm enters the NEXT step's loss,
+         so only F.out.weight receives its gradient, taken at this step's values. We add that gradient
+         explicitly at the next step (lambda_gm * dL_gm/dvec_F from the stored vectors and c): the same
+         update as keeping the graph, but checkpointable, so resume stays exact.
+       paper: vec = the GRADIENTS of those layers' task losses (F.out's in closed form, differentiable:
+         CE: (softmax(o) - onehot(y))^T z / B; L1: sign(o - y)^T z / B, z = the input of F.out), the
+         coefficients inside L_gm are rho * c_i, and lambda_gm * L_gm is part of THIS step's loss.
+  6. classifier step (no clipping); clip_grad_norm_(model, grad_clip); model step.
+
+Data parallelism without a DDP wrapper: all gradients are all-reduced by hand in one bucket before the
+edits (the scaling by rho * c_i is linear; the classifier metrics use all-reduced counts; the paper
+variant's F.out gradient uses a differentiable all-reduce), so N ranks x B/N = 1 rank x B.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from methods import modulation  # noqa: E402
+from models.fusion import CGGMModel  # noqa: E402
+from train import common  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------
+DEFAULTS = dict(
+    data="data/embedded_seq3",     # a shard directory; a missing embedded_<flavour> is generated
+    data_seed=0,
+    modalities=[],                 # [] = all of the dataset's, in its order
+    encoders={},                   # per-modality encoder config (models.encoders.build_encoder)
+    d_model=64,                    # width of every encoded modality and of the fusion transformer
+    fusion={},                     # FusionTransformer options: n_layers (2), n_heads (4), dropout
+    head_hidden=128,
+    head_dropout=0.0,
+    classifier={},                 # ModalityClassifier options: n_layers (1), n_heads (4), dropout
+    out_dir="runs/cggm_seq3",
+    seed=0,
+    resume=False,
+    variant="official",            # official | paper
+    modulation=True,               # scale encoder-core gradients by rho * c_i (magnitude)
+    direction=True,                # the direction loss L_gm
+    rho=1.3,
+    lambda_gm=0.2,
+    coeff_clip=[],                 # [] = none (official) | [lo, hi]
+    epochs=30,
+    batch_size=64,
+    eval_batch_size=500,
+    num_workers=0,
+    optimizer="adam",              # adam | adamw | sgd
+    lr=1e-3,
+    weight_decay=0.0,
+    momentum=0.9,
+    betas=[0.9, 0.999],
+    clf_lr=5e-4,                   # the classifiers' optimiser (same type as the model's)
+    clf_weight_decay=0.0,
+    scheduler="none",              # none | step | cosine (stepped once per epoch)
+    step_size=10,
+    gamma=0.1,
+    grad_clip=0.8,                 # clip_grad_norm_ of the model (not the classifiers); 0 = off
+    mixed_precision="no",          # no | bf16
+    cpu=False,
+    log_every=25,
+    ckpt_every_steps=0,
+    keep_checkpoints=2,
+    preempt_check_every=1,
+    stop_after_steps=0,
+    progress=True,
+)
+DEFAULT_CONFIG = "train/configs/cggm_seq3.yaml"
+
+
+def check_config(cfg):
+    for key, allowed in (("variant", ("official", "paper")), ("mixed_precision", ("no", "bf16"))):
+        if cfg[key] not in allowed:
+            raise common.ConfigError(f"{key}='{cfg[key]}': choose {' or '.join(allowed)}")
+    clip = cfg["coeff_clip"]
+    if clip and (len(clip) != 2 or not all(isinstance(v, (int, float)) for v in clip) or clip[0] > clip[1]):
+        raise common.ConfigError(f"coeff_clip={clip}: [] or [lo, hi] with lo <= hi")
+    if cfg["rho"] < 0 or cfg["lambda_gm"] < 0 or cfg["grad_clip"] < 0:
+        raise common.ConfigError("rho, lambda_gm and grad_clip must be >= 0")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces of the step
+
+def batch_metric_counts(task, logits, labels):
+    """(hits, count) of the classifier's batch metric, as 0-d tensors (summed over ranks by the
+    caller): accuracy for classification, sign accuracy over non-zero labels for regression."""
+    if task == "classification":
+        return (logits.argmax(-1) == labels).sum().double(), torch.tensor(float(labels.shape[0]), dtype=torch.float64,
+                                                                          device=labels.device)
+    pred, target = logits.reshape(-1), labels.reshape(-1)
+    nonzero = target != 0
+    return ((pred > 0) == (target > 0))[nonzero].sum().double(), nonzero.sum().double()
+
+
+def out_weight_grad(task, logits, hidden, labels, global_batch, world):
+    """d task_loss / d F.out.weight in closed form, differentiable w.r.t. logits and hidden, for the
+    mean over the GLOBAL batch (a differentiable all-reduce sums the ranks' parts)."""
+    if task == "classification":
+        dlogits = torch.softmax(logits.float(), -1) - F.one_hot(labels, logits.shape[-1]).float()
+    else:
+        dlogits = torch.sign(logits.float() - labels.reshape(logits.shape).float())
+    grad = dlogits.T @ hidden.float() / global_batch
+    if world > 1:
+        import torch.distributed.nn.functional as dist_nn
+        grad = dist_nn.all_reduce(grad)
+    return grad
+
+
+def core_parameters(encoder):
+    """The parameters CGGM scales: the encoder core (not the input projection) where there is one."""
+    return list((encoder.core if hasattr(encoder, "core") else encoder).parameters())
+
+
+def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1, autocast=contextlib.nullcontext):
+    """One CGGM step. `state` carries metric_prev (M,) and, official, the previous step's direction
+    terms (c, vec_F, vecs); it is updated in place. Returns device tensors to log."""
+    names = model.modalities
+    labels = batch["label"]
+    official = cfg["variant"] == "official"
+    global_batch = labels.shape[0] * world
+    with autocast():
+        out = model(batch)
+        if official:
+            fused = model.fuse(out)
+        else:
+            fused, hidden = model.fuse(out, return_hidden=True)
+    fused = fused.float()
+    task_loss = common.task_loss(task, fused, labels)
+    clf_losses = [common.task_loss(task, out[m][1].float(), labels) for m in names]
+    optimizer.zero_grad(set_to_none=True)
+    clf_optimizer.zero_grad(set_to_none=True)
+
+    # classifier gradients and the global batch metrics (official: one backward does both parts)
+    hits_counts = torch.stack([torch.stack(batch_metric_counts(task, out[m][1].detach(), labels)) for m in names])
+    if world > 1:
+        dist.all_reduce(hits_counts)
+    metric_now = hits_counts[:, 0] / hits_counts[:, 1].clamp_min(1)
+    coeffs = modulation.balance_coefficients_tensor(metric_now, state["metric_prev"])
+    degenerate = modulation.balance_degenerate_tensor(metric_now, state["metric_prev"])
+    if cfg["coeff_clip"]:
+        coeffs = modulation.clip_coefficients(coeffs, *cfg["coeff_clip"])
+    clf_params = list(model.classifiers.parameters())
+    model_params = model.model_parameters()
+    lgm = torch.zeros((), device=labels.device)
+    if official:
+        loss = task_loss
+        if cfg["direction"] and state["direction_prev"] is not None:
+            c_prev, vec_f_prev, vecs_prev = state["direction_prev"]
+            lgm = modulation.direction_loss(c_prev, vec_f_prev, vecs_prev)
+            loss = loss + cfg["lambda_gm"] * lgm
+        (task_loss + sum(clf_losses)).backward()
+        common.all_reduce_mean_([p.grad for p in model_params + clf_params if p.grad is not None], world)
+        if cfg["direction"] and state["direction_prev"] is not None:
+            # the previous step's L_gm, differentiated at its own values: only F.out.weight gets it
+            vec = vec_f_prev.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(modulation.direction_loss(c_prev, vec, vecs_prev), vec)
+            model.head.out.weight.grad.add_(grad.view_as(model.head.out.weight), alpha=cfg["lambda_gm"])
+        if cfg["direction"]:
+            state["direction_prev"] = (coeffs.detach().float(), model.head.out.weight.detach().reshape(-1).clone(),
+                                       [model.classifiers[m].out.weight.detach().reshape(-1).clone() for m in names])
+    else:
+        sum(clf_losses).backward()
+        common.all_reduce_mean_([p.grad for p in clf_params if p.grad is not None], world)
+        loss = task_loss
+        if cfg["direction"]:
+            vec_f = out_weight_grad(task, fused, hidden, labels, global_batch, world)
+            vecs = [model.classifiers[m].out.weight.grad.reshape(-1) for m in names]
+            lgm = modulation.direction_loss((cfg["rho"] * coeffs).float(), vec_f, vecs)
+            loss = loss + cfg["lambda_gm"] * lgm
+        loss.backward()
+        common.all_reduce_mean_([p.grad for p in model_params if p.grad is not None], world)
+    if cfg["modulation"]:
+        for i, m in enumerate(names):
+            scale = (cfg["rho"] * coeffs[i]).float()
+            for p in core_parameters(model.encoders[m]):
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+    clf_optimizer.step()
+    if cfg["grad_clip"] > 0:
+        torch.nn.utils.clip_grad_norm_(model_params, cfg["grad_clip"])
+    optimizer.step()
+    state["metric_prev"] = metric_now.detach()
+    stats = {"train/loss": loss.detach(), "train/task_loss": task_loss.detach(), "train/lgm": lgm.detach().float(),
+             "train/coeff_degenerate": degenerate.float()}
+    for i, m in enumerate(names):
+        stats[f"{m}/coeff"] = coeffs[i].float()
+        stats[f"{m}/clf_loss"] = clf_losses[i].detach()
+        stats[f"{m}/clf_metric"] = metric_now[i].float()
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------
+def main(cfg: dict) -> dict:
+    check_config(cfg)
+    accelerator = common.setup_accelerator(cfg)
+    preemption = common.Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
+    meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
+    task = meta["task"]
+    if task not in ("classification", "regression"):
+        raise common.ConfigError(f"{cfg['data']}: task '{task}' is not supported by train/cggm.py yet "
+                                 "(classification and regression are)")
+    names = cfg["modalities"] or list(meta["modalities"])
+    if len(names) < 2 or any(m not in meta["modalities"] for m in names):
+        raise common.ConfigError(f"modalities={names}: CGGM needs two or more of {list(meta['modalities'])}")
+    select_key = "acc" if task == "classification" else "mae"
+    better = (lambda a, b: a > b) if task == "classification" else (lambda a, b: a < b)
+    run_dir, writer = common.setup_run_dir(cfg, accelerator)
+    device, world = accelerator.device, accelerator.num_processes
+
+    # data ----------------------------------------------------------------------------------------
+    train_loader, train_sampler = common.make_loader(cfg, meta, "train", accelerator, names, train=True)
+    val_loader, _ = common.make_loader(cfg, meta, "val", accelerator, names)
+    test_loader, _ = common.make_loader(cfg, meta, "test", accelerator, names)
+    if len(train_sampler) == 0:
+        raise common.ConfigError(f"batch_size={cfg['batch_size']} exceeds the training split of {cfg['data']}")
+
+    # model, two optimisers ----------------------------------------------------------------------
+    try:
+        model = CGGMModel(meta, cfg["encoders"], names, cfg["d_model"], cfg["fusion"], cfg["head_hidden"],
+                          cfg["head_dropout"], cfg["classifier"]).to(device)
+    except (ValueError, TypeError) as err:
+        raise common.ConfigError(f"model: {err}") from None
+    optimizer = common.build_optimizer(cfg, model.model_parameters())
+    clf_optimizer = common.build_optimizer(dict(cfg, lr=cfg["clf_lr"], weight_decay=cfg["clf_weight_decay"]),
+                                           model.classifiers.parameters())
+    scheduler = common.build_scheduler(cfg, optimizer)
+
+    state = dict(epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1,
+                 metric_prev=torch.zeros(len(names), dtype=torch.float64, device=device), direction_prev=None)
+    checkpointed = {"model": model, "optimizer": optimizer, "clf_optimizer": clf_optimizer, "scheduler": scheduler}
+    if cfg["resume"]:
+        state = common.load_checkpoint(run_dir, accelerator, checkpointed)
+        state["metric_prev"] = state["metric_prev"].to(device)
+        if state["direction_prev"] is not None:
+            c, vf, vecs = state["direction_prev"]
+            state["direction_prev"] = (c.to(device), vf.to(device), [v.to(device) for v in vecs])
+        accelerator.print(f"[resume] from step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
+
+    # loop ----------------------------------------------------------------------------------------
+    window, nonfinite = {}, torch.zeros((), dtype=torch.bool, device=device)
+    model.train()
+    while state["epoch"] < cfg["epochs"]:
+        train_sampler.set_epoch(state["epoch"], start_batch=state["batch_in_epoch"])
+        bar = tqdm(train_loader, total=len(train_sampler), desc=f"epoch {state['epoch']}", leave=False,
+                   disable=not (cfg["progress"] and accelerator.is_main_process))
+        for batch in bar:
+            batch = common.to_device(batch, device)
+            stats = cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world, accelerator.autocast)
+            for key, value in stats.items():   # summed on the device, averaged at log time
+                window[key] = window.get(key, 0) + value
+            nonfinite |= ~torch.isfinite(stats["train/loss"])
+            state["step"] += 1
+            state["batch_in_epoch"] += 1
+            if state["step"] % cfg["log_every"] == 0:
+                common.check_finite(nonfinite, state["step"], cfg["log_every"])
+                scalars = {k: v / cfg["log_every"] for k, v in window.items()}   # identical on every rank
+                scalars["train/lr"] = optimizer.param_groups[0]["lr"]
+                common.log_scalars(writer, scalars, state["step"])
+                window = {}
+                if accelerator.is_main_process:
+                    bar.set_postfix(loss=f"{float(scalars['train/loss']):.3f}")
+            if common.checkpoint_at_step_boundary(cfg, state, preemption, nonfinite, run_dir, accelerator, checkpointed):
+                return {"stopped_at_step": state["step"], "run_dir": str(run_dir)}
+        bar.close()
+
+        common.check_finite(nonfinite, state["step"], cfg["log_every"])
+        scheduler.step()
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+        val = common.evaluate(model, val_loader, accelerator, task, model.fuse)
+        common.log_scalars(writer, {f"val_{k}/{name}": v for k, mets in val.items() for name, v in mets.items()},
+                           state["step"])
+        common.append_jsonl(run_dir, {"epoch": state["epoch"], "step": state["step"], "val": val}, accelerator)
+        score = val["fused"][select_key]
+        if state["best"] is None or better(score, state["best"]):
+            state["best"], state["best_epoch"] = score, state["epoch"]
+            if accelerator.is_main_process:
+                common.save_model_atomic(model, run_dir / "best.pt")
+        accelerator.print(f"epoch {state['epoch']}: val " + "  ".join(f"{k} {v[select_key]:.4f}" for k, v in val.items()))
+        common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"])
+
+    # test with the model selected on validation ----------------------------------------------------
+    accelerator.wait_for_everyone()
+    model.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True))
+    test = common.evaluate(model, test_loader, accelerator, task, model.fuse)
+    val = common.evaluate(model, val_loader, accelerator, task, model.fuse)
+    result = {"run_dir": str(run_dir), "best_epoch": state["best_epoch"], "val": val, "test": test,
+              "bayes_accuracy": meta.get("source", {}).get("bayes_accuracy"), "variant": cfg["variant"],
+              "modulation": cfg["modulation"], "direction": cfg["direction"], "rho": cfg["rho"],
+              "lambda_gm": cfg["lambda_gm"], "coeff_clip": cfg["coeff_clip"]}
+    if accelerator.is_main_process:
+        common.write_result(run_dir, result)
+        common.print_result_table(result, select_key)
+        writer.close()
+    return result
+
+
+if __name__ == "__main__":
+    main(common.load_config(DEFAULTS, default_config=DEFAULT_CONFIG))
+    common.finish()
