@@ -1,0 +1,242 @@
+"""CGGM: the step (direction one step late, closed-form F.out gradient, classifiers isolated, global
+batch metrics), N ranks == 1 rank, and train/cggm.py end to end on a tiny seq3 set."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_prep import embedded
+from methods import modulation
+from models.fusion import CGGMModel
+from tests.test_train import final_weights, run_script
+from train import cggm
+
+META = {"num_classes": 5, "task": "classification", "modalities": {
+    "text": {"kind": "sequence", "shape": [6, 8]}, "audio": {"kind": "sequence", "shape": [5, 4]},
+    "vision": {"kind": "sequence", "shape": [4, 6]}}}
+STEP_CFG = dict(cggm.DEFAULTS, grad_clip=0.0)
+
+
+def toy_model(task="classification", seed=0):
+    torch.manual_seed(seed)
+    meta = dict(META, num_classes=5 if task == "classification" else 1, task=task)
+    enc = {"d_model": 16, "n_layers": 1, "n_heads": 2, "dropout": 0.0}
+    return CGGMModel(meta, {m: enc for m in META["modalities"]}, d_model=16,
+                     fusion={"n_layers": 1, "n_heads": 2, "dropout": 0.0}, head_hidden=16,
+                     classifier={"n_heads": 2, "dropout": 0.0})
+
+
+def optimizers(model, lr=1e-2):
+    return (torch.optim.SGD(model.model_parameters(), lr=lr),
+            torch.optim.SGD(model.classifiers.parameters(), lr=lr))
+
+
+def toy_batches(n=3, batch=16, task="classification", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        b = {m: torch.randn(batch, *s["shape"], generator=g) for m, s in META["modalities"].items()}
+        b["label"] = (torch.randint(0, 5, (batch,), generator=g) if task == "classification"
+                      else torch.randint(-3, 4, (batch,), generator=g).float())
+        out.append(b)
+    return out
+
+
+def fresh_state(model):
+    return {"metric_prev": torch.zeros(len(model.modalities), dtype=torch.float64), "direction_prev": None}
+
+
+def grads(model):
+    return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+
+
+def test_official_direction_reaches_only_fused_out_weight_one_step_late():
+    runs = {}
+    for direction in (False, True):
+        model = toy_model()
+        opt, clf_opt = optimizers(model)
+        state, per_step = fresh_state(model), []
+        for batch in toy_batches(2):
+            cggm.cggm_step(model, batch, opt, clf_opt, state, dict(STEP_CFG, direction=direction), "classification")
+            per_step.append(grads(model))
+        runs[direction] = per_step
+    for name, g in runs[False][0].items():      # step 1: no L_gm yet
+        assert (g is None and runs[True][0][name] is None) or torch.equal(g, runs[True][0][name]), name
+    differ = [n for n, g in runs[False][1].items() if g is not None and not torch.equal(g, runs[True][1][n])]
+    assert differ == ["head.out.weight"]
+
+
+def test_official_direction_gradient_is_the_previous_steps_l_gm():
+    model = toy_model()
+    opt, clf_opt = optimizers(model)
+    state = fresh_state(model)
+    b1, b2 = toy_batches(2)
+    cggm.cggm_step(model, b1, opt, clf_opt, state, STEP_CFG, "classification")
+    c, vec_f, vecs = state["direction_prev"]
+    # by hand: L_gm at step 1's weights and coefficients, differentiated w.r.t. F.out's weight
+    w = vec_f.clone().requires_grad_(True)
+    cos = torch.stack([F.cosine_similarity(v, w, dim=0) for v in vecs])
+    (c.abs().sum() - (c * cos).sum()).div(3).backward()
+    without = toy_model()
+    without.load_state_dict(model.state_dict())
+    o2, co2 = optimizers(without)
+    s2 = {"metric_prev": state["metric_prev"].clone(), "direction_prev": None}
+    cggm.cggm_step(model, b2, opt, clf_opt, state, STEP_CFG, "classification")
+    cggm.cggm_step(without, b2, o2, co2, s2, STEP_CFG, "classification")
+    extra = model.head.out.weight.grad - without.head.out.weight.grad
+    torch.testing.assert_close(extra, STEP_CFG["lambda_gm"] * w.grad.view_as(extra), rtol=1e-5, atol=1e-7)
+
+
+def test_classifiers_never_send_gradient_to_encoders():
+    batch = toy_batches(1)[0]
+    model = toy_model()
+    out = model(batch)
+    sum(F.cross_entropy(logits, batch["label"]) for _, logits in out.values()).backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == (not name.startswith("classifiers.")), name
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_closed_form_out_weight_gradient_matches_autograd(task):
+    model = toy_model(task)
+    batch = toy_batches(1, task=task)[0]
+    logits, hidden = model.fuse(model(batch), return_hidden=True)
+    from train.common import task_loss
+    (auto,) = torch.autograd.grad(task_loss(task, logits, batch["label"]), model.head.out.weight, retain_graph=True)
+    closed = cggm.out_weight_grad(task, logits, hidden, batch["label"], batch["label"].shape[0], 1)
+    torch.testing.assert_close(closed, auto, rtol=1e-5, atol=1e-7)
+    assert closed.requires_grad   # differentiable: the paper's L_gm reaches the encoders through it
+
+
+def test_batch_metric_counts_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
+    hits, count = cggm.batch_metric_counts("classification", logits, torch.tensor([0, 0, 0]))
+    assert (hits.item(), count.item()) == (2, 3)
+    pred, y = torch.tensor([[0.5], [-1.0], [2.0], [0.3]]), torch.tensor([1.0, 0.0, -2.0, 0.4])
+    hits, count = cggm.batch_metric_counts("regression", pred, y)   # y = 0 excluded (MOSI non0 Acc-2)
+    assert (hits.item(), count.item()) == (2, 3)
+
+
+def test_modulation_scales_encoder_cores_by_rho_c():
+    batch = toy_batches(1)[0]
+    runs = {}
+    for mod in (False, True):
+        model = toy_model()
+        opt, clf_opt = optimizers(model)
+        state = fresh_state(model)
+        stats = cggm.cggm_step(model, batch, opt, clf_opt, state, dict(STEP_CFG, modulation=mod, direction=False),
+                               "classification")
+        runs[mod] = (grads(model), stats)
+    (plain, _), (scaled, stats) = runs[False], runs[True]
+    for name, g in plain.items():
+        m = name.split(".")[1] if name.startswith("encoders.") else None
+        if m is not None and ".core." in name:
+            torch.testing.assert_close(scaled[name], g * 1.3 * stats[f"{m}/coeff"], msg=name)
+        elif g is not None:
+            assert torch.equal(scaled[name], g), name   # input projections, fusion, head, classifiers
+    coeffs = torch.stack([stats[f"{m}/coeff"] for m in META["modalities"]])
+    assert abs(coeffs.sum().item() - 2.0) < 1e-5       # sum c_i = M - 1
+
+
+def test_coeff_clip_bounds_the_multipliers():
+    model = toy_model()
+    opt, clf_opt = optimizers(model)
+    state = fresh_state(model)
+    state["metric_prev"] = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)   # large, mixed-sign d
+    stats = cggm.cggm_step(model, toy_batches(1)[0], opt, clf_opt, state, dict(STEP_CFG, coeff_clip=[0.0, 2.0]),
+                           "classification")
+    assert all(0.0 <= stats[f"{m}/coeff"].item() <= 2.0 for m in META["modalities"])
+
+
+# ------------------------------------------------------------------------------------------------
+# N ranks x B/N == 1 rank x B
+
+def _run(variant, task, world=1, rank=0):
+    model = toy_model(task)
+    opt, clf_opt = optimizers(model)
+    state = fresh_state(model)
+    cfg = dict(STEP_CFG, variant=variant, grad_clip=0.8)
+    for batch in toy_batches(3, task=task):
+        local = {k: v.chunk(world)[rank] for k, v in batch.items()}
+        cggm.cggm_step(model, local, opt, clf_opt, state, cfg, task, world)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _ddp_worker(rank, world, init_file, variant, task, out_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    state = _run(variant, task, world, rank)
+    if rank == 0:
+        torch.save(state, out_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("variant, task", [("official", "classification"), ("paper", "classification"),
+                                           ("paper", "regression")])
+def test_cggm_step_two_ranks_equal_one(tmp_path, variant, task):
+    single = _run(variant, task)
+    out = tmp_path / "ddp.pt"
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), variant, task, str(out)), nprocs=2)
+    ddp = torch.load(out)
+    for key, value in single.items():
+        torch.testing.assert_close(ddp[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+# ------------------------------------------------------------------------------------------------
+# train/cggm.py end to end
+
+@pytest.fixture(scope="module")
+def seq3(tmp_path_factory):
+    return embedded.generate(tmp_path_factory.mktemp("data"), "seq3", seed=5, n_train=256, n_val=64, n_test=64)
+
+
+def cggm_args(data, out, *extra):
+    small = []
+    for m in ("text", "audio", "vision"):
+        small += [f"--encoders.{m}.n_layers", "1"]
+    return ["--data", str(data), "--out_dir", str(out), "--epochs", "2", "--batch_size", "64", "--log_every", "2",
+            "--d_model", "32", "--progress", "false", *small, *extra]
+
+
+def tb_tags(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(Path(run_dir) / "tb"))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["official", "paper"])
+def test_cggm_trains_and_resumes_exactly(seq3, tmp_path, variant):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_script("train/cggm.py", cggm_args(seq3, whole, "--variant", variant))
+    run_script("train/cggm.py", cggm_args(seq3, split, "--variant", variant, "--stop_after_steps", "5"))
+    run_script("train/cggm.py", cggm_args(seq3, split, "--variant", variant, "--resume"))
+    a, b = final_weights(whole), final_weights(split)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    result = json.loads((whole / "result.json").read_text())
+    assert set(result["test"]) == {"text", "audio", "vision", "fused"}
+    assert {"text/coeff", "vision/coeff", "train/lgm", "train/coeff_degenerate", "audio/clf_metric",
+            "val_fused/acc"} <= tb_tags(whole)
+
+
+@pytest.mark.slow
+def test_switches_are_recorded(seq3, tmp_path):
+    out = tmp_path / "magnitude_only"
+    run_script("train/cggm.py", cggm_args(seq3, out, "--direction", "false", "--coeff_clip", "[0.0, 3.0]",
+                                          "--epochs", "1"))
+    result = json.loads((out / "result.json").read_text())
+    assert result["direction"] is False and result["modulation"] is True and result["coeff_clip"] == [0.0, 3.0]
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(coeff_clip=[2.0, 1.0]), "coeff_clip"),
+    (dict(variant="both"), "variant='both'"),
+    (dict(rho=-1.0), "rho"),
+])
+def test_bad_config_is_refused(override, message):
+    with pytest.raises(cggm.common.ConfigError, match=message.replace("'", ".").replace("[", r"\[")):
+        cggm.check_config(dict(cggm.DEFAULTS, **override))
