@@ -4,6 +4,8 @@
     python benchmarks/step_time.py --method gaal --shape dvm --device cuda
     python benchmarks/step_time.py --method igm                   # embedded audio-visual shape
     python benchmarks/step_time.py --method igm --shape crema_d --device cuda
+    python benchmarks/step_time.py --method cggm                  # embedded three-sequence shape
+    python benchmarks/step_time.py --method cggm --shape mosi
 
 Prints, per method and baseline: median step time, samples/s, peak memory (CUDA) and the ratio,
 beside the floor the algorithm itself imposes. The two are timed in alternation (baseline block,
@@ -19,6 +21,12 @@ each modality: forward, CE, backward, optimiser step). IGM official adds mixup, 
 one re-weighted backward (its exact form at the released rho) and the projection of the three head
 weight gradients by T: floor 1.0x. IGM paper adds Foret SAM (a second forward and backward at
 theta + eps) and the hooks that keep the moments Y: floor 2.0x.
+
+cggm: baseline = joint training of the same encoders, fusion transformer and residual head (one
+forward, fused loss, backward, clipping, step). CGGM adds the per-modality classifiers (forward and
+backward on detached features, their optimiser step) and cheap bookkeeping (batch metrics,
+coefficients, the direction loss on one weight matrix): its floor is "joint + classifiers", printed as
+its own row, and the classifiers' parameter bytes are printed below the table.
 """
 from __future__ import annotations
 
@@ -34,7 +42,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from methods import flat_sam  # noqa: E402
-from models.fusion import IGMModel, SharedHeadModel  # noqa: E402
+from models.fusion import CGGMModel, IGMModel, SharedHeadModel  # noqa: E402
+from train import cggm  # noqa: E402
 from train.gaal import DEFAULTS as GAAL_DEFAULTS  # noqa: E402
 from train.gaal import gaal_step  # noqa: E402
 from train import igm  # noqa: E402
@@ -67,7 +76,13 @@ IGM_SHAPES = {
            {"arch": "resnet10", "base_width": 16, "small_input": True}),
     "crema_d": ([257, 188], [1, 3, 224, 224], 6, 64, {"arch": "resnet18"}, {"arch": "resnet18"}),
 }
-SHAPE_BATCH = {**{k: v[4] for k, v in SHAPES.items()}, **{k: v[3] for k, v in IGM_SHAPES.items()}}
+CGGM_SHAPES = {
+    # name: ({modality: (T, d)}, classes, batch, d_model, encoder layers)
+    "seq3": ({"text": (16, 32), "audio": (20, 16), "vision": (12, 24)}, 8, 64, 64, 2),
+    "mosi": ({"text": (50, 300), "audio": (50, 5), "vision": (50, 20)}, 1, 64, 64, 2),
+}
+SHAPE_BATCH = {**{k: v[4] for k, v in SHAPES.items()}, **{k: v[3] for k, v in IGM_SHAPES.items()},
+               **{k: v[2] for k, v in CGGM_SHAPES.items()}}
 
 
 def igm_meta_and_batch(shape, device, generator):
@@ -136,7 +151,55 @@ def bench_igm(args, device):
     return time_runs(runs, args, device, batch, floors)
 
 
-def time_runs(runs, args, device, batch, floors):
+def bench_cggm(args, device):
+    generator = torch.Generator().manual_seed(0)
+    mods, classes, batch_size, d_model, layers = CGGM_SHAPES[args.shape]
+    task = "classification" if classes > 1 else "regression"
+    meta = {"num_classes": classes, "task": task,
+            "modalities": {m: {"kind": "sequence", "shape": list(s)} for m, s in mods.items()}}
+    batch = {m: torch.randn(batch_size, *s, generator=generator) for m, s in mods.items()}
+    batch["label"] = (torch.randint(0, classes, (batch_size,), generator=generator) if task == "classification"
+                      else torch.rand(batch_size, generator=generator) * 6 - 3)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    encoders = {m: {"n_layers": layers} for m in mods}
+    runs, clf_bytes = {}, 0
+    for name in ("joint", "joint + classifiers", "cggm official", "cggm paper"):
+        torch.manual_seed(0)
+        model = CGGMModel(meta, encoders, list(mods), d_model).to(device)
+        clf_bytes = sum(p.numel() * p.element_size() for p in model.classifiers.parameters())
+        opt = torch.optim.Adam(model.model_parameters(), lr=1e-3)
+        clf_opt = torch.optim.Adam(model.classifiers.parameters(), lr=5e-4)
+        if name.startswith("joint"):
+            def step(m=model, o=opt, co=clf_opt, with_clf=name != "joint"):
+                from train.common import task_loss
+                out = m(batch) if with_clf else {k: (m.encode(k, batch[k]), None) for k in m.modalities}
+                loss = task_loss(task, m.fuse(out), batch["label"])
+                if with_clf:
+                    loss = loss + sum(task_loss(task, logits, batch["label"]) for _, logits in out.values())
+                    co.zero_grad(set_to_none=True)
+                o.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(m.model_parameters(), 0.8)
+                o.step()
+                if with_clf:
+                    co.step()
+        else:
+            cfg = dict(cggm.DEFAULTS, variant=name.split()[1])
+            state = {"metric_prev": torch.zeros(len(mods), dtype=torch.float64, device=device), "direction_prev": None}
+
+            def step(m=model, o=opt, co=clf_opt, c=cfg, s=state):
+                cggm.cggm_step(m, batch, o, co, s, c, task)
+        runs[name] = {"step": step, "times": [], "peak": 0}
+    floors = {"joint": "1.000x", "joint + classifiers": "floor", "cggm official": "~floor", "cggm paper": "~floor"}
+    rows = time_runs(runs, args, device, batch, floors, base_name="joint")
+    floor_ratio = float(rows[1][4].rstrip("x"))
+    rows[1][5] = f"{floor_ratio:.3f}x"
+    rows[2][5] = rows[3][5] = f"{floor_ratio:.3f}x"
+    print(f"classifier parameters: {clf_bytes / 2**20:.2f} MiB (plus their Adam state, 2x that)")
+    return rows
+
+
+def time_runs(runs, args, device, batch, floors, base_name="plain alternating"):
     for run in runs.values():           # warm-up (allocations, cudnn autotune)
         timed(run["step"], 2, device)
     for _ in range(args.repeats):
@@ -146,7 +209,7 @@ def time_runs(runs, args, device, batch, floors):
             run["times"].append(timed(run["step"], args.steps, device))
             if device.type == "cuda":
                 run["peak"] = max(run["peak"], torch.cuda.max_memory_allocated())
-    base = statistics.median(runs["plain alternating"]["times"])
+    base = statistics.median(runs[base_name]["times"])
     rows = []
     for name, run in runs.items():
         t = statistics.median(run["times"])
@@ -177,19 +240,19 @@ def bench_gaal(args, device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", choices=["gaal", "igm"], default="gaal")
+    parser.add_argument("--method", choices=["gaal", "igm", "cggm"], default="gaal")
     parser.add_argument("--shape", choices=sorted(SHAPE_BATCH), default=None,
-                        help="gaal: imgtab (default) | dvm; igm: av (default) | crema_d")
+                        help="gaal: imgtab (default) | dvm; igm: av (default) | crema_d; cggm: seq3 (default) | mosi")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    shapes = SHAPES if args.method == "gaal" else IGM_SHAPES
+    shapes = {"gaal": SHAPES, "igm": IGM_SHAPES, "cggm": CGGM_SHAPES}[args.method]
     args.shape = args.shape or next(iter(shapes))
     if args.shape not in shapes:
         parser.error(f"--shape {args.shape} is not a {args.method} shape (choose from {', '.join(shapes)})")
-    rows = (bench_gaal if args.method == "gaal" else bench_igm)(args, device)
+    rows = {"gaal": bench_gaal, "igm": bench_igm, "cggm": bench_cggm}[args.method](args, device)
     header = ["step", "ms/step", "samples/s", "peak memory", "ratio", "floor"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     print(f"{args.method}, shape {args.shape}, batch {SHAPE_BATCH[args.shape]}, device {device} "
