@@ -176,8 +176,8 @@ class CGGMModel(nn.Module):
             out[m] = (h, self.classifiers[m](h.detach()))
         return out
 
-    def fuse(self, outputs: dict, return_hidden: bool = False):
-        return self.head(self.fusion({m: h for m, (h, _) in outputs.items()}), return_hidden=return_hidden)
+    def fuse(self, outputs: dict) -> torch.Tensor:
+        return self.head(self.fusion({m: h for m, (h, _) in outputs.items()}))
 
     def model_parameters(self):
         """Everything but the classifiers (they have their own optimiser)."""

@@ -144,11 +144,8 @@ class ResidualHead(nn.Module):
                                  nn.Dropout(dropout), nn.Linear(hidden, d_in))
         self.out = nn.Linear(d_in, out_dim)
 
-    def forward(self, x: torch.Tensor, return_hidden: bool = False):
-        """``return_hidden=True`` also returns z = x + MLP(x), the input of ``out`` (CGGM's paper
-        variant forms the gradient of ``out.weight`` in closed form from it)."""
-        z = x + self.mlp(x)
-        return (self.out(z), z) if return_hidden else self.out(z)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x + self.mlp(x))
 
 
 class ModalityClassifier(nn.Module):

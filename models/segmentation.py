@@ -416,13 +416,34 @@ class BratsCGGMModel(nn.Module):
             {m: SegClassifier(low_dim, high_dim, self.num_classes, **dec)
              for m in self.modalities})
 
-    def forward(self, batch: Mapping[str, torch.Tensor]):
+    def segment(self, batch: Mapping[str, torch.Tensor]):
+        """``(fused_logits (B, num_classes, H, W), {m: (low_m, high_m)})`` for the input's H, W."""
         missing = [m for m in self.modalities if m not in batch]
         if missing:
             raise KeyError(f"BratsCGGMModel: batch lacks modality/ies {missing}")
         size = batch[self.modalities[0]].shape[-2:]
         h = {m: self.encoders[m](batch[m]) for m in self.modalities}
         return self.head(h, size), h
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict:
+        """CGGM's model interface (as ``models.fusion.CGGMModel``): ``{m: ((low_m, high_m),
+        classifier logits of m on detached features)}``; ``fuse(outputs)`` gives the prediction."""
+        missing = [m for m in self.modalities if m not in batch]
+        if missing:
+            raise KeyError(f"BratsCGGMModel: batch lacks modality/ies {missing}")
+        self._size = tuple(batch[self.modalities[0]].shape[-2:])
+        h = {m: self.encoders[m](batch[m]) for m in self.modalities}
+        logits = self.classify(h, self._size)
+        return {m: (h[m], logits[m]) for m in self.modalities}
+
+    def fuse(self, outputs: Mapping) -> torch.Tensor:
+        """The fused prediction F(Ω(h)) from ``forward``'s outputs, at the last input's H, W."""
+        size = getattr(self, "_size", None) or self.out_size
+        return self.head({m: h for m, (h, _) in outputs.items()}, size)
+
+    def model_parameters(self):
+        """Everything but the classifiers (they have their own optimiser)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("classifiers.")]
 
     def classify(self, h: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                  size=None) -> dict[str, torch.Tensor]:

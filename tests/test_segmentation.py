@@ -44,7 +44,7 @@ def test_shapes(cfg, low_ch, high_hw):
     torch.manual_seed(0)
     model = BratsCGGMModel(brats_meta(), {**TINY, **cfg})
     assert list(model.encoders) == MODS and list(model.classifiers) == MODS
-    fused, h = model(batch())
+    fused, h = model.segment(batch())
     assert fused.shape == (2, 4, 32, 32)
     assert list(h) == MODS
     for m in MODS:
@@ -55,7 +55,7 @@ def test_shapes(cfg, low_ch, high_hw):
     assert list(logits) == MODS and all(v.shape == (2, 4, 32, 32) for v in logits.values())
     assert model.classify({"t1": h["t1"]}, size=(16, 16))["t1"].shape == (2, 4, 16, 16)
     # a (B, H, W) slice is taken as one channel
-    fused2, _ = model.eval()({m: x.squeeze(1) if m in MODS else x for m, x in batch().items()})
+    fused2, _ = model.eval().segment({m: x.squeeze(1) if m in MODS else x for m, x in batch().items()})
     assert fused2.shape == (2, 4, 32, 32)
 
 
@@ -80,7 +80,7 @@ def test_classifiers_never_send_gradient_to_encoders():
     torch.manual_seed(0)
     model = BratsCGGMModel(brats_meta(), TINY)
     data = batch()
-    _, h = model(data)                                   # h NOT detached by the caller
+    _, h = model.segment(data)                           # h NOT detached by the caller
     logits = model.classify(h)
     loss = sum(common.task_loss("segmentation", v, data["label"]) for v in logits.values())
     loss.backward()
@@ -91,7 +91,7 @@ def test_classifiers_never_send_gradient_to_encoders():
         assert model.classifiers[m].out.weight.grad.abs().sum() > 0
     # the fused loss reaches every encoder, and no classifier
     model.zero_grad(set_to_none=True)
-    fused, _ = model(data)
+    fused, _ = model.segment(data)
     common.task_loss("segmentation", fused, data["label"]).backward()
     for m in MODS:
         assert model.encoders[m].backbone.conv1.weight.grad.abs().sum() > 0
@@ -273,3 +273,19 @@ def test_segmentation_metrics_and_task_dispatch():
                        F.l1_loss(pred.squeeze(-1), target))
     assert common.task_metrics("classification", cls_logits, labels) == \
         common.classification_metrics(cls_logits, labels)
+
+
+def test_cggm_interface_matches_segment():
+    """forward/fuse (what train/cggm.py and common.evaluate call) give the same prediction as segment."""
+    torch.manual_seed(0)
+    model = BratsCGGMModel(brats_meta(), TINY).eval()
+    data = batch()
+    out = model(data)
+    fused, h = model.segment(data)
+    assert list(out) == MODS
+    torch.testing.assert_close(model.fuse(out), fused)
+    for m in MODS:
+        torch.testing.assert_close(out[m][1], model.classify({m: h[m]})[m])
+    names = {n for n, _ in model.named_parameters()}
+    assert {id(p) for p in model.model_parameters()} == {id(p) for n, p in model.named_parameters()
+                                                          if not n.startswith("classifiers.")} and names

@@ -1,4 +1,5 @@
-"""CGGM: classifier-guided gradient modulation (any number of modalities; classification, regression).
+"""CGGM: classifier-guided gradient modulation (any number of modalities; classification, regression,
+segmentation).
 
     accelerate launch train/cggm.py                                   # embedded three-modality benchmark
     accelerate launch train/cggm.py --config train/configs/cggm_mosi.yaml
@@ -7,12 +8,15 @@
 
 Model: per modality an encoder (input projection + core), a fusion transformer over all encoded
 modalities, a residual head F (last Linear `out`), and per-modality classifiers f_i on DETACHED encoder
-outputs with their own optimiser (they never send gradient to the encoders). Per step t
+outputs with their own optimiser (they never send gradient to the encoders) — models.fusion.CGGMModel;
+for segmentation (BraTS) DeepLabv3+ encoders per MRI modality, a fused decoder (last 1x1 conv `out`)
+and light per-modality decoders — models.segmentation.BratsCGGMModel (config key `segmentation`).
+Per step t
 (../shared/specs/methods.md, "CGGM"; metric_prev = 0 and no L_gm at the very first step):
   1. loss = task_loss(F(fusion(h)), y) [+ lambda_gm * L_gm of the previous step]; backward.
   2. classifier losses sum_i task_loss(f_i(h_i.detach()), y); backward into the classifiers.
   3. metric_now_i = f_i's accuracy on the GLOBAL training batch (regression: sign accuracy over
-     non-zero labels).
+     non-zero labels; segmentation: the mean of the WT/TC/ET Dice over the batch's slices).
   4. d_i = now_i - prev_i; S = sum d + 1e-8; c_i = (S - d_i)/S; encoder-core gradients of modality i
      are multiplied by rho * c_i (`modulation`); c_i always logged, optionally clipped (`coeff_clip`).
   5. `direction`: L_gm = (sum |c_i| - sum c_i cos(vec_i, vec_F)) / M.
@@ -20,14 +24,15 @@ outputs with their own optimiser (they never send gradient to the encoders). Per
          so only F.out.weight receives its gradient, taken at this step's values. We add that gradient
          explicitly at the next step (lambda_gm * dL_gm/dvec_F from the stored vectors and c): the same
          update as keeping the graph, but checkpointable, so resume stays exact.
-       paper: vec = the GRADIENTS of those layers' task losses (F.out's in closed form, differentiable:
-         CE: (softmax(o) - onehot(y))^T z / B; L1: sign(o - y)^T z / B, z = the input of F.out), the
+       paper: vec = the GRADIENTS of those layers' task losses (F.out's with create_graph, so L_gm is
+         differentiable through it; that graph is the loss -> logits -> F.out path only, cheap), the
          coefficients inside L_gm are rho * c_i, and lambda_gm * L_gm is part of THIS step's loss.
   6. classifier step (no clipping); clip_grad_norm_(model, grad_clip); model step.
 
 Data parallelism without a DDP wrapper: all gradients are all-reduced by hand in one bucket before the
 edits (the scaling by rho * c_i is linear; the classifier metrics use all-reduced counts; the paper
-variant's F.out gradient uses a differentiable all-reduce), so N ranks x B/N = 1 rank x B.
+variant's F.out gradient uses a differentiable all-reduce), so N ranks x B/N = 1 rank x B (models
+without BatchNorm; the BraTS encoders have it).
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from tqdm import tqdm  # noqa: E402
 
 from methods import modulation  # noqa: E402
 from models.fusion import CGGMModel  # noqa: E402
+from models.segmentation import BratsCGGMModel  # noqa: E402
 from train import common  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
@@ -57,6 +63,7 @@ DEFAULTS = dict(
     head_hidden=128,
     head_dropout=0.0,
     classifier={},                 # ModalityClassifier options: n_layers (1), n_heads (4), dropout
+    segmentation={},               # segmentation task: models.segmentation.SEG_DEFAULTS keys
     out_dir="runs/cggm_seq3",
     seed=0,
     resume=False,
@@ -77,9 +84,13 @@ DEFAULTS = dict(
     betas=[0.9, 0.999],
     clf_lr=5e-4,                   # the classifiers' optimiser (same type as the model's)
     clf_weight_decay=0.0,
-    scheduler="none",              # none | step | cosine (stepped once per epoch)
+    scheduler="none",              # none | step | cosine | warmup_cosine | plateau (on the val loss)
     step_size=10,
     gamma=0.1,
+    plateau_patience=10,
+    warmup_epochs=10,              # warmup_cosine: warmup_start_lr -> lr, then cosine to min_lr
+    warmup_start_lr=4e-4,
+    min_lr=1e-3,
     grad_clip=0.8,                 # clip_grad_norm_ of the model (not the classifiers); 0 = off
     mixed_precision="no",          # no | bf16
     cpu=False,
@@ -108,27 +119,29 @@ def check_config(cfg):
 # Pieces of the step
 
 def batch_metric_counts(task, logits, labels):
-    """(hits, count) of the classifier's batch metric, as 0-d tensors (summed over ranks by the
-    caller): accuracy for classification, sign accuracy over non-zero labels for regression."""
+    """(hits, count) of the classifier's batch metric, as 0-d float64 tensors (summed over ranks by
+    the caller): accuracy for classification, sign accuracy over non-zero labels for regression,
+    the sum over slices of mean(WT, TC, ET Dice) and the number of slices for segmentation."""
     if task == "classification":
-        return (logits.argmax(-1) == labels).sum().double(), torch.tensor(float(labels.shape[0]), dtype=torch.float64,
-                                                                          device=labels.device)
-    pred, target = logits.reshape(-1), labels.reshape(-1)
-    nonzero = target != 0
-    return ((pred > 0) == (target > 0))[nonzero].sum().double(), nonzero.sum().double()
-
-
-def out_weight_grad(task, logits, hidden, labels, global_batch, world):
-    """d task_loss / d F.out.weight in closed form, differentiable w.r.t. logits and hidden, for the
-    mean over the GLOBAL batch (a differentiable all-reduce sums the ranks' parts)."""
-    if task == "classification":
-        dlogits = torch.softmax(logits.float(), -1) - F.one_hot(labels, logits.shape[-1]).float()
+        hits, count = (logits.argmax(-1) == labels).sum(), labels.shape[0]
+    elif task == "segmentation":
+        dice = common.dice_scores(logits.argmax(1), labels, reduction="sum")
+        hits, count = (dice["wt"] + dice["tc"] + dice["et"]) / 3, labels.shape[0]
     else:
-        dlogits = torch.sign(logits.float() - labels.reshape(logits.shape).float())
-    grad = dlogits.T @ hidden.float() / global_batch
+        pred, target = logits.reshape(-1), labels.reshape(-1)
+        nonzero = target != 0
+        hits, count = ((pred > 0) == (target > 0))[nonzero].sum(), nonzero.sum()
+    return torch.as_tensor(hits, dtype=torch.float64, device=labels.device), \
+        torch.as_tensor(count, dtype=torch.float64, device=labels.device)
+
+
+def out_weight_grad(loss, weight, world):
+    """d loss / d weight with create_graph (differentiable further), averaged over ranks through a
+    differentiable all-reduce: the gradient of the GLOBAL batch mean (equal per-rank batches)."""
+    (grad,) = torch.autograd.grad(loss, weight, create_graph=True)
     if world > 1:
         import torch.distributed.nn.functional as dist_nn
-        grad = dist_nn.all_reduce(grad)
+        grad = dist_nn.all_reduce(grad) / world
     return grad
 
 
@@ -143,13 +156,9 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
     names = model.modalities
     labels = batch["label"]
     official = cfg["variant"] == "official"
-    global_batch = labels.shape[0] * world
     with autocast():
         out = model(batch)
-        if official:
-            fused = model.fuse(out)
-        else:
-            fused, hidden = model.fuse(out, return_hidden=True)
+        fused = model.fuse(out)
     fused = fused.float()
     task_loss = common.task_loss(task, fused, labels)
     clf_losses = [common.task_loss(task, out[m][1].float(), labels) for m in names]
@@ -189,7 +198,7 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
         common.all_reduce_mean_([p.grad for p in clf_params if p.grad is not None], world)
         loss = task_loss
         if cfg["direction"]:
-            vec_f = out_weight_grad(task, fused, hidden, labels, global_batch, world)
+            vec_f = out_weight_grad(task_loss, model.head.out.weight, world).reshape(-1)
             vecs = [model.classifiers[m].out.weight.grad.reshape(-1) for m in names]
             lgm = modulation.direction_loss((cfg["rho"] * coeffs).float(), vec_f, vecs)
             loss = loss + cfg["lambda_gm"] * lgm
@@ -222,14 +231,13 @@ def main(cfg: dict) -> dict:
     preemption = common.Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
     meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
     task = meta["task"]
-    if task not in ("classification", "regression"):
-        raise common.ConfigError(f"{cfg['data']}: task '{task}' is not supported by train/cggm.py yet "
-                                 "(classification and regression are)")
+    if task not in ("classification", "regression", "segmentation"):
+        raise common.ConfigError(f"{cfg['data']}: task '{task}' is not supported by CGGM")
     names = cfg["modalities"] or list(meta["modalities"])
     if len(names) < 2 or any(m not in meta["modalities"] for m in names):
         raise common.ConfigError(f"modalities={names}: CGGM needs two or more of {list(meta['modalities'])}")
-    select_key = "acc" if task == "classification" else "mae"
-    better = (lambda a, b: a > b) if task == "classification" else (lambda a, b: a < b)
+    select_key = {"classification": "acc", "regression": "mae", "segmentation": "dice_mean"}[task]
+    better = (lambda a, b: a < b) if task == "regression" else (lambda a, b: a > b)
     run_dir, writer = common.setup_run_dir(cfg, accelerator)
     device, world = accelerator.device, accelerator.num_processes
 
@@ -242,8 +250,12 @@ def main(cfg: dict) -> dict:
 
     # model, two optimisers ----------------------------------------------------------------------
     try:
-        model = CGGMModel(meta, cfg["encoders"], names, cfg["d_model"], cfg["fusion"], cfg["head_hidden"],
-                          cfg["head_dropout"], cfg["classifier"]).to(device)
+        if task == "segmentation":
+            model = BratsCGGMModel({**meta, "modalities": {m: meta["modalities"][m] for m in names}},
+                                   cfg["segmentation"]).to(device)
+        else:
+            model = CGGMModel(meta, cfg["encoders"], names, cfg["d_model"], cfg["fusion"], cfg["head_hidden"],
+                              cfg["head_dropout"], cfg["classifier"]).to(device)
     except (ValueError, TypeError) as err:
         raise common.ConfigError(f"model: {err}") from None
     optimizer = common.build_optimizer(cfg, model.model_parameters())
@@ -290,10 +302,14 @@ def main(cfg: dict) -> dict:
         bar.close()
 
         common.check_finite(nonfinite, state["step"], cfg["log_every"])
-        scheduler.step()
+        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if not plateau:
+            scheduler.step()
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
         val = common.evaluate(model, val_loader, accelerator, task, model.fuse)
+        if plateau:
+            scheduler.step(val["fused"]["loss"])
         common.log_scalars(writer, {f"val_{k}/{name}": v for k, mets in val.items() for name, v in mets.items()},
                            state["step"])
         common.append_jsonl(run_dir, {"epoch": state["epoch"], "step": state["step"], "val": val}, accelerator)

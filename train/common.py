@@ -262,13 +262,32 @@ def build_optimizer(cfg, params):
 
 
 def build_scheduler(cfg, optimizer):
-    if cfg["scheduler"] == "none":
+    """Per-epoch schedulers: none | step (StepLR(step_size, gamma)) | cosine (over `epochs`) |
+    warmup_cosine (linear from `warmup_start_lr` to lr over `warmup_epochs`, then cosine to `min_lr`;
+    CGGM's BraTS recipe) | plateau (ReduceLROnPlateau on the validation loss, `plateau_patience`,
+    factor `gamma`; step it with the loss)."""
+    name = cfg["scheduler"]
+    if name == "none":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-    if cfg["scheduler"] == "step":
+    if name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, cfg["step_size"], cfg["gamma"])
-    if cfg["scheduler"] == "cosine":
+    if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg["epochs"])
-    raise ConfigError(f"scheduler='{cfg['scheduler']}': choose none, step or cosine")
+    if name == "warmup_cosine":
+        warmup, total = cfg["warmup_epochs"], cfg["epochs"]
+        start, floor = cfg["warmup_start_lr"] / cfg["lr"], cfg["min_lr"] / cfg["lr"]
+
+        def factor(epoch):
+            if epoch < warmup:
+                return start + (1 - start) * epoch / warmup
+            progress = (epoch - warmup) / max(1, total - warmup)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg["gamma"],
+                                                          patience=cfg["plateau_patience"])
+    raise ConfigError(f"scheduler='{name}': choose none, step, cosine"
+                      + (", warmup_cosine or plateau" if "plateau_patience" in cfg else ""))
 
 
 def task_loss(task, outputs, labels):
@@ -283,23 +302,32 @@ def task_loss(task, outputs, labels):
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator, task, fuse):
-    """Per-modality and fused metrics on a whole split (gathered from every rank).
-    `model(batch)` returns {modality: (features, logits)}; `fuse` maps that dict to fused logits."""
+    """Per-modality and fused metrics on a whole split (gathered from every rank), plus the fused
+    prediction's mean loss (`fused.loss`, the per-batch losses weighted by batch size).
+    `model(batch)` returns {modality: (features, logits)}; `fuse` maps that dict to fused logits.
+    Segmentation gathers the predicted label maps (uint8), not the logits."""
     model.eval()
     outputs, index, labels = {}, [], []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for batch in loader:
         batch = to_device(batch, accelerator.device)
         with accelerator.autocast():
             out = model(batch)
-        for m, (_, logits) in out.items():
-            outputs.setdefault(m, []).append(logits.float())
-        outputs.setdefault("fused", []).append(fuse(out).float())
+            fused = fuse(out)
+        loss_sum += task_loss(task, fused.float(), batch["label"]).double() * batch["label"].shape[0]
+        for m, logits in [(m, logits) for m, (_, logits) in out.items()] + [("fused", fused)]:
+            keep = logits.argmax(1).to(torch.uint8) if task == "segmentation" else logits.float()
+            outputs.setdefault(m, []).append(keep)
         index.append(batch["index"])
         labels.append(batch["label"])
     model.train()
     gathered = gather_by_index(
         accelerator, torch.cat(index), {k: torch.cat(v) for k, v in outputs.items()} | {"label": torch.cat(labels)})
-    return {k: task_metrics(task, gathered[k], gathered["label"]) for k in outputs}
+    if accelerator.num_processes > 1:
+        dist.all_reduce(loss_sum)
+    metrics = {k: task_metrics(task, gathered[k], gathered["label"]) for k in outputs}
+    metrics["fused"]["loss"] = float(loss_sum) / max(1, len(gathered["label"]))
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------------
