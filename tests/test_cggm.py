@@ -306,3 +306,32 @@ def test_cggm_segmentation_trains_and_reports_dice(tiny_brats, tmp_path, variant
         assert 0.0 <= metrics["dice_mean"] <= 1.0
     assert "loss" in result["val"]["fused"]
     assert {"flair/coeff", "train/lgm", "flair/clf_metric"} <= tb_tags(out)
+
+
+# the shapes each converter writes (data_prep/<dataset>.py) and the task
+CONVERTED = {
+    "mosi": ("regression", 1, {"text": [50, 300], "audio": [50, 5], "vision": [50, 20]}),
+    "iemocap": ("classification", 4, {"text": [22, 1024], "audio": [350, 130], "vision": [50, 342]}),
+    "food101": ("classification", 101, {"image": [197, 768], "text": [50, 768]}),
+}
+
+
+@pytest.mark.parametrize("config", ["mosi", "mosi_paper", "iemocap", "iemocap_paper", "food101", "food101_paper", "brats"])
+def test_dataset_configs_load_and_build(config):
+    from models.segmentation import check_seg_config
+    from train.common import load_config
+    cfg = load_config(cggm.DEFAULTS, ["--config", f"train/configs/cggm_{config}.yaml"])
+    cggm.check_config(cfg)
+    dataset = config.split("_")[0]
+    if dataset == "brats":
+        check_seg_config(cfg["segmentation"])
+        assert cfg["modalities"] == ["flair", "t1ce", "t1", "t2"]
+        return
+    task, classes, shapes = CONVERTED[dataset]
+    meta = {"num_classes": classes, "task": task,
+            "modalities": {m: {"kind": "sequence", "shape": s, "dtype": "float32"} for m, s in shapes.items()}}
+    assert cfg["modalities"] == list(shapes)
+    model = CGGMModel(meta, cfg["encoders"], cfg["modalities"], cfg["d_model"], cfg["fusion"], cfg["head_hidden"],
+                      cfg["head_dropout"], cfg["classifier"])
+    assert model.head.out.out_features == classes
+    assert all(c.out.weight.shape == model.head.out.weight.shape for c in model.classifiers.values())
