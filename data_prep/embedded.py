@@ -47,12 +47,13 @@ WRITE_BLOCK = 1000
 CLASS_NAMES = [f"class_{c}" for c in range(NUM_CLASSES)]
 
 # Per-flavour knobs. sigma_<modality>: latent noise (larger = less label information);
-# shift_<modality>: maximal random circular shift in pixels (weak image-like modalities);
+# shift_<modality>: maximal random circular shift in pixels (weak image-like modalities) or in time
+# steps (sequences; 0 by default — a knob for making a weak sequence modality slower to learn);
 # cat_peak: probability of a class's preferred category in each categorical column.
 DEFAULTS = {
     "imgtab": {"sigma_image": 0.60, "shift_image": 10, "sigma_table": 0.38, "cat_peak": 0.75},
     "av": {"sigma_audio": 0.32, "sigma_video": 0.60, "shift_video": 10},
-    "seq3": {"sigma_text": 0.34, "sigma_audio": 0.60, "sigma_vision": 0.65},
+    "seq3": {"sigma_text": 0.34, "sigma_audio": 0.60, "sigma_vision": 0.65, "shift_audio": 0, "shift_vision": 0},
 }
 
 # (modality name, kind, shape, dtype, role) in canonical order
@@ -147,6 +148,7 @@ def _structure(flavour, seed, knobs):
             pos = np.arange(t_len)[:, None] / t_len
             freq = rng.uniform(0.5, 3.0, d)[None, :]
             s["pos"] = 0.3 * np.sin(2 * math.pi * freq * pos + rng.uniform(0, 2 * math.pi, d))
+            s["shift"] = int(knobs.get(f"shift_{name}", 0))
         elif kind == "tabular":
             q, _ = np.linalg.qr(rng.standard_normal((k, k)))
             s["mix"] = q * 1.2      # orthogonal: well conditioned, injective
@@ -187,6 +189,11 @@ def _render(s, z, rng):
         return spec.reshape(n, *shape).astype(np.float32)
     if kind == "sequence":
         x = np.tanh(np.einsum("tdk,nk->ntd", s["mix"], z) + s["pos"][None])
+        if s["shift"]:   # circular time shift per sample (label-independent), as the images' shifts
+            t_len = x.shape[1]
+            offsets = rng.integers(-s["shift"], s["shift"] + 1, len(x))
+            idx = (np.arange(t_len)[None, :] - offsets[:, None]) % t_len
+            x = np.take_along_axis(x, idx[:, :, None], axis=1)
         return x.astype(np.float32)
     if kind == "tabular":
         u = z @ s["mix"].T
