@@ -11,6 +11,25 @@ from models.encoders import build_encoder
 from models.heads import FusionTransformer, IGMHead, ModalityClassifier, ResidualHead
 
 
+def build_encoders(meta: dict, encoder_cfgs: dict, modalities: list[str] | None = None,
+                   kind_defaults: dict | None = None) -> tuple[list[str], nn.ModuleDict]:
+    """The modalities to use (default: all of the dataset's, in its order) and one encoder per
+    modality (models.encoders.build_encoder). Unknown names in `modalities` or `encoder_cfgs` raise
+    ValueError. `kind_defaults`: per modality kind, config defaults the caller imposes (e.g. CGGM's
+    common d_model for sequences) under the user's `encoder_cfgs`."""
+    modalities = list(modalities or meta["modalities"])
+    for name in list(modalities) + list(encoder_cfgs):
+        if name not in meta["modalities"]:
+            raise ValueError(f"modality '{name}' is not in the dataset (it has "
+                             f"{', '.join(meta['modalities'])})")
+    encoders = nn.ModuleDict()
+    for m in modalities:
+        spec = meta["modalities"][m]
+        encoders[m] = build_encoder(m, spec, {**(kind_defaults or {}).get(spec["kind"], {}),
+                                              **encoder_cfgs.get(m, {})})
+    return modalities, encoders
+
+
 class LateFusionModel(nn.Module):
     """encoders[m]: E_m, heads[m]: Linear(E_m.out_dim, C). forward -> {m: (features, logits)}.
 
@@ -20,19 +39,8 @@ class LateFusionModel(nn.Module):
 
     def __init__(self, meta: dict, encoder_cfgs: dict, modalities: list[str] | None = None):
         super().__init__()
-        modalities = list(modalities or meta["modalities"])
-        for name in modalities:
-            if name not in meta["modalities"]:
-                raise ValueError(f"modality '{name}' is not in the dataset (it has "
-                                 f"{', '.join(meta['modalities'])})")
-        unknown = set(encoder_cfgs) - set(meta["modalities"])
-        if unknown:
-            raise ValueError(f"encoders: no modality named {sorted(unknown)} in the dataset")
-        self.modalities = modalities
-        out_dim = meta["num_classes"]
-        self.encoders = nn.ModuleDict(
-            {m: build_encoder(m, meta["modalities"][m], encoder_cfgs.get(m, {})) for m in modalities})
-        self.heads = nn.ModuleDict({m: nn.Linear(self.encoders[m].out_dim, out_dim) for m in modalities})
+        self.modalities, self.encoders = build_encoders(meta, encoder_cfgs, modalities)
+        self.heads = nn.ModuleDict({m: nn.Linear(e.out_dim, meta["num_classes"]) for m, e in self.encoders.items()})
 
     def forward(self, batch: dict) -> dict:
         out = {}
@@ -55,14 +63,7 @@ class SharedHeadModel(nn.Module):
 
     def __init__(self, meta: dict, encoder_cfgs: dict, modalities: list[str] | None = None):
         super().__init__()
-        modalities = list(modalities or meta["modalities"])
-        for name in list(modalities) + list(encoder_cfgs):
-            if name not in meta["modalities"]:
-                raise ValueError(f"modality '{name}' is not in the dataset (it has "
-                                 f"{', '.join(meta['modalities'])})")
-        self.modalities = modalities
-        self.encoders = nn.ModuleDict(
-            {m: build_encoder(m, meta["modalities"][m], encoder_cfgs.get(m, {})) for m in modalities})
+        self.modalities, self.encoders = build_encoders(meta, encoder_cfgs, modalities)
         widths = {m: e.out_dim for m, e in self.encoders.items()}
         if len(set(widths.values())) != 1:
             raise ValueError(f"encoders: a shared head needs one feature width, got {widths} "
@@ -95,16 +96,9 @@ class IGMModel(nn.Module):
     def __init__(self, meta: dict, encoder_cfgs: dict, modalities: list[str] | None = None,
                  hidden: tuple[int, int] = (256, 64)):
         super().__init__()
-        modalities = list(modalities or meta["modalities"])
-        for name in list(modalities) + list(encoder_cfgs):
-            if name not in meta["modalities"]:
-                raise ValueError(f"modality '{name}' is not in the dataset (it has "
-                                 f"{', '.join(meta['modalities'])})")
-        self.modalities = modalities
-        self.encoders = nn.ModuleDict(
-            {m: build_encoder(m, meta["modalities"][m], encoder_cfgs.get(m, {})) for m in modalities})
+        self.modalities, self.encoders = build_encoders(meta, encoder_cfgs, modalities)
         self.heads = nn.ModuleDict(
-            {m: IGMHead(self.encoders[m].out_dim, meta["num_classes"], hidden) for m in modalities})
+            {m: IGMHead(e.out_dim, meta["num_classes"], hidden) for m, e in self.encoders.items()})
 
     def forward(self, batch: dict) -> dict:
         out = {}
@@ -142,22 +136,14 @@ class CGGMModel(nn.Module):
                  d_model: int = 64, fusion: dict | None = None, head_hidden: int = 128,
                  head_dropout: float = 0.0, classifier: dict | None = None):
         super().__init__()
-        modalities = list(modalities or meta["modalities"])
-        for name in list(modalities) + list(encoder_cfgs):
-            if name not in meta["modalities"]:
-                raise ValueError(f"modality '{name}' is not in the dataset (it has "
-                                 f"{', '.join(meta['modalities'])})")
-        self.modalities = modalities
-        out_dim = meta["num_classes"]
-        self.encoders = nn.ModuleDict()
-        for m in modalities:
-            spec, cfg = meta["modalities"][m], dict(encoder_cfgs.get(m, {}))
-            if spec["kind"] == "sequence":
-                cfg.setdefault("d_model", d_model)
-            self.encoders[m] = build_encoder(m, spec, cfg)
-            if self.encoders[m].out_dim != d_model:
-                raise ValueError(f"encoders.{m}: gives {self.encoders[m].out_dim}-d features; the fusion "
+        self.modalities, self.encoders = build_encoders(meta, encoder_cfgs, modalities,
+                                                        {"sequence": {"d_model": d_model}})
+        for m, encoder in self.encoders.items():
+            if encoder.out_dim != d_model:
+                raise ValueError(f"encoders.{m}: gives {encoder.out_dim}-d features; the fusion "
                                  f"transformer needs d_model={d_model}")
+        out_dim = meta["num_classes"]
+        modalities = self.modalities
         self.fusion = FusionTransformer(d_model, modalities=modalities, **{"n_layers": 2, "n_heads": 4, **(fusion or {})})
         self.head = ResidualHead(d_model, head_hidden, out_dim, head_dropout)
         clf = {"n_layers": 1, "n_heads": 4, **(classifier or {})}
