@@ -822,6 +822,24 @@ def print_result_table(result: dict, select_key: str = "acc") -> str:
     return text
 
 
+def test_best_model(model, run_dir: Path, accelerator, task: str, fuse, loaders: dict, meta: dict, state: dict,
+                    writer, select_key: str = "acc", **extra) -> dict:
+    """The end of every run: load best.pt (the model selected on validation), evaluate the val and
+    test splits (`loaders`), write result.json and print the table on rank 0, close TensorBoard.
+    `extra` (the method's switches) is recorded in result.json."""
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(model).load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True))
+    test = evaluate(model, loaders["test"], accelerator, task, fuse)
+    val = evaluate(model, loaders["val"], accelerator, task, fuse)
+    result = {"run_dir": str(run_dir), "best_epoch": state["best_epoch"], "val": val, "test": test,
+              "bayes_accuracy": meta.get("source", {}).get("bayes_accuracy"), **extra}
+    if accelerator.is_main_process:
+        write_result(run_dir, result)
+        print_result_table(result, select_key)
+        writer.close()
+    return result
+
+
 def finish() -> None:
     """Leave the process group cleanly at the end of a script."""
     if dist.is_available() and dist.is_initialized():
