@@ -1,0 +1,20 @@
+#!/bin/bash
+# GAAL on the embedded image+tabular benchmark (small: CPU is enough): train/gaal.py --config train/configs/gaal_imgtab.yaml
+#   sbatch slurm/gaal_imgtab.sh [--key value ...]        # from the repository root; flags go to train/gaal.py
+#   DATA=/data/shards/embedded_imgtab RUN_NAME=gaal_imgtab_seed1 sbatch slurm/gaal_imgtab.sh --seed 1
+# The #SBATCH lines are defaults: edit them here, or override them on the sbatch command line
+# (sbatch --nodes=2 ...; --gpus-per-node=0 on a cluster without GPUs). The environment (DATA,
+# RUN_DIR, ...), automatic --resume, signals and requeueing: slurm/launch.sh.
+#SBATCH --job-name=gaal_imgtab
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=0
+#SBATCH --cpus-per-task=4
+#SBATCH --time=02:00:00
+#SBATCH --output=slurm/logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+SCRIPT=gaal CONFIG=train/configs/gaal_imgtab.yaml DATASET=embedded_imgtab
+. "${REPO:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/launch.sh" ||
+  { echo "slurm/launch.sh not found: submit from the repository root or set REPO" >&2; exit 1; }
