@@ -47,7 +47,7 @@ import cloudpickle
 import submitit
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ("gaal", "igm", "joint", "unimodal")
+SCRIPTS = ("gaal", "igm", "cggm", "joint", "unimodal")
 
 
 
