@@ -228,6 +228,7 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
 def main(cfg: dict) -> dict:
     check_config(cfg)
     accelerator = common.setup_accelerator(cfg)
+    common.refuse_deepspeed(accelerator, "CGGM", "it scales each encoder core's reduced gradient by rho*c_i, adds the L_gm gradient and clips the global norm")
     preemption = common.Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
     meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
     task = meta["task"]

@@ -181,6 +181,11 @@ def setup_accelerator(cfg: dict):
     from accelerate.utils import set_seed
 
     cpu = cfg.get("cpu", False) or not torch.cuda.is_available()
+    if deepspeed_requested():   # Accelerate drops a DeepSpeed launch config silently when cpu=True
+        if cfg.get("cpu", False) and torch.cuda.is_available():
+            raise ConfigError("cpu=true cannot be combined with a DeepSpeed launch config (DeepSpeed "
+                              "would still run on the GPU): drop --cpu or launch without DeepSpeed")
+        cpu = False   # without CUDA, DeepSpeed's CPU accelerator (gloo) is used
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.get("mixed_precision", "no"))
     check_world_size(accelerator)
     if cfg["batch_size"] % accelerator.num_processes:
@@ -199,6 +204,173 @@ def check_world_size(accelerator) -> None:
             f"{accelerator.num_processes}: each process would train alone as rank 0. "
             "On a machine without CUDA pass Accelerator(cpu=True) (our scripts do) and launch with "
             "`accelerate launch --multi_gpu --num_processes N` or torchrun, not `--cpu`.")
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed (through Accelerate: `accelerate launch --config_file train/configs/accelerate/
+# deepspeed_zero<1|2>.yaml ...`). Only ZeRO stages 1 and 2; the joint baseline supports them, the
+# methods that edit gradients between backward and step refuse them (refuse_deepspeed).
+
+DEEPSPEED_STAGES = (1, 2)
+
+# Imported without CUDA, DeepSpeed logs "Setting accelerator to CPU" to STDOUT, and Accelerate
+# imports it in every unwrap_model once it is installed: name the CPU accelerator (what DeepSpeed
+# picks anyway) so that the scripts' stdout stays their own.
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def deepspeed_requested() -> bool:
+    """True when the launcher asked for DeepSpeed (what `accelerate launch` with a DEEPSPEED config sets)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def deepspeed_stage(accelerator) -> int | None:
+    """The ZeRO stage of a DeepSpeed run, None when the run does not use DeepSpeed."""
+    from accelerate.utils import DistributedType
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def refuse_deepspeed(accelerator, method: str, reason: str) -> None:
+    """Stop a method that cannot run under DeepSpeed, before any compute, saying why and what instead.
+
+    `reason`: what the method does to the gradients between backward and the optimizer step. Such
+    scripts all-reduce by hand and never hand their model to Accelerate, so without this refusal a
+    DeepSpeed launch config would be silently ignored (no ZeRO); moving them onto the engine would not
+    be enough either: Accelerate's DeepSpeed wrapper steps inside accelerator.backward(), and under
+    ZeRO-2 each rank holds only a partition of the reduced gradients after backward.
+    """
+    stage = deepspeed_stage(accelerator)
+    if stage is None:
+        return
+    where = ("and ZeRO-2 partitions the reduced gradients across ranks after backward, so no rank "
+             "holds the full gradient to edit" if stage >= 2 else
+             "and under ZeRO-1 the reduced gradients sit in DeepSpeed's flat buffers (p.grad is None)")
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "<script>.py"
+    raise ConfigError(
+        f"{method} does not support DeepSpeed (ZeRO stage {stage}): {reason}. These edits need the "
+        "full, all-reduced gradients between backward and the optimizer step; Accelerate's DeepSpeed "
+        f"wrapper runs the step inside accelerator.backward(), so there is no such point, {where}. "
+        f"Train {method} with plain data parallelism instead (its gradients are all-reduced by hand, "
+        f"exactly): accelerate launch --multi_gpu --num_processes N train/{script} ... "
+        "DeepSpeed ZeRO-1/2 is supported by train/joint.py.")
+
+
+def configure_deepspeed(accelerator, cfg: dict, model: torch.nn.Module) -> int | None:
+    """Before accelerator.prepare under DeepSpeed: check the stage and fill the DeepSpeed config's
+    "auto" entries from the run config, refusing disagreements (nothing is silently ignored):
+    train_micro_batch_size_per_gpu = batch_size / processes, gradient_clipping = grad_clip
+    (DeepSpeed clips inside its step; 0 = off), no gradient accumulation, no optimizer/scheduler
+    in the file (the script builds its own), bf16 on exactly when mixed_precision is bf16.
+
+    Under bf16 DeepSpeed casts the module to bf16 and Accelerate's autocast is off, so the model's
+    forward is wrapped in bf16 autocast with float32 outputs (what Accelerate does for DDP):
+    float inputs and float32 losses keep working. Returns the ZeRO stage, or None without DeepSpeed.
+    """
+    stage = deepspeed_stage(accelerator)
+    if stage is None:
+        return None
+    if stage not in DEEPSPEED_STAGES:
+        raise ConfigError(f"DeepSpeed ZeRO stage {stage}: only stages {DEEPSPEED_STAGES} are supported "
+                          "(stage 3 partitions the parameters themselves, which evaluation and the "
+                          "checkpoints read whole); use train/configs/accelerate/deepspeed_zero1.yaml "
+                          "or deepspeed_zero2.yaml")
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
+
+    def fill(key, value, what):
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise ConfigError(f"{source}: {key}={ds[key]!r} disagrees with {what} ({value!r}): set it "
+                              f"to \"auto\" (it then follows the run config) or make them equal")
+
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{source}: remove '{key}': the script builds its own from the run config")
+    if cfg.get("mixed_precision", "no") not in ("no", "bf16"):
+        raise ConfigError(f"mixed_precision={cfg['mixed_precision']}: under DeepSpeed use bf16 or no "
+                          "(the shipped configs keep fp16 off)")
+    fill("train_micro_batch_size_per_gpu", cfg["batch_size"] // accelerator.num_processes,
+         f"batch_size={cfg['batch_size']} / {accelerator.num_processes} processes")
+    fill("train_batch_size", cfg["batch_size"], "batch_size")
+    fill("gradient_accumulation_steps", 1, "the scripts, which do not accumulate gradients")
+    fill("gradient_clipping", float(cfg.get("grad_clip", 0.0)), "grad_clip")
+    bf16 = str(ds.get("bf16", {}).get("enabled", False)).lower() == "true"
+    if bf16 != (cfg.get("mixed_precision", "no") == "bf16") or \
+            str(ds.get("fp16", {}).get("enabled", False)).lower() == "true":
+        raise ConfigError(f"{source}: bf16.enabled={ds.get('bf16', {}).get('enabled')}, "
+                          f"fp16.enabled={ds.get('fp16', {}).get('enabled')} disagree with "
+                          f"mixed_precision={cfg.get('mixed_precision', 'no')}: set bf16.enabled to "
+                          "\"auto\" and fp16.enabled to false")
+    if bf16:
+        from accelerate.utils import convert_outputs_to_fp32
+        model.forward = convert_outputs_to_fp32(
+            torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16)(model.forward))
+    accelerator.print(f"[deepspeed] ZeRO stage {stage}: micro batch {ds['train_micro_batch_size_per_gpu']} "
+                      f"x {accelerator.num_processes} processes, gradient_clipping "
+                      f"{ds['gradient_clipping']} (grad_clip), bf16 {'on' if bf16 else 'off'}")
+    return stage
+
+
+def deepspeed_full_grads(params) -> torch.Tensor:
+    """Flattened full (all-reduced, float32) gradients of `params` under a ZeRO-1/2 engine, between
+    engine.backward and engine.step, where p.grad is None. Collective: every rank calls it for the
+    same parameters in the same order."""
+    from deepspeed.utils import safe_get_full_grad
+    grads = []
+    for p in params:
+        g = safe_get_full_grad(p)
+        grads.append((torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()).flatten())
+    return torch.cat(grads)
+
+
+def deepspeed_grad_norm(params) -> torch.Tensor:
+    """L2 norm of the full reduced gradients of `params` under a ZeRO-1/2 engine, assembled one
+    parameter at a time (never the whole model's gradient at once). Collective, like
+    deepspeed_full_grads."""
+    from deepspeed.utils import safe_get_full_grad
+    squares = [g.float().pow(2).sum() for g in map(safe_get_full_grad, params) if g is not None]
+    return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+
+
+def deepspeed_state_dict(module: torch.nn.Module) -> dict:
+    """The module's state dict with each parameter's full float32 master weights (under bf16 the
+    module itself holds bf16 copies). Collective under ZeRO-1/2: every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    state = module.state_dict()
+    for name, p in module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        state[name] = (p.detach() if full is None else full).float().cpu().clone()
+    return {k: v.cpu() for k, v in state.items()}
+
+
+def save_deepspeed_model_atomic(module: torch.nn.Module, path: Path, accelerator) -> None:
+    """save_model_atomic for a DeepSpeed engine's module (float32 master weights). Collective."""
+    state = deepspeed_state_dict(module)
+    if accelerator.is_main_process:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        _fsync_save(state, tmp)
+        os.replace(tmp, path)
+
+
+def _deepspeed_engine(accelerator, objects: dict):
+    """The DeepSpeed engine among checkpointed objects, None when the run does not use DeepSpeed."""
+    if deepspeed_stage(accelerator) is None:
+        return None
+    import deepspeed
+    engines = [obj for obj in objects.values() if isinstance(obj, deepspeed.DeepSpeedEngine)]
+    if len(engines) != 1:
+        raise RuntimeError(f"checkpoint under DeepSpeed: expected one DeepSpeed engine among "
+                           f"{sorted(objects)}, found {len(engines)}")
+    return engines[0]
+
+
+def _is_deepspeed_optimizer(obj) -> bool:
+    from accelerate.utils import DeepSpeedOptimizerWrapper
+    return isinstance(obj, DeepSpeedOptimizerWrapper)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -470,7 +642,11 @@ def save_checkpoint(run_dir: Path, accelerator, objects: dict, trainer_state: di
 
     Collective: every rank calls it. Each rank stores its own RNG states (the global ones and the
     script's own `generators`, e.g. an augmentation's); rank 0 stores the rest.
+    Under DeepSpeed the engine writes its own checkpoint into <ckpt>/deepspeed (every rank its
+    optimizer partition); state.pt then holds the model's full float32 weights (for readers of
+    the checkpoint; resume uses the engine's files) and the other objects, not the optimizer.
     """
+    engine = _deepspeed_engine(accelerator, objects)
     ckpt_root = run_dir / "checkpoints"
     name = f"ckpt-{trainer_state['step']:09d}"
     tmp = ckpt_root / f".tmp-{name}"
@@ -481,11 +657,20 @@ def save_checkpoint(run_dir: Path, accelerator, objects: dict, trainer_state: di
         tmp.mkdir()
     accelerator.wait_for_everyone()
     _fsync_save(_rng_state(generators), tmp / f"rng-rank{accelerator.process_index}.pt")
+    if engine is not None:   # collectives: every rank writes its ZeRO partition
+        engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
+        engine_weights = deepspeed_state_dict(engine.module)
     accelerator.wait_for_everyone()
     final = ckpt_root / name
     if accelerator.is_main_process:
         state = {"trainer": trainer_state, "world_size": accelerator.num_processes}
+        if engine is not None:
+            state["deepspeed_stage"] = deepspeed_stage(accelerator)
         for key, obj in objects.items():
+            if engine is not None and (obj is engine or _is_deepspeed_optimizer(obj)):
+                if obj is engine:
+                    state[key] = engine_weights
+                continue   # the optimizer (partitioned) is in <ckpt>/deepspeed
             if isinstance(obj, torch.nn.Module):
                 obj = accelerator.unwrap_model(obj)
             state[key] = obj.state_dict()
@@ -510,7 +695,26 @@ def load_checkpoint(run_dir: Path, accelerator, objects: dict, generators: dict 
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
         raise RuntimeError(f"cannot read checkpoint {path / 'state.pt'}: {err}") from err
+    engine = _deepspeed_engine(accelerator, objects)
+    written, running = state.get("deepspeed_stage"), deepspeed_stage(accelerator)
+    if written != running:
+        raise RuntimeError(f"checkpoint {path} was written " +
+                           (f"under DeepSpeed ZeRO-{written}" if written is not None else "without DeepSpeed") +
+                           " but this run " + (f"uses ZeRO-{running}" if running is not None else
+                                              "does not use DeepSpeed") +
+                           ": resume with the launch config that wrote it")
+    if engine is not None:
+        if state["world_size"] != accelerator.num_processes:
+            raise RuntimeError(f"checkpoint {path}: DeepSpeed optimizer partitions were written by "
+                               f"{state['world_size']} processes; resume with that many (this run has "
+                               f"{accelerator.num_processes})")
+        loaded, _ = engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=True,
+                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise RuntimeError(f"cannot read the DeepSpeed checkpoint {path / 'deepspeed'}")
     for key, obj in objects.items():
+        if engine is not None and (obj is engine or _is_deepspeed_optimizer(obj)):
+            continue   # restored by engine.load_checkpoint
         if key not in state:
             raise RuntimeError(f"checkpoint {path} has no '{key}' (it holds {sorted(state)})")
         if isinstance(obj, torch.nn.Module):

@@ -159,6 +159,7 @@ def gaal_step(encoders, head, optimizer, batch, order, cfg, world=1, rank=0, aut
 def main(cfg: dict) -> dict:
     check_config(cfg)
     accelerator = common.setup_accelerator(cfg)
+    common.refuse_deepspeed(accelerator, "GAAL", "its gradient surgery edits the shared head's reduced gradient against the other modality's reference gradient")
     preemption = common.Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
     meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
     if meta["task"] != "classification":

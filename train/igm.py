@@ -344,6 +344,7 @@ def spectrum_scalars(prefix, projections):
 def main(cfg: dict) -> dict:
     check_config(cfg)
     accelerator = common.setup_accelerator(cfg)
+    common.refuse_deepspeed(accelerator, "IGM", "it multiplies the head weight gradients by the flat projection T (paper variant: SAM re-evaluates at a perturbed point)")
     preemption = common.Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
     meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
     if meta["task"] != "classification":

@@ -4,6 +4,8 @@ prediction, optionally plus the sum of the per-modality losses (`aux_weight`).
     accelerate launch train/joint.py                                  # embedded image+tabular benchmark
     accelerate launch train/joint.py --config train/configs/joint_av.yaml --epochs 5
     accelerate launch --multi_gpu --num_processes 2 train/joint.py    # 2-rank DDP (gloo on CPU)
+    accelerate launch --config_file train/configs/accelerate/deepspeed_zero2.yaml --num_processes 8 \
+        train/joint.py --mixed_precision bf16                         # DeepSpeed ZeRO-2 (or zero1)
 
 Each head alone is that modality's classifier, so the per-modality accuracies read off a jointly
 trained model show modality laziness: the weak modality stays far below what it can reach alone.
@@ -86,8 +88,13 @@ def main(cfg: dict) -> dict:
     model = LateFusionModel(meta, cfg["encoders"], modalities)
     optimizer = common.build_optimizer(cfg, model.parameters())
     scheduler = common.build_scheduler(cfg, optimizer)
+    zero_stage = common.configure_deepspeed(accelerator, cfg, model)   # None without DeepSpeed
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
+    # DeepSpeed: backward and step on the engine itself (accelerator.backward would step inside it,
+    # before the logging below reads the gradients); DeepSpeed clips inside its step (its
+    # gradient_clipping, set from grad_clip by configure_deepspeed)
+    engine = model if zero_stage is not None else None
 
     state = dict(epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1)
     checkpointed = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
@@ -112,31 +119,57 @@ def main(cfg: dict) -> dict:
                 if cfg["aux_weight"]:
                     loss = loss + cfg["aux_weight"] * sum(common.task_loss(task, lg, labels) for _, lg in out.values())
             optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
+            if engine is None:
+                accelerator.backward(loss)
+            else:
+                engine.backward(loss)
             nonfinite |= ~torch.isfinite(loss.detach())
-            if cfg["grad_clip"] > 0:
+            if cfg["grad_clip"] > 0 and engine is None:
                 accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
 
             if (state["step"] + 1) % cfg["log_every"] == 0:
                 common.check_finite(nonfinite, state["step"] + 1, cfg["log_every"])
                 scalars = {"train/loss": loss.detach()}
-                fused_head_grads = {m: common.flat_grad(raw.heads[m].parameters()) for m in out}
+                if engine is None:
+                    fused_head_grads = {m: common.flat_grad(raw.heads[m].parameters()) for m in out}
+                else:
+                    # ZeRO-1/2: p.grad is None after engine.backward; the diagnostics are computed (not
+                    # skipped) from the full reduced gradients, deepspeed.utils.safe_get_full_grad
+                    # (collectives, same order on every rank). DeepSpeed clips later, inside
+                    # engine.step: scale as clip_grad_norm_ does above, so that the logged values are
+                    # the clipped ones, as without DeepSpeed (encoders + heads = every parameter).
+                    fused_head_grads = {m: common.deepspeed_full_grads(raw.heads[m].parameters()) for m in out}
+                    encoder_norms = {m: common.deepspeed_grad_norm(raw.encoders[m].parameters()) for m in out}
+                    if cfg["grad_clip"] > 0:
+                        total = torch.linalg.vector_norm(torch.stack(
+                            [*encoder_norms.values(), *map(torch.linalg.vector_norm, fused_head_grads.values())]))
+                        coef = torch.clamp(cfg["grad_clip"] / (total + 1e-6), max=1.0)
+                        fused_head_grads = {m: g * coef for m, g in fused_head_grads.items()}
+                        encoder_norms = {m: n * coef for m, n in encoder_norms.items()}
                 for m, (features, logits) in out.items():
                     # this modality's own loss through its head alone, vs what the fused loss sends it
-                    own = common.task_loss(task, raw.heads[m](features.detach().float()), labels)
+                    head_input = features.detach().float()
+                    if engine is not None:   # under DeepSpeed bf16 the head's weights are bf16
+                        head_input = head_input.to(next(raw.heads[m].parameters()).dtype)
+                    own = common.task_loss(task, raw.heads[m](head_input).float(), labels)
                     own_grad = common.flat_grad(raw.heads[m].parameters(), own, accelerator)
                     scalars[f"{m}/loss"] = common.task_loss(task, logits.detach().float(), labels)
                     if task == "classification":
                         scalars[f"{m}/acc"] = (logits.argmax(1) == labels).float().mean()
-                    scalars[f"{m}/grad_norm_encoder"] = common.grad_norm(raw.encoders[m])
+                    if engine is None:
+                        scalars[f"{m}/grad_norm_encoder"] = common.grad_norm(raw.encoders[m])
+                    else:
+                        scalars[f"{m}/grad_norm_encoder"] = encoder_norms[m]
                     scalars[f"{m}/cos_head_grad_own_vs_fused"] = F.cosine_similarity(
-                        own_grad, fused_head_grads[m], dim=0, eps=1e-12)
+                        own_grad.float(), fused_head_grads[m], dim=0, eps=1e-12)
                 scalars = {k: accelerator.reduce(v.detach().float(), "mean") for k, v in scalars.items()}
                 scalars["train/lr"] = optimizer.param_groups[0]["lr"]
                 common.log_scalars(writer, scalars, state["step"] + 1)
                 if accelerator.is_main_process:
                     bar.set_postfix(loss=f"{float(scalars['train/loss']):.4f}")
-            optimizer.step()
+            optimizer.step()   # a no-op under DeepSpeed (Accelerate's wrapper); the engine steps:
+            if engine is not None:
+                engine.step()
 
             state["step"] += 1
             state["batch_in_epoch"] += 1
@@ -158,7 +191,9 @@ def main(cfg: dict) -> dict:
             score = val["fused"][select_key]
             if state["best"] is None or better(score, state["best"]):
                 state["best"], state["best_epoch"] = score, state["epoch"]
-                if accelerator.is_main_process:
+                if engine is not None:   # float32 master weights, gathered from the ZeRO partitions
+                    common.save_deepspeed_model_atomic(raw, run_dir / "best.pt", accelerator)
+                elif accelerator.is_main_process:
                     common.save_model_atomic(raw, run_dir / "best.pt")
             accelerator.print(f"epoch {state['epoch']}: val " +
                               "  ".join(f"{k} {v[select_key]:.4f}" for k, v in val.items()))
