@@ -200,17 +200,8 @@ def main(cfg: dict) -> dict:
         common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"])
 
     # test with the model selected on validation ----------------------------------------------------
-    accelerator.wait_for_everyone()
-    raw.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True))
-    test = common.evaluate(model, test_loader, accelerator, task, LateFusionModel.fuse)
-    val = common.evaluate(model, val_loader, accelerator, task, LateFusionModel.fuse)
-    result = {"run_dir": str(run_dir), "best_epoch": state["best_epoch"], "val": val, "test": test,
-              "bayes_accuracy": meta.get("source", {}).get("bayes_accuracy")}
-    if accelerator.is_main_process:
-        common.write_result(run_dir, result)
-        common.print_result_table(result, select_key)
-        writer.close()
-    return result
+    return common.test_best_model(model, run_dir, accelerator, task, LateFusionModel.fuse,
+                                  {"val": val_loader, "test": test_loader}, meta, state, writer, select_key)
 
 
 if __name__ == "__main__":
