@@ -50,6 +50,7 @@ import pathlib
 import numpy as np
 import torch
 
+from data_prep.image_io import find_missing, missing_message
 from models.encoders import IMAGENET_MEAN, IMAGENET_STD, RESNET_ARCHS, load_pretrained
 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
@@ -334,6 +335,39 @@ def text_image_modalities(bert, resnet):
     """Shard modalities: text (BERT [CLS]) then image (pooled ResNet), float32 features."""
     return {"text": {"kind": "features", "shape": [bert.hidden], "dtype": "float32"},
             "image": {"kind": "features", "shape": [resnet.out_dim], "dtype": "float32"}}
+
+
+def collect_text_image_rows(rows, files, image_root, skip_missing_images, dataset, key_name, log):
+    """Gather the annotated samples of every split for a text + image converter.
+
+    rows: split -> list of (key, label, image file name, text) (key: the row's line or item number);
+    files: split -> its annotation file (for messages). A missing image is an error naming the
+    annotation file and the paths (image_io.missing_message), or with skip_missing_images a logged,
+    counted skip. Returns (texts, paths, labels (int64), kept, order, skipped): kept[i] = (split,
+    row) of sample i, order: split -> sample indices, skipped: split -> number of skipped rows."""
+    texts, paths, labels, kept, order, skipped = [], [], [], [], {}, {}
+    for split, split_rows in rows.items():
+        split_paths = [image_root / r[2] for r in split_rows]
+        missing = find_missing(split_paths)
+        if missing and not skip_missing_images:
+            raise FileNotFoundError(missing_message(f"{files[split]} ({dataset})", split_paths, missing))
+        gone = set(missing)
+        for i in missing:
+            log(f"skipping {files[split].name} {key_name} {split_rows[i][0]}: image not found: {split_paths[i]}")
+        skipped[split] = len(missing)
+        idx = []
+        for i, row in enumerate(split_rows):
+            if i in gone:
+                continue
+            idx.append(len(texts))
+            texts.append(row[3])
+            paths.append(split_paths[i])
+            labels.append(row[1])
+            kept.append((split, row))
+        if not idx:
+            raise ValueError(f"{files[split]}: no sample left (all images missing)")
+        order[split] = np.array(idx, dtype=np.int64)
+    return texts, paths, np.array(labels, dtype=np.int64), kept, order, skipped
 
 
 def write_text_image_splits(writer, loader, order, texts, paths, labels, sample_ids, bert, resnet,

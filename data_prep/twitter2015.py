@@ -52,7 +52,7 @@ import time
 import numpy as np
 
 from data_prep import features
-from data_prep.image_io import ImageLoader, find_missing, missing_message, write_index
+from data_prep.image_io import ImageLoader, write_index
 from data_prep.shards import ShardWriter
 
 ANNOTATIONS = "annotations"
@@ -135,29 +135,9 @@ def convert(raw, out, bert, resnet, name="twitter2015", annotations=None, image_
             raise FileNotFoundError(f"{p}: annotation file not found (the {s} split)")
     rows = {s: read_tsv(p, max_words) for s, p in files.items()}
 
-    texts, paths, labels, index, order, skipped = [], [], [], [], {}, {}
-    for split, split_rows in rows.items():
-        split_paths = [image_root / r[2] for r in split_rows]
-        missing = find_missing(split_paths)
-        if missing and not skip_missing_images:
-            raise FileNotFoundError(missing_message(f"{files[split]} (Twitter2015)", split_paths, missing))
-        gone = set(missing)
-        for i in missing:
-            log(f"skipping {files[split].name} line {split_rows[i][0]}: image not found: {split_paths[i]}")
-        skipped[split] = len(missing)
-        idx = []
-        for i, (line, label, image, text) in enumerate(split_rows):
-            if i in gone:
-                continue
-            idx.append(len(texts))
-            texts.append(text)
-            paths.append(split_paths[i])
-            labels.append(label)
-            index.append((split, line, image, text))
-        order[split] = np.array(idx, dtype=np.int64)
-        if not idx:
-            raise ValueError(f"{files[split]}: no sample left (all images missing)")
-    labels = np.array(labels, dtype=np.int64)
+    texts, paths, labels, kept, order, skipped = features.collect_text_image_rows(
+        rows, files, image_root, skip_missing_images, "Twitter2015", "line", log)
+    index = [(split, row[0], row[2], row[3]) for split, row in kept]
     sample_ids = np.arange(len(texts), dtype=np.int64)
     counts = {s: int(len(i)) for s, i in order.items()}
     log(f"read annotations: {counts} samples ({time.perf_counter() - t0:.1f}s)")
