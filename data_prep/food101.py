@@ -78,7 +78,7 @@ import time
 
 import numpy as np
 
-from data_prep import features
+from data_prep import features, image_io
 from data_prep.image_io import ImageLoader, find_missing, missing_message, stratified_pick, write_index
 from data_prep.shards import ShardWriter
 
@@ -117,13 +117,7 @@ def class_dir(img_path):
 def read_split(path):
     """-> list of (item id, words, img_path, label, label_from) of one split file (module doc)."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: annotation file not found")
-    try:
-        with open(path, "r", encoding="utf-8-sig") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    data = image_io.read_json(path)
     if isinstance(data, list):
         items = []
         for i, item in enumerate(data):

@@ -17,6 +17,7 @@ Resize on tensors with antialias=True). A solid-colour image stays exactly that 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import multiprocessing
 import os
@@ -81,6 +82,18 @@ def read_csv(path, required=(), optional=()):
                 yield reader.line_num, {c: row[i].strip() for c, i in idx}
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+
+
+def read_json(path):
+    """A raw annotation file's JSON; a missing file or invalid JSON is an error naming the file."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: annotation file not found")
+    try:
+        with open(path, "r", encoding="utf-8-sig") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def csv_header(path):

@@ -36,7 +36,6 @@ Choices the spec leaves open:
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import re
 import sys
@@ -44,7 +43,7 @@ import time
 
 import numpy as np
 
-from data_prep import features
+from data_prep import features, image_io
 from data_prep.image_io import ImageLoader, write_index
 from data_prep.shards import ShardWriter
 
@@ -63,13 +62,7 @@ def image_name(value):
 def read_json(path):
     """-> list of (item index, label, image file name, text) of one split file."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: annotation file not found")
-    try:
-        with open(path, "r", encoding="utf-8-sig") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    data = image_io.read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of {{image, text, label}} objects, got "
                          f"{type(data).__name__}")
