@@ -2,10 +2,10 @@
 # A method's ablation on the embedded benchmark, 3 seeds, then the README table (mean ± std over
 # seeds of test accuracy). The runs are listed in scripts/ablations/<method>.jobs. Resumable:
 # finished runs are skipped.
-# Usage: bash scripts/ablation.sh gaal|igm [OUT=runs/<method>_ablation] [PARALLEL=2]
+# Usage: bash scripts/ablation.sh gaal|igm|cggm [OUT=runs/<method>_ablation] [PARALLEL=2]
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-method="${1:?usage: bash scripts/ablation.sh gaal|igm [OUT] [PARALLEL]}"
+method="${1:?usage: bash scripts/ablation.sh gaal|igm|cggm [OUT] [PARALLEL]}"
 spec="scripts/ablations/$method.jobs"
 [ -f "$spec" ] || { echo "no $spec (methods: $(ls scripts/ablations | sed 's/.jobs//' | tr '\n' ' '))" >&2; exit 2; }
 out="${2:-runs/${method}_ablation}"; parallel="${3:-2}"

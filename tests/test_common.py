@@ -53,6 +53,14 @@ def test_config_file_errors_name_the_file(tmp_path):
         common.load_config(DEFAULTS, ["--config", str(f)])
 
 
+def test_selection_score():
+    val = {"audio": {"acc": 0.9}, "video": {"acc": 0.5}, "fused": {"acc": 0.8}}
+    assert common.selection_score(val, "fused", "acc") == 0.8
+    assert common.selection_score(val, "modality_mean", "acc") == pytest.approx(0.7)
+    with pytest.raises(common.ConfigError, match="select_on='best'"):
+        common.selection_score(val, "best", "acc")
+
+
 def test_classification_metrics_by_hand():
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     # predictions: 0, 1, 1, 1, 2, 0

@@ -256,7 +256,7 @@ def test_switches(av, tmp_path):
     out = tmp_path / "switches"
     run_script("train/igm.py", igm_args(av, out, "--stage_epochs", "[1, 1, 1]", "--project_layers", "[2]",
                                         "--tau", "1.0", "--sam", "false", "--fusion", "entropy",
-                                        "--mixup_alpha_by_modality.video", "0.0"))
+                                        "--mixup_alpha_by_modality.video", "0.0", "--select_on", "modality_mean"))
     tags = tb_tags(out)
     assert "T/video/layer2/sigma_min" in tags and "T/video/layer0/sigma_min" not in tags
     assert "T/audio/layer2/sigma_min" in tags and "plasticity/cos_consecutive_stages" in tags
@@ -266,6 +266,10 @@ def test_switches(av, tmp_path):
     assert abs(sigma.min().item() - torch.exp(torch.tensor(-1.0)).item()) < 1e-4   # tau = 1.0 reached
     result = json.loads((out / "result.json").read_text())
     assert result["sam"] is False and result["tau"] == 1.0
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in epochs if "val" in e]
+    means = [(e["val"]["audio"]["acc"] + e["val"]["video"]["acc"]) / 2 for e in epochs]
+    assert result["best_epoch"] == epochs[means.index(max(means))]["epoch"]   # select_on: modality_mean
     off = tmp_path / "no_projection"
     run_script("train/igm.py", igm_args(av, off, "--stage_epochs", "[1, 1]", "--projection", "false"))
     assert not any(t.startswith("T/") for t in tb_tags(off))
@@ -294,6 +298,7 @@ def test_resume_is_exact(av, tmp_path, args, stop):
     (dict(project_layers=[3]), "project_layers"),
     (dict(variant="foret"), "variant='foret'"),
     (dict(mixup_alpha_by_modality={"video": -1}), "mixup_alpha_by_modality.video"),
+    (dict(select_on="video"), "select_on='video'"),
 ])
 def test_bad_config_is_refused_before_compute(override, message):
     with pytest.raises(igm.common.ConfigError, match=message.replace(".", r"\.").replace("'", ".")):

@@ -86,6 +86,7 @@ DEFAULTS = dict(
     mixup_alpha=1.0,               # Beta(alpha, alpha) mixup of the active modality's input (0 = off)
     mixup_alpha_by_modality={},    # per-modality override, e.g. {image: 0.9, text: 0.0}
     fusion="mean",                 # mean (official) | entropy (MLA-style, paper option)
+    select_on="fused",             # best model and stage restarts by: fused (released) | modality_mean
     batch_size=64,
     eval_batch_size=500,
     num_workers=0,
@@ -112,7 +113,8 @@ REWEIGHTED_MAX_RHO = 1e-8   # above this the released move is visible in float32
 
 def check_config(cfg):
     for key, allowed in (("variant", ("official", "paper")), ("sam_impl", ("reweighted", "exact")),
-                         ("fusion", ("mean", "entropy")), ("mixed_precision", ("no", "bf16"))):
+                         ("fusion", ("mean", "entropy")), ("mixed_precision", ("no", "bf16")),
+                         ("select_on", common.SELECT_ON)):
         if cfg[key] not in allowed:
             raise common.ConfigError(f"{key}='{cfg[key]}': choose {' or '.join(allowed)}")
     if cfg["variant"] == "official" and (not cfg["stage_epochs"] or any(
@@ -482,7 +484,7 @@ def main(cfg: dict) -> dict:
                 return {"stopped_at_step": state["step"], "run_dir": str(run_dir)}
         bar.close()
 
-        # end of epoch: validate, select on fused validation accuracy, maybe start the next stage
+        # end of epoch: validate, select on validation accuracy (`select_on`), maybe start the next stage
         common.check_finite(nonfinite, state["step"], cfg["log_every"])
         if not official:
             scheduler.step()
@@ -494,7 +496,7 @@ def main(cfg: dict) -> dict:
                            state["step"])
         common.append_jsonl(run_dir, {"epoch": state["epoch"], "stage": state["stage"], "step": state["step"],
                                       "val": val}, accelerator)
-        score = val["fused"]["acc"]
+        score = common.selection_score(val, cfg["select_on"], "acc")
         if state["best"] is None or score > state["best"]:
             state["best"], state["best_epoch"] = score, state["epoch"]
             if accelerator.is_main_process:

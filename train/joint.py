@@ -46,6 +46,7 @@ DEFAULTS = dict(
     step_size=10,
     gamma=0.1,
     aux_weight=0.0,                # + aux_weight * sum_m loss(head_m(f_m), y)
+    select_on="fused",             # best model by validation: fused | modality_mean (common.selection_score)
     grad_clip=0.0,                 # clip the global gradient norm (0 = off)
     mixed_precision="no",          # no | bf16 | fp16
     cpu=False,                     # force CPU even where CUDA exists
@@ -61,6 +62,8 @@ DEFAULT_CONFIG = "train/configs/joint_imgtab.yaml"
 
 
 def main(cfg: dict) -> dict:
+    if cfg["select_on"] not in common.SELECT_ON:
+        raise common.ConfigError(f"select_on='{cfg['select_on']}': choose {' or '.join(common.SELECT_ON)}")
     accelerator = common.setup_accelerator(cfg)
     preemption = common.Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
     meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
@@ -188,7 +191,7 @@ def main(cfg: dict) -> dict:
             common.log_scalars(writer, {f"val_{k}/{name}": v for k, mets in val.items() for name, v in mets.items()},
                                state["step"])
             common.append_jsonl(run_dir, {"epoch": state["epoch"], "step": state["step"], "val": val}, accelerator)
-            score = val["fused"][select_key]
+            score = common.selection_score(val, cfg["select_on"], select_key)
             if state["best"] is None or better(score, state["best"]):
                 state["best"], state["best_epoch"] = score, state["epoch"]
                 if engine is not None:   # float32 master weights, gathered from the ZeRO partitions
