@@ -31,6 +31,7 @@ its own row, and the classifiers' parameter bytes are printed below the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -117,12 +118,14 @@ def timed(fn, steps, device):
     return (time.perf_counter() - start) / steps
 
 
-def bench_igm(args, device):
+def bench_igm(args, device, only=None):
     generator = torch.Generator().manual_seed(0)
     meta, batch, encoder_cfgs = igm_meta_and_batch(args.shape, device, generator)
     order = ["audio", "video"]
     runs = {}
     for name in ("plain alternating", "igm official", "igm paper"):
+        if only not in (None, name):
+            continue
         torch.manual_seed(0)
         model = IGMModel(meta, encoder_cfgs, order).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-4)
@@ -148,10 +151,10 @@ def bench_igm(args, device):
                             flat_sam.accumulate_input_moment_from_sum(None, total[0], n[0])
         runs[name] = {"step": step, "times": [], "peak": 0}
     floors = {"plain alternating": "1.000x", "igm official": "~1.0x", "igm paper": "~2.0x"}
-    return time_runs(runs, args, device, batch, floors)
+    return runs if only else time_runs(runs, args, device, batch, floors)
 
 
-def bench_cggm(args, device):
+def bench_cggm(args, device, only=None):
     generator = torch.Generator().manual_seed(0)
     mods, classes, batch_size, d_model, layers = CGGM_SHAPES[args.shape]
     task = "classification" if classes > 1 else "regression"
@@ -164,6 +167,8 @@ def bench_cggm(args, device):
     encoders = {m: {"n_layers": layers} for m in mods}
     runs, clf_bytes = {}, 0
     for name in ("joint", "joint + classifiers", "cggm official", "cggm paper"):
+        if only not in (None, name):
+            continue
         torch.manual_seed(0)
         model = CGGMModel(meta, encoders, list(mods), d_model).to(device)
         clf_bytes = sum(p.numel() * p.element_size() for p in model.classifiers.parameters())
@@ -190,6 +195,8 @@ def bench_cggm(args, device):
             def step(m=model, o=opt, co=clf_opt, c=cfg, s=state):
                 cggm.cggm_step(m, batch, o, co, s, c, task)
         runs[name] = {"step": step, "times": [], "peak": 0}
+    if only:
+        return runs
     floors = {"joint": "1.000x", "joint + classifiers": "floor", "cggm official": "~floor", "cggm paper": "~floor"}
     rows = time_runs(runs, args, device, batch, floors, base_name="joint")
     floor_ratio = float(rows[1][4].rstrip("x"))
@@ -219,12 +226,14 @@ def time_runs(runs, args, device, batch, floors, base_name="plain alternating"):
     return rows
 
 
-def bench_gaal(args, device):
+def bench_gaal(args, device, only=None):
     generator = torch.Generator().manual_seed(0)
     meta, batch, encoder_cfgs = synthetic_meta_and_batch(args.shape, device, generator)
     order = ["image", "table"]
     runs = {}
     for name in ("plain alternating", "gaal official", "gaal paper"):
+        if only not in (None, name):
+            continue
         torch.manual_seed(0)
         model = SharedHeadModel(meta, encoder_cfgs, order).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -235,7 +244,80 @@ def bench_gaal(args, device):
             step = lambda m=model, o=optimizer, c=cfg: gaal_step(m.encoders, m.head, o, batch, order, c)  # noqa: E731
         runs[name] = {"step": step, "times": [], "peak": 0}
     floors = {"plain alternating": "1.000x", "gaal official": "~1.33x", "gaal paper": "~1.33x"}
-    return time_runs(runs, args, device, batch, floors)
+    return runs if only else time_runs(runs, args, device, batch, floors)
+
+
+def bench_fast_path(method, shape, device, steps=3, repeats=3, compile_encoders=False):
+    """The GPU path against an fp32 eager reference of the SAME step (GAAL official at an image-table
+    shape, IGM official at an audio-visual shape): bf16 autocast, channels_last weights for the CNNs,
+    the fused optimiser (CUDA; CPU since torch 2.4), optionally torch.compile of the encoders.
+    Returns rows [step, ms/step, samples/s, peak memory, speed-up]."""
+    generator = torch.Generator().manual_seed(0)
+    if method == "gaal":
+        meta, batch, encoder_cfgs = synthetic_meta_and_batch(shape, device, generator)
+        order = ["image", "table"]
+    else:
+        meta, batch, encoder_cfgs = igm_meta_and_batch(shape, device, generator)
+        order = ["audio", "video"]
+    bf16 = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    settings = {"fp32 eager": dict(autocast=contextlib.nullcontext, channels_last=False, fused=False),
+                "bf16 + channels_last + fused": dict(autocast=bf16, channels_last=True, fused=True)}
+    if compile_encoders:
+        settings["... + torch.compile"] = dict(autocast=bf16, channels_last=True, fused=True, compile=True)
+    runs = {}
+    for name, opt in settings.items():
+        torch.manual_seed(0)
+        model = (SharedHeadModel if method == "gaal" else IGMModel)(meta, encoder_cfgs, order).to(device)
+        if opt["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+        if opt.get("compile"):
+            for m in order:
+                model.encoders[m] = torch.compile(model.encoders[m])
+        if method == "gaal":
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=opt["fused"] or None)
+            cfg = dict(GAAL_DEFAULTS, variant="official")
+            step = lambda m=model, o=optimizer, c=cfg, a=opt["autocast"]: gaal_step(m.encoders, m.head, o, batch, order, c, autocast=a)  # noqa: E731
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-4, fused=opt["fused"] or None)
+            cfg = dict(igm.DEFAULTS, variant="official", rho=1e-10)
+            proj = {m: {i: torch.eye(d, device=device) for i, d in enumerate((model.encoders[m].out_dim, 256, 64))}
+                    for m in order}
+
+            def step(m=model, o=optimizer, c=cfg, a=opt["autocast"], p=proj):
+                for mod in order:
+                    igm.igm_step(m, mod, batch, o, p[mod], c, autocast=a)
+        runs[name] = {"step": step, "times": [], "peak": 0}
+    args = argparse.Namespace(steps=steps, repeats=repeats)
+    rows = time_runs(runs, args, device, batch, {k: "" for k in runs}, base_name="fp32 eager")
+    for r in rows:   # ratio of times -> speed-up of the reference time
+        r[4] = f"{1 / float(r[4].rstrip('x')):.2f}x"
+    return [r[:5] for r in rows]
+
+
+def _proc_status_kib(field):
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
+
+
+def measure_row_memory(method, shape, name, steps, device):
+    """Peak memory of one row's step, built alone in this process: CUDA max_memory_allocated, or on
+    CPU the growth of the resident set's high-water mark (VmHWM, reset through /proc/self/clear_refs
+    after setup) over the resident set before the first step: gradients, optimiser state and the
+    step's peak activations. Returns bytes."""
+    args = argparse.Namespace(shape=shape, steps=steps, repeats=1)
+    runs = {"gaal": bench_gaal, "igm": bench_igm, "cggm": bench_cggm}[method](args, device, only=name)
+    step = runs[name]["step"]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        timed(step, steps, device)
+        return torch.cuda.max_memory_allocated() - base
+    before = _proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    timed(step, steps, device)
+    return max(0, _proc_status_kib("VmHWM") - before) * 1024
 
 
 def main(argv=None):
@@ -246,12 +328,17 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory_row", default=None,
+                        help="build only this row (e.g. 'gaal official'), run --steps steps, print its peak memory in bytes")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     shapes = {"gaal": SHAPES, "igm": IGM_SHAPES, "cggm": CGGM_SHAPES}[args.method]
     args.shape = args.shape or next(iter(shapes))
     if args.shape not in shapes:
         parser.error(f"--shape {args.shape} is not a {args.method} shape (choose from {', '.join(shapes)})")
+    if args.memory_row:
+        print(measure_row_memory(args.method, args.shape, args.memory_row, args.steps, device))
+        return
     rows = {"gaal": bench_gaal, "igm": bench_igm, "cggm": bench_cggm}[args.method](args, device)
     header = ["step", "ms/step", "samples/s", "peak memory", "ratio", "floor"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
