@@ -52,9 +52,11 @@ def test_variants_differ_where_the_spec_says(imgtab, tmp_path, variant, image_ad
 def test_switches_run_and_report(imgtab, tmp_path):
     out = tmp_path / "ablation"
     run_script("train/gaal.py", gaal_args(imgtab, out, "--surgery", "false", "--guidance", "full",
-                                          "--topk_frac", "0.25", "--margin", "0.5"))
+                                          "--topk_frac", "0.25", "--margin", "0.5", "--channels_last", "true"))
     result = json.loads((out / "result.json").read_text())
     assert set(result["test"]) == {"image", "table", "fused"}
+    convs = [w for w in final_weights(out).values() if w.dim() == 4]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert result["surgery"] is False and result["guidance"] == "full"
     bad = run_script("train/gaal.py", gaal_args(imgtab, tmp_path / "bad", "--guidance", "some"), check=False)
     assert bad.returncode != 0 and "guidance='some'" in bad.stderr

@@ -423,13 +423,18 @@ def to_device(batch: dict, device) -> dict:
 # Optimiser, scheduler, loss, evaluation
 
 def build_optimizer(cfg, params):
+    """Adam, AdamW or SGD; the fused (one kernel per step) implementation when every parameter is on a
+    GPU — same update rule, no per-tensor launches; on CPU torch's default (foreach) path."""
+    params = list(params)
     betas = tuple(cfg.get("betas", (0.9, 0.999)))   # a script without a `betas` key gets torch's default
+    fused = True if params and all(p.is_cuda for p in params) else None
     if cfg["optimizer"] == "adam":
-        return torch.optim.Adam(params, lr=cfg["lr"], betas=betas, weight_decay=cfg["weight_decay"])
+        return torch.optim.Adam(params, lr=cfg["lr"], betas=betas, weight_decay=cfg["weight_decay"], fused=fused)
     if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=cfg["lr"], betas=betas, weight_decay=cfg["weight_decay"])
+        return torch.optim.AdamW(params, lr=cfg["lr"], betas=betas, weight_decay=cfg["weight_decay"], fused=fused)
     if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+                               fused=fused)
     raise ConfigError(f"optimizer='{cfg['optimizer']}': choose adam, adamw or sgd")
 
 

@@ -71,6 +71,7 @@ DEFAULTS = dict(
     step_size=10,
     gamma=0.1,
     mixed_precision="no",          # no | bf16
+    channels_last=False,           # CNN weights (and so their activations) in NHWC: faster convolutions under bf16 on GPUs
     cpu=False,
     log_every=25,
     ckpt_every_steps=0,
@@ -180,6 +181,8 @@ def main(cfg: dict) -> dict:
 
     # model, optimiser (one optimiser over everything, as the released code) -----------------------
     model = SharedHeadModel(meta, cfg["encoders"], order).to(device)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
     encoders, head = model.encoders, model.head
     optimizer = common.build_optimizer(cfg, model.parameters())
     scheduler = common.build_scheduler(cfg, optimizer)
