@@ -107,6 +107,10 @@ def test_batched_reads_keep_order_with_unsorted_and_duplicate_indices(toy):
                     [8, 1, 2, 3, 6, 7, 0, 19, 18, 11]):   # several runs of consecutive rows per shard
         _assert_batch_equal(ds[indices], ref["train"], np.asarray(indices), mods)
     _assert_batch_equal(ds[torch.tensor([1, 20])], ref["train"], np.array([1, 20]), mods)
+    rng = np.random.default_rng(0)
+    for _ in range(200):   # random batches: runs, repeats inside runs, several shards, any order
+        indices = rng.integers(0, 23, size=int(rng.integers(1, 40)))
+        _assert_batch_equal(ds[indices], ref["train"], indices, mods)
     with pytest.raises(IndexError):
         ds[[0, 23]]
     empty = ds[[]]
