@@ -81,6 +81,43 @@ def fast_section(device, shapes, compile_encoders):
     return rows
 
 
+# the training step each data shape feeds: (method, step_time shape, row)
+FED_STEP = {"dvm": ("gaal", "dvm", "gaal official"), "crema_d": ("igm", "crema_d", "igm official")}
+READER_HEADER = ["data shape", "order", "ShardDataset samples/s", "raw h5py samples/s", "ours/raw", ">= 0.90"]
+LOADER_HEADER = ["data shape", "workers", "loader samples/s", "fed step", "step samples/s", "loader/step", "loader outpaces"]
+
+
+def step_samples_per_s(method, shape, row, device, step_rows):
+    """samples/s of one training step at a data shape: from the step section when it ran that shape,
+    else measured here (one warm-up step, then the median of 3)."""
+    for r in step_rows:
+        if r[0] == method and r[1] == shape and r[2] == row:
+            return float(r[4])
+    args = argparse.Namespace(shape=shape, steps=1, repeats=1)
+    step = BENCH[method](args, device, only=row)[row]["step"]
+    step_time.timed(step, 1, device)
+    seconds = sorted(step_time.timed(step, 1, device) for _ in range(3))[1]
+    return step_time.SHAPE_BATCH[shape] / seconds
+
+
+def data_section_rows(results, device, step_rows):
+    reader, loader = [], []
+    for shape, res in results.items():
+        for order in ("sequential", "shuffled"):
+            rows = [r for r in res["reader"] if r["order"] == order]
+            ours = next(r for r in rows if r["reader"] == "ShardDataset")
+            raw = next(r for r in rows if r["raw"])
+            reader.append([shape, order, f"{ours['samples_per_s']:.0f}", f"{raw['samples_per_s']:.0f}",
+                           f"{ours['ratio']:.3f}", "yes" if ours["ratio"] >= 0.90 else "no"])
+        method, step_shape, row = FED_STEP[shape]
+        step_rate = step_samples_per_s(method, step_shape, row, device, step_rows)
+        for r in res["loader"]:
+            ratio = r["samples_per_s"] / step_rate
+            loader.append([shape, r["workers"], f"{r['samples_per_s']:.0f}", f"{row} ({step_shape}, {device.type})",
+                           f"{step_rate:.1f}", f"{ratio:.1f}x", "yes" if ratio > 1 else "no"])
+    return reader, loader
+
+
 def table(rows, header):
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in
@@ -139,11 +176,15 @@ def main(argv=None):
         print(table(rows, header))
         md += ["", markdown(rows, header)]
     if "data" in sections:
-        text, md_text = data_path.report(samples=args.data_samples, workers=[int(w) for w in args.workers.split(",")],
-                                         step_rows=step_rows)
-        print("\n== data path\n")
-        print(text)
-        md += ["", md_text]
+        print("\n== data path (benchmarks/data_path.py)")
+        results = data_path.main(["--workers", args.workers] + (["--samples", str(args.data_samples)]
+                                                                 if args.data_samples else []))
+        reader, loader = data_section_rows(results, device, step_rows)
+        print("\n== data path summary\n")
+        print(table(reader, READER_HEADER))
+        print()
+        print(table(loader, LOADER_HEADER))
+        md += ["", markdown(reader, READER_HEADER), "", markdown(loader, LOADER_HEADER)]
     if "scaling" in sections:
         text, md_text = scaling.report()
         print("\n== scaling\n")

@@ -4,8 +4,8 @@
     python scripts/summarize.py --ablation runs/gaal_ablation
 The first reads <dir>/joint_<flavour>/result.json and <dir>/unimodal_<flavour>/<modality>/result.json;
 the second groups <dir>/<config>_s<seed>/result.json by config and prints mean ± std (over seeds)
-of the test accuracy of each modality and of the fused prediction (the model selected on fused
-validation accuracy), and, for the weakest modality (lowest Bayes limit), its best validation
+of the test accuracy of each modality and of the fused prediction (the model each run selected on
+validation: fused accuracy unless the run says `--select_on modality_mean`), and, for the weakest modality (lowest Bayes limit), its best validation
 accuracy over all epochs (from metrics.jsonl): what the method taught that modality at any point,
 whether or not model selection kept it.
 """
