@@ -2,12 +2,15 @@
 
     python scripts/summarize.py runs/baselines             # baselines: joint and alone vs Bayes limit
     python scripts/summarize.py --ablation runs/gaal_ablation
+    python scripts/summarize.py --coefficients runs/cggm_ablation
 The first reads <dir>/joint_<flavour>/result.json and <dir>/unimodal_<flavour>/<modality>/result.json;
 the second groups <dir>/<config>_s<seed>/result.json by config and prints mean ± std (over seeds)
 of the test accuracy of each modality and of the fused prediction (the model each run selected on
 validation: fused accuracy unless the run says `--select_on modality_mean`), and, for the weakest modality (lowest Bayes limit), its best validation
 accuracy over all epochs (from metrics.jsonl): what the method taught that modality at any point,
-whether or not model selection kept it.
+whether or not model selection kept it. The third reads CGGM's TensorBoard scalars (each logged
+value is the mean over `log_every` steps) and prints, per config, the median over logged values and
+seeds of each modality's c_i and the share of steps where the accuracy changes summed to zero.
 """
 import json
 import statistics
@@ -62,8 +65,38 @@ def ablation(root: str) -> None:
             best_val.append(max(rec["val"][weak]["acc"] for rec in records))
         print(f"| {config} | {len(results)} | " + " | ".join(cells) + f" | {cell(best_val)} |")
 
+
+def coefficients(root: str) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    groups = defaultdict(list)
+    for tb in sorted(Path(root).glob("*_s*/tb")):
+        groups[tb.parent.name.rsplit("_s", 1)[0]].append(tb)
+    rows = []
+    for config, dirs in groups.items():
+        values = defaultdict(list)
+        for tb in dirs:
+            acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+            acc.Reload()
+            for tag in acc.Tags()["scalars"]:
+                if tag.endswith("/coeff") or tag == "train/coeff_degenerate":
+                    values[tag] += [e.value for e in acc.Scalars(tag)]
+        coeff_tags = sorted(t for t in values if t.endswith("/coeff"))
+        if not coeff_tags:
+            continue
+        if not rows:
+            print("| run | seeds | " + " | ".join(f"{t.split('/')[0]}: median c_i" for t in coeff_tags)
+                  + " | steps with Σd = 0 |")
+            print("|---|---|" + "---|" * (len(coeff_tags) + 1))
+        cells = [f"{statistics.median(values[t]):.2f}" for t in coeff_tags]
+        degenerate = statistics.mean(values["train/coeff_degenerate"])
+        rows.append(config)
+        print(f"| {config} | {len(dirs)} | " + " | ".join(cells) + f" | {degenerate:.1%} |")
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--ablation":
         ablation(sys.argv[2])
+    elif len(sys.argv) > 2 and sys.argv[1] == "--coefficients":
+        coefficients(sys.argv[2])
     else:
         main(sys.argv[1] if len(sys.argv) > 1 else "runs/baselines")
