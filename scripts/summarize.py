@@ -35,6 +35,15 @@ def main(root: str) -> None:
                   f"{'-' if alone is None else f'{alone:.3f}'} | {limit - metrics['acc']:+.3f} |")
 
 
+def in_listed_order(groups: dict, root: str) -> dict:
+    """Keep the order the runs were listed in (<root>/jobs.txt), when known."""
+    jobs = Path(root) / "jobs.txt"
+    if not jobs.exists():
+        return groups
+    listed = [line.split()[0].rsplit("_s", 1)[0] for line in jobs.read_text().splitlines() if line.strip()]
+    return dict(sorted(groups.items(), key=lambda kv: listed.index(kv[0]) if kv[0] in listed else len(listed)))
+
+
 def ablation(root: str) -> None:
     groups = defaultdict(list)
     for result_file in sorted(Path(root).glob("*_s*/result.json")):
@@ -42,10 +51,7 @@ def ablation(root: str) -> None:
         groups[config].append(json.loads(result_file.read_text()))
     if not groups:
         raise SystemExit(f"no <config>_s<seed>/result.json under {root}")
-    jobs = Path(root) / "jobs.txt"   # keep the order the runs were listed in, when known
-    if jobs.exists():
-        listed = [line.split()[0].rsplit("_s", 1)[0] for line in jobs.read_text().splitlines() if line.strip()]
-        groups = dict(sorted(groups.items(), key=lambda kv: listed.index(kv[0]) if kv[0] in listed else len(listed)))
+    groups = in_listed_order(groups, root)
     first = next(iter(groups.values()))[0]
     names = list(first["test"])
     bayes = first["bayes_accuracy"]
@@ -72,7 +78,7 @@ def coefficients(root: str) -> None:
     for tb in sorted(Path(root).glob("*_s*/tb")):
         groups[tb.parent.name.rsplit("_s", 1)[0]].append(tb)
     rows = []
-    for config, dirs in groups.items():
+    for config, dirs in in_listed_order(groups, root).items():
         values = defaultdict(list)
         for tb in dirs:
             acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
