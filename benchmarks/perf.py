@@ -118,12 +118,6 @@ def data_section_rows(results, device, step_rows):
     return reader, loader
 
 
-def table(rows, header):
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in
-                     [header, ["-" * w for w in widths]] + rows)
-
-
 def markdown(rows, header):
     return "\n".join("| " + " | ".join(str(c).replace("x", "×") if str(c).endswith("x") else str(c) for c in r) + " |"
                      for r in [header, ["---"] * len(header)] + rows)
@@ -167,13 +161,13 @@ def main(argv=None):
     if "steps" in sections:
         step_rows = step_section(device, args.shapes, args.steps, args.repeats)
         print(f"\n== steps: method vs baseline, same model and batch, median of {args.repeats} x {args.steps}\n")
-        print(table(step_rows, STEP_HEADER))
+        print(data_path.table(STEP_HEADER, step_rows))
         md += ["", markdown(step_rows, STEP_HEADER)]
     if "fast" in sections:
         rows = fast_section(device, args.shapes, args.compile)
         header = ["method", "shape", "step", "ms/step", "samples/s", "peak memory", "speed-up"]
         print("\n== GPU path: bf16 autocast + channels_last + fused optimiser against fp32 eager (target >= 2x on H100)\n")
-        print(table(rows, header))
+        print(data_path.table(header, rows))
         md += ["", markdown(rows, header)]
     if "data" in sections:
         print("\n== data path (benchmarks/data_path.py)")
@@ -181,9 +175,9 @@ def main(argv=None):
                                                                  if args.data_samples else []))
         reader, loader = data_section_rows(results, device, step_rows)
         print("\n== data path summary\n")
-        print(table(reader, READER_HEADER))
+        print(data_path.table(READER_HEADER, reader))
         print()
-        print(table(loader, LOADER_HEADER))
+        print(data_path.table(LOADER_HEADER, loader))
         md += ["", markdown(reader, READER_HEADER), "", markdown(loader, LOADER_HEADER)]
     if "scaling" in sections:
         text, md_text = scaling.report()

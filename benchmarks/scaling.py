@@ -87,11 +87,12 @@ HEADER = ["workload", "bytes/sample", "storage", "GPUs", "samples/GPU/step", "gr
 
 def report(samples_per_s=None):
     """(plain text, Markdown) of the scaling table."""
-    from benchmarks.perf import markdown, table
+    from benchmarks.data_path import table
+    from benchmarks.perf import markdown
     r = rows(samples_per_s)
     header = HEADER if samples_per_s else HEADER[:-1]
     r = r if samples_per_s else [x[:-1] for x in r]
-    return table(r, header), markdown(r, header)
+    return table(header, [[str(c) for c in x] for x in r]), markdown(r, header)
 
 
 def main(argv=None):

@@ -6,6 +6,7 @@
     python benchmarks/step_time.py --method igm --shape crema_d --device cuda
     python benchmarks/step_time.py --method cggm                  # embedded three-sequence shape
     python benchmarks/step_time.py --method cggm --shape mosi
+    python benchmarks/step_time.py --method cggm --memory_row "cggm official"   # one row's peak memory (bytes)
 
 Prints, per method and baseline: median step time, samples/s, peak memory (CUDA) and the ratio,
 beside the floor the algorithm itself imposes. The two are timed in alternation (baseline block,
