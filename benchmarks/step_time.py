@@ -304,7 +304,8 @@ def measure_row_memory(method, shape, name, steps, device):
     """Peak memory of one row's step, built alone in this process: CUDA max_memory_allocated, or on
     CPU the growth of the resident set's high-water mark (VmHWM, reset through /proc/self/clear_refs
     after setup) over the resident set before the first step: gradients, optimiser state and the
-    step's peak activations. Returns bytes."""
+    step's peak activations. Returns bytes. On CPU it is meaningful in a fresh process only (perf.py
+    runs each row in its own): a process that already freed memory reuses resident pages."""
     args = argparse.Namespace(shape=shape, steps=steps, repeats=1)
     runs = {"gaal": bench_gaal, "igm": bench_igm, "cggm": bench_cggm}[method](args, device, only=name)
     step = runs[name]["step"]

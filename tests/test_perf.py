@@ -67,8 +67,11 @@ def test_method_steps_never_synchronise_with_the_host(method, shape, row):
 
 
 def test_row_memory_probe_counts_the_step():
-    small = step_time.measure_row_memory("cggm", "seq3", "joint", 2, torch.device("cpu"))
-    assert small > 0
+    # in a fresh process, as perf.py runs it (in a process that already freed memory, malloc reuses
+    # resident pages and the high-water mark need not move)
+    from benchmarks import perf
+    joint = perf.row_memory_in_fresh_process("cggm", "seq3", "joint", 2, torch.device("cpu"))
+    assert joint > 2**20   # gradients, Adam state and activations of a ~0.6 M-parameter model: MiBs
 
 
 def test_scaling_arithmetic():
