@@ -79,7 +79,7 @@ import time
 import numpy as np
 
 from data_prep import features, image_io
-from data_prep.image_io import ImageLoader, find_missing, missing_message, stratified_pick, write_index
+from data_prep.image_io import ImageLoader, stratified_pick, write_index
 from data_prep.shards import ShardWriter
 
 CLASS_NAMES = [
@@ -209,34 +209,19 @@ def convert(raw, out, bert, vit, name="food101", split_files=None, image_root=No
             raise FileNotFoundError(f"{p}: annotation file not found (the {s} split)")
     rows = {s: read_split(p) for s, p in files.items()}
 
-    texts, paths, labels, index, listed, skipped = [], [], [], [], {}, {}
+    # the shared text + image gathering (missing-image error or counted skip, per-split order) wants
+    # (key, label, image, text, ...) rows; the label source rides along for the tallies below
+    texts, paths, labels, kept, listed, skipped = features.collect_text_image_rows(
+        {s: [(sid, label, img, words, from_) for sid, words, img, label, from_ in split_rows]
+         for s, split_rows in rows.items()}, files, image_root, skip_missing_images, "Food-101", "id", log)
     mismatch = {"label_dir_mismatch": 0, "label_from_directory": 0}
-    for split, split_rows in rows.items():
-        split_paths = [image_root / r[2] for r in split_rows]
-        missing = find_missing(split_paths)
-        if missing and not skip_missing_images:
-            raise FileNotFoundError(missing_message(f"{files[split]} (Food-101)", split_paths, missing))
-        gone = set(missing)
-        for i in missing:
-            log(f"skipping {files[split].name} id {split_rows[i][0]}: image not found: {split_paths[i]}")
-        skipped[split] = len(missing)
-        idx = []
-        for i, (sid, words, img, label, from_) in enumerate(split_rows):
-            if i in gone:
-                continue
-            if from_ == "directory":
-                mismatch["label_from_directory"] += 1
-            elif class_dir(img) in CLASS_INDEX and CLASS_INDEX[class_dir(img)] != label:
-                mismatch["label_dir_mismatch"] += 1
-            idx.append(len(texts))
-            texts.append(words)
-            paths.append(split_paths[i])
-            labels.append(label)
-            index.append([files[split].name, sid, img])
-        if not idx:
-            raise ValueError(f"{files[split]}: no sample left (all images missing)")
-        listed[split] = np.array(idx, dtype=np.int64)
-    labels = np.array(labels, dtype=np.int64)
+    index = []
+    for split, (sid, label, img, _, from_) in kept:
+        if from_ == "directory":
+            mismatch["label_from_directory"] += 1
+        elif class_dir(img) in CLASS_INDEX and CLASS_INDEX[class_dir(img)] != label:
+            mismatch["label_dir_mismatch"] += 1
+        index.append([files[split].name, sid, img])
     sample_ids = np.arange(len(texts), dtype=np.int64)
 
     tr = listed["train"]
