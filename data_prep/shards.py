@@ -623,43 +623,52 @@ class ShardDataset(torch.utils.data.Dataset):
             where = np.nonzero(shard_of == shard)[0]          # batch positions served by this shard
             local = idx[where] - self.offsets[shard]
             datasets = self._datasets(int(shard))
-            whole = len(where) == len(idx)
+            # the whole batch as one in-order run of this shard: a single slice read, no copy at all
+            in_order = len(where) == len(idx) and local[-1] - local[0] == len(local) - 1 \
+                and bool((np.diff(local) == 1).all())
+            plan = None if in_order else self._read_plan(local, where)   # shared by every field
             for key in self._fields:
                 ds = datasets[key]
                 try:
-                    if whole and local[-1] - local[0] == len(local) - 1 and (np.diff(local) == 1).all():
-                        out[key] = ds[int(local[0]):int(local[-1]) + 1]   # one in-order run: no copy at all
+                    if in_order:
+                        out[key] = ds[int(local[0]):int(local[-1]) + 1]
                         continue
                     if key not in out:
                         out[key] = np.empty((len(idx), *ds.shape[1:]), dtype=ds.dtype)
-                    self._read_into(ds, local, where, out[key])
+                    self._read_into(ds, plan, out[key])
                 except Exception as e:
                     raise ShardFormatError(f"{self.shard_paths[shard]}: field '{key}': read failed ({e})") from e
         out["index"] = idx
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
     @staticmethod
-    def _read_into(ds, local, where, dest):
-        """dest[where[j]] = ds[local[j]] for all j, each row read once and written once.
-        1-D datasets: one fancy read of the sorted distinct rows. Otherwise one slice read per run of
-        consecutive rows, written straight into its batch positions: HDF5 point/hyperslab-union
-        selections on multi-dimensional datasets cost ~0.5 ms per row here (h5py 3.16, HDF5 2.0),
-        15-60x more than slice reads, and reading into a sorted buffer then reordering it costs a
-        second full copy (benchmarks/data_path.py measures this reader against raw h5py)."""
+    def _read_plan(local, where):
+        """How to serve batch positions ``where`` from shard rows ``local``, computed once per shard
+        and batch for all fields: the rows sorted (distinct, with their counts and first positions),
+        the runs of consecutive rows, and the batch position of each sorted request."""
         order = np.argsort(local, kind="stable")
-        rows = local[order]
-        uniq, first_of, counts = np.unique(rows, return_index=True, return_counts=True)
-        if ds.ndim == 1:
-            values = ds[uniq]
-            dest[where[order]] = np.repeat(values, counts)
-            return
+        uniq, first_of, counts = np.unique(local[order], return_index=True, return_counts=True)
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
-        begins = np.concatenate([[0], breaks]).tolist()
-        ends = np.concatenate([breaks, [len(uniq)]]).tolist()
-        dest_pos = where[order]
-        duplicated = len(uniq) != len(rows)
-        uniq_list, pos_list = uniq.tolist(), dest_pos.tolist()
-        for b, e in zip(begins, ends):
+        return {"uniq": uniq, "first_of": first_of, "counts": counts, "dest_pos": where[order],
+                "runs": list(zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(uniq)]]).tolist())),
+                "duplicated": len(uniq) != len(local), "uniq_list": uniq.tolist(),
+                "pos_list": where[order].tolist()}
+
+    @staticmethod
+    def _read_into(ds, plan, dest):
+        """dest[where[j]] = ds[local[j]] for all j (``plan`` from _read_plan), each row read once and
+        written once. 1-D datasets: one fancy read of the sorted distinct rows. Otherwise one slice
+        read per run of consecutive rows, written straight into its batch positions: HDF5
+        point/hyperslab-union selections on multi-dimensional datasets cost ~0.5 ms per row here
+        (h5py 3.16, HDF5 2.0), 15-60x more than slice reads, and reading into a sorted buffer then
+        reordering it costs a second full copy (benchmarks/data_path.py measures this reader against
+        raw h5py)."""
+        uniq, dest_pos, duplicated = plan["uniq"], plan["dest_pos"], plan["duplicated"]
+        if ds.ndim == 1:
+            dest[dest_pos] = np.repeat(ds[uniq], plan["counts"])
+            return
+        uniq_list, pos_list = plan["uniq_list"], plan["pos_list"]
+        for b, e in plan["runs"]:
             if e - b == 1 and not duplicated:   # a lone row (most rows of a shuffled batch)
                 dest[pos_list[b]] = ds[uniq_list[b]]
                 continue
@@ -671,6 +680,7 @@ class ShardDataset(torch.utils.data.Dataset):
                 else:
                     dest[targets] = block
             else:   # a row asked for more than once: every copy of it
+                first_of, counts = plan["first_of"], plan["counts"]
                 for k, u in enumerate(range(b, e)):
                     dest[dest_pos[first_of[u]:first_of[u] + counts[u]]] = block[k]
 
