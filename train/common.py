@@ -517,12 +517,16 @@ def selection_score(val: dict, select_on: str, key: str) -> float:
     """The validation figure a run keeps its best model by: the fused output's `key` (released
     recipes), or the mean of the per-modality `key`s (`modality_mean`; in stage-wise training only the
     active modality moves, so this keeps a stage's gains that an equal-weight fused output hides)."""
+    check_select_on(select_on)
     if select_on == "fused":
         return val["fused"][key]
-    if select_on == "modality_mean":
-        per_modality = [mets[key] for name, mets in val.items() if name != "fused"]
-        return sum(per_modality) / len(per_modality)
-    raise ConfigError(f"select_on='{select_on}': choose {' or '.join(SELECT_ON)}")
+    per_modality = [mets[key] for name, mets in val.items() if name != "fused"]
+    return sum(per_modality) / len(per_modality)
+
+
+def check_select_on(select_on: str) -> None:
+    if select_on not in SELECT_ON:
+        raise ConfigError(f"select_on='{select_on}': choose {' or '.join(SELECT_ON)}")
 
 
 def setup_run_dir(cfg: dict, accelerator):

@@ -62,8 +62,7 @@ DEFAULT_CONFIG = "train/configs/joint_imgtab.yaml"
 
 
 def main(cfg: dict) -> dict:
-    if cfg["select_on"] not in common.SELECT_ON:
-        raise common.ConfigError(f"select_on='{cfg['select_on']}': choose {' or '.join(common.SELECT_ON)}")
+    common.check_select_on(cfg["select_on"])   # before any compute
     accelerator = common.setup_accelerator(cfg)
     preemption = common.Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
     meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
