@@ -7,6 +7,7 @@
     python benchmarks/step_time.py --method cggm                  # embedded three-sequence shape
     python benchmarks/step_time.py --method cggm --shape mosi
     python benchmarks/step_time.py --method cggm --memory_row "cggm official"   # one row's peak memory (bytes)
+    python benchmarks/step_time.py --method cggm --shape mosi --profile --steps 4   # operator time per row
 
 Prints, per method and baseline: median step time, samples/s, peak memory (CUDA) and the ratio,
 beside the floor the algorithm itself imposes. The two are timed in alternation (baseline block,
@@ -322,6 +323,28 @@ def measure_row_memory(method, shape, name, steps, device):
     return max(0, _proc_status_kib("VmHWM") - before) * 1024
 
 
+def profile_rows(method, shape, steps, device, top=5):
+    """Each row built alone, 2 warm-up steps, then `steps` steps under torch.profiler: the operators'
+    total self time per step (what a wall-clock gap between two rows is made of, or is not) and the
+    `top` operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+    bench = {"gaal": bench_gaal, "igm": bench_igm, "cggm": bench_cggm}[method]
+    names = {"gaal": ("plain alternating", "gaal official", "gaal paper"),
+             "igm": ("plain alternating", "igm official", "igm paper"),
+             "cggm": ("joint", "joint + classifiers", "cggm official", "cggm paper")}[method]
+    args = argparse.Namespace(shape=shape, steps=steps, repeats=1)
+    for name in names:
+        step = bench(args, device, only=name)[name]["step"]
+        timed(step, 2, device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            timed(step, steps, device)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+        print(f"{name}: operators' self CPU time {total:.1f} ms/step; top: "
+              + ", ".join(f"{e.key} {e.self_cpu_time_total / steps / 1e3:.1f}" for e in events[:top]))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=["gaal", "igm", "cggm"], default="gaal")
@@ -332,6 +355,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory_row", default=None,
                         help="build only this row (e.g. 'gaal official'), run --steps steps, print its peak memory in bytes")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: each row's operator self time per step under torch.profiler")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     shapes = {"gaal": SHAPES, "igm": IGM_SHAPES, "cggm": CGGM_SHAPES}[args.method]
@@ -340,6 +365,9 @@ def main(argv=None):
         parser.error(f"--shape {args.shape} is not a {args.method} shape (choose from {', '.join(shapes)})")
     if args.memory_row:
         print(measure_row_memory(args.method, args.shape, args.memory_row, args.steps, device))
+        return
+    if args.profile:
+        profile_rows(args.method, args.shape, args.steps, device)
         return
     rows = {"gaal": bench_gaal, "igm": bench_igm, "cggm": bench_cggm}[args.method](args, device)
     header = ["step", "ms/step", "samples/s", "peak memory", "ratio", "floor"]

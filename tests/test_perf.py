@@ -92,3 +92,10 @@ def test_perf_entry_point_prints_the_scaling_section(tmp_path, capsys):
     assert "== scaling" in out and "Kinetics-Sounds" in out
     text = (tmp_path / "perf.md").read_text()
     assert text.startswith("Machine: ") and "| workload |" in text
+
+
+def test_profile_mode_reports_every_row(capsys):
+    step_time.main(["--method", "cggm", "--profile", "--steps", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "self CPU time" in line]
+    assert [line.split(":")[0] for line in lines] == ["joint", "joint + classifiers", "cggm official", "cggm paper"]
+    assert all(float(line.split("time ")[1].split(" ms")[0]) > 0 for line in lines)
