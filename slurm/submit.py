@@ -271,9 +271,10 @@ def resolve_runs(args, script_argv: list[str]):
             cfg = common.load_config(module.DEFAULTS, argv, default_config=module.DEFAULT_CONFIG)
         except common.ConfigError as err:
             raise SystemExit(f"train/{args.script}.py {point_tag(point)}: {err}") from None
-        if has_checkpoint(out_dir) and not cfg["resume"]:
-            raise SystemExit(f"{out_dir} already holds checkpoints: pass --resume to continue it, "
-                             "or choose another --out_dir / --name")
+        previous = common.previous_run_files(out_dir)   # what the script itself would refuse, before submitting
+        if (has_checkpoint(out_dir) or previous) and not cfg["resume"]:
+            raise SystemExit(f"{out_dir} holds a previous run's files ({', '.join(previous) or 'checkpoints'}): "
+                             "pass --resume to continue it, or choose another --out_dir / --name")
         runs.append((str(out_dir), argv))
     if len({out for out, _ in runs}) != len(runs):
         raise SystemExit("two sweep points map to the same run directory; use shorter or distinct values")

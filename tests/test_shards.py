@@ -2,12 +2,14 @@
 import json
 import os
 import pickle
+import time
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
+from data_prep import shards
 from data_prep.shards import (
     FORMAT, KINDS, VERSION, ShardBatchSampler, ShardDataset, ShardFormatError, ShardWriter,
     load_meta, validate, write_dataset,
@@ -37,6 +39,10 @@ def _arrays(mods, n, first_id, seed, task="classification", num_classes=5):
             out[name] = rng.integers(max(info.min, -1000), min(info.max, 1000), shape, endpoint=True).astype(dt)
         else:
             out[name] = rng.standard_normal(shape).astype(dt)
+        if spec["kind"] == "tabular":   # categorical columns (after the continuous ones) hold codes
+            first = len(spec.get("continuous", []))
+            for j, card in enumerate(spec.get("categorical", {}).values()):
+                out[name][:, first + j] = rng.integers(0, card, n)
     if task == "classification":
         out["label"] = rng.integers(0, num_classes, n).astype(np.int64)
     elif task == "regression":
@@ -45,6 +51,14 @@ def _arrays(mods, n, first_id, seed, task="classification", num_classes=5):
         out["label"] = rng.integers(0, num_classes, (n, 6, 7)).astype(np.uint8)
     out["sample_id"] = np.arange(first_id, first_id + n, dtype=np.int64)
     return out
+
+
+@pytest.fixture(autouse=True)
+def scan_cache(tmp_path, monkeypatch):
+    """Each test gets its own value-scan cache directory (never the user's ~/.cache)."""
+    path = tmp_path / "scan-cache"
+    monkeypatch.setenv(shards.CACHE_ENV, str(path))
+    return path
 
 
 def _concat(parts):
@@ -293,6 +307,298 @@ def test_duplicate_sample_id_across_splits_detected(toy):
     with h5py.File(root / "val-00000-of-00001.h5", "a", locking=False) as f:
         f["sample_id"][0] = 5   # also used in train
     _expect_error(root, "sample_id", "5")
+
+
+# ------------------------------------------------------------------------- value checks
+
+
+@pytest.fixture
+def scans(monkeypatch):
+    """Records the shards the value scan actually reads (cache misses), in order."""
+    seen = []
+    real = shards._scan_shard
+
+    def counting(path, *args, **kw):
+        seen.append(os.path.basename(str(path)))
+        return real(path, *args, **kw)
+    monkeypatch.setattr(shards, "_scan_shard", counting)
+    return seen
+
+
+def _set(path, field, index, value):
+    with h5py.File(path, "a", locking=False) as f:
+        data = f[field][()]
+        data[index] = value
+        f[field][...] = data
+
+
+def _settle(root, seconds=60):
+    """Backdate the mtimes of shards written in the last few seconds, as if written a while ago: the
+    cache keeps no entry for a shard modified within CACHE_RACY_NS of its scan. (This changes their
+    ctime, so it invalidates their entries as any write does; settled shards are left alone.)"""
+    for p in root.glob("*.h5"):
+        st = p.stat()
+        if time.time_ns() - st.st_mtime_ns < 30 * 10 ** 9:
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 10 ** 9))
+
+
+def _empty_split(root, split):
+    """Cut every dataset of ``split``'s shards to 0 rows and record that in meta.json."""
+    meta = json.loads((root / "meta.json").read_text())
+    for shard in meta["splits"][split]["shards"]:
+        with h5py.File(root / shard, "a", locking=False) as f:
+            for ds in f.values():
+                ds.resize(0, axis=0)
+
+    def edit(m):
+        m["splits"][split]["num_samples"] = 0
+        m["splits"][split]["shard_sizes"] = [0] * len(m["splits"][split]["shards"])
+    _edit_meta(root, edit)
+
+
+def test_empty_split_refused(toy):
+    root = toy[0]
+    _empty_split(root, "val")
+    message = _expect_error(root, str(root / "meta.json"), "'splits.val.num_samples'", "split 'val'", "empty")
+    assert "\n" not in message
+    with pytest.raises(ShardFormatError, match="splits.val.num_samples.*empty"):
+        ShardDataset(root, "val")
+    assert validate(root, ["train"])["splits"]["train"]["num_samples"] == 23   # only splits asked about
+
+
+def test_empty_split_declared_but_shards_hold_rows(toy):
+    root = toy[0]
+
+    def edit(m):
+        m["splits"]["val"]["num_samples"] = 0
+        del m["splits"]["val"]["shard_sizes"]
+    _edit_meta(root, edit)
+    _expect_error(root, "meta.json", "splits.val.num_samples", "says 0", "hold 7")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_float_modality_refused(toy, dtype, value):
+    root, _, ref = toy
+    path = root / "train-00001-of-00003.h5"   # rows 10..19 of train
+    _set(path, f"m_{dtype}", (3, 2), value)
+    sample_id = int(ref["train"]["sample_id"][13])
+    message = _expect_error(root, str(path), f"field 'm_{dtype}'", "split 'train'", "row 3 ",
+                            f"sample_id {sample_id}", "element (2,)", repr(float(value)), "NaN/Inf")
+    assert "\n" not in message
+    validate(root, ["val"])   # the other split is clean
+
+
+def test_nonfinite_reports_first_offending_row_and_tabular_column(toy):
+    root, _, ref = toy
+    path = root / "val-00000-of-00001.h5"
+    _set(path, "table", (5, 1), np.inf)
+    _set(path, "table", (2, 0), np.nan)
+    _expect_error(root, str(path), "field 'table'", "split 'val'", "row 2 ",
+                  f"sample_id {int(ref['val']['sample_id'][2])}", "column 0 'a'", "nan")
+
+
+def test_nonfinite_regression_label_refused(tmp_path):
+    mods = {"x": {"kind": "features", "shape": [4], "dtype": "int16"}}
+    arrays = _arrays(mods, 9, 500, 0, task="regression", num_classes=1)
+    arrays["label"][6] = np.nan
+    root = write_dataset(tmp_path, "reg", "regression", 1, mods, {"train": arrays}, samples_per_shard=4)
+    path = root / "train-00001-of-00003.h5"
+    _expect_error(root, str(path), "field 'label'", "split 'train'", "row 2 ", "sample_id 506", "nan")
+
+
+@pytest.mark.parametrize("code,fragment", [
+    (4.0, "categorical code 4.0 is outside [0, 4)"),
+    (-1.0, "categorical code -1.0 is outside [0, 4)"),
+    (2.5, "categorical code 2.5 is not an integer code"),
+    (np.nan, "column 2 'c' is nan"),
+])
+def test_categorical_code_refused(toy, code, fragment):
+    root, _, ref = toy
+    path = root / "val-00000-of-00001.h5"
+    _set(path, "table", (4, 2), code)
+    message = _expect_error(root, str(path), "field 'table'", "column 2 'c'", "split 'val'", "row 4 ",
+                            f"sample_id {int(ref['val']['sample_id'][4])}", fragment)
+    assert "\n" not in message
+
+
+def test_categorical_codes_of_integer_tabular_and_categorical_only_tables(tmp_path):
+    mods = {"t": {"kind": "tabular", "shape": [3], "dtype": "int16", "continuous": ["a"],
+                  "categorical": {"b": 3, "c": 2}},
+            "u": {"kind": "tabular", "shape": [1], "dtype": "uint8", "categorical": {"k": 5}}}
+    arrays = _arrays(mods, 6, 40, 0)
+    root = write_dataset(tmp_path, "ints", "classification", 5, mods, {"test": arrays})
+    validate(root)
+    path = root / "test-00000-of-00001.h5"
+    _set(path, "t", (3, 2), 2)
+    _expect_error(root, str(path), "field 't'", "column 2 'c'", "code 2 is outside [0, 2)", "sample_id 43")
+    _set(path, "t", (3, 2), 1)
+    _set(path, "u", (1, 0), 5)
+    _expect_error(root, str(path), "field 'u'", "column 0 'k'", "code 5 is outside [0, 5)", "sample_id 41")
+
+
+def test_value_scan_cached_and_invalidated_by_a_change(toy, scans, scan_cache):
+    root = toy[0]
+    all_shards = ["train-00000-of-00003.h5", "train-00001-of-00003.h5", "train-00002-of-00003.h5",
+                  "val-00000-of-00001.h5"]
+    validate(root)   # shards written just now: scanned, not cached (racily clean)
+    assert scans == all_shards and not scan_cache.exists()
+    _settle(root)
+    validate(root)
+    assert scans == all_shards * 2
+    entries = sorted(scan_cache.iterdir())
+    assert len(entries) == 4 and all(p.suffix == ".json" for p in entries)
+    assert {json.loads(p.read_text())["shard"] for p in entries} == {str((root / s).resolve()) for s in all_shards}
+    del scans[:]
+    validate(root)
+    ShardDataset(root, "val")
+    assert scans == []   # later runs: nothing rescanned
+
+    path = root / "train-00001-of-00003.h5"
+    _set(path, "m_float32", (0, 0), np.nan)   # a write: new mtime and ctime
+    _expect_error(root, str(path), "'m_float32'", "nan")
+    _settle(root)
+    _expect_error(root, str(path), "'m_float32'", "nan")   # failures are never cached
+    assert scans == ["train-00001-of-00003.h5"] * 2
+    _set(path, "m_float32", (0, 0), 1.0)
+    _settle(root)
+    del scans[:]
+    validate(root)
+    assert scans == ["train-00001-of-00003.h5"]   # only the changed shard
+    del scans[:]
+    validate(root)
+    assert scans == []
+
+
+def test_value_scan_cache_keyed_by_file_identity(toy, scans, tmp_path):
+    root = toy[0]
+    _settle(root)
+    validate(root)
+    path = root / "val-00000-of-00001.h5"
+    st = path.stat()
+    copy = tmp_path / "copy.h5"
+    copy.write_bytes(path.read_bytes())
+    os.replace(copy, path)   # same bytes, size and mtime, another file (a re-conversion, a restore)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    del scans[:]
+    validate(root)
+    assert scans == ["val-00000-of-00001.h5"]
+
+
+def test_value_scan_cache_invalidated_by_meta_checks(toy, scans):
+    root, _, ref = toy
+    _settle(root)
+    validate(root)
+    del scans[:]
+    # a smaller cardinality in meta.json: the cached clean scans no longer vouch for the codes
+    _edit_meta(root, lambda m: m["modalities"]["table"]["categorical"].update(c=3))
+    codes = ref["train"]["table"][:, 2]
+    first = int(np.argmax(codes == 3))
+    shard = first // 10
+    _expect_error(root, f"train-{shard:05d}-of-00003.h5", "column 2 'c'", "outside [0, 3)",
+                  f"sample_id {int(ref['train']['sample_id'][first])}")
+    assert scans and scans[0] == "train-00000-of-00003.h5"
+
+
+def test_read_only_dataset_dir_validates_without_cache(toy, scans, tmp_path, monkeypatch):
+    root = toy[0]
+    listing = sorted(p.name for p in root.iterdir())
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory would go")
+    monkeypatch.setenv(shards.CACHE_ENV, str(blocker / "cache"))   # cannot be created, even by root
+    _settle(root)
+    modes = {p: p.stat().st_mode for p in [root, *root.iterdir()]}
+    try:
+        for p in root.iterdir():
+            p.chmod(0o444)
+        root.chmod(0o555)
+        validate(root)
+        validate(root)
+        assert len(scans) == 8   # no cache: scanned each time, and no error
+        writable = tmp_path / "cache-elsewhere"
+        monkeypatch.setenv(shards.CACHE_ENV, str(writable))
+        del scans[:]
+        validate(root)
+        validate(root)
+        assert len(scans) == 4 and len(list(writable.iterdir())) == 4   # cached outside the dataset
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+    assert sorted(p.name for p in root.iterdir()) == listing   # validate never writes there
+
+
+def test_cache_disabled_and_corrupt_entries(toy, scans, scan_cache, monkeypatch):
+    root = toy[0]
+    _settle(root)
+    validate(root)
+    for p in scan_cache.iterdir():
+        p.write_text("{not json")
+    del scans[:]
+    validate(root)   # unreadable entries are misses, then rewritten
+    assert len(scans) == 4
+    monkeypatch.setenv(shards.CACHE_ENV, "off")
+    del scans[:]
+    validate(root)
+    assert len(scans) == 4
+
+
+def test_cache_pruned_of_vanished_shards(toy, scans, scan_cache, monkeypatch, tmp_path):
+    root = toy[0]
+    _settle(root)
+    gone = write_dataset(tmp_path, "gone", "classification", 5, toy[1], {"train": _arrays(toy[1], 3, 0, 0)})
+    _settle(gone)
+    validate(gone)
+    for p in gone.iterdir():
+        p.unlink()
+    assert len(list(scan_cache.iterdir())) == 1
+    monkeypatch.setattr(shards, "CACHE_MAX_ENTRIES", 4)
+    validate(root)   # 4 new entries + 1 exceed 4: the vanished shard's entry goes, the live ones stay
+    kept = {json.loads(p.read_text())["shard"] for p in scan_cache.iterdir()}
+    assert kept == {str(p.resolve()) for p in root.glob("*.h5")}
+    del scans[:]
+    validate(root)
+    assert scans == []
+    monkeypatch.setattr(shards, "CACHE_MAX_ENTRIES", 1)
+    (root / "val-00000-of-00001.h5").touch()   # one rescan and store, over the cap: the oldest half go
+    _settle(root)
+    validate(root)
+    assert len(list(scan_cache.iterdir())) == 2
+
+
+def test_scan_blocks_cover_dataset_once_and_find_rows_in_big_rows(tmp_path, monkeypatch):
+    mods = {"v": {"kind": "volume", "shape": [6, 5, 4], "dtype": "float32"},
+            "f": {"kind": "features", "shape": [3], "dtype": "float16"}}
+    arrays = _arrays(mods, 11, 70, 0)
+    root = write_dataset(tmp_path, "vol", "classification", 5, mods, {"train": arrays}, chunk_rows=2)
+    path = root / "train-00000-of-00001.h5"
+    with h5py.File(path, "r", locking=False) as f:   # rows of 480 bytes in chunks of 2 rows
+        for budget, sizes in [(10 ** 9, {11}), (4 * 480 + 1, {4, 3}), (2 * 480, {2, 1})]:
+            got = np.full(f["v"].shape, np.nan, np.float32)
+            lens = set()
+            for first, offset, block in shards._scan_blocks(f["v"], budget):
+                assert offset is None and first % 2 == 0   # blocks start on chunk boundaries
+                assert np.isnan(got[first:first + len(block)]).all()   # each row read once
+                got[first:first + len(block)] = block
+                lens.add(len(block))
+            np.testing.assert_array_equal(got, arrays["v"])
+            assert lens == sizes, budget
+    with h5py.File(path, "a", locking=False) as f:   # chunks that split a row (as for rows >= 1 MiB)
+        del f["v"]
+        f.create_dataset("v", data=arrays["v"], chunks=(1, 2, 5, 4))
+    with h5py.File(path, "r", locking=False) as f:
+        for budget, step in [(100, 2), (330, 4), (479, 4)]:   # 80 bytes per [i, :, :] slice, 480 per row
+            got = np.full(f["v"].shape, np.nan, np.float32)
+            for first, offset, block in shards._scan_blocks(f["v"], budget):
+                assert offset % 2 == 0 and block.shape[:2] == (1, min(step, 6 - offset))
+                assert np.isnan(got[first, offset:offset + block.shape[1]]).all()
+                got[first, offset:offset + block.shape[1]] = block[0]
+            np.testing.assert_array_equal(got, arrays["v"])
+    _set(path, "v", (7, 4, 3, 2), -np.inf)
+    monkeypatch.setattr(shards, "SCAN_BLOCK_BYTES", 100)   # slices of 2 of the 6 [i, :, :] planes
+    _expect_error(root, str(path), "field 'v'", "row 7 ", "sample_id 77", "element (4, 3, 2)", "-inf")
+    _set(path, "v", (7, 4, 3, 2), 0.0)
+    _set(path, "f", (9, 1), np.inf)
+    _expect_error(root, str(path), "field 'f'", "row 9 ", "sample_id 79", "element (1,)", "inf")
 
 
 # ------------------------------------------------------------------------- writer checks

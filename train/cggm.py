@@ -267,7 +267,7 @@ def main(cfg: dict) -> dict:
                  metric_prev=torch.zeros(len(names), dtype=torch.float64, device=device), direction_prev=None)
     checkpointed = {"model": model, "optimizer": optimizer, "clf_optimizer": clf_optimizer, "scheduler": scheduler}
     if cfg["resume"]:
-        state = common.load_checkpoint(run_dir, accelerator, checkpointed)
+        state = common.load_checkpoint(run_dir, accelerator, checkpointed, cfg=cfg)
         state["metric_prev"] = state["metric_prev"].to(device)
         if state["direction_prev"] is not None:
             c, vf, vecs = state["direction_prev"]
@@ -290,7 +290,7 @@ def main(cfg: dict) -> dict:
             state["step"] += 1
             state["batch_in_epoch"] += 1
             if state["step"] % cfg["log_every"] == 0:
-                common.check_finite(nonfinite, state["step"], cfg["log_every"])
+                common.check_finite(nonfinite, state["step"], cfg["log_every"], accelerator)
                 scalars = {k: v / cfg["log_every"] for k, v in window.items()}   # identical on every rank
                 scalars["train/lr"] = optimizer.param_groups[0]["lr"]
                 common.log_scalars(writer, scalars, state["step"])
@@ -301,7 +301,7 @@ def main(cfg: dict) -> dict:
                 return {"stopped_at_step": state["step"], "run_dir": str(run_dir)}
         bar.close()
 
-        common.check_finite(nonfinite, state["step"], cfg["log_every"])
+        common.check_finite(nonfinite, state["step"], cfg["log_every"], accelerator)
         plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         if not plateau:
             scheduler.step()
@@ -329,5 +329,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(common.load_config(DEFAULTS, default_config=DEFAULT_CONFIG))
-    common.finish()
+    common.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)

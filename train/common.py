@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -165,7 +166,48 @@ def load_config(defaults: dict, argv: list[str] | None = None, default_config: s
         cfg = _check_and_merge(cfg, from_file, str(path), schema=defaults)
         cfg["config_file"] = str(path)
     cfg = _check_and_merge(cfg, cli, "command line", schema=defaults)
+    check_ranges(cfg)
     return cfg
+
+
+# Numeric keys shared by the scripts and the range each must lie in (a script checks its own
+# method's knobs in its check_config). A key a script does not have is skipped.
+POSITIVE_KEYS = ("lr", "clf_lr", "epochs", "batch_size", "eval_batch_size", "log_every", "eval_every",
+                 "keep_checkpoints", "preempt_check_every", "step_size", "gamma", "plateau_patience")
+NON_NEGATIVE_KEYS = ("weight_decay", "clf_weight_decay", "momentum", "grad_clip", "num_workers",
+                     "ckpt_every_steps", "stop_after_steps", "patience", "min_delta", "warmup_epochs",
+                     "warmup_start_lr", "min_lr", "data_seed", "seed")
+
+
+def check_ranges(cfg: dict) -> None:
+    """Refuse a negative (or zero, where it must be positive) or non-finite learning rate, weight
+    decay, epoch count, batch size, ... before anything runs: the key and its value in one line."""
+    for keys, ok, what in ((POSITIVE_KEYS, lambda v: v > 0, "> 0"), (NON_NEGATIVE_KEYS, lambda v: v >= 0, ">= 0")):
+        for key in keys:
+            value = cfg.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                    not (math.isfinite(value) and ok(value)):
+                raise ConfigError(f"{key}={value}: must be {what}")
+
+
+class CheckpointError(RuntimeError):
+    """A run directory or checkpoint cannot be used as asked: unreadable, untrusted (it would run
+    code), written by another script, or for another model. Raised before the run changes anything."""
+
+
+def run_entry_point(main, defaults: dict, default_config: str | None) -> None:
+    """What `python train/<script>.py ...` runs: resolve the config, call `main(cfg)`, leave the
+    process group. A refusal of the input (config, data, run directory, checkpoint) or a non-finite
+    loss ends the process with ONE line on stderr that names the file, field or flag, and exit
+    status 2, instead of a traceback. Several processes print it each, prefixed with their rank."""
+    try:
+        main(load_config(defaults, default_config=default_config))
+    except (ConfigError, CheckpointError, shards.ShardFormatError, NonFiniteLossError) as err:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        prefix = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
+        print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finish()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,11 +217,14 @@ def setup_accelerator(cfg: dict):
     """Accelerator with real DDP on CPU-only machines, and a refusal of silent rank-0 clones.
 
     On a machine without CUDA, Accelerate only starts a gloo process group when `cpu=True`;
-    without it every launched process believes it is rank 0 of 1 and trains alone.
+    without it every launched process believes it is rank 0 of 1 and trains alone. Launches that
+    cannot give the processes asked for (`accelerate launch --cpu --num_processes N`: one process;
+    DeepSpeed with several processes and no CUDA) are refused first (check_world_size).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    check_world_size()   # launches that cannot give the processes the user asked for: refused first
     cpu = cfg.get("cpu", False) or not torch.cuda.is_available()
     if deepspeed_requested():   # Accelerate drops a DeepSpeed launch config silently when cpu=True
         if cfg.get("cpu", False) and torch.cuda.is_available():
@@ -195,15 +240,88 @@ def setup_accelerator(cfg: dict):
     return accelerator
 
 
-def check_world_size(accelerator) -> None:
-    """Refuse to run when the launcher started more processes than Accelerate joined."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched:
-        raise RuntimeError(
-            f"launcher started {launched} processes (WORLD_SIZE) but Accelerate sees "
-            f"{accelerator.num_processes}: each process would train alone as rank 0. "
-            "On a machine without CUDA pass Accelerator(cpu=True) (our scripts do) and launch with "
-            "`accelerate launch --multi_gpu --num_processes N` or torchrun, not `--cpu`.")
+def check_world_size(accelerator=None) -> None:
+    """Refuse a run whose processes are not the ones the user asked for (ConfigError, one line).
+
+    Without an accelerator (called first, before any compute), from the launch environment:
+    - `accelerate launch --cpu --num_processes N` (or N > 1 without --multi_gpu and without GPUs)
+      starts ONE process: its simple launcher only sets ACCELERATE_USE_CPU and MASTER_ADDR/PORT (no
+      WORLD_SIZE); the count asked for is read from that launcher's command line (its config file
+      included), the parent of this process;
+    - DeepSpeed with several processes and no CUDA: Accelerate joins 1 process while DeepSpeed
+      sees WORLD_SIZE of them (multi-rank DeepSpeed through Accelerate needs GPUs here).
+    With an accelerator: the launcher started WORLD_SIZE processes and Accelerate joined them all.
+    """
+    env = os.environ
+    launched = int(env.get("WORLD_SIZE", "1"))
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "<script>.py"
+    if accelerator is not None:
+        if accelerator.num_processes != launched:
+            raise ConfigError(
+                f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate joined "
+                f"{accelerator.num_processes}: each process would train alone as rank 0 (without CUDA "
+                "Accelerate joins processes only when created with Accelerator(cpu=True), as train/*.py "
+                f"do); launch with accelerate launch --multi_gpu --num_processes {launched} train/{script} "
+                f"... or torchrun --nproc_per_node {launched} train/{script} ...")
+        return
+    if deepspeed_requested() and launched > 1 and not torch.cuda.is_available():
+        raise ConfigError(
+            f"DeepSpeed with {launched} processes on a machine without CUDA: multi-process DeepSpeed "
+            f"through Accelerate needs GPUs (on CPU Accelerate joins 1 process while DeepSpeed sees "
+            f"{launched}). Here run DeepSpeed with one process (--num_processes 1: it works on CPU), "
+            f"or {launched} processes without DeepSpeed: accelerate launch --multi_gpu "
+            f"--num_processes {launched} train/{script} ...")
+    mpi = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    if "ACCELERATE_USE_CPU" not in env or "WORLD_SIZE" in env or any(k in env for k in mpi):
+        return   # not started by accelerate's one-process launcher (torchrun, --multi_gpu, mpirun, python)
+
+    # Started by `accelerate launch` without a multi-process launcher: how many did it ask for?
+    requested, with_cpu, known, config_file = None, False, False, None
+    try:
+        argv = [a.decode() for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if a]
+    except (OSError, UnicodeDecodeError):
+        argv = None
+    if argv is not None:
+        start = next((i + 1 for i, a in enumerate(argv) if a == "accelerate.commands.launch"
+                      or Path(a).name == "accelerate-launch"), None)
+        if start is None:
+            start = next((i + 2 for i, a in enumerate(argv[:-1])
+                          if Path(a).name == "accelerate" and argv[i + 1] == "launch"), None)
+        if start is None:
+            return   # the parent is not accelerate: a plain `python train/x.py` with these variables
+        import contextlib
+        import io
+        try:
+            from accelerate.commands.config import default_config_file
+            from accelerate.commands.config.config_args import load_config_from_file
+            from accelerate.commands.launch import launch_command_parser
+            with contextlib.redirect_stderr(io.StringIO()):
+                args = launch_command_parser().parse_args(argv[start:])
+            with_cpu, requested = bool(args.cpu), args.num_processes
+            if requested is None and (args.config_file or (os.path.isfile(default_config_file) and not args.cpu)):
+                config = load_config_from_file(args.config_file)
+                requested, with_cpu = config.num_processes, with_cpu or bool(getattr(config, "use_cpu", False))
+                config_file = args.config_file or default_config_file
+            known = True
+        except (Exception, SystemExit):   # noqa: BLE001 - an unknown launcher version: use the environment
+            known = False
+    if known and (requested is None or requested <= 1):
+        return
+    if not known:   # the launcher sets MASTER_ADDR/PORT only when asked for several processes or machines
+        if "MASTER_PORT" not in env:
+            return
+        requested = None
+    where = f"num_processes: {requested} in {config_file}" if config_file else f"--num_processes {requested}"
+    asked = f"{requested} processes ({where})" if requested else "several processes"
+    how = ("with --cpu (or use_cpu in its config) it" if with_cpu or env["ACCELERATE_USE_CPU"].lower() == "true"
+           else "without --multi_gpu (and without several GPUs) it")
+    n = requested or "N"
+    raise ConfigError(
+        f"accelerate launch was asked for {asked} but started ONE: {how} never starts more than one "
+        f"process, and this run would silently train alone. For {n} processes on CPU run accelerate "
+        f"launch --multi_gpu --num_processes {n} train/{script} ... (real DDP over gloo) or torchrun "
+        f"--nproc_per_node {n} train/{script} ...; for one process " +
+        (f"set num_processes: 1 in {config_file}" if config_file else "drop --num_processes"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,8 +339,9 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 
 
 def deepspeed_requested() -> bool:
-    """True when the launcher asked for DeepSpeed (what `accelerate launch` with a DEEPSPEED config sets)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    """True when the launcher asked for DeepSpeed (what `accelerate launch` with a DEEPSPEED config sets;
+    read the way Accelerate reads it: true/yes/on/1)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").strip().lower() in ("1", "y", "yes", "t", "true", "on")
 
 
 def deepspeed_stage(accelerator) -> int | None:
@@ -377,7 +496,8 @@ def _is_deepspeed_optimizer(obj) -> bool:
 # Data
 
 def prepare_data(cfg: dict, accelerator) -> dict:
-    """Validate the shard directory `cfg['data']` (every shard, every split) and return its meta.
+    """Validate the shard directory `cfg['data']` (every shard, every split, and the values: see
+    data_prep.shards.validate) and return its meta.
 
     An embedded-benchmark directory (`.../embedded_<flavour>`) that does not exist yet is generated
     first, on the main process, from `cfg['data_seed']`.
@@ -391,11 +511,25 @@ def prepare_data(cfg: dict, accelerator) -> dict:
                               f"(choose from {', '.join(embedded.FLAVOURS)})")
         if accelerator.is_main_process:
             embedded.generate(root.parent, flavour, seed=cfg["data_seed"])
-        accelerator.wait_for_everyone()
+    # outside the `if`: another rank may already see the meta.json the main process just wrote, and
+    # every rank must reach the same barriers
+    accelerator.wait_for_everyone()
     if not (root / "meta.json").exists():
         raise ConfigError(f"data={cfg['data']}: no meta.json there; prepare the dataset with a "
                           "data_prep converter first")
-    return shards.validate(root)
+    # The main process scans the values first (NaN/Inf, categorical codes) and caches a clean result
+    # per shard; the others then validate from that cache instead of scanning the data N times. All
+    # reach the barrier, and all raise the same error on bad data.
+    refused = None
+    if accelerator.is_main_process:
+        try:
+            meta = shards.validate(root)
+        except shards.ShardFormatError as err:
+            refused = err
+    accelerator.wait_for_everyone()
+    if refused is not None:
+        raise refused
+    return meta if accelerator.is_main_process else shards.validate(root)
 
 
 def make_loader(cfg: dict, meta: dict, split: str, accelerator, modalities=None, train: bool = False):
@@ -409,10 +543,20 @@ def make_loader(cfg: dict, meta: dict, split: str, accelerator, modalities=None,
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=None, num_workers=workers,
         persistent_workers=workers > 0, pin_memory=accelerator.device.type == "cuda",
+        worker_init_fn=ignore_stop_signals if workers > 0 else None,
         # its own generator: creating an iterator must not draw from the global RNG (dropout,
         # augmentation), or a run resumed mid-epoch would see a shifted random stream
         generator=torch.Generator().manual_seed(cfg["seed"]))
     return loader, sampler
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker start: ignore SIGTERM/SIGUSR1. SLURM signals every process of a job step,
+    workers included; a worker killed by it makes the training process fail ("DataLoader worker
+    killed by signal") before it can checkpoint. The training process alone handles the signal
+    (Preemption); the workers stop when it shuts the loader down, or on their own when it dies."""
+    for sig in Preemption.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -529,27 +673,53 @@ def check_select_on(select_on: str) -> None:
         raise ConfigError(f"select_on='{select_on}': choose {' or '.join(SELECT_ON)}")
 
 
-def setup_run_dir(cfg: dict, accelerator):
-    """Create the run directory, write the resolved config, open TensorBoard on the main process.
+#: What a run writes into its out_dir. A fresh run refuses a directory holding any of them (the
+#: launchers' own files, slurm_jobs.log, submit.txt, submitit/, do not count).
+RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "best.pt", "result.json", "tb")
 
-    A fresh run refuses a directory that already holds checkpoints (use --resume, or another out_dir)
-    so that nothing already written is lost.
+
+def previous_run_files(run_dir: Path) -> list[str]:
+    """The names in RUN_FILES that exist under `run_dir`: what a fresh run there would overwrite."""
+    return [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
+
+
+def setup_run_dir(cfg: dict, accelerator):
+    """Check the run directory, then create it, write the resolved config and open TensorBoard.
+
+    Every rank checks before any rank writes (the directory is on a shared file system), so all
+    refuse together. A fresh run refuses a directory that holds any file of a previous run
+    (RUN_FILES): nothing already written is lost; --resume needs checkpoints/latest. A resumed run
+    leaves config.yaml alone here: resume_from_checkpoint rewrites it once the checkpoint has been
+    accepted, so a rejected --resume changes nothing. TensorBoard events logged after the
+    checkpoint (by the run that was stopped) are purged: they are logged again.
     """
     run_dir = Path(cfg["out_dir"])
+    latest = run_dir / "checkpoints" / "latest"
+    if cfg["resume"]:
+        if not latest.exists():
+            raise ConfigError(f"--resume: no checkpoint under {run_dir / 'checkpoints'} "
+                              "(drop --resume to start a run there)")
+        purge_step = checkpoint_step(latest) + 1
+    else:
+        previous = previous_run_files(run_dir)
+        if previous:
+            what = ("pass --resume to continue that run, or choose another --out_dir" if latest.exists() else
+                    "it has no checkpoint to resume from; choose another --out_dir, or delete those files")
+            raise ConfigError(f"out_dir={run_dir} holds a previous run's files ({', '.join(previous)}): {what}")
+    accelerator.wait_for_everyone()
     writer = None
     if accelerator.is_main_process:
-        has_ckpt = (run_dir / "checkpoints" / "latest").exists()
-        if has_ckpt and not cfg["resume"]:
-            raise ConfigError(f"out_dir={run_dir} already holds checkpoints: pass --resume to "
-                              "continue that run, or choose another --out_dir")
-        if cfg["resume"] and not has_ckpt:
-            raise ConfigError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        if not cfg["resume"]:
+            write_run_config(run_dir, cfg)
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run_dir / "tb"))
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step if cfg["resume"] else None)
     accelerator.wait_for_everyone()
     return run_dir, writer
+
+
+def write_run_config(run_dir: Path, cfg: dict) -> None:
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -577,9 +747,14 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def check_finite(loss_flag: torch.Tensor, step: int, window: int) -> None:
+def check_finite(loss_flag: torch.Tensor, step: int, window: int, accelerator=None) -> None:
     """Stop loudly on a NaN/inf loss. `loss_flag` accumulates ~isfinite on the device between checks
-    so that the hot path never waits on the host."""
+    so that the hot path never waits on the host. Collective with several processes: the flag is
+    all-reduced (MAX) so that every rank stops at the same check — a rank that stopped alone would
+    leave the others waiting in their next collective."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        loss_flag = loss_flag.to(torch.int32)
+        dist.all_reduce(loss_flag, op=dist.ReduceOp.MAX)
     if bool(loss_flag):
         raise NonFiniteLossError(f"non-finite loss within the {window} steps up to step {step}: "
                                  "stopping (no checkpoint is written after a NaN)")
@@ -620,7 +795,7 @@ def checkpoint_at_step_boundary(cfg: dict, state: dict, preemption: "Preemption"
     or `stop_after_steps` reached) checkpoint and return True: the script then exits cleanly."""
     stop = bool(cfg["stop_after_steps"] and state["step"] >= cfg["stop_after_steps"]) or preemption.requested(state["step"])
     if stop or (cfg["ckpt_every_steps"] and state["step"] % cfg["ckpt_every_steps"] == 0):
-        check_finite(nonfinite, state["step"], cfg["log_every"])
+        check_finite(nonfinite, state["step"], cfg["log_every"], accelerator)
         save_checkpoint(run_dir, accelerator, objects, state, cfg["keep_checkpoints"], generators)
     if stop:
         reason = preemption.received or f"stop_after_steps={cfg['stop_after_steps']}"
@@ -697,6 +872,7 @@ def save_checkpoint(run_dir: Path, accelerator, objects: dict, trainer_state: di
                 continue   # the optimizer (partitioned) is in <ckpt>/deepspeed
             if isinstance(obj, torch.nn.Module):
                 obj = accelerator.unwrap_model(obj)
+                state.setdefault("model_classes", {})[key] = type(obj).__name__
             state[key] = obj.state_dict()
         _fsync_save(state, tmp / "state.pt")
         if final.exists():
@@ -710,47 +886,186 @@ def save_checkpoint(run_dir: Path, accelerator, objects: dict, trainer_state: di
     return final
 
 
-def load_checkpoint(run_dir: Path, accelerator, objects: dict, generators: dict | None = None) -> dict:
-    """Restore `objects` and this rank's RNG states from the latest checkpoint; return trainer state."""
-    ckpt_root = run_dir / "checkpoints"
-    name = (ckpt_root / "latest").read_text().strip()
-    path = ckpt_root / name
+def checkpoint_step(latest: Path) -> int:
+    """The step of the checkpoint that `checkpoints/latest` names (ckpt-<step>), checked to exist."""
+    text = latest.read_text().strip() if latest.is_file() else ""
+    match = re.fullmatch(r"ckpt-(\d+)", text)
+    if match is None or not (latest.parent / text).is_dir():
+        raise CheckpointError(f"{latest}: names {text!r}, not a checkpoint directory in {latest.parent}")
+    return int(match.group(1))
+
+
+#: Beyond torch's weights-only set (tensors, containers, numbers, strings), exactly what a rank's
+#: RNG state holds: numpy's MT19937 key array (an ndarray of uint32).
+RNG_STATE_GLOBALS = (np.ndarray, np.dtype, np._core.multiarray._reconstruct, np.dtypes.UInt32DType)
+
+
+def deepspeed_checkpoint_globals() -> tuple:
+    """What DeepSpeed's ZeRO-1/2 optimizer files hold beyond tensors (checked: torch 2.14,
+    deepspeed 0.19.8): the stage enum, the (static) loss scaler, the fragment addresses."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return (ZeroStageEnum, LossScaler, fragment_address)
+
+
+def load_trusted(path: Path, allowed_globals=(), mmap: bool = False):
+    """torch.load(weights_only=True) onto the CPU: nothing in the file can run code. Accepted:
+    tensors, containers, numbers, strings and exactly `allowed_globals`. Anything else — a crafted
+    pickle, a truncated or garbage file — raises CheckpointError naming the file."""
     try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file named
-        raise RuntimeError(f"cannot read checkpoint {path / 'state.pt'}: {err}") from err
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line naming the file
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if ln.startswith(("Trying to load", "Unsupported", "Can only build",
+                                                              "Unsupported operand"))),
+                      lines[0] if lines else type(err).__name__)
+        raise CheckpointError(f"{path}: refused: not a checkpoint file this code writes ({reason}); it is "
+                              "loaded with weights_only=True, which never runs code from a file") from None
+
+
+def _module_mismatch(key: str, written: dict, module: torch.nn.Module) -> str | None:
+    """One line saying how a checkpoint's state dict differs from `module`'s, None when it fits."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in written]
+    unexpected = [k for k in written if k not in expected]
+    shapes = [f"{k} {list(written[k].shape)} in the checkpoint, {list(v.shape)} here" for k, v in expected.items()
+              if k in written and hasattr(written[k], "shape") and tuple(written[k].shape) != tuple(v.shape)]
+    parts = []
+    for what, items in (("shapes differ", shapes), ("missing from the checkpoint", missing),
+                        ("not in this model", unexpected)):
+        if items:
+            parts.append(f"{what}: {', '.join(items[:3])}" + (f" (+{len(items) - 3} more)" if len(items) > 3 else ""))
+    return f"'{key}' does not fit this run's model: " + "; ".join(parts) if parts else None
+
+
+#: Keys that may change between a run and its resumption without changing the model or the state.
+RESUME_FREE_KEYS = ("resume", "progress", "stop_after_steps", "num_workers", "config_file", "eval_batch_size",
+                    "log_every", "ckpt_every_steps", "keep_checkpoints", "preempt_check_every")
+
+
+def _config_changes(run_dir: Path, cfg: dict) -> str:
+    """'; changed since that run (config.yaml): a.b 8 -> 16, ...' or '' (nothing readable, or no change)."""
+    try:
+        before = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return ""
+    if not isinstance(before, dict):
+        return ""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k: v})
+        return out
+
+    old, new = flat(before), flat(cfg)
+    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+               if k.split(".")[0] not in RESUME_FREE_KEYS and old.get(k) != new.get(k)]
+    return f"; changed since that run (its config.yaml): {', '.join(changed[:4])}" if changed else ""
+
+
+def _trim_metrics(run_dir: Path, epoch: int) -> None:
+    """Drop metrics.jsonl records of epochs after the checkpoint's (and a line cut short by a kill):
+    a run killed between an epoch's metrics line and its checkpoint validates that epoch again."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or record.get("epoch", 0) <= epoch:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+def load_checkpoint(run_dir: Path, accelerator, objects: dict, generators: dict | None = None,
+                    cfg: dict | None = None) -> dict:
+    """Restore `objects` and this rank's RNG states from the latest checkpoint; return trainer state.
+
+    Every file is loaded with weights_only=True (load_trusted); DeepSpeed's own files are checked
+    the same way before the engine reads them. A checkpoint of another script or another model is
+    refused in one line (CheckpointError) that says what differs — with `cfg` (a resumed run), also
+    which config keys changed since the run's config.yaml. With `cfg`, once every rank has restored
+    its state: metrics.jsonl loses the records after the checkpoint's epoch, and config.yaml becomes
+    `cfg`. Nothing is written before that point, so a refused resume leaves the run as it was.
+    """
+    ckpt_root = run_dir / "checkpoints"
+    path = ckpt_root / f"ckpt-{checkpoint_step(ckpt_root / 'latest'):09d}"
+    state = load_trusted(path / "state.pt")
+    if not isinstance(state, dict) or "trainer" not in state or "world_size" not in state:
+        raise CheckpointError(f"{path / 'state.pt'}: not a training checkpoint (no trainer state)")
+    changes = _config_changes(run_dir, cfg) if cfg is not None else ""
     engine = _deepspeed_engine(accelerator, objects)
     written, running = state.get("deepspeed_stage"), deepspeed_stage(accelerator)
     if written != running:
-        raise RuntimeError(f"checkpoint {path} was written " +
-                           (f"under DeepSpeed ZeRO-{written}" if written is not None else "without DeepSpeed") +
-                           " but this run " + (f"uses ZeRO-{running}" if running is not None else
-                                              "does not use DeepSpeed") +
-                           ": resume with the launch config that wrote it")
+        raise CheckpointError(f"checkpoint {path} was written " +
+                              (f"under DeepSpeed ZeRO-{written}" if written is not None else "without DeepSpeed") +
+                              " but this run " + (f"uses ZeRO-{running}" if running is not None else
+                                                 "does not use DeepSpeed") +
+                              ": resume with the launch config that wrote it")
+    for key, obj in objects.items():
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path} has no '{key}' (it holds {sorted(state)}): it was "
+                                  f"written by another training script{changes}")
+        if isinstance(obj, torch.nn.Module):
+            module = accelerator.unwrap_model(obj)
+            if engine is not None and obj is engine:
+                module = engine.module
+            written_class = state.get("model_classes", {}).get(key)
+            if written_class is not None and written_class != type(module).__name__:
+                raise CheckpointError(f"checkpoint {path} holds a {written_class} as '{key}', this script builds a "
+                                      f"{type(module).__name__}: it was written by another training script "
+                                      f"(see {run_dir / 'config.yaml'}); resume with that script")
+            mismatch = _module_mismatch(key, state[key], module)
+            if mismatch:
+                raise CheckpointError(f"checkpoint {path}: {mismatch}{changes}")
     if engine is not None:
         if state["world_size"] != accelerator.num_processes:
-            raise RuntimeError(f"checkpoint {path}: DeepSpeed optimizer partitions were written by "
-                               f"{state['world_size']} processes; resume with that many (this run has "
-                               f"{accelerator.num_processes})")
+            raise CheckpointError(f"checkpoint {path}: DeepSpeed optimizer partitions were written by "
+                                  f"{state['world_size']} processes; resume with that many (this run has "
+                                  f"{accelerator.num_processes})")
+        for file in sorted((path / "deepspeed").glob("*.pt")):   # before DeepSpeed unpickles them itself
+            load_trusted(file, deepspeed_checkpoint_globals(), mmap=True)
         loaded, _ = engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=True,
                                            load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None:
-            raise RuntimeError(f"cannot read the DeepSpeed checkpoint {path / 'deepspeed'}")
+            raise CheckpointError(f"cannot read the DeepSpeed checkpoint {path / 'deepspeed'}")
     for key, obj in objects.items():
         if engine is not None and (obj is engine or _is_deepspeed_optimizer(obj)):
             continue   # restored by engine.load_checkpoint
-        if key not in state:
-            raise RuntimeError(f"checkpoint {path} has no '{key}' (it holds {sorted(state)})")
         if isinstance(obj, torch.nn.Module):
             obj = accelerator.unwrap_model(obj)
-        obj.load_state_dict(state[key])
+        try:
+            obj.load_state_dict(state[key])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"checkpoint {path}: '{key}' does not fit this run's "
+                                  f"{type(obj).__name__}: {first}{changes}") from None
     rng_file = path / f"rng-rank{accelerator.process_index}.pt"
     if state["world_size"] == accelerator.num_processes and rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False), generators)
+        rng = load_trusted(rng_file, RNG_STATE_GLOBALS)
+        try:
+            _set_rng_state(rng, generators)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{rng_file}: not this run's RNG state ({type(err).__name__}: {err})") from None
     elif accelerator.is_main_process:
         print(f"[resume] world size changed ({state['world_size']} -> {accelerator.num_processes}): "
               "RNG streams restart; the data order stays exact", flush=True)
-    return state["trainer"]
+    trainer = state["trainer"]
+    if cfg is not None:
+        accelerator.wait_for_everyone()   # every rank restored its state: now the run may change
+        if accelerator.is_main_process:
+            if isinstance(trainer, dict) and "epoch" in trainer:
+                _trim_metrics(run_dir, trainer["epoch"])
+            write_run_config(run_dir, cfg)
+    return trainer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1056,7 +1371,7 @@ def test_best_model(model, run_dir: Path, accelerator, task: str, fuse, loaders:
     test splits (`loaders`), write result.json and print the table on rank 0, close TensorBoard.
     `extra` (the method's switches) is recorded in result.json."""
     accelerator.wait_for_everyone()
-    accelerator.unwrap_model(model).load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True))
+    accelerator.unwrap_model(model).load_state_dict(load_trusted(run_dir / "best.pt"))
     test = evaluate(model, loaders["test"], accelerator, task, fuse)
     val = evaluate(model, loaders["val"], accelerator, task, fuse)
     result = {"run_dir": str(run_dir), "best_epoch": state["best_epoch"], "val": val, "test": test,

@@ -198,7 +198,7 @@ def main(cfg: dict) -> dict:
     state = dict(epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1, bad_epochs=0, stopped_early=False)
     checkpointed = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     if cfg["resume"]:
-        state = common.load_checkpoint(run_dir, accelerator, checkpointed, generators)
+        state = common.load_checkpoint(run_dir, accelerator, checkpointed, generators, cfg=cfg)
         accelerator.print(f"[resume] from step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
         if official and state["step"] > 0:
             # after one batch every parameter holds a (zero-filled) gradient, which Adam steps: an
@@ -227,7 +227,7 @@ def main(cfg: dict) -> dict:
             state["step"] += 1
             state["batch_in_epoch"] += 1
             if state["step"] % cfg["log_every"] == 0:
-                common.check_finite(nonfinite, state["step"], cfg["log_every"])
+                common.check_finite(nonfinite, state["step"], cfg["log_every"], accelerator)
                 scalars = {k: accelerator.reduce(v / cfg["log_every"], "mean") for k, v in window.items()}
                 scalars["train/lr"] = optimizer.param_groups[0]["lr"]
                 common.log_scalars(writer, scalars, state["step"])
@@ -241,7 +241,7 @@ def main(cfg: dict) -> dict:
         bar.close()
 
         # end of epoch: validate (fused = mean of the two heads' logits), early stopping, checkpoint
-        common.check_finite(nonfinite, state["step"], cfg["log_every"])
+        common.check_finite(nonfinite, state["step"], cfg["log_every"], accelerator)
         scheduler.step()
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
@@ -268,5 +268,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(common.load_config(DEFAULTS, default_config=DEFAULT_CONFIG))
-    common.finish()
+    common.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)

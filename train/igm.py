@@ -385,7 +385,7 @@ def main(cfg: dict) -> dict:
                  T={m: {} for m in order}, Y={m: {} for m in order}, stage_grad=None, prev_stage_grad=None)
     checkpointed = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     if cfg["resume"]:
-        state = common.load_checkpoint(run_dir, accelerator, checkpointed)
+        state = common.load_checkpoint(run_dir, accelerator, checkpointed, cfg=cfg)
         state["T"] = {m: {i: t.to(device) for i, t in d.items()} for m, d in state["T"].items()}
         state["Y"] = {m: {i: y.to(device) for i, y in d.items()} for m, d in state["Y"].items()}
         for key in ("stage_grad", "prev_stage_grad"):
@@ -397,9 +397,12 @@ def main(cfg: dict) -> dict:
         """Official: restart from the best checkpoint, fresh optimiser and scheduler, T from the
         previous stage's modality. Mutates the optimiser/scheduler in place (checkpointed objects)."""
         nonlocal optimizer, scheduler
+        # every rank reaches the barrier (the main process may still be writing best.pt when another
+        # rank looks for it), then all read the same file; loaded onto the CPU and copied into the
+        # model: map_location=device fails for a "cpu:0" device (2 CPU processes)
+        accelerator.wait_for_everyone()
         if (run_dir / "best.pt").exists():
-            accelerator.wait_for_everyone()
-            model.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=True))
+            model.load_state_dict(common.load_trusted(run_dir / "best.pt"))
         optimizer = common.build_optimizer(cfg, model.parameters())
         scheduler = common.build_scheduler(cfg, optimizer)
         checkpointed.update(optimizer=optimizer, scheduler=scheduler)
@@ -472,7 +475,7 @@ def main(cfg: dict) -> dict:
             if not official and cfg["projection"] and state["step"] % cfg["refresh_every"] == 0:
                 refresh_paper_projections()
             if state["step"] % cfg["log_every"] == 0:
-                common.check_finite(nonfinite, state["step"], cfg["log_every"])
+                common.check_finite(nonfinite, state["step"], cfg["log_every"], accelerator)
                 scalars = {k: accelerator.reduce(v / counts[k.split("/")[0]], "mean")
                            for k, v in window.items() if counts[k.split("/")[0]]}
                 scalars["train/lr"] = optimizer.param_groups[0]["lr"]
@@ -488,7 +491,7 @@ def main(cfg: dict) -> dict:
         bar.close()
 
         # end of epoch: validate, select on validation accuracy (`select_on`), maybe start the next stage
-        common.check_finite(nonfinite, state["step"], cfg["log_every"])
+        common.check_finite(nonfinite, state["step"], cfg["log_every"], accelerator)
         if not official:
             scheduler.step()
         state["epoch"] += 1
@@ -525,5 +528,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(common.load_config(DEFAULTS, default_config=DEFAULT_CONFIG))
-    common.finish()
+    common.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)

@@ -101,7 +101,7 @@ def main(cfg: dict) -> dict:
     state = dict(epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1)
     checkpointed = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     if cfg["resume"]:
-        state = common.load_checkpoint(run_dir, accelerator, checkpointed)
+        state = common.load_checkpoint(run_dir, accelerator, checkpointed, cfg=cfg)
         accelerator.print(f"[resume] from step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
 
     # loop ----------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def main(cfg: dict) -> dict:
                 accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
 
             if (state["step"] + 1) % cfg["log_every"] == 0:
-                common.check_finite(nonfinite, state["step"] + 1, cfg["log_every"])
+                common.check_finite(nonfinite, state["step"] + 1, cfg["log_every"], accelerator)
                 scalars = {"train/loss": loss.detach()}
                 if engine is None:
                     fused_head_grads = {m: common.flat_grad(raw.heads[m].parameters()) for m in out}
@@ -181,7 +181,7 @@ def main(cfg: dict) -> dict:
         bar.close()
 
         # end of epoch: validate, keep the best model, checkpoint ----------------------------------
-        common.check_finite(nonfinite, state["step"], cfg["log_every"])
+        common.check_finite(nonfinite, state["step"], cfg["log_every"], accelerator)
         scheduler.step()
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
@@ -207,5 +207,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(common.load_config(DEFAULTS, default_config=DEFAULT_CONFIG))
-    common.finish()
+    common.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)

@@ -39,5 +39,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(common.load_config(DEFAULTS, default_config=DEFAULT_CONFIG))
-    common.finish()
+    common.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)

@@ -1,0 +1,257 @@
+"""Reliability: several processes reach every collective on the same path, checkpoints are data
+(never code), preemption with DataLoader workers, run directories are never silently reused, and a
+refused input is one line before anything is written."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from data_prep import embedded
+from tests.test_train import REPO, final_weights, run_script, seq3_args
+from train import common
+
+
+@pytest.fixture(scope="module")
+def seq3(tmp_path_factory):
+    return embedded.generate(tmp_path_factory.mktemp("data"), "seq3", seed=3, n_train=512, n_val=128, n_test=128)
+
+
+@pytest.fixture(scope="module")
+def av(tmp_path_factory):
+    return embedded.generate(tmp_path_factory.mktemp("data"), "av", seed=5, n_train=256, n_val=64, n_test=64)
+
+
+def one_line_error(proc, *fragments):
+    """The process refused its input: exit 2, one `error:` line naming what is wrong, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    errors = [line for line in proc.stderr.splitlines() if "error: " in line]
+    assert len(errors) >= 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# IGM official on 2 processes: the stage restart (barrier, best.pt on a "cpu:0" device)
+
+@pytest.mark.slow
+def test_igm_official_stage_restarts_on_two_processes(av, tmp_path):
+    """The first stage of one epoch (best.pt written at the very moment the other rank looks for
+    it: it used to skip the barrier and deadlock) and a 2-process CPU device (`cpu:0`, which
+    map_location could not restore); the run ends with a result on both."""
+    out = tmp_path / "igm2"
+    args = ["--data", str(av), "--out_dir", str(out), "--batch_size", "64", "--log_every", "2", "--progress", "false",
+            "--encoders.audio.base_width", "8", "--encoders.video.base_width", "8", "--stage_epochs", "[1, 1]"]
+    run_script("train/igm.py", args, nproc=2, timeout=300)   # a hang fails here instead of stalling CI
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == [0, 1]
+    assert set(json.loads((out / "result.json").read_text())["test"]) == {"audio", "video", "fused"}
+
+
+def _nonfinite_worker(rank, world, init_file, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    flag = torch.tensor(rank == 1)   # only rank 1 saw a NaN
+    try:
+        common.check_finite(flag, 10, 5, SimpleNamespace(num_processes=world))
+        outcome = "went on"
+    except common.NonFiniteLossError:
+        outcome = "stopped"
+    Path(out_dir, f"rank{rank}").write_text(outcome)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
+    """A rank that stopped alone would leave the others in their next collective."""
+    torch.multiprocessing.spawn(_nonfinite_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["stopped", "stopped"]
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints are data: a crafted pickle is refused, naming the file
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def stopped_run(seq3, tmp_path_factory):
+    """A joint run checkpointed at step 3 (mid-epoch), kept pristine: tests copy it."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    run_script("train/joint.py", seq3_args(seq3, out, "--stop_after_steps", "3"))
+    return out
+
+
+def copy_run(run, dest):
+    subprocess.run(["cp", "-a", str(run), str(dest)], check=True)
+    return dest
+
+
+@pytest.mark.parametrize("victim", ["state.pt", "rng-rank0.pt"])
+def test_crafted_checkpoint_is_refused_and_runs_nothing(seq3, stopped_run, tmp_path, victim):
+    run = copy_run(stopped_run, tmp_path / "run")
+    marker = tmp_path / "code-ran"
+    path = run / "checkpoints" / "ckpt-000000003" / victim
+    original = torch.load(path, weights_only=False)
+    original["trainer" if victim == "state.pt" else "python"] = RunsCode(marker)
+    torch.save(original, path)
+    config_before = (run / "config.yaml").read_bytes()
+    proc = run_script("train/joint.py", seq3_args(seq3, run, "--resume"), check=False)
+    one_line_error(proc, str(path), "refused", "weights_only=True")
+    assert not marker.exists(), "the checkpoint ran a command"
+    assert (run / "config.yaml").read_bytes() == config_before
+
+
+def test_garbage_rng_file_names_the_file(seq3, stopped_run, tmp_path):
+    run = copy_run(stopped_run, tmp_path / "run")
+    path = run / "checkpoints" / "ckpt-000000003" / "rng-rank0.pt"
+    path.write_bytes(os.urandom(512))
+    one_line_error(run_script("train/joint.py", seq3_args(seq3, run, "--resume"), check=False), str(path))
+    torch.save({"python": "not a state"}, path)   # loadable, but not an RNG state
+    one_line_error(run_script("train/joint.py", seq3_args(seq3, run, "--resume"), check=False), str(path))
+
+
+def test_plain_pickle_of_allowed_types_still_loads(tmp_path):
+    """The allow-list is exactly the RNG state's numpy types: a real RNG state loads."""
+    state = common._rng_state({"g": torch.Generator().manual_seed(3)})
+    torch.save(state, tmp_path / "rng.pt")
+    loaded = common.load_trusted(tmp_path / "rng.pt", common.RNG_STATE_GLOBALS)
+    assert (loaded["numpy"][1] == state["numpy"][1]).all() and torch.equal(loaded["torch"], state["torch"])
+    with pytest.raises(common.CheckpointError, match="rng.pt: refused"):
+        common.load_trusted(tmp_path / "rng.pt")   # numpy arrays are not allowed by default
+    with open(tmp_path / "raw.pt", "wb") as f:
+        pickle.dump(RunsCode(tmp_path / "x"), f)
+    with pytest.raises(common.CheckpointError, match="raw.pt: refused"):
+        common.load_trusted(tmp_path / "raw.pt", common.RNG_STATE_GLOBALS)
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# run directories: never silently reused; a rejected --resume changes nothing and says why
+
+def test_fresh_run_refuses_a_previous_runs_directory(seq3, stopped_run, tmp_path):
+    run = copy_run(stopped_run, tmp_path / "run")
+    subprocess.run(["rm", "-r", str(run / "checkpoints")], check=True)
+    before = {name: (run / name).read_bytes() for name in ("config.yaml",)}
+    proc = run_script("train/joint.py", seq3_args(seq3, run), check=False)
+    one_line_error(proc, f"out_dir={run}", "config.yaml", "tb", "no checkpoint to resume from")
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_rejected_resume_says_what_differs_and_changes_nothing(seq3, stopped_run, tmp_path):
+    run = copy_run(stopped_run, tmp_path / "run")
+    config_before = (run / "config.yaml").read_bytes()
+    # a changed model: the parameter whose shape differs and the config key that changed
+    proc = run_script("train/joint.py", seq3_args(seq3, run, "--resume", "--encoders.text.d_model", "32"), check=False)
+    line = one_line_error(proc, "does not fit this run's model", "shapes differ", "encoders.text.d_model 16 -> 32")
+    assert "[16]" in line and "[32]" in line
+    # another script's checkpoint
+    proc = run_script("train/cggm.py", ["--data", str(seq3), "--out_dir", str(run), "--resume", "--progress", "false"],
+                      check=False)
+    one_line_error(proc, "holds a LateFusionModel as 'model', this script builds a CGGMModel")
+    assert (run / "config.yaml").read_bytes() == config_before
+    assert not (run / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_kill_between_metrics_line_and_checkpoint_leaves_no_duplicate_epoch(seq3, tmp_path):
+    """What a kill leaves between the epoch-end metrics line and the epoch-end checkpoint: the
+    record of epoch 1 on disk, the latest checkpoint at the last step of epoch 1 (written before
+    the validation). The resumed run validates epoch 1 again: one record per epoch, as uninterrupted."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_script("train/joint.py", seq3_args(seq3, whole))
+    steps_per_epoch = 512 // 64
+    run_script("train/joint.py", seq3_args(seq3, split, "--stop_after_steps", str(steps_per_epoch)))
+    first = json.loads((whole / "metrics.jsonl").read_text().splitlines()[0])
+    with open(split / "metrics.jsonl", "a") as f:   # the killed run's epoch-1 line, and a torn line
+        f.write(json.dumps(first) + "\n" + '{"epoch": 2, "st')
+    run_script("train/joint.py", seq3_args(seq3, split, "--resume"))
+    epochs = [json.loads(line)["epoch"] for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+    assert (split / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# bad numbers are refused before a run directory exists
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "-0.001", "lr=-0.001: must be > 0"),
+    ("--weight_decay", "-1", "weight_decay=-1.0: must be >= 0"),
+    ("--epochs", "-2", "epochs=-2: must be > 0"),
+    ("--epochs", "0", "epochs=0: must be > 0"),
+    ("--batch_size", "0", "batch_size=0: must be > 0"),
+])
+def test_bad_numbers_are_refused_before_the_run_directory(seq3, tmp_path, flag, value, message):
+    out = tmp_path / "never"
+    proc = run_script("train/joint.py", seq3_args(seq3, out, flag, value), check=False)
+    one_line_error(proc, message)
+    assert not out.exists()
+
+
+def test_method_scripts_check_the_same_numbers():
+    from train import cggm, gaal, igm
+    for module in (gaal, igm, cggm):
+        with pytest.raises(common.ConfigError, match="lr=-1.0: must be > 0"):
+            common.load_config(module.DEFAULTS, ["--lr", "-1"], default_config=module.DEFAULT_CONFIG)
+    with pytest.raises(common.ConfigError, match="clf_lr=-1.0"):
+        common.load_config(cggm.DEFAULTS, ["--clf_lr", "-1"], default_config=cggm.DEFAULT_CONFIG)
+
+
+# ------------------------------------------------------------------------------------------------
+# preemption with DataLoader workers: SLURM signals the whole process group
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_workers_checkpoints(seq3, tmp_path):
+    """SIGTERM to every process of the job (training process AND its DataLoader workers), as SLURM
+    sends it: the workers ignore it, the training process checkpoints at the next step boundary and
+    exits 0, and the resumed run ends bit-identical to an uninterrupted one."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    workers = ["--num_workers", "2", "--epochs", "6"]   # long enough to be stopped inside the training
+    run_script("train/joint.py", seq3_args(seq3, whole, *workers))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "train/joint.py"),
+                             *seq3_args(seq3, split, *workers, "--log_every", "1")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline, group = time.time() + 120, []
+        while len(group) < 3 and time.time() < deadline and proc.poll() is None:   # the loader's workers are up
+            time.sleep(0.1)
+            group = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(group) >= 3, "the training process and its 2 workers"
+        time.sleep(0.3)   # a few steps in
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "[stop] SIGTERM at step" in stdout and (split / "checkpoints" / "latest").exists()
+    run_script("train/joint.py", seq3_args(seq3, split, *workers, "--resume"))
+    a, b = final_weights(whole), final_weights(split)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_ignore_stop_signals_in_a_worker():
+    """What the DataLoader's worker_init_fn does, in a real child process."""
+    code = ("import os, signal, sys; sys.path.insert(0, %r)\n"
+            "from train import common\n"
+            "common.ignore_stop_signals(0)\n"
+            "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "print('alive')\n") % str(REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive", proc.stderr
