@@ -118,7 +118,7 @@ def test_methods_refuse_deepspeed_before_compute(script, method, stage, deepspee
     out = tmp_path / "run"
     proc = run_deepspeed(stage, script, ["--out_dir", str(out), "--data", str(tmp_path / "never_read")], check=False)
     assert proc.returncode != 0
-    assert f"ConfigError: {method} does not support DeepSpeed (ZeRO stage {stage})" in proc.stderr
+    assert f"error: {method} does not support DeepSpeed (ZeRO stage {stage})" in proc.stderr
     assert f"accelerate launch --multi_gpu --num_processes N {script}" in proc.stderr
     assert not out.exists()   # no run directory, no checkpoint
 

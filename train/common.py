@@ -1011,6 +1011,8 @@ def load_checkpoint(run_dir: Path, accelerator, objects: dict, generators: dict 
                                                  "does not use DeepSpeed") +
                               ": resume with the launch config that wrote it")
     for key, obj in objects.items():
+        if engine is not None and _is_deepspeed_optimizer(obj):
+            continue   # in DeepSpeed's own files (<ckpt>/deepspeed), not in state.pt
         if key not in state:
             raise CheckpointError(f"checkpoint {path} has no '{key}' (it holds {sorted(state)}): it was "
                                   f"written by another training script{changes}")
