@@ -173,8 +173,8 @@ def load_config(defaults: dict, argv: list[str] | None = None, default_config: s
 # Numeric keys shared by the scripts and the range each must lie in (a script checks its own
 # method's knobs in its check_config). A key a script does not have is skipped.
 POSITIVE_KEYS = ("lr", "clf_lr", "epochs", "batch_size", "eval_batch_size", "log_every", "eval_every",
-                 "keep_checkpoints", "preempt_check_every", "step_size", "gamma", "plateau_patience")
-NON_NEGATIVE_KEYS = ("weight_decay", "clf_weight_decay", "momentum", "grad_clip", "num_workers",
+                 "keep_checkpoints", "preempt_check_every", "step_size", "gamma")
+NON_NEGATIVE_KEYS = ("weight_decay", "clf_weight_decay", "momentum", "grad_clip", "num_workers", "plateau_patience",
                      "ckpt_every_steps", "stop_after_steps", "patience", "min_delta", "warmup_epochs",
                      "warmup_start_lr", "min_lr", "data_seed", "seed")
 
