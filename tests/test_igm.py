@@ -299,7 +299,9 @@ def test_official_stages_restart_from_best_with_fresh_optimizer(av, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == [0, 0, 1]
     tags = tb_tags(out)
-    assert {"T/video/layer0/sigma_min", "T/video/layer2/sigma_median", "val_fused/mAP", "video/acc", "train/stage"} <= tags
+    assert {"T/video_from_audio/layer0/effective_rank", "T/video_from_audio/layer2/damped_share",
+            "T/video_from_audio/layer1/mean_scale", "T/video_from_audio/layer1/top_energy_share",
+            "val_fused/mAP", "video/acc", "train/stage"} <= tags
 
 
 @pytest.mark.slow
@@ -309,8 +311,8 @@ def test_switches(av, tmp_path):
                                         "--tau", "1.0", "--sam", "false", "--fusion", "entropy",
                                         "--mixup_alpha_by_modality.video", "0.0", "--select_on", "modality_mean"))
     tags = tb_tags(out)
-    assert "T/video/layer2/sigma_min" in tags and "T/video/layer0/sigma_min" not in tags
-    assert "T/audio/layer2/sigma_min" in tags and "plasticity/cos_consecutive_stages" in tags
+    assert "T/video_from_audio/layer2/effective_rank" in tags and "T/video_from_audio/layer0/effective_rank" not in tags
+    assert "T/audio_from_video/layer2/damped_share" in tags and "plasticity/cos_consecutive_stages" in tags
     state = torch.load(out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "state.pt",
                        weights_only=False)
     sigma = torch.linalg.eigvalsh(state["trainer"]["T"]["audio"][2].double())   # the last stage: audio from video

@@ -38,8 +38,9 @@ gradients are all-reduced by hand in one bucket; moment sums Y and SAM norms use
 so N ranks x B/N = 1 rank x B (mixup pairs are drawn within a rank's slice; lambda and the
 permutation come from the seeded global RNG, identical on every rank).
 
-TensorBoard: per-modality train loss/acc, val per-modality and fused metrics, the stage, the spectrum
-of T (min / median eigenvalue), and `plasticity/cos_consecutive_stages`: the cosine between the summed
+TensorBoard: per-modality train loss/acc, val per-modality and fused metrics, the stage, what each
+projection does (T/<active>_from_<previous>/layer<i>/: effective rank and top-direction energy share
+of the moments Y, share of directions T damps by more than half, T's mean scale), and `plasticity/cos_consecutive_stages`: the cosine between the summed
 weight gradients of the head's 2nd and 3rd Linear (same shapes in every modality) over a stage and over
 the stage before it.
 """
@@ -335,13 +336,13 @@ def stage_gradient(head):
     return torch.cat([head.linears[i].weight.grad.flatten() for i in (1, 2)])
 
 
-def spectrum_scalars(prefix, projections):
-    out = {}
-    for i, T in projections.items():
-        sigma = torch.linalg.eigvalsh(T.double())
-        out[f"{prefix}/layer{i}/sigma_min"] = sigma.min()
-        out[f"{prefix}/layer{i}/sigma_median"] = sigma.median()
-    return out
+def projection_scalars(active, previous, Y, tau):
+    """TensorBoard scalars of the projection that `active`'s head gradients get, built from
+    `previous`'s head-input moments Y {layer: (d, d)}: T/<active>_from_<previous>/layer<i>/<name>,
+    name = effective_rank, top_energy_share (of Y), damped_share, mean_scale (of T) — see
+    methods.flat_sam.projection_diagnostics."""
+    return {f"T/{active}_from_{previous}/layer{i}/{name}": value for i, y in Y.items()
+            for name, value in flat_sam.projection_diagnostics(y, tau).items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,19 +415,21 @@ def main(cfg: dict) -> dict:
             train_sampler.set_epoch(state["epoch"])
             Y = moments_from_loader(model, previous, layers, train_loader, device, world, accelerator.autocast)
             state["T"][active] = projections_from_moments(Y, cfg["tau"])
-            common.log_scalars(writer, spectrum_scalars(f"T/{active}", state["T"][active]), state["step"])
+            common.log_scalars(writer, projection_scalars(active, previous, Y, cfg["tau"]), state["step"])
         state["prev_stage_grad"], state["stage_grad"] = state["stage_grad"], None
         accelerator.print(f"stage {s}: {active} for {stage_len[s]} epochs"
                           + (f", T from {previous} on layers {sorted(state['T'][active])}" if state["T"][active] else ""))
 
     def refresh_paper_projections():
+        scalars = {}
         for j, m in enumerate(order):
             previous = order[j - 1]
             layers = paired_layers(model, m, previous, cfg["project_layers"])
             if all(i in state["Y"][previous] for i in layers):
-                state["T"][m] = projections_from_moments({i: state["Y"][previous][i] for i in layers}, cfg["tau"])
-        common.log_scalars(writer, {k: v for m in order for k, v in spectrum_scalars(f"T/{m}", state["T"][m]).items()},
-                           state["step"])
+                Y = {i: state["Y"][previous][i] for i in layers}
+                state["T"][m] = projections_from_moments(Y, cfg["tau"])
+                scalars.update(projection_scalars(m, previous, Y, cfg["tau"]))
+        common.log_scalars(writer, scalars, state["step"])
 
     # loop ----------------------------------------------------------------------------------------
     window = {f"{m}/{k}": torch.zeros((), device=device) for m in order for k in ("loss", "acc")}
