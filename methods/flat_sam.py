@@ -70,6 +70,33 @@ def flat_projection(Y: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.where(has_spread, t, eye).to(Y.dtype)
 
 
+def projection_diagnostics(Y: torch.Tensor, tau: float) -> dict:
+    """What a flat projection built from the moments Y does, as 0-d float64 tensors (no host sync):
+
+    - ``effective_rank`` of Y: exp(H(p)), p = λ/Σλ over the eigenvalues λ ≥ 0 of Y (1 when the
+      previous modality's head inputs occupy one direction, d when they spread evenly);
+    - ``top_energy_share``: λmax/Σλ, the share of Y's energy in its dominant direction;
+    - ``damped_share``: the share of the d directions that T damps by more than half of its full
+      damping, σ < (1 + e^−τ)/2 — the directions the projection protects;
+    - ``mean_scale``: trace(T)/d, the average factor on a gradient direction (1 = no projection).
+
+    (min σ is e^−τ and the median is ≈ 1 by construction on rank-deficient Y: they carry nothing.)
+    Y = 0 or λmax = λmin give T = I: damped_share 0, mean_scale 1 (Y = 0: effective_rank 1,
+    top_energy_share 0).
+    """
+    y64 = Y.to(torch.float64)
+    lam = torch.linalg.eigvalsh(0.5 * (y64 + y64.transpose(0, 1))).clamp_min(0)
+    total = lam.sum()
+    p = lam / torch.where(total > 0, total, torch.ones_like(total))   # all zero for Y = 0
+    entropy = -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum()
+    spread = lam[-1] - lam[0]
+    x = (lam - lam[0]) / torch.where(spread > 0, spread, torch.ones_like(spread))
+    sigma = torch.where(spread > 0, torch.exp(-tau * x), torch.ones_like(x))   # T's eigenvalues
+    half = 0.5 * (1 + torch.exp(torch.tensor(-tau, dtype=torch.float64, device=lam.device)))
+    return {"effective_rank": torch.exp(entropy), "top_energy_share": p[-1],
+            "damped_share": (sigma < half).to(torch.float64).mean(), "mean_scale": sigma.mean()}
+
+
 def project_weight_grad(grad: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
     """grad @ T for a Linear weight gradient grad (out, in) and T (in, in).
 

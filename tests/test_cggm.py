@@ -122,8 +122,31 @@ def test_batch_metric_counts_by_hand():
     hits, count = cggm.batch_metric_counts("classification", logits, torch.tensor([0, 0, 0]))
     assert (hits.item(), count.item()) == (2, 3)
     pred, y = torch.tensor([[0.5], [-1.0], [2.0], [0.3]]), torch.tensor([1.0, 0.0, -2.0, 0.4])
-    hits, count = cggm.batch_metric_counts("regression", pred, y)   # y = 0 excluded (MOSI non0 Acc-2)
+    # official (released train_eval_senti): every sample, y = 0 is "not positive" (pred -1.0 agrees)
+    hits, count = cggm.batch_metric_counts("regression", pred, y)
+    assert (hits.item(), count.item()) == (3, 4)
+    hits, count = cggm.batch_metric_counts("regression", pred, y, zero_labels_count=False)   # paper: Acc-2
     assert (hits.item(), count.item()) == (2, 3)
+
+
+@pytest.mark.parametrize("variant, zero_labels_count", [("official", True), ("paper", False)])
+def test_regression_step_metric_per_variant(variant, zero_labels_count):
+    """The metric a step carries into c_i on a batch with zero labels: official the released
+    all-sample sign accuracy (train_eval_senti), paper the non-zero Acc-2 convention."""
+    batch = toy_batches(1, task="regression")[0]
+    assert (batch["label"] == 0).any()
+    model = toy_model("regression")
+    opt, clf_opt = optimizers(model)
+    state = fresh_state(model)
+    with torch.no_grad():
+        out = model(batch)
+    expected = []
+    for m in model.modalities:
+        pred, y = out[m][1].reshape(-1), batch["label"]
+        agree = (pred > 0) == (y > 0)
+        expected.append(float(agree.double().mean() if zero_labels_count else agree[y != 0].double().mean()))
+    cggm.cggm_step(model, batch, opt, clf_opt, state, dict(STEP_CFG, variant=variant), "regression")
+    assert state["metric_prev"].tolist() == pytest.approx(expected, abs=1e-12)
 
 
 def test_modulation_scales_encoder_cores_by_rho_c():

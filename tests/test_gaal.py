@@ -26,9 +26,10 @@ def checkpoint_state(run_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant, image_adam_steps, table_adam_steps, bn_updates", [
-    # official: zero-filled grads, so the image encoder is also stepped in the tabular phase (the
-    # table's grads do not exist yet in the very first image phase); two training forwards each
-    ("official", 2, 1, 2),
+    # official: zero-filled grads on every parameter from the first phase (as the released step,
+    # whose reference loss back-propagates through the other encoder), so each encoder is stepped
+    # in both phases of a batch; two training forwards each
+    ("official", 2, 2, 2),
     # paper: clean alternation, each encoder stepped once, BatchNorm statistics updated once
     ("paper", 1, 1, 1),
 ])
@@ -128,6 +129,45 @@ def test_gaal_step_two_ranks_equal_one(tmp_path, variant):
     assert [float(c) for c in ddp["conflicts"]] == [float(c) for c in conflicts]
     for key, value in single.items():
         torch.testing.assert_close(ddp["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def released_official_step(encoders, head, opt, batch, order, cfg):
+    """The released official step, written the way the released code runs it: the reference loss
+    over the other modality's hard samples back-propagates through that encoder (with a graph),
+    `zero_grad(set_to_none=False)` between, one Adam over everything."""
+    from methods import surgery
+    labels = batch["label"]
+    for m, other in ((order[0], order[1]), (order[1], order[0])):
+        opt.zero_grad(set_to_none=False)
+        logits_other = head(encoders[other](batch[other]))
+        hard = surgery.hard_sample_indices(logits_other.detach(), cfg["topk_frac"])
+        torch.nn.functional.cross_entropy(logits_other[hard], labels[hard]).backward()
+        g_ref = surgery.flatten_head_grad(head.weight.grad, head.bias.grad).clone()
+        opt.zero_grad(set_to_none=False)
+        torch.nn.functional.cross_entropy(head(encoders[m](batch[m])), labels).backward()
+        g = surgery.project_conflicting(surgery.flatten_head_grad(head.weight.grad, head.bias.grad), g_ref,
+                                        cfg["margin"], cfg["qp_eps"])
+        weight_grad, bias_grad = surgery.unflatten_head_grad(g, head.weight.shape)
+        head.weight.grad.copy_(weight_grad)
+        head.bias.grad.copy_(bias_grad)
+        opt.step()
+
+
+def test_official_step_equals_the_released_step_from_the_first_batch():
+    """Fresh model and optimiser: the very first image phase steps the tabular encoder too (its
+    zero gradient tensors exist in the released step); after 3 batches the parameters and Adam's
+    step counts agree with the released procedure."""
+    from train.gaal import gaal_step
+    cfg = dict(STEP_CFG, variant="official")
+    ours, released = toy_gaal(), toy_gaal()
+    for batch in toy_batches():
+        gaal_step(*ours, batch, ["image", "table"], cfg)
+        released_official_step(*released, batch, ["image", "table"], cfg)
+    for (name, a), b in zip(list(ours[0].named_parameters()) + list(ours[1].named_parameters()),
+                            list(released[0].parameters()) + list(released[1].parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    steps = lambda opt: sorted(int(s["step"]) for s in opt.state_dict()["state"].values())  # noqa: E731
+    assert steps(ours[2]) == steps(released[2]) == [6] * len(steps(released[2]))   # 2 phases x 3 batches
 
 
 def test_step_time_benchmark_runs(capsys):

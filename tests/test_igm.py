@@ -76,6 +76,57 @@ def test_released_sam_equals_one_reweighted_backward_at_released_rho():
             assert torch.equal(value, before[key])
 
 
+def released_official_sam_step(model, m, batch, opt, rho, w=0.3):
+    """The released official step written as the released code runs it: mixup, L_ori, its gradient,
+    `param.data = param.data + rho g/|g|` per tensor, L_sam of the head on the same features, ONE
+    backward of (1 - w) L_ori + w L_sam, step."""
+    encoder, head = model.encoders[m], model.heads[m]
+    x, y = batch[m], batch["label"]
+    lam = float(torch.distributions.Beta(1.0, 1.0).sample())
+    perm = torch.randperm(y.shape[0])
+    x = lam * x + (1 - lam) * x[perm]
+    opt.zero_grad()
+    features = encoder(x)
+    logits = head(features)
+    ce = nn.functional.cross_entropy
+    loss_ori = lam * ce(logits, y) + (1 - lam) * ce(logits, y[perm])
+    loss_ori.backward(retain_graph=True)
+    for p in list(encoder.parameters()) + list(head.parameters()):
+        if p.grad is not None:
+            p.data = p.data + rho * p.grad / (p.grad.norm() + 1e-12)
+    opt.zero_grad()
+    loss_sam = ce(head(features), y)
+    ((1 - w) * loss_ori + w * loss_sam).backward()
+    opt.step()
+
+
+class ConvToy(Toy):
+    """Toy whose video encoder has a convolution after a Linear: the convolution's backward reads
+    the parameter itself, so after the released move the gradient reaching the Linear below it was
+    taken at theta + eps (a Linear's own backward reads a view saved at theta)."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        torch.manual_seed(seed + 1)
+        self.encoders["video"] = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Unflatten(1, (1, 4)),
+                                               nn.Conv1d(1, 4, 3), nn.Tanh(), nn.Flatten())
+
+
+@pytest.mark.parametrize("rho", [1e-2, 0.5])
+def test_exact_sam_is_the_released_procedure(rho):
+    """`sam_impl: exact` is the released procedure, at a rho where the move is visible (not only
+    at the released 1e-10): L_ori's backward runs after the move, through the weights each layer
+    kept."""
+    batch = toy_batches(1)[0]
+    ours, released = ConvToy(), ConvToy()
+    torch.manual_seed(3)
+    igm.igm_step(ours, "video", batch, sgd(ours), {}, dict(STEP_CFG, sam_impl="exact", rho=rho))
+    torch.manual_seed(3)
+    released_official_sam_step(released, "video", batch, sgd(released), rho)
+    for (key, a), b in zip(params_of(ours).items(), params_of(released).values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=key)
+
+
 def test_reweighted_loss_is_the_documented_formula():
     model, batch = Toy(), toy_batches(1)[0]
     torch.manual_seed(3)
@@ -248,7 +299,9 @@ def test_official_stages_restart_from_best_with_fresh_optimizer(av, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == [0, 0, 1]
     tags = tb_tags(out)
-    assert {"T/video/layer0/sigma_min", "T/video/layer2/sigma_median", "val_fused/mAP", "video/acc", "train/stage"} <= tags
+    assert {"T/video_from_audio/layer0/effective_rank", "T/video_from_audio/layer2/damped_share",
+            "T/video_from_audio/layer1/mean_scale", "T/video_from_audio/layer1/top_energy_share",
+            "val_fused/mAP", "video/acc", "train/stage"} <= tags
 
 
 @pytest.mark.slow
@@ -258,8 +311,8 @@ def test_switches(av, tmp_path):
                                         "--tau", "1.0", "--sam", "false", "--fusion", "entropy",
                                         "--mixup_alpha_by_modality.video", "0.0", "--select_on", "modality_mean"))
     tags = tb_tags(out)
-    assert "T/video/layer2/sigma_min" in tags and "T/video/layer0/sigma_min" not in tags
-    assert "T/audio/layer2/sigma_min" in tags and "plasticity/cos_consecutive_stages" in tags
+    assert "T/video_from_audio/layer2/effective_rank" in tags and "T/video_from_audio/layer0/effective_rank" not in tags
+    assert "T/audio_from_video/layer2/damped_share" in tags and "plasticity/cos_consecutive_stages" in tags
     state = torch.load(out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "state.pt",
                        weights_only=False)
     sigma = torch.linalg.eigvalsh(state["trainer"]["T"]["audio"][2].double())   # the last stage: audio from video

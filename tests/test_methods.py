@@ -393,3 +393,24 @@ def test_mixup_cross_entropy_and_inputs_match_hand_computation():
                           atol=1e-12)
     x = torch.arange(6.0).view(3, 2)
     assert torch.allclose(mix_inputs(x, lam, perm), lam * x + (1 - lam) * x[perm])
+
+
+def test_projection_diagnostics_by_hand():
+    """Y with energy in 2 of 4 directions (eigenvalues 3, 1, 0, 0): effective rank exp(H(3/4, 1/4)),
+    top share 3/4, T's eigenvalues exp(-tau * lam/3): damped by more than half of e^-tau only the
+    top direction; mean scale their mean. Y = 0 gives T = I."""
+    import math
+    from methods import flat_sam
+    tau = 0.4
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    Y = q @ torch.diag(torch.tensor([3.0, 1.0, 0.0, 0.0], dtype=torch.float64)) @ q.T
+    d = flat_sam.projection_diagnostics(Y, tau)
+    assert float(d["effective_rank"]) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    assert float(d["top_energy_share"]) == pytest.approx(0.75)
+    sigma = [math.exp(-tau * lam / 3) for lam in (3, 1, 0, 0)]
+    assert float(d["damped_share"]) == pytest.approx(sum(s < (1 + math.exp(-tau)) / 2 for s in sigma) / 4) == 0.25
+    assert float(d["mean_scale"]) == pytest.approx(sum(sigma) / 4)
+    eig_t = torch.linalg.eigvalsh(flat_sam.flat_projection(Y, tau))
+    assert float(d["mean_scale"]) == pytest.approx(float(eig_t.mean()))
+    zero = flat_sam.projection_diagnostics(torch.zeros(3, 3), tau)
+    assert float(zero["damped_share"]) == 0 and float(zero["mean_scale"]) == 1 and float(zero["effective_rank"]) == 1

@@ -117,10 +117,13 @@ def check_config(cfg):
 # ------------------------------------------------------------------------------------------------
 # Pieces of the step
 
-def batch_metric_counts(task, logits, labels):
+def batch_metric_counts(task, logits, labels, zero_labels_count=True):
     """(hits, count) of the classifier's batch metric, as 0-d float64 tensors (summed over ranks by
-    the caller): accuracy for classification, sign accuracy over non-zero labels for regression,
-    the sum over slices of mean(WT, TC, ET Dice) and the number of slices for segmentation."""
+    the caller): accuracy for classification, the sum over slices of mean(WT, TC, ET Dice) and the
+    number of slices for segmentation, sign accuracy for regression — (pred > 0) == (label > 0):
+      zero_labels_count=True (official; the released train_eval_senti, exclude_zero=False): over
+        EVERY sample of the batch, a zero label counting as "not positive";
+      False (paper): over the samples with a non-zero label only (MOSI's Acc-2 convention)."""
     if task == "classification":
         hits, count = (logits.argmax(-1) == labels).sum(), labels.shape[0]
     elif task == "segmentation":
@@ -128,8 +131,8 @@ def batch_metric_counts(task, logits, labels):
         hits, count = (dice["wt"] + dice["tc"] + dice["et"]) / 3, labels.shape[0]
     else:
         pred, target = logits.reshape(-1), labels.reshape(-1)
-        nonzero = target != 0
-        hits, count = ((pred > 0) == (target > 0))[nonzero].sum(), nonzero.sum()
+        counted = torch.ones_like(target, dtype=torch.bool) if zero_labels_count else target != 0
+        hits, count = ((pred > 0) == (target > 0))[counted].sum(), counted.sum()
     return torch.as_tensor(hits, dtype=torch.float64, device=labels.device), \
         torch.as_tensor(count, dtype=torch.float64, device=labels.device)
 
@@ -165,7 +168,8 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
     clf_optimizer.zero_grad(set_to_none=True)
 
     # classifier gradients and the global batch metrics (official: one backward does both parts)
-    hits_counts = torch.stack([torch.stack(batch_metric_counts(task, out[m][1].detach(), labels)) for m in names])
+    hits_counts = torch.stack([torch.stack(batch_metric_counts(task, out[m][1].detach(), labels, official))
+                               for m in names])
     if world > 1:
         dist.all_reduce(hits_counts)
     metric_now = hits_counts[:, 0] / hits_counts[:, 1].clamp_min(1)

@@ -134,6 +134,15 @@ def gaal_step(encoders, head, optimizer, batch, order, cfg, world=1, rank=0, aut
     gradients conflicted, the multiplier v and the cosines before/after the surgery."""
     labels = batch["label"]
     official = cfg["variant"] == "official"
+    if official:
+        # The released step back-propagates the reference loss through the other encoder, so from
+        # the very first phase every parameter holds a gradient tensor, zero-filled by
+        # zero_grad(set_to_none=False), which Adam steps (weight decay, momentum echo). Ours takes
+        # the reference without a graph: create the missing ones (first batch of a fresh or of a
+        # resumed run), so the first image phase steps the tabular encoder too, as released.
+        for p in list(encoders.parameters()) + list(head.parameters()):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
     stats = {}
     for m, other in ((order[0], order[1]), (order[1], order[0])):
         g_ref = reference_gradient(encoders[other], head, batch[other], labels, cfg, world, rank, autocast)
@@ -200,11 +209,6 @@ def main(cfg: dict) -> dict:
     if cfg["resume"]:
         state = common.load_checkpoint(run_dir, accelerator, checkpointed, generators, cfg=cfg)
         accelerator.print(f"[resume] from step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
-        if official and state["step"] > 0:
-            # after one batch every parameter holds a (zero-filled) gradient, which Adam steps: an
-            # exact resume must recreate them, or the first phase after it would skip an encoder
-            for p in model.parameters():
-                p.grad = torch.zeros_like(p)
 
     # loop ----------------------------------------------------------------------------------------
     window = {f"{m}/{k}": torch.zeros((), device=device) for m in order

@@ -23,7 +23,7 @@ variant official (the released code):
   the same features with un-mixed labels: loss = 0.7 L_ori + 0.3 CE(H_j(z), y). At the released rho
   (1e-10 audio-visual, 1e-15 others) the move is below float32 resolution, so the step equals ONE
   backward of (0.3 + 0.7 lam) CE(o,y) + 0.7 (1 - lam) CE(o,y[perm]) — `sam_impl: reweighted` (default,
-  one backward) computes exactly that; `sam_impl: exact` runs the released two-backward procedure
+  one backward) computes exactly that; `sam_impl: exact` runs the released procedure itself
   (tests check that both agree at the released rho; reweighted refuses rho > 1e-8).
 variant paper (what the text promises):
   step-wise alternation: every batch updates each modality in turn (shared optimiser, no restarts);
@@ -38,8 +38,9 @@ gradients are all-reduced by hand in one bucket; moment sums Y and SAM norms use
 so N ranks x B/N = 1 rank x B (mixup pairs are drawn within a rank's slice; lambda and the
 permutation come from the seeded global RNG, identical on every rank).
 
-TensorBoard: per-modality train loss/acc, val per-modality and fused metrics, the stage, the spectrum
-of T (min / median eigenvalue), and `plasticity/cos_consecutive_stages`: the cosine between the summed
+TensorBoard: per-modality train loss/acc, val per-modality and fused metrics, the stage, what each
+projection does (T/<active>_from_<previous>/layer<i>/: effective rank and top-direction energy share
+of the moments Y, share of directions T damps by more than half, T's mean scale), and `plasticity/cos_consecutive_stages`: the cosine between the summed
 weight gradients of the head's 2nd and 3rd Linear (same shapes in every modality) over a stage and over
 the stage before it.
 """
@@ -82,7 +83,7 @@ DEFAULTS = dict(
     sam=True,                      # official: the released re-weighted "SAM"; paper: Foret SAM
     rho=1e-10,                     # released: 1e-10 audio-visual, 1e-15 image-text; Foret: ~0.05
     sam_weight=0.3,                # official: loss = (1 - w) L_ori + w L_sam
-    sam_impl="reweighted",         # official: reweighted (one backward) | exact (the released two)
+    sam_impl="reweighted",         # official: reweighted (one backward) | exact (the released procedure)
     mixup_alpha=1.0,               # Beta(alpha, alpha) mixup of the active modality's input (0 = off)
     mixup_alpha_by_modality={},    # per-modality override, e.g. {image: 0.9, text: 0.0}
     fusion="mean",                 # mean (official) | entropy (MLA-style, paper option)
@@ -281,25 +282,26 @@ def igm_step(model, m, batch, optimizer, projections, cfg, world=1, autocast=con
             loss.backward()
             reduce_grads()
         else:
-            # the released procedure: g of L_ori, each tensor moved by rho g/|g| (through .data, not
-            # restored), the head re-evaluated on the same features with un-mixed labels
+            # the released procedure: g of L_ori (used only to move the parameters), each tensor
+            # moved by rho g/|g| with `p.data = p.data + eps` (not restored, invisible to autograd),
+            # the head re-evaluated on the same features with un-mixed labels, then ONE backward of
+            # (1 - w) L_ori + w L_sam through L_ori's retained graph. Which weights L_ori's backward
+            # then sees is the layer's business, as in the released step: a layer that saved the
+            # parameter itself (convolutions) sees theta + eps, one that saved a view of it (Linear
+            # saves weight.t()) still sees theta — so the assignment is kept, not an in-place add
             loss_ori = mixup_loss(logits).mean()
             loss_ori.backward(retain_graph=True)
             reduce_grads()
-            grads = [p.grad for p in params]
-            grads_ori = [None if g is None else g.clone() for g in grads]
             with torch.no_grad():
-                for p, e in zip(params, flat_sam.sam_perturbation_per_tensor(grads, cfg["rho"])):
+                for p, e in zip(params, flat_sam.sam_perturbation_per_tensor([p.grad for p in params], cfg["rho"])):
                     if e is not None:
-                        p.data.add_(e)
+                        p.data = p.data + e
             optimizer.zero_grad(set_to_none=True)
             loss_sam = F.cross_entropy(head(features), y).mean()
-            (w * loss_sam).backward()
+            loss = (1 - w) * loss_ori + w * loss_sam
+            loss.backward()
             reduce_grads()
-            for p, g in zip(params, grads_ori):
-                if g is not None:
-                    p.grad.add_(g, alpha=1 - w)
-            loss = (1 - w) * loss_ori.detach() + w * loss_sam.detach()
+            loss = loss.detach()
     else:
         features, logits = forward()
         loss = mixup_loss(logits).mean()
@@ -334,13 +336,13 @@ def stage_gradient(head):
     return torch.cat([head.linears[i].weight.grad.flatten() for i in (1, 2)])
 
 
-def spectrum_scalars(prefix, projections):
-    out = {}
-    for i, T in projections.items():
-        sigma = torch.linalg.eigvalsh(T.double())
-        out[f"{prefix}/layer{i}/sigma_min"] = sigma.min()
-        out[f"{prefix}/layer{i}/sigma_median"] = sigma.median()
-    return out
+def projection_scalars(active, previous, Y, tau):
+    """TensorBoard scalars of the projection that `active`'s head gradients get, built from
+    `previous`'s head-input moments Y {layer: (d, d)}: T/<active>_from_<previous>/layer<i>/<name>,
+    name = effective_rank, top_energy_share (of Y), damped_share, mean_scale (of T) — see
+    methods.flat_sam.projection_diagnostics."""
+    return {f"T/{active}_from_{previous}/layer{i}/{name}": value for i, y in Y.items()
+            for name, value in flat_sam.projection_diagnostics(y, tau).items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,19 +415,21 @@ def main(cfg: dict) -> dict:
             train_sampler.set_epoch(state["epoch"])
             Y = moments_from_loader(model, previous, layers, train_loader, device, world, accelerator.autocast)
             state["T"][active] = projections_from_moments(Y, cfg["tau"])
-            common.log_scalars(writer, spectrum_scalars(f"T/{active}", state["T"][active]), state["step"])
+            common.log_scalars(writer, projection_scalars(active, previous, Y, cfg["tau"]), state["step"])
         state["prev_stage_grad"], state["stage_grad"] = state["stage_grad"], None
         accelerator.print(f"stage {s}: {active} for {stage_len[s]} epochs"
                           + (f", T from {previous} on layers {sorted(state['T'][active])}" if state["T"][active] else ""))
 
     def refresh_paper_projections():
+        scalars = {}
         for j, m in enumerate(order):
             previous = order[j - 1]
             layers = paired_layers(model, m, previous, cfg["project_layers"])
             if all(i in state["Y"][previous] for i in layers):
-                state["T"][m] = projections_from_moments({i: state["Y"][previous][i] for i in layers}, cfg["tau"])
-        common.log_scalars(writer, {k: v for m in order for k, v in spectrum_scalars(f"T/{m}", state["T"][m]).items()},
-                           state["step"])
+                Y = {i: state["Y"][previous][i] for i in layers}
+                state["T"][m] = projections_from_moments(Y, cfg["tau"])
+                scalars.update(projection_scalars(m, previous, Y, cfg["tau"]))
+        common.log_scalars(writer, scalars, state["step"])
 
     # loop ----------------------------------------------------------------------------------------
     window = {f"{m}/{k}": torch.zeros((), device=device) for m in order for k in ("loss", "acc")}
