@@ -2,18 +2,26 @@
 # A method's ablation on the embedded benchmark, 3 seeds, then the README table (mean ± std over
 # seeds of test accuracy). The runs are listed in scripts/ablations/<method>.jobs. Resumable:
 # finished runs are skipped.
-# Usage: bash scripts/ablation.sh gaal|igm|cggm [OUT=runs/<method>_ablation] [PARALLEL=2]
+# Usage: bash scripts/ablation.sh <jobs> [OUT=runs/<jobs>_ablation] [PARALLEL=2]
+#   <jobs>: gaal|igm|cggm|cggm_av|... (a file scripts/ablations/<jobs>.jobs)
+#   env SEEDS="0 1 2 3 4" (default "0 1 2"): the seeds each row runs with
+#   env ROWS="official no_surgery" (default: every row): run only these rows of the jobs file
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-method="${1:?usage: bash scripts/ablation.sh gaal|igm|cggm [OUT] [PARALLEL]}"
+method="${1:?usage: bash scripts/ablation.sh gaal|igm|cggm|... [OUT] [PARALLEL]}"
 spec="scripts/ablations/$method.jobs"
 [ -f "$spec" ] || { echo "no $spec (methods: $(ls scripts/ablations | sed 's/.jobs//' | tr '\n' ' '))" >&2; exit 2; }
 out="${2:-runs/${method}_ablation}"; parallel="${3:-2}"
 mkdir -p "$out"
 jobs="$out/jobs.txt"; : > "$jobs"
-for seed in 0 1 2; do
-  grep -v '^\s*#' "$spec" | grep -v '^\s*$' | while read -r name rest; do echo "${name}_s$seed $rest"; done >> "$jobs"
+seeds="${SEEDS:-0 1 2}"; rows=" ${ROWS:-} "
+for seed in $seeds; do
+  grep -v '^\s*#' "$spec" | grep -v '^\s*$' | while read -r name rest; do
+    [ "$rows" = "  " ] || [[ "$rows" == *" $name "* ]] || continue
+    echo "${name}_s$seed $rest"
+  done >> "$jobs"
 done
+[ -s "$jobs" ] || { echo "no runs selected (ROWS='${ROWS:-}', SEEDS='$seeds')" >&2; exit 2; }
 run_one() {
   name="$1"; shift; script="$1"; shift
   dir="$OUT/$name"; seed="${name##*_s}"
