@@ -6,6 +6,9 @@
 #   <jobs>: gaal|igm|cggm|cggm_av|... (a file scripts/ablations/<jobs>.jobs)
 #   env SEEDS="0 1 2 3 4" (default "0 1 2"): the seeds each row runs with
 #   env ROWS="official no_surgery" (default: every row): run only these rows of the jobs file
+#   env THREADS=1 (default: nproc / PARALLEL): OMP threads of each run
+# A second invocation with the same arguments while the first runs shares its queue: each run is
+# claimed with a lock (flock on <OUT>/<run>.lock), so two invocations never run the same one.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 method="${1:?usage: bash scripts/ablation.sh gaal|igm|cggm|... [OUT] [PARALLEL]}"
@@ -13,21 +16,25 @@ spec="scripts/ablations/$method.jobs"
 [ -f "$spec" ] || { echo "no $spec (methods: $(ls scripts/ablations | sed 's/.jobs//' | tr '\n' ' '))" >&2; exit 2; }
 out="${2:-runs/${method}_ablation}"; parallel="${3:-2}"
 mkdir -p "$out"
-jobs="$out/jobs.txt"; : > "$jobs"
+jobs="$out/jobs.txt"; list="$(mktemp "$out/.jobs.XXXXXX")"
 seeds="${SEEDS:-0 1 2}"; rows=" ${ROWS:-} "
 for seed in $seeds; do
   grep -v '^\s*#' "$spec" | grep -v '^\s*$' | while read -r name rest; do
     [ "$rows" = "  " ] || [[ "$rows" == *" $name "* ]] || continue
     echo "${name}_s$seed $rest"
-  done >> "$jobs"
+  done >> "$list"
 done
-[ -s "$jobs" ] || { echo "no runs selected (ROWS='${ROWS:-}', SEEDS='$seeds')" >&2; exit 2; }
+[ -s "$list" ] || { rm -f "$list"; echo "no runs selected (ROWS='${ROWS:-}', SEEDS='$seeds')" >&2; exit 2; }
+mv "$list" "$jobs"   # atomic: an invocation already reading the old list keeps it
 run_one() {
   name="$1"; shift; script="$1"; shift
   dir="$OUT/$name"; seed="${name##*_s}"
   [ -e "$dir/.done" ] && { echo "[ablation] $name done"; return 0; }
+  exec 9>"$dir.lock"
+  flock -n 9 || { echo "[ablation] $name is running in another invocation"; return 0; }
+  [ -e "$dir/.done" ] && { echo "[ablation] $name done"; return 0; }
   rm -rf "$dir"
-  OMP_NUM_THREADS=$(( $(nproc) / PARALLEL > 0 ? $(nproc) / PARALLEL : 1 )) \
+  OMP_NUM_THREADS=${THREADS:-$(( $(nproc) / PARALLEL > 0 ? $(nproc) / PARALLEL : 1 ))} \
     python "$script" "$@" --seed "$seed" --out_dir "$dir" --progress false > "$dir.log" 2>&1 \
     && touch "$dir/.done" && echo "[ablation] $name finished"
 }

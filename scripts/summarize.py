@@ -3,6 +3,7 @@
     python scripts/summarize.py runs/baselines             # baselines: joint and alone vs Bayes limit
     python scripts/summarize.py --ablation runs/gaal_ablation
     python scripts/summarize.py --coefficients runs/cggm_ablation
+    python scripts/summarize.py --paired runs/gaal_paired official no_surgery full_guidance
 The first reads <dir>/joint_<flavour>/result.json and <dir>/unimodal_<flavour>/<modality>/result.json;
 the second groups <dir>/<config>_s<seed>/result.json by config and prints mean ± std (over seeds)
 of the test accuracy of each modality and of the fused prediction (the model each run selected on
@@ -11,6 +12,10 @@ accuracy over all epochs (from metrics.jsonl): what the method taught that modal
 whether or not model selection kept it. The third reads CGGM's TensorBoard scalars (each logged
 value is the mean over `log_every` steps) and prints, per config, the median over logged values and
 seeds of each modality's c_i and the share of steps where the accuracy changes summed to zero.
+The fourth compares configs seed by seed: for the seeds that <dir>/<A>_s<seed> and <dir>/<B>_s<seed>
+both finished, the weakest modality's test accuracy and best validation accuracy at any epoch of
+each, the paired difference A − B per seed, and over seeds the mean ± std of the differences and
+how many seeds A is above, tied with and below B (the first config against each of the others).
 """
 import json
 import statistics
@@ -72,6 +77,69 @@ def ablation(root: str) -> None:
         print(f"| {config} | {len(results)} | " + " | ".join(cells) + f" | {cell(best_val)} |")
 
 
+def weakest_modality(result: dict) -> str:
+    """The modality (not fused) with the lowest Bayes limit."""
+    bayes = result["bayes_accuracy"]
+    return min((n for n in result["test"] if n != "fused"), key=lambda n: bayes[n])
+
+
+def best_val_any_epoch(run_dir: Path, modality: str) -> float:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return max(rec["val"][modality]["acc"] for rec in records)
+
+
+def paired_rows(root: str, a: str, b: str, modality: str | None = None) -> tuple[str, list]:
+    """[(seed, test_a, test_b, bestval_a, bestval_b)] over the seeds where both <a>_s<seed> and
+    <b>_s<seed> have a result.json, sorted by seed, and the modality compared (default: weakest)."""
+    root = Path(root)
+
+    def finished(config):
+        runs = {}
+        for result_file in root.glob(f"{config}_s*/result.json"):
+            seed = result_file.parent.name[len(config) + 2:]
+            if seed.isdigit():
+                runs[int(seed)] = (result_file.parent, json.loads(result_file.read_text()))
+        return runs
+    runs_a, runs_b = finished(a), finished(b)
+    seeds = sorted(set(runs_a) & set(runs_b))
+    if not seeds:
+        raise SystemExit(f"no seed with both {a}_s<seed>/result.json and {b}_s<seed>/result.json under {root}")
+    modality = modality or weakest_modality(runs_a[seeds[0]][1])
+    rows = []
+    for seed in seeds:
+        (dir_a, res_a), (dir_b, res_b) = runs_a[seed], runs_b[seed]
+        rows.append((seed, res_a["test"][modality]["acc"], res_b["test"][modality]["acc"],
+                     best_val_any_epoch(dir_a, modality), best_val_any_epoch(dir_b, modality)))
+    return modality, rows
+
+
+def paired_stats(diffs: list) -> dict:
+    """mean, sample std, and the sign count (above, tied, below zero) of paired differences."""
+    return {"n": len(diffs), "mean": statistics.mean(diffs),
+            "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+            "above": sum(d > 0 for d in diffs), "tied": sum(d == 0 for d in diffs),
+            "below": sum(d < 0 for d in diffs)}
+
+
+def paired(root: str, configs: list, modality: str | None = None) -> None:
+    if len(configs) < 2:
+        raise SystemExit("--paired DIR A B [C ...]: at least two configs")
+    a = configs[0]
+    for b in configs[1:]:
+        m, rows = paired_rows(root, a, b, modality)
+        print(f"\n{m}, {a} against {b} (same seed), accuracy:\n")
+        print(f"| seed | {a}: test | {b}: test | test: {a} − {b} | {a}: best val | {b}: best val "
+              f"| best val: {a} − {b} |")
+        print("|---|---|---|---|---|---|---|")
+        for seed, ta, tb, va, vb in rows:
+            print(f"| {seed} | {ta:.4f} | {tb:.4f} | {ta - tb:+.4f} | {va:.4f} | {vb:.4f} | {va - vb:+.4f} |")
+        test, val = paired_stats([r[1] - r[2] for r in rows]), paired_stats([r[3] - r[4] for r in rows])
+        print(f"| mean ± std ({test['n']} pairs) | | | {test['mean']:+.4f} ± {test['std']:.4f} | | "
+              f"| {val['mean']:+.4f} ± {val['std']:.4f} |")
+        print(f"| {a} above / tied / below | | | {test['above']} / {test['tied']} / {test['below']} | | "
+              f"| {val['above']} / {val['tied']} / {val['below']} |")
+
+
 def coefficients(root: str) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     groups = defaultdict(list)
@@ -102,6 +170,8 @@ def coefficients(root: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--ablation":
         ablation(sys.argv[2])
+    elif len(sys.argv) > 2 and sys.argv[1] == "--paired":
+        paired(sys.argv[2], sys.argv[3:])
     elif len(sys.argv) > 2 and sys.argv[1] == "--coefficients":
         coefficients(sys.argv[2])
     else:
