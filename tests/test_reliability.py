@@ -154,6 +154,7 @@ def test_fresh_run_refuses_a_previous_runs_directory(seq3, stopped_run, tmp_path
 def test_rejected_resume_says_what_differs_and_changes_nothing(seq3, stopped_run, tmp_path):
     run = copy_run(stopped_run, tmp_path / "run")
     config_before = (run / "config.yaml").read_bytes()
+    files_before = sorted(str(f.relative_to(run)) for f in run.rglob("*"))
     # a changed model: the parameter whose shape differs and the config key that changed
     proc = run_script("train/joint.py", seq3_args(seq3, run, "--resume", "--encoders.text.d_model", "32"), check=False)
     line = one_line_error(proc, "does not fit this run's model", "shapes differ", "encoders.text.d_model 16 -> 32")
@@ -163,7 +164,7 @@ def test_rejected_resume_says_what_differs_and_changes_nothing(seq3, stopped_run
                       check=False)
     one_line_error(proc, "holds a LateFusionModel as 'model', this script builds a CGGMModel")
     assert (run / "config.yaml").read_bytes() == config_before
-    assert not (run / "result.json").exists()
+    assert sorted(str(f.relative_to(run)) for f in run.rglob("*")) == files_before   # no new TensorBoard file
 
 
 @pytest.mark.slow

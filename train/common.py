@@ -712,10 +712,27 @@ def setup_run_dir(cfg: dict, accelerator):
         run_dir.mkdir(parents=True, exist_ok=True)
         if not cfg["resume"]:
             write_run_config(run_dir, cfg)
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step if cfg["resume"] else None)
+        writer = TensorBoardLog(run_dir / "tb", purge_step=purge_step if cfg["resume"] else None)
     accelerator.wait_for_everyone()
     return run_dir, writer
+
+
+class TensorBoardLog:
+    """TensorBoard's SummaryWriter, opened at the first scalar: a run refused before it logs
+    anything (a --resume whose checkpoint does not fit) leaves tb/ exactly as it was."""
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
+        self.log_dir, self.purge_step, self._writer = Path(log_dir), purge_step, None
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=self.purge_step)
+        self._writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 def write_run_config(run_dir: Path, cfg: dict) -> None:
