@@ -4,6 +4,7 @@
     python scripts/summarize.py --ablation runs/gaal_ablation
     python scripts/summarize.py --coefficients runs/cggm_ablation
     python scripts/summarize.py --paired runs/gaal_paired official no_surgery full_guidance
+    python scripts/summarize.py --trace runs/cggm_av/off_s0 runs/cggm_av/official_s0
 The first reads <dir>/joint_<flavour>/result.json and <dir>/unimodal_<flavour>/<modality>/result.json;
 the second groups <dir>/<config>_s<seed>/result.json by config and prints mean ± std (over seeds)
 of the test accuracy of each modality and of the fused prediction (the model each run selected on
@@ -16,6 +17,11 @@ The fourth compares configs seed by seed: for the seeds that <dir>/<A>_s<seed> a
 both finished, the weakest modality's test accuracy and best validation accuracy at any epoch of
 each, the paired difference A − B per seed, and over seeds the mean ± std of the differences and
 how many seeds A is above, tied with and below B (the first config against each of the others).
+The fifth traces CGGM runs epoch by epoch from TensorBoard (best with `--log_every 1`: then every
+value is one step's): per modality the median of rho·c_i, the share of steps with c_i < 0 (gradient
+ascent on that encoder when modulation is on) and with rho·c_i < 1 (its gradient shrunk), the
+classifier's mean batch accuracy and the standard deviation of its step-to-step change d_i, and the
+classifier's validation accuracy at the end of the epoch (metrics.jsonl).
 """
 import json
 import statistics
@@ -140,6 +146,66 @@ def paired(root: str, configs: list, modality: str | None = None) -> None:
               f"| {val['above']} / {val['tied']} / {val['below']} |")
 
 
+def read_scalars(tb_dir: Path, keep) -> dict:
+    """{tag: [(step, value), ...]} of the TensorBoard scalars whose tag satisfies keep(tag)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if keep(tag)}
+
+
+def trace_rows(run_dir: Path) -> tuple[list, list]:
+    """Per epoch (from metrics.jsonl's step boundaries) and modality: the statistics that
+    `--trace` prints, as dicts. Returns (modalities, rows)."""
+    import yaml
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    rho = float(cfg.get("rho", 1.3))
+    scalars = read_scalars(run_dir / "tb", lambda t: t.endswith(("/coeff", "/clf_metric")))
+    names = sorted(t.split("/")[0] for t in scalars if t.endswith("/coeff"))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+    def stats(start, end, val):
+        row = {}
+        for m in names:
+            coeff = [v for step, v in scalars[f"{m}/coeff"] if start < step <= end]
+            metric = [v for step, v in scalars[f"{m}/clf_metric"] if start < step <= end]
+            change = [b - a for a, b in zip(metric, metric[1:])]
+            row[m] = {"median_rho_c": statistics.median(rho * c for c in coeff) if coeff else float("nan"),
+                      "neg": sum(c < 0 for c in coeff) / max(len(coeff), 1),
+                      "shrunk": sum(rho * c < 1 for c in coeff) / max(len(coeff), 1),
+                      "clf_batch_acc": statistics.mean(metric) if metric else float("nan"),
+                      "d_std": statistics.stdev(change) if len(change) > 1 else float("nan"),
+                      "clf_val_acc": val[m]["acc"] if val else float("nan")}
+        return row
+    rows, start = [], 0
+    for rec in records:
+        rows.append({"epoch": rec["epoch"], **stats(start, rec["step"], rec["val"])})
+        start = rec["step"]
+    if records:
+        rows.append({"epoch": "all", **stats(0, records[-1]["step"], None)})
+    return names, rows
+
+
+def trace(run_dirs: list) -> None:
+    import yaml
+    for run_dir in map(Path, run_dirs):
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        names, rows = trace_rows(run_dir)
+        note = "" if int(cfg.get("log_every", 25)) == 1 else f" — values are {cfg['log_every']}-step means"
+        print(f"\n{run_dir} (modulation {cfg.get('modulation')}, direction {cfg.get('direction')}, "
+              f"variant {cfg.get('variant')}{note}):\n")
+        cols = ["median ρ·c", "c < 0", "ρ·c < 1", "clf batch acc", "std d", "clf val acc"]
+        print("| epoch | " + " | ".join(f"{m}: {c}" for m in names for c in cols) + " |")
+        print("|---|" + "---|" * (len(names) * len(cols)))
+        for row in rows:
+            cells = []
+            for m in names:
+                r = row[m]
+                cells += [f"{r['median_rho_c']:.2f}", f"{r['neg']:.0%}", f"{r['shrunk']:.0%}",
+                          f"{r['clf_batch_acc']:.3f}", f"{r['d_std']:.3f}", f"{r['clf_val_acc']:.3f}"]
+            print(f"| {row['epoch']} | " + " | ".join(cells) + " |")
+
+
 def coefficients(root: str) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     groups = defaultdict(list)
@@ -170,6 +236,8 @@ def coefficients(root: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--ablation":
         ablation(sys.argv[2])
+    elif len(sys.argv) > 2 and sys.argv[1] == "--trace":
+        trace(sys.argv[2:])
     elif len(sys.argv) > 2 and sys.argv[1] == "--paired":
         paired(sys.argv[2], sys.argv[3:])
     elif len(sys.argv) > 2 and sys.argv[1] == "--coefficients":
