@@ -276,6 +276,31 @@ def test_switches(av, tmp_path):
 
 
 @pytest.mark.slow
+def test_select_metric_macro_f1_picks_best_pt_and_the_restarts(av, tmp_path):
+    """select_metric: macro_f1 (the released IGM scripts' selection): best.pt, and with it the point
+    every stage restarts from, is the epoch of the highest fused validation macro-F1."""
+    out = tmp_path / "f1"
+    # (on this fixture the fused accuracy peaks at epoch 4 and the macro-F1 at epoch 2, so selecting on
+    # accuracy would keep another epoch and restart the video stage elsewhere)
+    run_script("train/igm.py", igm_args(av, out, "--stage_epochs", "[2, 2]", "--select_metric", "macro_f1",
+                                        "--keep_checkpoints", "5"))
+    result = json.loads((out / "result.json").read_text())
+    assert result["select_metric"] == "macro_f1" and result["select_on"] == "fused"
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in epochs if "val" in e]
+    f1 = [e["val"]["fused"]["macro_f1"] for e in epochs]
+    assert result["best_epoch"] == epochs[f1.index(max(f1))]["epoch"]
+    # 4 steps per epoch; the checkpoint of step 8 is written after the restart into the video stage:
+    # its audio half is the audio stage's epoch of the highest macro-F1
+    first = f1[:2]
+    best = checkpoint(out, 4 * (first.index(max(first)) + 1))["model"]
+    restarted = checkpoint(out, 8)["model"]
+    for key, value in restarted.items():
+        if key.startswith(("encoders.audio", "heads.audio")):
+            assert torch.equal(value, best[key]), key
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args, stop", [
     (["--variant", "official", "--stage_epochs", "[1, 2]"], "6"),                      # inside stage 1
     (["--variant", "paper", "--epochs", "2", "--rho", "0.05", "--refresh_every", "3"], "5"),
@@ -299,6 +324,7 @@ def test_resume_is_exact(av, tmp_path, args, stop):
     (dict(variant="foret"), "variant='foret'"),
     (dict(mixup_alpha_by_modality={"video": -1}), "mixup_alpha_by_modality.video"),
     (dict(select_on="video"), "select_on='video'"),
+    (dict(select_metric="f1"), "select_metric='f1'"),
 ])
 def test_bad_config_is_refused_before_compute(override, message):
     with pytest.raises(igm.common.ConfigError, match=message.replace(".", r"\.").replace("'", ".")):
