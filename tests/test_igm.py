@@ -355,6 +355,29 @@ def test_dataset_configs_load_and_build_on_the_converted_shapes(dataset):
     assert [h.linears[2].out_features for h in model.heads.values()] == [3] * len(cfg["modalities"])
 
 
+@pytest.mark.parametrize("dataset", ["crema_d", "kinetics_sounds", "nvgesture", "twitter2015", "sarcasm"])
+def test_dataset_config_learning_rate_per_epoch_of_a_stage(dataset):
+    """The per-epoch learning rate of a stage, the scheduler stepped before each epoch (official), is
+    the released one: audio-visual / NVGesture StepLR(40, 0.1); image-text WarmupMultiStepLR (warm-up
+    2 epochs from lr/3, linear; milestones 160/180, never reached) = 2/3 lr in the first epoch, then lr."""
+    import warnings
+    from train.common import build_optimizer, build_scheduler, load_config
+    cfg = load_config(igm.DEFAULTS, ["--config", f"train/configs/igm_{dataset}.yaml"])
+    if dataset in ("twitter2015", "sarcasm"):
+        expected = [cfg["lr"] * (2 / 3 if e == 0 else 1) for e in range(30)]
+    else:
+        expected = [cfg["lr"] * 0.1 ** ((e + 1) // 40) for e in range(50)]
+    optimizer = build_optimizer(cfg, [nn.Parameter(torch.zeros(1))])
+    scheduler = build_scheduler(cfg, optimizer)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in expected:
+            scheduler.step()
+            lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx(expected, rel=1e-12)
+
+
 def test_step_time_benchmark_runs(capsys):
     import importlib.util
     spec = importlib.util.spec_from_file_location("step_time", Path(__file__).parent.parent / "benchmarks" / "step_time.py")

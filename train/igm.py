@@ -100,6 +100,9 @@ DEFAULTS = dict(
     scheduler="step",              # StepLR(40, 0.1); official: stepped before each epoch of a stage
     step_size=40,
     gamma=0.1,
+    warmup_epochs=2,               # scheduler warmup_cosine: warmup_start_lr -> lr, then cosine to min_lr;
+    warmup_start_lr=0.0,           # with min_lr = lr and the official before-epoch step it is the released
+    min_lr=0.0,                    # image-text warm-up (a stage's first epoch at 2/3 lr, then lr)
     mixed_precision="no",          # no | bf16
     channels_last=False,           # CNN weights (and so their activations) in NHWC: faster convolutions under bf16 on GPUs
     cpu=False,
