@@ -61,6 +61,17 @@ def test_selection_score():
         common.selection_score(val, "best", "acc")
 
 
+def test_select_metric_reads_macro_f1_and_refuses_other_names():
+    val = {"audio": {"acc": 0.9, "macro_f1": 0.6}, "video": {"acc": 0.5, "macro_f1": 0.4},
+           "fused": {"acc": 0.8, "macro_f1": 0.7}}
+    assert common.selection_score(val, "fused", "macro_f1") == 0.7
+    assert common.selection_score(val, "modality_mean", "macro_f1") == pytest.approx(0.5)
+    for name in common.SELECT_METRIC:
+        common.check_select_metric(name)
+    with pytest.raises(common.ConfigError, match="select_metric='f1': choose acc or macro_f1"):
+        common.check_select_metric("f1")
+
+
 def test_classification_metrics_by_hand():
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     # predictions: 0, 1, 1, 1, 2, 0

@@ -180,3 +180,36 @@ def test_step_time_benchmark_runs(capsys):
     out = capsys.readouterr().out
     for name in ("plain alternating", "gaal official", "gaal paper"):
         assert name in out
+
+
+# the image and table each converter writes with its defaults (data_prep/<dataset>.py)
+CONVERTED = {
+    "dvm": (286, [3, 128, 128], {"continuous": [f"c{i}" for i in range(13)],
+                                  "categorical": {"Color": 22, "Bodytype": 13, "Gearbox": 3, "Fuel_type": 12}}),
+    "celeba": (2, [3, 225, 225], {"continuous": [f"a{i}" for i in range(39)], "categorical": {}}),
+    "sun": (2, [3, 225, 225], {"continuous": [f"a{i}" for i in range(101)], "categorical": {}}),
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(CONVERTED))
+def test_dataset_configs_load_and_build_on_the_converted_shapes(dataset):
+    """Each released-recipe config loads, passes check_config, builds the shared-head model on the
+    converter's shapes, and its augmentation (the released recipe; DVM 128, CelebA/SUN 225) keeps the
+    stored image size."""
+    from models.augment import build_augment
+    from models.fusion import SharedHeadModel
+    from train import gaal
+    from train.common import load_config
+    cfg = load_config(gaal.DEFAULTS, ["--config", f"train/configs/gaal_{dataset}.yaml"])
+    gaal.check_config(cfg)
+    classes, image_shape, table = CONVERTED[dataset]
+    n_table = len(table["continuous"]) + len(table["categorical"])
+    meta = {"num_classes": classes, "modalities": {
+        "image": {"kind": "image", "shape": image_shape, "dtype": "uint8"},
+        "table": {"kind": "tabular", "shape": [n_table], "dtype": "float32", **table}}}
+    model = SharedHeadModel(meta, cfg["encoders"], ["image", "table"])
+    assert model.head.in_features == 2048 and model.head.out_features == classes
+    assert cfg["augment"]["p"] == 0.95 and cfg["augment"]["size"] == image_shape[-1]
+    images = torch.randint(0, 256, (2, *image_shape), dtype=torch.uint8)
+    assert build_augment(cfg["augment"], generator=torch.Generator().manual_seed(0))(images).shape == images.shape
+    assert (cfg["epochs"], cfg["seed"], cfg["batch_size"], cfg["lr"], cfg["weight_decay"]) == (500, 2022, 256, 1e-3, 1e-4)

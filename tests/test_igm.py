@@ -329,6 +329,31 @@ def test_switches(av, tmp_path):
 
 
 @pytest.mark.slow
+def test_select_metric_macro_f1_picks_best_pt_and_the_restarts(av, tmp_path):
+    """select_metric: macro_f1 (the released IGM scripts' selection): best.pt, and with it the point
+    every stage restarts from, is the epoch of the highest fused validation macro-F1."""
+    out = tmp_path / "f1"
+    # (on this fixture the fused accuracy peaks at epoch 4 and the macro-F1 at epoch 2, so selecting on
+    # accuracy would keep another epoch and restart the video stage elsewhere)
+    run_script("train/igm.py", igm_args(av, out, "--stage_epochs", "[2, 2]", "--select_metric", "macro_f1",
+                                        "--keep_checkpoints", "5"))
+    result = json.loads((out / "result.json").read_text())
+    assert result["select_metric"] == "macro_f1" and result["select_on"] == "fused"
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in epochs if "val" in e]
+    f1 = [e["val"]["fused"]["macro_f1"] for e in epochs]
+    assert result["best_epoch"] == epochs[f1.index(max(f1))]["epoch"]
+    # 4 steps per epoch; the checkpoint of step 8 is written after the restart into the video stage:
+    # its audio half is the audio stage's epoch of the highest macro-F1
+    first = f1[:2]
+    best = checkpoint(out, 4 * (first.index(max(first)) + 1))["model"]
+    restarted = checkpoint(out, 8)["model"]
+    for key, value in restarted.items():
+        if key.startswith(("encoders.audio", "heads.audio")):
+            assert torch.equal(value, best[key]), key
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args, stop", [
     (["--variant", "official", "--stage_epochs", "[1, 2]"], "6"),                      # inside stage 1
     (["--variant", "paper", "--epochs", "2", "--rho", "0.05", "--refresh_every", "3"], "5"),
@@ -352,6 +377,7 @@ def test_resume_is_exact(av, tmp_path, args, stop):
     (dict(variant="foret"), "variant='foret'"),
     (dict(mixup_alpha_by_modality={"video": -1}), "mixup_alpha_by_modality.video"),
     (dict(select_on="video"), "select_on='video'"),
+    (dict(select_metric="f1"), "select_metric='f1'"),
 ])
 def test_bad_config_is_refused_before_compute(override, message):
     with pytest.raises(igm.common.ConfigError, match=message.replace(".", r"\.").replace("'", ".")):
@@ -380,6 +406,29 @@ def test_dataset_configs_load_and_build_on_the_converted_shapes(dataset):
     assert cfg["modalities"] == list(CONVERTED[dataset])
     model = IGMModel(meta, cfg["encoders"], cfg["modalities"], tuple(cfg["head_hidden"]))
     assert [h.linears[2].out_features for h in model.heads.values()] == [3] * len(cfg["modalities"])
+
+
+@pytest.mark.parametrize("dataset", ["crema_d", "kinetics_sounds", "nvgesture", "twitter2015", "sarcasm"])
+def test_dataset_config_learning_rate_per_epoch_of_a_stage(dataset):
+    """The per-epoch learning rate of a stage, the scheduler stepped before each epoch (official), is
+    the released one: audio-visual / NVGesture StepLR(40, 0.1); image-text WarmupMultiStepLR (warm-up
+    2 epochs from lr/3, linear; milestones 160/180, never reached) = 2/3 lr in the first epoch, then lr."""
+    import warnings
+    from train.common import build_optimizer, build_scheduler, load_config
+    cfg = load_config(igm.DEFAULTS, ["--config", f"train/configs/igm_{dataset}.yaml"])
+    if dataset in ("twitter2015", "sarcasm"):
+        expected = [cfg["lr"] * (2 / 3 if e == 0 else 1) for e in range(30)]
+    else:
+        expected = [cfg["lr"] * 0.1 ** ((e + 1) // 40) for e in range(50)]
+    optimizer = build_optimizer(cfg, [nn.Parameter(torch.zeros(1))])
+    scheduler = build_scheduler(cfg, optimizer)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in expected:
+            scheduler.step()
+            lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx(expected, rel=1e-12)
 
 
 def test_step_time_benchmark_runs(capsys):

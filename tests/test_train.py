@@ -167,6 +167,20 @@ def test_silent_rank0_clones_are_refused(tmp_path):
     assert "each process would train alone as rank 0" in proc.stderr
 
 
+@pytest.mark.slow
+def test_joint_select_metric(seq3_data, tmp_path):
+    """select_metric: macro_f1 keeps the epoch of the highest validation macro-F1; a name that is not
+    a metric, or macro_f1 on a regression set, is refused before any compute."""
+    out = tmp_path / "f1"
+    run_script("train/joint.py", seq3_args(seq3_data, out, "--epochs", "3", "--select_metric", "macro_f1"))
+    result = json.loads((out / "result.json").read_text())
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    f1 = [e["val"]["fused"]["macro_f1"] for e in epochs if "val" in e]
+    assert result["select_metric"] == "macro_f1" and result["best_epoch"] == f1.index(max(f1)) + 1
+    proc = run_script("train/joint.py", seq3_args(seq3_data, tmp_path / "bad", "--select_metric", "f1"), check=False)
+    assert proc.returncode == 2 and "select_metric='f1'" in proc.stderr and not (tmp_path / "bad").exists()
+
+
 def test_bad_data_is_refused_before_compute(seq3_data, tmp_path):
     proc = run_script("train/joint.py", seq3_args(tmp_path / "nowhere", tmp_path / "r"), check=False)
     assert proc.returncode != 0 and "no meta.json there" in proc.stderr

@@ -673,6 +673,16 @@ def check_select_on(select_on: str) -> None:
         raise ConfigError(f"select_on='{select_on}': choose {' or '.join(SELECT_ON)}")
 
 
+#: `select_metric`: which validation figure `selection_score` reads (classification). The released
+#: IGM scripts keep their best model by fused macro-F1 (Twitter: accuracy).
+SELECT_METRIC = ("acc", "macro_f1")
+
+
+def check_select_metric(select_metric: str) -> None:
+    if select_metric not in SELECT_METRIC:
+        raise ConfigError(f"select_metric='{select_metric}': choose {' or '.join(SELECT_METRIC)}")
+
+
 #: What a run writes into its out_dir. A fresh run refuses a directory holding any of them (the
 #: launchers' own files, slurm_jobs.log, submit.txt, submitit/, do not count).
 RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "best.pt", "result.json", "tb")

@@ -12,7 +12,8 @@ or entropy-weighted (`fusion: entropy`, MLA-style). See ../shared/specs/methods.
 
 variant official (the released code):
   stages of whole epochs (`stage_epochs`), modality j = modalities[s % m] in stage s. Each stage
-  restarts from the best checkpoint so far (fused accuracy on VALIDATION), builds a fresh optimiser
+  restarts from the best checkpoint so far (on VALIDATION: `select_on`, `select_metric`; the released
+  scripts use the fused macro-F1, Twitter the fused accuracy), builds a fresh optimiser
   and scheduler (stepped before each epoch), and trains E_j and H_j only. At its start the flat
   projection T is built from the PREVIOUS stage's modality k: one no-grad pass over the training
   loader (eval mode), Y = sum over batches of outer(mean a, mean a) for the input a of each Linear of
@@ -88,6 +89,7 @@ DEFAULTS = dict(
     mixup_alpha_by_modality={},    # per-modality override, e.g. {image: 0.9, text: 0.0}
     fusion="mean",                 # mean (official) | entropy (MLA-style, paper option)
     select_on="fused",             # best model and stage restarts by: fused (released) | modality_mean
+    select_metric="acc",           # ... on validation acc | macro_f1 (released: macro_f1; Twitter acc)
     batch_size=64,
     eval_batch_size=500,
     num_workers=0,
@@ -99,6 +101,9 @@ DEFAULTS = dict(
     scheduler="step",              # StepLR(40, 0.1); official: stepped before each epoch of a stage
     step_size=40,
     gamma=0.1,
+    warmup_epochs=2,               # scheduler warmup_cosine: warmup_start_lr -> lr, then cosine to min_lr;
+    warmup_start_lr=0.0,           # with min_lr = lr and the official before-epoch step it is the released
+    min_lr=0.0,                    # image-text warm-up (a stage's first epoch at 2/3 lr, then lr)
     mixed_precision="no",          # no | bf16
     channels_last=False,           # CNN weights (and so their activations) in NHWC: faster convolutions under bf16 on GPUs
     cpu=False,
@@ -116,7 +121,7 @@ REWEIGHTED_MAX_RHO = 1e-8   # above this the released move is visible in float32
 def check_config(cfg):
     for key, allowed in (("variant", ("official", "paper")), ("sam_impl", ("reweighted", "exact")),
                          ("fusion", ("mean", "entropy")), ("mixed_precision", ("no", "bf16")),
-                         ("select_on", common.SELECT_ON)):
+                         ("select_on", common.SELECT_ON), ("select_metric", common.SELECT_METRIC)):
         if cfg[key] not in allowed:
             raise common.ConfigError(f"{key}='{cfg[key]}': choose {' or '.join(allowed)}")
     if cfg["variant"] == "official" and (not cfg["stage_epochs"] or any(
@@ -494,7 +499,7 @@ def main(cfg: dict) -> dict:
                 return {"stopped_at_step": state["step"], "run_dir": str(run_dir)}
         bar.close()
 
-        # end of epoch: validate, select on validation accuracy (`select_on`), maybe start the next stage
+        # end of epoch: validate, select on validation (`select_on`, `select_metric`), maybe start the next stage
         common.check_finite(nonfinite, state["step"], cfg["log_every"], accelerator)
         if not official:
             scheduler.step()
@@ -506,7 +511,7 @@ def main(cfg: dict) -> dict:
                            state["step"])
         common.append_jsonl(run_dir, {"epoch": state["epoch"], "stage": state["stage"], "step": state["step"],
                                       "val": val}, accelerator)
-        score = common.selection_score(val, cfg["select_on"], "acc")
+        score = common.selection_score(val, cfg["select_on"], cfg["select_metric"])
         if state["best"] is None or score > state["best"]:
             state["best"], state["best_epoch"] = score, state["epoch"]
             if accelerator.is_main_process:
@@ -527,8 +532,9 @@ def main(cfg: dict) -> dict:
     # test with the model selected on validation ----------------------------------------------------
     return common.test_best_model(model, run_dir, accelerator, "classification", fuse,
                                   {"val": val_loader, "test": test_loader}, meta, state, writer,
-                                  variant=cfg["variant"], projection=cfg["projection"], sam=cfg["sam"],
-                                  rho=cfg["rho"], tau=cfg["tau"])
+                                  cfg["select_metric"], variant=cfg["variant"], projection=cfg["projection"],
+                                  sam=cfg["sam"], rho=cfg["rho"], tau=cfg["tau"], select_on=cfg["select_on"],
+                                  select_metric=cfg["select_metric"])
 
 
 if __name__ == "__main__":

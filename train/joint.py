@@ -47,6 +47,7 @@ DEFAULTS = dict(
     gamma=0.1,
     aux_weight=0.0,                # + aux_weight * sum_m loss(head_m(f_m), y)
     select_on="fused",             # best model by validation: fused | modality_mean (common.selection_score)
+    select_metric="acc",           # ... classification: acc | macro_f1 (regression always selects on MAE)
     grad_clip=0.0,                 # clip the global gradient norm (0 = off)
     mixed_precision="no",          # no | bf16 | fp16
     cpu=False,                     # force CPU even where CUDA exists
@@ -63,6 +64,7 @@ DEFAULT_CONFIG = "train/configs/joint_imgtab.yaml"
 
 def main(cfg: dict) -> dict:
     common.check_select_on(cfg["select_on"])   # before any compute
+    common.check_select_metric(cfg["select_metric"])
     accelerator = common.setup_accelerator(cfg)
     preemption = common.Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
     meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
@@ -73,7 +75,9 @@ def main(cfg: dict) -> dict:
     task = meta["task"]
     if task not in ("classification", "regression"):
         raise common.ConfigError(f"{cfg['data']}: task '{task}' is not supported by the joint baseline")
-    select_key = "acc" if task == "classification" else "mae"
+    if task != "classification" and cfg["select_metric"] != "acc":
+        raise common.ConfigError(f"select_metric='{cfg['select_metric']}': {task} selects on MAE")
+    select_key = cfg["select_metric"] if task == "classification" else "mae"
     better = (lambda a, b: a > b) if task == "classification" else (lambda a, b: a < b)
     run_dir, writer = common.setup_run_dir(cfg, accelerator)
 
@@ -203,7 +207,8 @@ def main(cfg: dict) -> dict:
 
     # test with the model selected on validation ----------------------------------------------------
     return common.test_best_model(model, run_dir, accelerator, task, LateFusionModel.fuse,
-                                  {"val": val_loader, "test": test_loader}, meta, state, writer, select_key)
+                                  {"val": val_loader, "test": test_loader}, meta, state, writer, select_key,
+                                  select_on=cfg["select_on"], select_metric=select_key)
 
 
 if __name__ == "__main__":
