@@ -18,8 +18,11 @@ both finished, the weakest modality's test accuracy and best validation accuracy
 each, the paired difference A − B per seed, and over seeds the mean ± std of the differences and
 how many seeds A is above, tied with and below B (the first config against each of the others).
 The fifth traces CGGM runs epoch by epoch from TensorBoard (best with `--log_every 1`: then every
-value is one step's): per modality the median of rho·c_i, the share of steps with c_i < 0 (gradient
-ascent on that encoder when modulation is on) and with rho·c_i < 1 (its gradient shrunk), the
+value is one step's): per modality the median of rho·c_i, the share of steps with c_i < -0.001
+(gradient ascent on that encoder when modulation is on), |c_i| <= 0.001 (no gradient: with two
+modalities c_1 = d_2 / S, which is 0 up to the 1e-8 in S when the other classifier's batch accuracy
+did not change) and rho·c_i < 1
+(its gradient shrunk), the
 classifier's mean batch accuracy and the standard deviation of its step-to-step change d_i, and the
 classifier's validation accuracy at the end of the epoch (metrics.jsonl).
 """
@@ -63,7 +66,7 @@ def ablation(root: str) -> None:
     if not groups:
         raise SystemExit(f"no <config>_s<seed>/result.json under {root}")
     groups = in_listed_order(groups, root)
-    first = next(iter(groups.values()))[0]
+    first = max((r for results in groups.values() for r in results), key=lambda r: len(r["test"]))
     names = list(first["test"])
     bayes = first["bayes_accuracy"]
     weak = min((n for n in names if n != "fused"), key=lambda n: bayes[n])
@@ -75,7 +78,9 @@ def ablation(root: str) -> None:
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.3f} ± {std:.3f}"
     for config, results in groups.items():
-        cells = [cell([r["test"][n]["acc"] for r in results]) for n in names]
+        # a run without some modality (a unimodal reference row) shows "-" there
+        cells = [cell([r["test"][n]["acc"] for r in results]) if all(n in r["test"] for r in results) else "-"
+                 for n in names]
         best_val = []
         for r in results:
             records = [json.loads(line) for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
@@ -171,7 +176,8 @@ def trace_rows(run_dir: Path) -> tuple[list, list]:
             metric = [v for step, v in scalars[f"{m}/clf_metric"] if start < step <= end]
             change = [b - a for a, b in zip(metric, metric[1:])]
             row[m] = {"median_rho_c": statistics.median(rho * c for c in coeff) if coeff else float("nan"),
-                      "neg": sum(c < 0 for c in coeff) / max(len(coeff), 1),
+                      "neg": sum(c < -1e-3 for c in coeff) / max(len(coeff), 1),
+                      "zero": sum(abs(c) <= 1e-3 for c in coeff) / max(len(coeff), 1),
                       "shrunk": sum(rho * c < 1 for c in coeff) / max(len(coeff), 1),
                       "clf_batch_acc": statistics.mean(metric) if metric else float("nan"),
                       "d_std": statistics.stdev(change) if len(change) > 1 else float("nan"),
@@ -194,15 +200,16 @@ def trace(run_dirs: list) -> None:
         note = "" if int(cfg.get("log_every", 25)) == 1 else f" — values are {cfg['log_every']}-step means"
         print(f"\n{run_dir} (modulation {cfg.get('modulation')}, direction {cfg.get('direction')}, "
               f"variant {cfg.get('variant')}{note}):\n")
-        cols = ["median ρ·c", "c < 0", "ρ·c < 1", "clf batch acc", "std d", "clf val acc"]
+        cols = ["median ρ·c", "c < 0", "c ≈ 0", "ρ·c < 1", "clf batch acc", "std d", "clf val acc"]
         print("| epoch | " + " | ".join(f"{m}: {c}" for m in names for c in cols) + " |")
         print("|---|" + "---|" * (len(names) * len(cols)))
         for row in rows:
             cells = []
             for m in names:
                 r = row[m]
-                cells += [f"{r['median_rho_c']:.2f}", f"{r['neg']:.0%}", f"{r['shrunk']:.0%}",
-                          f"{r['clf_batch_acc']:.3f}", f"{r['d_std']:.3f}", f"{r['clf_val_acc']:.3f}"]
+                cells += [f"{r['median_rho_c']:.2f}", f"{r['neg']:.0%}", f"{r['zero']:.0%}", f"{r['shrunk']:.0%}",
+                          f"{r['clf_batch_acc']:.3f}", f"{r['d_std']:.3f}",
+                          "-" if r["clf_val_acc"] != r["clf_val_acc"] else f"{r['clf_val_acc']:.3f}"]
             print(f"| {row['epoch']} | " + " | ".join(cells) + " |")
 
 

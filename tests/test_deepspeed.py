@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-1/2 through Accelerate (one process on CPU; multi-rank Accelerate + DeepSpeed runs
-only on GPUs, see ../shared/specs/engineering.md): the joint baseline trains, clips, logs, checkpoints
+only on GPUs, Accelerate and DeepSpeed disagree on the process count with CPU processes): the joint baseline trains, clips, logs, checkpoints
 and resumes exactly under each stage; GAAL, IGM and CGGM refuse DeepSpeed before any compute.
 
 The first DeepSpeed run on a machine JIT-compiles DeepSpeed's CPU shared-memory comm op (about a

@@ -12,7 +12,7 @@ outputs with their own optimiser (they never send gradient to the encoders) — 
 for segmentation (BraTS) DeepLabv3+ encoders per MRI modality, a fused decoder (last 1x1 conv `out`)
 and light per-modality decoders — models.segmentation.BratsCGGMModel (config key `segmentation`).
 Per step t
-(../shared/specs/methods.md, "CGGM"; metric_prev = 0 and no L_gm at the very first step):
+(README.md, "CGGM"; metric_prev = 0 and no L_gm at the very first step):
   1. loss = task_loss(F(fusion(h)), y) [+ lambda_gm * L_gm of the previous step]; backward.
   2. classifier losses sum_i task_loss(f_i(h_i.detach()), y); backward into the classifiers.
   3. metric_now_i = f_i's accuracy on the GLOBAL training batch (regression: sign accuracy over

@@ -8,7 +8,7 @@
 
 Model: per modality an encoder E_j and a head H_j = Linear(D_j,256) -> ReLU -> Linear(256,64) ->
 Linear(64,C); nothing shared. Fused prediction: mean of the per-modality softmax outputs (official),
-or entropy-weighted (`fusion: entropy`, MLA-style). See ../shared/specs/methods.md, "IGM".
+or entropy-weighted (`fusion: entropy`, MLA-style). See README.md, "IGM" (official vs paper, every switch).
 
 variant official (the released code):
   stages of whole epochs (`stage_epochs`), modality j = modalities[s % m] in stage s. Each stage
