@@ -15,16 +15,15 @@ value is the mean over `log_every` steps) and prints, per config, the median ove
 seeds of each modality's c_i and the share of steps where the accuracy changes summed to zero.
 The fourth compares configs seed by seed: for the seeds that <dir>/<A>_s<seed> and <dir>/<B>_s<seed>
 both finished, the weakest modality's test accuracy and best validation accuracy at any epoch of
-each, the paired difference A − B per seed, and over seeds the mean ± std of the differences and
-how many seeds A is above, tied with and below B (the first config against each of the others).
+each, the paired difference A − B per seed, and over seeds the mean ± std of the differences (with
+the standard error of the mean, std/√n) and how many seeds A is above, tied with and below B (the first config against each of the others).
 The fifth traces CGGM runs epoch by epoch from TensorBoard (best with `--log_every 1`: then every
 value is one step's): per modality the median of rho·c_i, the share of steps with c_i < -0.001
 (gradient ascent on that encoder when modulation is on), |c_i| <= 0.001 (no gradient: with two
 modalities c_1 = d_2 / S, which is 0 up to the 1e-8 in S when the other classifier's batch accuracy
-did not change) and rho·c_i < 1
-(its gradient shrunk), the
-classifier's mean batch accuracy and the standard deviation of its step-to-step change d_i, and the
-classifier's validation accuracy at the end of the epoch (metrics.jsonl).
+did not change) and rho·c_i < 1 (its gradient shrunk), the classifier's mean batch accuracy and the
+standard deviation of its step-to-step change d_i, and the classifier's validation accuracy at the
+end of the epoch (metrics.jsonl); a last row `all` covers the whole run.
 """
 import json
 import statistics
@@ -125,9 +124,10 @@ def paired_rows(root: str, a: str, b: str, modality: str | None = None) -> tuple
 
 
 def paired_stats(diffs: list) -> dict:
-    """mean, sample std, and the sign count (above, tied, below zero) of paired differences."""
-    return {"n": len(diffs), "mean": statistics.mean(diffs),
-            "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+    """mean, sample std, standard error of the mean (std/√n) and the sign count (above, tied, below
+    zero) of paired differences."""
+    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return {"n": len(diffs), "mean": statistics.mean(diffs), "std": std, "se": std / len(diffs) ** 0.5,
             "above": sum(d > 0 for d in diffs), "tied": sum(d == 0 for d in diffs),
             "below": sum(d < 0 for d in diffs)}
 
@@ -145,8 +145,8 @@ def paired(root: str, configs: list, modality: str | None = None) -> None:
         for seed, ta, tb, va, vb in rows:
             print(f"| {seed} | {ta:.4f} | {tb:.4f} | {ta - tb:+.4f} | {va:.4f} | {vb:.4f} | {va - vb:+.4f} |")
         test, val = paired_stats([r[1] - r[2] for r in rows]), paired_stats([r[3] - r[4] for r in rows])
-        print(f"| mean ± std ({test['n']} pairs) | | | {test['mean']:+.4f} ± {test['std']:.4f} | | "
-              f"| {val['mean']:+.4f} ± {val['std']:.4f} |")
+        print(f"| mean ± std (standard error), {test['n']} pairs | | | {test['mean']:+.4f} ± {test['std']:.4f} "
+              f"({test['se']:.4f}) | | | {val['mean']:+.4f} ± {val['std']:.4f} ({val['se']:.4f}) |")
         print(f"| {a} above / tied / below | | | {test['above']} / {test['tied']} / {test['below']} | | "
               f"| {val['above']} / {val['tied']} / {val['below']} |")
 

@@ -250,7 +250,7 @@ def test_cggm_trains_and_resumes_exactly(seq3, tmp_path, variant):
     result = json.loads((whole / "result.json").read_text())
     assert set(result["test"]) == {"text", "audio", "vision", "fused"}
     assert {"text/coeff", "vision/coeff", "train/lgm", "train/coeff_degenerate", "audio/clf_metric",
-            "val_fused/acc"} <= tb_tags(whole)
+            "audio/grad_norm_core", "audio/grad_norm_core_clipped", "val_fused/acc"} <= tb_tags(whole)
 
 
 @pytest.mark.slow
@@ -358,3 +358,21 @@ def test_dataset_configs_load_and_build(config):
                       cfg["head_dropout"], cfg["classifier"])
     assert model.head.out.out_features == classes
     assert all(c.out.weight.shape == model.head.out.weight.shape for c in model.classifiers.values())
+
+
+def test_logged_core_gradient_norms_are_the_scaled_and_clipped_ones():
+    """`<m>/grad_norm_core` is the encoder core's gradient norm after rho*c_i; `_clipped` after the
+    global clip: their ratio is the clip factor, the same for every modality, and <= 1."""
+    model = toy_model()
+    opt, clf_opt = optimizers(model)
+    state = fresh_state(model)
+    stats = [cggm.cggm_step(model, b, opt, clf_opt, state, dict(STEP_CFG, grad_clip=0.05), "classification")
+             for b in toy_batches(2)][-1]
+    ratios = [float(stats[f"{m}/grad_norm_core_clipped"] / stats[f"{m}/grad_norm_core"]) for m in model.modalities]
+    assert all(r == pytest.approx(ratios[0], rel=1e-5) for r in ratios) and ratios[0] < 1
+    unclipped = cggm.cggm_step(model, toy_batches(3)[2], opt, clf_opt, state, STEP_CFG, "classification")
+    for m in model.modalities:   # grad_clip 0: nothing clipped; the norm is that of the scaled core gradients
+        assert float(unclipped[f"{m}/grad_norm_core_clipped"]) == float(unclipped[f"{m}/grad_norm_core"])
+        core = [p.grad for p in cggm.core_parameters(model.encoders[m]) if p.grad is not None]
+        assert float(unclipped[f"{m}/grad_norm_core"]) == pytest.approx(
+            float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in core]))), rel=1e-5)

@@ -213,9 +213,15 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
             for p in core_parameters(model.encoders[m]):
                 if p.grad is not None:
                     p.grad.mul_(scale)
+    # what each encoder core receives: its gradient norm after rho*c_i, and after the global clip
+    core_norms = {m: torch.linalg.vector_norm(torch.stack(
+        [p.grad.detach().float().norm() for p in core_parameters(model.encoders[m]) if p.grad is not None]
+        or [torch.zeros((), device=labels.device)])) for m in names}
     clf_optimizer.step()
+    clip_factor = torch.ones((), device=labels.device)
     if cfg["grad_clip"] > 0:
-        torch.nn.utils.clip_grad_norm_(model_params, cfg["grad_clip"])
+        total = torch.nn.utils.clip_grad_norm_(model_params, cfg["grad_clip"])
+        clip_factor = (cfg["grad_clip"] / (total.float() + 1e-6)).clamp(max=1.0)
     optimizer.step()
     state["metric_prev"] = metric_now.detach()
     stats = {"train/loss": loss.detach(), "train/task_loss": task_loss.detach(), "train/lgm": lgm.detach().float(),
@@ -224,6 +230,8 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
         stats[f"{m}/coeff"] = coeffs[i].float()
         stats[f"{m}/clf_loss"] = clf_losses[i].detach()
         stats[f"{m}/clf_metric"] = metric_now[i].float()
+        stats[f"{m}/grad_norm_core"] = core_norms[m]                        # after rho*c_i, before the clip
+        stats[f"{m}/grad_norm_core_clipped"] = core_norms[m] * clip_factor  # what the optimiser receives
     return stats
 
 

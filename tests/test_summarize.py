@@ -1,0 +1,103 @@
+"""scripts/summarize.py --paired and --trace on synthetic run directories (result.json, metrics.jsonl,
+TensorBoard scalars)."""
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import summarize  # noqa: E402
+
+BAYES = {"image": 0.645, "table": 0.951, "all": 0.978}
+
+
+def fake_run(root: Path, name: str, image_test: float, image_vals: list) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    result = {"run_dir": str(d), "bayes_accuracy": BAYES,
+              "test": {"image": {"acc": image_test}, "table": {"acc": 0.95}, "fused": {"acc": 0.97}}}
+    (d / "result.json").write_text(json.dumps(result))
+    (d / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e + 1, "step": 10 * (e + 1),
+                    "val": {"image": {"acc": v}, "table": {"acc": 0.94}, "fused": {"acc": 0.96}}}) + "\n"
+        for e, v in enumerate(image_vals)))
+
+
+@pytest.fixture
+def runs(tmp_path):
+    # A beats B by 0.02, 0.01, -0.01 on test; seed 3 of B never finished (no result.json), seed 4 of A
+    # is missing: only seeds 0-2 pair up. Best validation at any epoch: A − B = 0.03, 0.00, 0.06.
+    for seed, (ta, tb, va, vb) in enumerate([(0.56, 0.54, [0.50, 0.60], [0.57, 0.55]),
+                                             (0.55, 0.54, [0.58, 0.52], [0.58, 0.50]),
+                                             (0.53, 0.54, [0.61, 0.40], [0.55, 0.52])]):
+        fake_run(tmp_path, f"A_s{seed}", ta, va)
+        fake_run(tmp_path, f"B_s{seed}", tb, vb)
+    fake_run(tmp_path, "A_s3", 0.9, [0.9])
+    (tmp_path / "B_s3").mkdir()
+    fake_run(tmp_path, "B_s4", 0.1, [0.1])
+    fake_run(tmp_path, "A_long_s0", 0.0, [0.0])     # another config whose name starts with "A_"
+    return tmp_path
+
+
+def test_paired_rows_pair_by_seed_and_take_the_weakest_modality(runs):
+    modality, rows = summarize.paired_rows(str(runs), "A", "B")
+    assert modality == "image"
+    assert [r[0] for r in rows] == [0, 1, 2]
+    assert rows[0] == pytest.approx((0, 0.56, 0.54, 0.60, 0.57))
+    diffs = [r[1] - r[2] for r in rows]
+    stats = summarize.paired_stats(diffs)
+    assert stats["mean"] == pytest.approx((0.02 + 0.01 - 0.01) / 3)
+    assert stats["std"] == pytest.approx(0.015275, abs=1e-6)
+    assert stats["se"] == pytest.approx(0.015275 / 3 ** 0.5, abs=1e-6)
+    assert (stats["above"], stats["tied"], stats["below"]) == (2, 0, 1)
+    val = summarize.paired_stats([r[3] - r[4] for r in rows])
+    assert val["mean"] == pytest.approx(0.03)
+    assert (val["above"], val["tied"], val["below"]) == (2, 1, 0)
+
+
+def test_paired_cli_prints_the_table(runs):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), "--paired", str(runs), "A", "B"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| 2 | 0.5300 | 0.5400 | -0.0100 | 0.6100 | 0.5500 | +0.0600 |" in out
+    assert "| mean ± std (standard error), 3 pairs | | | +0.0067 ± 0.0153 (0.0088) | | | +0.0300 ± 0.0300 (0.0173) |" in out
+    assert "| A above / tied / below | | | 2 / 0 / 1 | | | 2 / 1 / 0 |" in out
+
+
+def test_paired_without_common_seeds_fails(runs):
+    with pytest.raises(SystemExit):
+        summarize.paired_rows(str(runs), "A", "nothing")
+
+
+def test_trace_reads_coefficients_per_epoch(tmp_path):
+    """--trace on a two-modality run whose c_i and classifier batch accuracies are known per step."""
+    from torch.utils.tensorboard import SummaryWriter
+    run = tmp_path / "official_s0"
+    run.mkdir()
+    (run / "config.yaml").write_text("rho: 2.0\nlog_every: 1\nmodulation: true\ndirection: true\nvariant: official\n")
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 1, "step": 4, "val": {"a": {"acc": 0.9}, "b": {"acc": 0.4}}}) + "\n"
+        + json.dumps({"epoch": 2, "step": 6, "val": {"a": {"acc": 0.95}, "b": {"acc": 0.5}}}) + "\n")
+    coeff_b = [0.5, -0.25, 1e-9, 0.75, 2.0, 0.0]
+    acc_b = [0.1, 0.3, 0.2, 0.4, 0.5, 0.5]
+    with SummaryWriter(str(run / "tb")) as writer:
+        for step in range(1, 7):
+            writer.add_scalar("b/coeff", coeff_b[step - 1], step)
+            writer.add_scalar("a/coeff", 1 - coeff_b[step - 1], step)
+            writer.add_scalar("b/clf_metric", acc_b[step - 1], step)
+            writer.add_scalar("a/clf_metric", 0.9, step)
+    names, rows = summarize.trace_rows(run)
+    assert names == ["a", "b"]
+    assert [r["epoch"] for r in rows] == [1, 2, "all"]
+    first, second, whole = rows[0]["b"], rows[1]["b"], rows[2]["b"]
+    assert first["median_rho_c"] == pytest.approx(2.0 * (1e-9 + 0.5) / 2)    # median of 1.0, -0.5, 2e-9, 1.5
+    assert (first["neg"], first["zero"], first["shrunk"]) == (0.25, 0.25, 0.5)
+    assert first["clf_batch_acc"] == pytest.approx(0.25)
+    assert first["d_std"] == pytest.approx(statistics.stdev([0.2, -0.1, 0.2]))
+    assert first["clf_val_acc"] == 0.4 and second["clf_val_acc"] == 0.5
+    assert (second["neg"], second["zero"], second["shrunk"]) == (0.0, 0.5, 0.5)
+    assert whole["neg"] == pytest.approx(1 / 6) and whole["zero"] == pytest.approx(2 / 6)
+    assert rows[2]["a"]["d_std"] == pytest.approx(0.0)
