@@ -200,6 +200,7 @@ def _ddp_worker(rank, world, init_file, variant, task, out_file):
     state = _run(variant, task, world, rank)
     if rank == 0:
         torch.save(state, out_file)
+    dist.barrier()   # both ranks done before either tears gloo down (an early teardown has aborted a rank)
     dist.destroy_process_group()
 
 

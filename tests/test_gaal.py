@@ -110,6 +110,7 @@ def _ddp_worker(rank, world, init_file, variant, out_file):
         conflicts.append(stats["image/conflict"] + stats["table/conflict"])
     if rank == 0:
         torch.save({"state": {**encoders.state_dict(), **head.state_dict()}, "conflicts": conflicts}, out_file)
+    dist.barrier()   # both ranks done before either tears gloo down (an early teardown has aborted a rank)
     dist.destroy_process_group()
 
 

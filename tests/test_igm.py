@@ -232,6 +232,7 @@ def _ddp_worker(rank, world, init_file, variant, out_file):
     state, means = _run_steps(Toy(), DDP_CFGS[variant], toy_batches(), world, rank)
     if rank == 0:
         torch.save({"state": state, "means": means}, out_file)
+    dist.barrier()   # both ranks done before either tears gloo down (an early teardown has aborted a rank)
     dist.destroy_process_group()
 
 

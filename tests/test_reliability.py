@@ -65,6 +65,7 @@ def _nonfinite_worker(rank, world, init_file, out_dir):
     except common.NonFiniteLossError:
         outcome = "stopped"
     Path(out_dir, f"rank{rank}").write_text(outcome)
+    torch.distributed.barrier()   # both ranks done before either tears gloo down
     torch.distributed.destroy_process_group()
 
 
