@@ -67,9 +67,9 @@ def test_select_metric_reads_macro_f1_and_refuses_other_names():
     assert common.selection_score(val, "fused", "macro_f1") == 0.7
     assert common.selection_score(val, "modality_mean", "macro_f1") == pytest.approx(0.5)
     for name in common.SELECT_METRIC:
-        common.check_select_metric(name)
+        common.check_choice("select_metric", name, common.SELECT_METRIC)
     with pytest.raises(common.ConfigError, match="select_metric='f1': choose acc or macro_f1"):
-        common.check_select_metric("f1")
+        common.check_choice("select_metric", "f1", common.SELECT_METRIC)
 
 
 def test_classification_metrics_by_hand():

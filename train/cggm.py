@@ -105,8 +105,7 @@ DEFAULT_CONFIG = "train/configs/cggm_seq3.yaml"
 
 def check_config(cfg):
     for key, allowed in (("variant", ("official", "paper")), ("mixed_precision", ("no", "bf16"))):
-        if cfg[key] not in allowed:
-            raise common.ConfigError(f"{key}='{cfg[key]}': choose {' or '.join(allowed)}")
+        common.check_choice(key, cfg[key], allowed)
     clip = cfg["coeff_clip"]
     if clip and (len(clip) != 2 or not all(isinstance(v, (int, float)) for v in clip) or clip[0] > clip[1]):
         raise common.ConfigError(f"coeff_clip={clip}: [] or [lo, hi] with lo <= hi")

@@ -661,26 +661,22 @@ def selection_score(val: dict, select_on: str, key: str) -> float:
     """The validation figure a run keeps its best model by: the fused output's `key` (released
     recipes), or the mean of the per-modality `key`s (`modality_mean`; in stage-wise training only the
     active modality moves, so this keeps a stage's gains that an equal-weight fused output hides)."""
-    check_select_on(select_on)
+    check_choice("select_on", select_on, SELECT_ON)
     if select_on == "fused":
         return val["fused"][key]
     per_modality = [mets[key] for name, mets in val.items() if name != "fused"]
     return sum(per_modality) / len(per_modality)
 
 
-def check_select_on(select_on: str) -> None:
-    if select_on not in SELECT_ON:
-        raise ConfigError(f"select_on='{select_on}': choose {' or '.join(SELECT_ON)}")
+def check_choice(key: str, value, allowed) -> None:
+    """Refuse a config value that is not one of the `allowed` names: ConfigError naming the key."""
+    if value not in allowed:
+        raise ConfigError(f"{key}='{value}': choose {' or '.join(allowed)}")
 
 
 #: `select_metric`: which validation figure `selection_score` reads (classification). The released
 #: IGM scripts keep their best model by fused macro-F1 (Twitter: accuracy).
 SELECT_METRIC = ("acc", "macro_f1")
-
-
-def check_select_metric(select_metric: str) -> None:
-    if select_metric not in SELECT_METRIC:
-        raise ConfigError(f"select_metric='{select_metric}': choose {' or '.join(SELECT_METRIC)}")
 
 
 #: What a run writes into its out_dir. A fresh run refuses a directory holding any of them (the
@@ -945,8 +941,7 @@ def load_trusted(path: Path, allowed_globals=(), mmap: bool = False):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - every failure becomes one line naming the file
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        reason = next((ln for ln in lines if ln.startswith(("Trying to load", "Unsupported", "Can only build",
-                                                              "Unsupported operand"))),
+        reason = next((ln for ln in lines if ln.startswith(("Trying to load", "Unsupported", "Can only build"))),
                       lines[0] if lines else type(err).__name__)
         raise CheckpointError(f"{path}: refused: not a checkpoint file this code writes ({reason}); it is "
                               "loaded with weights_only=True, which never runs code from a file") from None

@@ -122,8 +122,7 @@ def check_config(cfg):
     for key, allowed in (("variant", ("official", "paper")), ("sam_impl", ("reweighted", "exact")),
                          ("fusion", ("mean", "entropy")), ("mixed_precision", ("no", "bf16")),
                          ("select_on", common.SELECT_ON), ("select_metric", common.SELECT_METRIC)):
-        if cfg[key] not in allowed:
-            raise common.ConfigError(f"{key}='{cfg[key]}': choose {' or '.join(allowed)}")
+        common.check_choice(key, cfg[key], allowed)
     if cfg["variant"] == "official" and (not cfg["stage_epochs"] or any(
             not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in cfg["stage_epochs"])):
         raise common.ConfigError(f"stage_epochs={cfg['stage_epochs']}: a non-empty list of positive integers")

@@ -63,8 +63,8 @@ DEFAULT_CONFIG = "train/configs/joint_imgtab.yaml"
 
 
 def main(cfg: dict) -> dict:
-    common.check_select_on(cfg["select_on"])   # before any compute
-    common.check_select_metric(cfg["select_metric"])
+    common.check_choice("select_on", cfg["select_on"], common.SELECT_ON)   # before any compute
+    common.check_choice("select_metric", cfg["select_metric"], common.SELECT_METRIC)
     accelerator = common.setup_accelerator(cfg)
     preemption = common.Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
     meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
