@@ -29,7 +29,7 @@ temporary directory (kept only when --dir is given), one shard per dataset, for 
    shard file size, and ShardDataset samples/s for shuffled and sequential epochs (median of the
    passes; the variants are timed round-robin). Random bytes do not compress, so the lzf rows
    show its cost on incompressible data, not its benefit on real images.
-3. Loader: train/common.py make_loader itself, given a stand-in accelerator (rank 0 of 1, CUDA
+3. Loader: train/data.py make_loader itself, given a stand-in accelerator (rank 0 of 1, CUDA
    when available), so the loader is the training one (ShardDataset + ShardBatchSampler(shuffle=
    True, seed 0, drop_last) + batch_size=None, persistent_workers when workers > 0, pin_memory on
    CUDA), for each --workers value: samples/s over one epoch after one warm-up batch (which pays
@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data_prep import shards  # noqa: E402
-from train import common  # noqa: E402
+from train import data  # noqa: E402
 
 DVM_CATEGORICAL = {"Color": 22, "Bodytype": 13, "Gearbox": 3, "Fuel_type": 12}
 SHAPES = {
@@ -313,7 +313,7 @@ def _time_loader(root, split, batch, workers, max_batches=None):
     accelerator = types.SimpleNamespace(process_index=0, num_processes=1, device=device)
     with warnings.catch_warnings():             # more workers than CPUs is part of what is measured
         warnings.filterwarnings("ignore", message="This DataLoader will create")
-        loader, sampler = common.make_loader(cfg, meta, split, accelerator, train=True)
+        loader, sampler = data.make_loader(cfg, meta, split, accelerator, train=True)
         sampler.set_epoch(0)
         it = iter(loader)
     first = next(it)                            # warm-up: worker start-up, first file opens

@@ -178,7 +178,7 @@ def bench_cggm(args, device, only=None):
         clf_opt = torch.optim.Adam(model.classifiers.parameters(), lr=5e-4)
         if name.startswith("joint"):
             def step(m=model, o=opt, co=clf_opt, with_clf=name != "joint"):
-                from train.common import task_loss
+                from train.metrics import task_loss
                 out = m(batch) if with_clf else {k: (m.encode(k, batch[k]), None) for k in m.modalities}
                 loss = task_loss(task, m.fuse(out), batch["label"])
                 if with_clf:

@@ -453,3 +453,101 @@ class BratsCGGMModel(nn.Module):
                            f"modalities: {self.modalities}")
         size = self.out_size if size is None else size
         return {m: self.classifiers[m](low, high, size) for m, (low, high) in h.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss and Dice of the BraTS task. Source: the released CGGM code, src/eval_metrics.py (SegLoss,
+# Dice, train_eval_seg, cal_dice); labels {0, 1, 2, 3} = background, necrotic core (NCR),
+# oedema (ED), enhancing tumour (ET; BraTS label 4 remapped to 3).
+
+def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor,
+                      class_weights=(0.2, 0.3, 0.25, 0.25), dice_weight: float = 0.5,
+                      smooth: float = 0.01, include_background: bool = False,
+                      dice_reduction: str = "pooled") -> torch.Tensor:
+    """(1 − dice_weight)·wCE + dice_weight·(1 − soft Dice); 0-d float32 tensor.
+
+    logits (B, C, H, W), any float dtype (computed in float32); mask (B, H, W) integer labels in
+    [0, C) (uint8 as stored in the shards is fine). `class_weights` has C entries (None: plain CE).
+
+    wCE = F.cross_entropy(logits, mask, weight=class_weights): the weighted MEAN,
+      Σ_pixels w_y·(−log p_y) / Σ_pixels w_y (PyTorch's normalisation, as the released SegLoss).
+    Soft Dice on p = softmax(logits) against the one-hot mask, over the classes K (1..C−1 by
+    default: background EXCLUDED, as the released SegLoss; all C with include_background=True):
+      dice_reduction="pooled" (released): one Dice over the whole batch and all classes in K,
+        2·Σ_{b,k,pixels} p·t / (Σ p + Σ t + smooth), smooth = 0.01 in the denominator only;
+      dice_reduction="mean": per class over the batch, (2·Σ p_k·t_k + smooth) /
+        (Σ p_k + Σ t_k + smooth), then the mean over K (a class absent from the mask and not
+        predicted scores 1).
+    Defaults reproduce the released SegLoss (alpha = 0.5, weights (.2, .3, .25, .25)).
+    """
+    if logits.dim() != 4 or mask.dim() != 3 or logits.shape[0] != mask.shape[0] \
+            or logits.shape[2:] != mask.shape[1:]:
+        raise ValueError(f"segmentation_loss: expected logits (B, C, H, W) and mask (B, H, W), "
+                         f"got {tuple(logits.shape)} and {tuple(mask.shape)}")
+    if dice_reduction not in ("pooled", "mean"):
+        raise ValueError(f"segmentation_loss: dice_reduction must be 'pooled' or 'mean', "
+                         f"got {dice_reduction!r}")
+    num_classes = logits.shape[1]
+    logits, mask = logits.float(), mask.long()
+    weight = None
+    if class_weights is not None:
+        weight = torch.as_tensor(class_weights, dtype=torch.float32, device=logits.device)
+        if weight.numel() != num_classes:
+            raise ValueError(f"segmentation_loss: {weight.numel()} class_weights for "
+                             f"{num_classes} classes")
+    ce = F.cross_entropy(logits, mask, weight=weight)
+    probs = logits.softmax(1)
+    onehot = F.one_hot(mask, num_classes).permute(0, 3, 1, 2).to(probs.dtype)
+    if not include_background:
+        probs, onehot = probs[:, 1:], onehot[:, 1:]
+    if dice_reduction == "pooled":
+        dice = 2.0 * (probs * onehot).sum() / (probs.sum() + onehot.sum() + smooth)
+    else:
+        dims = (0, 2, 3)
+        inter, total = (probs * onehot).sum(dims), probs.sum(dims) + onehot.sum(dims)
+        dice = ((2.0 * inter + smooth) / (total + smooth)).mean()
+    return (1.0 - dice_weight) * ce + dice_weight * (1.0 - dice)
+
+
+#: BraTS regions as sets of labels (after 4 -> 3): whole tumour, tumour core, enhancing tumour.
+BRATS_REGIONS = {"wt": (1, 2, 3), "tc": (1, 3), "et": (3,)}
+
+
+def dice_scores(pred_labels: torch.Tensor, mask: torch.Tensor, eps: float = 0.0,
+                reduction: str = "mean") -> dict:
+    """Dice of the BraTS regions WT (labels 1, 2, 3), TC (1, 3), ET (3), per slice.
+
+    pred_labels and mask: (B, H, W) (or (B, ...)) integer labels. For each slice b and region R
+    with A = {pred in R}, G = {mask in R}:
+      eps = 0 (default): Dice = 2|A∩G| / (|A| + |G|), and Dice = 1 when both are empty;
+      eps > 0: (2|A∩G| + 2·eps) / (|A| + |G| + 2·eps) -- the released Dice (eps 1e-3); also 1
+        when both are empty, and within ~eps/(|A|+|G|) of the exact value otherwise.
+    reduction "mean" (released: the mean over the slices of the batch), "sum" (over slices, for
+    accumulating over batches / all-reducing counts across ranks) or "none" ((B,) per slice).
+    Returns {"wt", "tc", "et"} -> float64 tensors on the input's device (no host sync).
+    Note: slices without ET that are predicted without ET score 1 for ET (the convention above).
+    """
+    if pred_labels.shape != mask.shape:
+        raise ValueError(f"dice_scores: pred_labels {tuple(pred_labels.shape)} and mask "
+                         f"{tuple(mask.shape)} differ in shape")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"dice_scores: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    pred, gt = pred_labels.long().flatten(1), mask.long().flatten(1)
+
+    def region(x, labels):
+        inside = x == labels[0]
+        for label in labels[1:]:
+            inside = inside | (x == label)
+        return inside
+
+    out = {}
+    for name, labels in BRATS_REGIONS.items():
+        a, g = region(pred, labels), region(gt, labels)
+        inter = (a & g).sum(1).double()
+        total = (a.sum(1) + g.sum(1)).double()
+        if eps > 0:
+            d = (2.0 * inter + 2.0 * eps) / (total + 2.0 * eps)
+        else:
+            d = torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
+        out[name] = d if reduction == "none" else d.sum() if reduction == "sum" else d.mean()
+    return out

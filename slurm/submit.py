@@ -6,7 +6,7 @@
     python slurm/submit.py --cluster local --script gaal --epochs 2 --wait            # no SLURM here
 
 Options of this launcher are listed by --help; every other argument is the training script's own
-(`--config`, `--key value` overrides, `--out_dir`, `--resume`; see train/common.py load_config) and
+(`--config`, `--key value` overrides, `--out_dir`, `--resume`; see train/config.py load_config) and
 is checked against the script's config before anything is submitted.
 
 Run directories: `--out_dir` (else `runs/<name>`, name = `<script>_<config>`) holds one run, or
@@ -93,7 +93,7 @@ class TrainRun:
 
     def _on_requeue_signal(self, signum, frame):
         """submitit's signal (SIGUSR2): ask the script to checkpoint at its next step boundary (its
-        SIGUSR1 handler, train/common.py Preemption), then requeue once main() has returned. The
+        SIGUSR1 handler, train/loop.py Preemption), then requeue once main() has returned. The
         handler may not be installed yet (imports, data checks): a thread waits for it."""
         print(f"[submit] {signal.Signals(signum).name}: checkpoint at the next step, then requeue", flush=True)
         self._requeue_signal.set()
@@ -112,12 +112,12 @@ class TrainRun:
             os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
         sys.path.insert(0, self.repo)
         os.chdir(self.repo)
-        from train import common
+        from train import config, distributed, rundir
         module = importlib.import_module(f"train.{self.script}")
         argv = list(self.argv)
         if has_checkpoint(self.out_dir) and "--resume" not in argv:
             argv.append("--resume")   # requeued by SLURM itself (node failure, scontrol requeue)
-        cfg = common.load_config(module.DEFAULTS, argv, default_config=module.DEFAULT_CONFIG)
+        cfg = config.load_config(module.DEFAULTS, argv, default_config=module.DEFAULT_CONFIG)
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
             # one task per process; GPUs stay all visible, Accelerate takes cuda:LOCAL_RANK
@@ -128,7 +128,7 @@ class TrainRun:
         signal.signal(requeue_sig, self._on_requeue_signal)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)   # until the script installs its handler
         result = module.main(cfg)
-        common.finish()
+        distributed.finish()
         if was_stopped(result):
             if not self._requeue_signal.is_set():
                 self._requeue_signal.wait(3.0)  # SIGTERM may come just before submitit's signal
@@ -248,11 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_runs(args, script_argv: list[str]):
     """[(out_dir, argv)] per sweep point; argv with absolute --data and --out_dir, checked by load_config."""
     sys.path.insert(0, str(REPO))
-    from train import common
+    from train import config, distributed, rundir
     module = importlib.import_module(f"train.{args.script}")
     try:
-        base_cfg = common.load_config(module.DEFAULTS, script_argv, default_config=module.DEFAULT_CONFIG)
-    except common.ConfigError as err:
+        base_cfg = config.load_config(module.DEFAULTS, script_argv, default_config=module.DEFAULT_CONFIG)
+    except config.ConfigError as err:
         raise SystemExit(f"train/{args.script}.py: {err}") from None
     config_name = Path(base_cfg.get("config_file") or module.DEFAULT_CONFIG).stem
     name = args.name or (config_name if config_name.startswith(args.script) else f"{args.script}_{config_name}")
@@ -268,10 +268,10 @@ def resolve_runs(args, script_argv: list[str]):
             argv += [f"--{key}", value]
         argv += ["--out_dir", str(out_dir)] + (["--data", data] if data else [])
         try:
-            cfg = common.load_config(module.DEFAULTS, argv, default_config=module.DEFAULT_CONFIG)
-        except common.ConfigError as err:
+            cfg = config.load_config(module.DEFAULTS, argv, default_config=module.DEFAULT_CONFIG)
+        except config.ConfigError as err:
             raise SystemExit(f"train/{args.script}.py {point_tag(point)}: {err}") from None
-        previous = common.previous_run_files(out_dir)   # what the script itself would refuse, before submitting
+        previous = rundir.previous_run_files(out_dir)   # what the script itself would refuse, before submitting
         if (has_checkpoint(out_dir) or previous) and not cfg["resume"]:
             raise SystemExit(f"{out_dir} holds a previous run's files ({', '.join(previous) or 'checkpoints'}): "
                              "pass --resume to continue it, or choose another --out_dir / --name")

@@ -107,7 +107,7 @@ def test_out_weight_gradient_matches_the_closed_form_and_stays_differentiable(ta
     x = model.fusion({m: h for m, (h, _) in out.items()})
     z = x + model.head.mlp(x)                      # the input of F.out
     logits = model.head.out(z)
-    from train.common import task_loss
+    from train.metrics import task_loss
     grad = cggm.out_weight_grad(task_loss(task, logits, batch["label"]), model.head.out.weight, 1)
     if task == "classification":
         dlogits = torch.softmax(logits, -1) - F.one_hot(batch["label"], 5).float()
@@ -270,7 +270,7 @@ def test_switches_are_recorded(seq3, tmp_path):
     (dict(rho=-1.0), "rho"),
 ])
 def test_bad_config_is_refused(override, message):
-    with pytest.raises(cggm.common.ConfigError, match=message.replace("'", ".").replace("[", r"\[")):
+    with pytest.raises(cggm.ConfigError, match=message.replace("'", ".").replace("[", r"\[")):
         cggm.check_config(dict(cggm.DEFAULTS, **override))
 
 
@@ -343,7 +343,7 @@ CONVERTED = {
 @pytest.mark.parametrize("config", ["mosi", "mosi_paper", "iemocap", "iemocap_paper", "food101", "food101_paper", "brats"])
 def test_dataset_configs_load_and_build(config):
     from models.segmentation import check_seg_config
-    from train.common import load_config
+    from train.config import load_config
     cfg = load_config(cggm.DEFAULTS, ["--config", f"train/configs/cggm_{config}.yaml"])
     cggm.check_config(cfg)
     dataset = config.split("_")[0]

@@ -17,7 +17,7 @@ import torch
 
 from data_prep import embedded
 from tests.test_train import final_weights, free_port, seq3_args
-from train import common
+from train import checkpoint, config, distributed
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_CONFIG = {stage: f"train/configs/accelerate/deepspeed_zero{stage}.yaml" for stage in (1, 2)}
@@ -147,28 +147,28 @@ RUN = dict(batch_size=64, grad_clip=0.5, mixed_precision="no")
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_refusal_names_method_stage_reason_and_alternative(stage):
-    with pytest.raises(common.ConfigError) as err:
-        common.refuse_deepspeed(fake_accelerator(shipped(stage)), "IGM", "it multiplies gradients by T")
+    with pytest.raises(config.ConfigError) as err:
+        distributed.refuse_deepspeed(fake_accelerator(shipped(stage)), "IGM", "it multiplies gradients by T")
     text = str(err.value)
     assert f"IGM does not support DeepSpeed (ZeRO stage {stage}): it multiplies gradients by T" in text
     assert "inside accelerator.backward()" in text and "accelerate launch --multi_gpu" in text
     assert ("partitions the reduced gradients" in text) == (stage == 2)
-    common.refuse_deepspeed(fake_accelerator(None), "IGM", "unused")   # no DeepSpeed: nothing to refuse
+    distributed.refuse_deepspeed(fake_accelerator(None), "IGM", "unused")   # no DeepSpeed: nothing to refuse
 
 
 def test_configure_fills_auto_from_the_run_config():
     acc = fake_accelerator(shipped(2), num_processes=4)
     model = torch.nn.Linear(3, 2)
-    assert common.configure_deepspeed(acc, RUN, model) == 2
+    assert distributed.configure_deepspeed(acc, RUN, model) == 2
     ds = acc.state.deepspeed_plugin.deepspeed_config
     assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"], ds["gradient_clipping"]) == (16, 64, 0.5)
     assert "gradient_clipping 0.5" in acc.printed[0] and "bf16 off" in acc.printed[0]
-    assert common.configure_deepspeed(fake_accelerator(None), RUN, model) is None
+    assert distributed.configure_deepspeed(fake_accelerator(None), RUN, model) is None
 
 
 def test_configure_bf16_wraps_the_forward_in_autocast():
     model = torch.nn.Linear(3, 2)
-    common.configure_deepspeed(fake_accelerator(shipped(1, bf16=True)), dict(RUN, mixed_precision="bf16"), model)
+    distributed.configure_deepspeed(fake_accelerator(shipped(1, bf16=True)), dict(RUN, mixed_precision="bf16"), model)
     model.to(torch.bfloat16)   # what DeepSpeed's bf16 does to the module
     out = model(torch.randn(5, 3))   # float32 input works, float32 output
     assert out.dtype == torch.float32
@@ -184,8 +184,8 @@ def test_configure_bf16_wraps_the_forward_in_autocast():
     ({"bf16": {"enabled": True}}, {}, "disagree with mixed_precision=no"),
 ])
 def test_configure_refuses_what_it_would_otherwise_ignore(change, run_change, message):
-    with pytest.raises(common.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        common.configure_deepspeed(fake_accelerator(shipped(2) | change), RUN | run_change, torch.nn.Linear(3, 2))
+    with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        distributed.configure_deepspeed(fake_accelerator(shipped(2) | change), RUN | run_change, torch.nn.Linear(3, 2))
 
 
 def test_checkpoint_from_deepspeed_refuses_a_plain_resume(tmp_path):
@@ -194,4 +194,4 @@ def test_checkpoint_from_deepspeed_refuses_a_plain_resume(tmp_path):
     torch.save({"trainer": {"step": 6}, "world_size": 1, "deepspeed_stage": 2}, root / "ckpt-000000006" / "state.pt")
     (root / "latest").write_text("ckpt-000000006\n")
     with pytest.raises(RuntimeError, match="written under DeepSpeed ZeRO-2 but this run does not use DeepSpeed"):
-        common.load_checkpoint(tmp_path, fake_accelerator(None), {"model": torch.nn.Linear(2, 2)})
+        checkpoint.load_checkpoint(tmp_path, fake_accelerator(None), {"model": torch.nn.Linear(2, 2)})

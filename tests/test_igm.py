@@ -280,7 +280,7 @@ def test_official_stages_restart_from_best_with_fresh_optimizer(av, tmp_path):
                                         "--lr", "0.05", "--stop_after_steps", "9", "--keep_checkpoints", "5"))
     state = checkpoint(out, 9)
     best = torch.load(out / "best.pt", weights_only=True)
-    assert state["trainer"]["stage"] == 1
+    assert state["trainer"]["method"]["stage"] == 1
     for key, value in state["model"].items():   # restarted from best.pt; the video stage never touches audio
         if key.startswith(("encoders.audio", "heads.audio")):
             assert torch.equal(value, best[key]), key
@@ -288,8 +288,8 @@ def test_official_stages_restart_from_best_with_fresh_optimizer(av, tmp_path):
     with_momentum = {names[i] for i in state["optimizer"]["state"]}
     assert with_momentum and all(n.startswith(("encoders.video", "heads.video")) for n in with_momentum), \
         "fresh optimiser: no momentum left from the audio stage"
-    T = state["trainer"]["T"]["video"]
-    assert sorted(T) == [0, 1, 2] and not state["trainer"]["T"]["audio"]
+    T = state["trainer"]["method"]["T"]["video"]
+    assert sorted(T) == [0, 1, 2] and not state["trainer"]["method"]["T"]["audio"]
     for t in T.values():
         sigma = torch.linalg.eigvalsh(t.double())
         assert sigma.min() >= torch.exp(torch.tensor(-0.4, dtype=torch.float64)) - 1e-5 and sigma.max() <= 1 + 1e-5
@@ -316,7 +316,7 @@ def test_switches(av, tmp_path):
     assert "T/audio_from_video/layer2/damped_share" in tags and "plasticity/cos_consecutive_stages" in tags
     state = torch.load(out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "state.pt",
                        weights_only=False)
-    sigma = torch.linalg.eigvalsh(state["trainer"]["T"]["audio"][2].double())   # the last stage: audio from video
+    sigma = torch.linalg.eigvalsh(state["trainer"]["method"]["T"]["audio"][2].double())   # the last stage: audio from video
     assert abs(sigma.min().item() - torch.exp(torch.tensor(-1.0)).item()) < 1e-4   # tau = 1.0 reached
     result = json.loads((out / "result.json").read_text())
     assert result["sam"] is False and result["tau"] == 1.0
@@ -381,7 +381,7 @@ def test_resume_is_exact(av, tmp_path, args, stop):
     (dict(select_metric="f1"), "select_metric='f1'"),
 ])
 def test_bad_config_is_refused_before_compute(override, message):
-    with pytest.raises(igm.common.ConfigError, match=message.replace(".", r"\.").replace("'", ".")):
+    with pytest.raises(igm.ConfigError, match=message.replace(".", r"\.").replace("'", ".")):
         igm.check_config(dict(igm.DEFAULTS, **override))
 
 
@@ -399,7 +399,7 @@ CONVERTED = {
 @pytest.mark.parametrize("dataset", sorted(CONVERTED))
 def test_dataset_configs_load_and_build_on_the_converted_shapes(dataset):
     from models.fusion import IGMModel
-    from train.common import load_config
+    from train.config import load_config
     cfg = load_config(igm.DEFAULTS, ["--config", f"train/configs/igm_{dataset}.yaml"])
     igm.check_config(cfg)
     meta = {"num_classes": 3, "modalities": {m: {"kind": k, "shape": s, "dtype": "float32"}
@@ -415,7 +415,8 @@ def test_dataset_config_learning_rate_per_epoch_of_a_stage(dataset):
     the released one: audio-visual / NVGesture StepLR(40, 0.1); image-text WarmupMultiStepLR (warm-up
     2 epochs from lr/3, linear; milestones 160/180, never reached) = 2/3 lr in the first epoch, then lr."""
     import warnings
-    from train.common import build_optimizer, build_scheduler, load_config
+    from train.optim import build_optimizer, build_scheduler
+    from train.config import load_config
     cfg = load_config(igm.DEFAULTS, ["--config", f"train/configs/igm_{dataset}.yaml"])
     if dataset in ("twitter2015", "sarcasm"):
         expected = [cfg["lr"] * (2 / 3 if e == 0 else 1) for e in range(30)]

@@ -25,7 +25,7 @@ import torch
 
 from data_prep import embedded
 from tests.test_train import SEQ_ENCODER, final_weights, free_port
-from train import common
+from train import config, distributed
 
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS = 60   # 4 steps per epoch: long enough that a SIGTERM after the first epoch lands mid-run
@@ -152,39 +152,39 @@ def launch_env(monkeypatch):
 
 def test_parent_command_line_gives_the_count(launch_env, tmp_path):
     launch_env("accelerate.commands.launch", "--cpu", "--num_processes", "4", "train/gaal.py", "--num_processes", "1")
-    with pytest.raises(common.ConfigError, match=r"asked for 4 processes \(--num_processes 4\).*"
+    with pytest.raises(config.ConfigError, match=r"asked for 4 processes \(--num_processes 4\).*"
                                                  r"accelerate launch --multi_gpu --num_processes 4 train/gaal.py"):
-        common.check_world_size()
+        distributed.check_world_size()
     config = tmp_path / "cpu.yaml"
     config.write_text(CPU_CONFIG)
     launch_env("accelerate.commands.launch", "--config_file", str(config), "train/gaal.py")
-    with pytest.raises(common.ConfigError, match=rf"num_processes: 2 in {re.escape(str(config))}"):
-        common.check_world_size()
+    with pytest.raises(config.ConfigError, match=rf"num_processes: 2 in {re.escape(str(config))}"):
+        distributed.check_world_size()
     launch_env("accelerate.commands.launch", "--cpu", "--num_processes", "1", "train/gaal.py")
-    common.check_world_size()   # one asked for, one started (MASTER_PORT merely inherited)
+    distributed.check_world_size()   # one asked for, one started (MASTER_PORT merely inherited)
     launch_env("/usr/bin/sleep", "100")
-    common.check_world_size()   # the parent is not accelerate: a plain `python train/x.py`
+    distributed.check_world_size()   # the parent is not accelerate: a plain `python train/x.py`
 
 
 def test_without_the_parent_the_environment_decides(launch_env, monkeypatch):
     monkeypatch.setattr(os, "getppid", lambda: 2 ** 22 + 1)   # above any pid: /proc unreadable
-    with pytest.raises(common.ConfigError, match="asked for several processes but started ONE"):
-        common.check_world_size()
+    with pytest.raises(config.ConfigError, match="asked for several processes but started ONE"):
+        distributed.check_world_size()
     monkeypatch.delenv("MASTER_PORT")   # the launcher sets it only for several processes or machines
-    common.check_world_size()
+    distributed.check_world_size()
     monkeypatch.setenv("MASTER_PORT", "29999")
     monkeypatch.setenv("WORLD_SIZE", "2")   # a multi-process launcher (torchrun, --multi_gpu)
-    common.check_world_size()
+    distributed.check_world_size()
 
 
 def test_accelerate_must_join_every_launched_process(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     monkeypatch.setattr(sys, "argv", ["train/igm.py"])
-    with pytest.raises(common.ConfigError, match="each process would train alone as rank 0.*"
+    with pytest.raises(config.ConfigError, match="each process would train alone as rank 0.*"
                                                  "accelerate launch --multi_gpu --num_processes 2 train/igm.py"):
-        common.check_world_size(SimpleNamespace(num_processes=1))
-    common.check_world_size(SimpleNamespace(num_processes=2))
+        distributed.check_world_size(SimpleNamespace(num_processes=1))
+    distributed.check_world_size(SimpleNamespace(num_processes=2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def test_accelerate_must_join_every_launched_process(monkeypatch):
                                              ("false", False), ("0", False), ("", False)])
 def test_deepspeed_requested_reads_the_flag_like_accelerate(value, expected, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", value)
-    assert common.deepspeed_requested() is expected
+    assert distributed.deepspeed_requested() is expected
 
 
 def test_multi_rank_deepspeed_without_cuda_is_refused_in_process(monkeypatch):
@@ -203,10 +203,10 @@ def test_multi_rank_deepspeed_without_cuda_is_refused_in_process(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(sys, "argv", ["train/joint.py"])
-    with pytest.raises(common.ConfigError, match="DeepSpeed with 2 processes on a machine without CUDA"):
-        common.check_world_size()
+    with pytest.raises(config.ConfigError, match="DeepSpeed with 2 processes on a machine without CUDA"):
+        distributed.check_world_size()
     monkeypatch.setenv("WORLD_SIZE", "1")
-    common.check_world_size()   # one DeepSpeed process on CPU is fine
+    distributed.check_world_size()   # one DeepSpeed process on CPU is fine
 
 
 def test_multi_rank_deepspeed_on_cpu_is_refused_before_compute(seq3_small, tmp_path):

@@ -16,7 +16,7 @@ import torch
 
 from data_prep import embedded
 from tests.test_train import REPO, final_weights, run_script, seq3_args
-from train import common
+from train import checkpoint, config, data, loop
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +60,9 @@ def _nonfinite_worker(rank, world, init_file, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     flag = torch.tensor(rank == 1)   # only rank 1 saw a NaN
     try:
-        common.check_finite(flag, 10, 5, SimpleNamespace(num_processes=world))
+        loop.check_finite(flag, 10, SimpleNamespace(num_processes=world))
         outcome = "went on"
-    except common.NonFiniteLossError:
+    except loop.NonFiniteLossError:
         outcome = "stopped"
     Path(out_dir, f"rank{rank}").write_text(outcome)
     torch.distributed.barrier()   # both ranks done before either tears gloo down
@@ -125,16 +125,16 @@ def test_garbage_rng_file_names_the_file(seq3, stopped_run, tmp_path):
 
 def test_plain_pickle_of_allowed_types_still_loads(tmp_path):
     """The allow-list is exactly the RNG state's numpy types: a real RNG state loads."""
-    state = common._rng_state({"g": torch.Generator().manual_seed(3)})
+    state = checkpoint._rng_state({"g": torch.Generator().manual_seed(3)})
     torch.save(state, tmp_path / "rng.pt")
-    loaded = common.load_trusted(tmp_path / "rng.pt", common.RNG_STATE_GLOBALS)
+    loaded = checkpoint.load_trusted(tmp_path / "rng.pt", checkpoint.RNG_STATE_GLOBALS)
     assert (loaded["numpy"][1] == state["numpy"][1]).all() and torch.equal(loaded["torch"], state["torch"])
-    with pytest.raises(common.CheckpointError, match="rng.pt: refused"):
-        common.load_trusted(tmp_path / "rng.pt")   # numpy arrays are not allowed by default
+    with pytest.raises(checkpoint.CheckpointError, match="rng.pt: refused"):
+        checkpoint.load_trusted(tmp_path / "rng.pt")   # numpy arrays are not allowed by default
     with open(tmp_path / "raw.pt", "wb") as f:
         pickle.dump(RunsCode(tmp_path / "x"), f)
-    with pytest.raises(common.CheckpointError, match="raw.pt: refused"):
-        common.load_trusted(tmp_path / "raw.pt", common.RNG_STATE_GLOBALS)
+    with pytest.raises(checkpoint.CheckpointError, match="raw.pt: refused"):
+        checkpoint.load_trusted(tmp_path / "raw.pt", checkpoint.RNG_STATE_GLOBALS)
     assert not (tmp_path / "x").exists()
 
 
@@ -206,10 +206,10 @@ def test_bad_numbers_are_refused_before_the_run_directory(seq3, tmp_path, flag, 
 def test_method_scripts_check_the_same_numbers():
     from train import cggm, gaal, igm
     for module in (gaal, igm, cggm):
-        with pytest.raises(common.ConfigError, match="lr=-1.0: must be > 0"):
-            common.load_config(module.DEFAULTS, ["--lr", "-1"], default_config=module.DEFAULT_CONFIG)
-    with pytest.raises(common.ConfigError, match="clf_lr=-1.0"):
-        common.load_config(cggm.DEFAULTS, ["--clf_lr", "-1"], default_config=cggm.DEFAULT_CONFIG)
+        with pytest.raises(config.ConfigError, match="lr=-1.0: must be > 0"):
+            config.load_config(module.DEFAULTS, ["--lr", "-1"], default_config=module.DEFAULT_CONFIG)
+    with pytest.raises(config.ConfigError, match="clf_lr=-1.0"):
+        config.load_config(cggm.DEFAULTS, ["--clf_lr", "-1"], default_config=cggm.DEFAULT_CONFIG)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,8 +251,8 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints(seq3, tmp_path):
 def test_ignore_stop_signals_in_a_worker():
     """What the DataLoader's worker_init_fn does, in a real child process."""
     code = ("import os, signal, sys; sys.path.insert(0, %r)\n"
-            "from train import common\n"
-            "common.ignore_stop_signals(0)\n"
+            "from train import data\n"
+            "data.ignore_stop_signals(0)\n"
             "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGUSR1)\n"
             "print('alive')\n") % str(REPO)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -1,5 +1,5 @@
 """CGGM's BraTS path: models/segmentation.py (shapes, detached light decoders, `out` layers,
-config errors) and train/common.py's segmentation loss / Dice metrics against hand computations.
+config errors) and the segmentation loss / Dice metrics (models/segmentation.py, train/metrics.py) against hand computations.
 CPU, tiny nets (32x32 slices, base width 4)."""
 import math
 
@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from methods.modulation import direction_loss
 from models.segmentation import SEG_DEFAULTS, BratsCGGMModel, check_seg_config
-from train import common
+from train import metrics
+from models import segmentation
 
 torch.set_num_threads(1)
 
@@ -82,7 +83,7 @@ def test_classifiers_never_send_gradient_to_encoders():
     data = batch()
     _, h = model.segment(data)                           # h NOT detached by the caller
     logits = model.classify(h)
-    loss = sum(common.task_loss("segmentation", v, data["label"]) for v in logits.values())
+    loss = sum(metrics.task_loss("segmentation", v, data["label"]) for v in logits.values())
     loss.backward()
     for p in list(model.encoders.parameters()) + list(model.head.parameters()):
         assert p.grad is None
@@ -92,7 +93,7 @@ def test_classifiers_never_send_gradient_to_encoders():
     # the fused loss reaches every encoder, and no classifier
     model.zero_grad(set_to_none=True)
     fused, _ = model.segment(data)
-    common.task_loss("segmentation", fused, data["label"]).backward()
+    metrics.task_loss("segmentation", fused, data["label"]).backward()
     for m in MODS:
         assert model.encoders[m].backbone.conv1.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.classifiers.parameters())
@@ -152,12 +153,12 @@ def test_segmentation_loss_uniform_logits_by_hand():
     # wCE: both pixels have nll log 4 -> weighted mean log 4 whatever the weights
     # pooled foreground Dice: inter = 1/4 (pixel 1, class 3), Σp = 2 * 3 * 1/4, Σt = 1
     expected = 0.5 * math.log(4) + 0.5 * (1 - (2 * 0.25) / (1.5 + 1 + 0.01))
-    assert common.segmentation_loss(logits, mask).item() == pytest.approx(expected, rel=1e-6)
+    assert segmentation.segmentation_loss(logits, mask).item() == pytest.approx(expected, rel=1e-6)
     # "mean" over all four classes: P_c = 1/2, T = (1, 0, 0, 1), I = (1/4, 0, 0, 1/4)
     d0 = (0.5 + 0.01) / (1.5 + 0.01)
     d1 = 0.01 / (0.5 + 0.01)
     expected_mean = 0.5 * math.log(4) + 0.5 * (1 - (2 * d0 + 2 * d1) / 4)
-    got = common.segmentation_loss(logits, mask, include_background=True, dice_reduction="mean")
+    got = segmentation.segmentation_loss(logits, mask, include_background=True, dice_reduction="mean")
     assert got.item() == pytest.approx(expected_mean, rel=1e-6)
 
 
@@ -182,22 +183,22 @@ def test_segmentation_loss_weighted_ce_and_dice_by_loops():
                     inter += p * float(y == c)
     wce = num / den
     dice = 2 * inter / (psum + tsum + 0.01)
-    got = common.segmentation_loss(logits, mask)
+    got = segmentation.segmentation_loss(logits, mask)
     assert got.item() == pytest.approx(0.5 * wce + 0.5 * (1 - dice), rel=1e-6)
     # the class weights matter (weighted mean, not plain mean)
-    plain = common.segmentation_loss(logits, mask, class_weights=None)
+    plain = segmentation.segmentation_loss(logits, mask, class_weights=None)
     assert abs(plain.item() - got.item()) > 1e-4
-    assert common.segmentation_loss(logits, mask, dice_weight=0.0).item() == \
+    assert segmentation.segmentation_loss(logits, mask, dice_weight=0.0).item() == \
         pytest.approx(wce, rel=1e-6)
 
 
 def test_segmentation_loss_errors():
     with pytest.raises(ValueError, match="class_weights"):
-        common.segmentation_loss(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+        segmentation.segmentation_loss(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="logits"):
-        common.segmentation_loss(torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 2, dtype=torch.long))
+        segmentation.segmentation_loss(torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="dice_reduction"):
-        common.segmentation_loss(torch.zeros(1, 4, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long),
+        segmentation.segmentation_loss(torch.zeros(1, 4, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long),
                                  dice_reduction="macro")
 
 
@@ -218,25 +219,25 @@ PER_SLICE = {"wt": [6 / 7, 1.0, 2 / 3], "tc": [4 / 6, 1.0, 0.0], "et": [2 / 3, 1
 
 
 def test_dice_scores_by_hand():
-    per = common.dice_scores(PRED, MASK.to(torch.uint8), reduction="none")
+    per = segmentation.dice_scores(PRED, MASK.to(torch.uint8), reduction="none")
     for k, v in PER_SLICE.items():
         assert per[k].dtype == torch.float64
         assert per[k].tolist() == pytest.approx(v, abs=1e-12)
-    mean = common.dice_scores(PRED, MASK)
-    summed = common.dice_scores(PRED, MASK, reduction="sum")
+    mean = segmentation.dice_scores(PRED, MASK)
+    summed = segmentation.dice_scores(PRED, MASK, reduction="sum")
     for k, v in PER_SLICE.items():
         assert mean[k].item() == pytest.approx(sum(v) / 3, abs=1e-12)
         assert summed[k].item() == pytest.approx(sum(v), abs=1e-12)
     # label 3 alone is ET; label 2 is neither TC nor ET
-    only_et = common.dice_scores(torch.tensor([[3]]), torch.tensor([[3]]))
-    only_ed = common.dice_scores(torch.tensor([[2]]), torch.tensor([[3]]))
+    only_et = segmentation.dice_scores(torch.tensor([[3]]), torch.tensor([[3]]))
+    only_ed = segmentation.dice_scores(torch.tensor([[2]]), torch.tensor([[3]]))
     assert [only_et[k].item() for k in ("wt", "tc", "et")] == [1.0, 1.0, 1.0]
     assert [only_ed[k].item() for k in ("wt", "tc", "et")] == [1.0, 0.0, 0.0]
 
 
 def test_dice_scores_released_eps_form():
     eps = 1e-3
-    got = common.dice_scores(PRED, MASK, eps=eps, reduction="none")
+    got = segmentation.dice_scores(PRED, MASK, eps=eps, reduction="none")
     sizes = {"wt": [(3, 4, 3), (0, 0, 0), (1, 2, 1)], "tc": [(3, 3, 2), (0, 0, 0), (1, 0, 0)],
              "et": [(1, 2, 1), (0, 0, 0), (1, 0, 0)]}
     for k, rows in sizes.items():
@@ -244,39 +245,39 @@ def test_dice_scores_released_eps_form():
         assert got[k].tolist() == pytest.approx(released, abs=1e-12)
         assert got[k][1].item() == 1.0                    # empty-empty is 1 there too
     with pytest.raises(ValueError, match="shape"):
-        common.dice_scores(PRED, MASK[:2])
+        segmentation.dice_scores(PRED, MASK[:2])
 
 
 def test_segmentation_metrics_and_task_dispatch():
     logits = 5.0 * F.one_hot(PRED, 4).permute(0, 3, 1, 2).float()
     mask = MASK.to(torch.uint8)
-    m = common.segmentation_metrics(logits, mask)
+    m = metrics.segmentation_metrics(logits, mask)
     expected = {f"dice_{k}": sum(v) / 3 for k, v in PER_SLICE.items()}
     expected["dice_mean"] = sum(expected.values()) / 3
     assert set(m) == set(expected) and all(isinstance(v, float) for v in m.values())
     for k, v in expected.items():
         assert m[k] == pytest.approx(v, abs=1e-12)
-    assert common.segmentation_metrics(PRED.to(torch.uint8), mask) == m    # labels accepted
-    assert common.task_metrics("segmentation", logits, mask) == m
+    assert metrics.segmentation_metrics(PRED.to(torch.uint8), mask) == m    # labels accepted
+    assert metrics.task_metrics("segmentation", logits, mask) == m
     with pytest.raises(ValueError, match="segmentation_metrics"):
-        common.segmentation_metrics(PRED.float(), mask)
+        metrics.segmentation_metrics(PRED.float(), mask)
     # task_loss dispatch; classification / regression unchanged
     g = torch.Generator().manual_seed(0)
     seg_logits = torch.randn(3, 4, 2, 3, generator=g)
-    assert torch.equal(common.task_loss("segmentation", seg_logits, mask),
-                       common.segmentation_loss(seg_logits, mask))
+    assert torch.equal(metrics.task_loss("segmentation", seg_logits, mask),
+                       segmentation.segmentation_loss(seg_logits, mask))
     cls_logits, labels = torch.randn(5, 3, generator=g), torch.tensor([0, 1, 2, 1, 0])
-    assert torch.equal(common.task_loss("classification", cls_logits, labels),
+    assert torch.equal(metrics.task_loss("classification", cls_logits, labels),
                        F.cross_entropy(cls_logits, labels))
     pred, target = torch.randn(5, 1, generator=g), torch.randn(5, generator=g)
-    assert torch.equal(common.task_loss("regression", pred, target),
+    assert torch.equal(metrics.task_loss("regression", pred, target),
                        F.l1_loss(pred.squeeze(-1), target))
-    assert common.task_metrics("classification", cls_logits, labels) == \
-        common.classification_metrics(cls_logits, labels)
+    assert metrics.task_metrics("classification", cls_logits, labels) == \
+        metrics.classification_metrics(cls_logits, labels)
 
 
 def test_cggm_interface_matches_segment():
-    """forward/fuse (what train/cggm.py and common.evaluate call) give the same prediction as segment."""
+    """forward/fuse (what train/cggm.py and metrics.evaluate call) give the same prediction as segment."""
     torch.manual_seed(0)
     model = BratsCGGMModel(brats_meta(), TINY).eval()
     data = batch()

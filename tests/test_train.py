@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_prep import embedded
-from train import common
+from train import checkpoint, distributed
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ_ENCODER = {"d_model": 16, "n_layers": 1, "n_heads": 2, "dropout": 0.1}
@@ -149,8 +149,8 @@ def test_ddp_two_ranks_match_one(seq3_data, tmp_path):
 GUARD_SCRIPT = """
 import sys; sys.path.insert(0, {repo!r})
 from accelerate import Accelerator
-from train import common
-common.check_world_size(Accelerator(cpu=False))
+from train import checkpoint, distributed
+distributed.check_world_size(Accelerator(cpu=False))
 """
 
 
@@ -197,14 +197,14 @@ import sys, itertools; sys.path.insert(0, {repo!r})
 from pathlib import Path
 import torch
 from accelerate import Accelerator
-from train import common
+from train import checkpoint, distributed
 acc = Accelerator(cpu=True)
 model = torch.nn.Linear(512, 512)
 opt = torch.optim.Adam(model.parameters())
 for step in itertools.count(1):
     with torch.no_grad():
         model.weight.fill_(step)
-    common.save_checkpoint(Path({run!r}), acc, {{"model": model, "optimizer": opt}}, {{"step": step}}, keep=2)
+    checkpoint.save_checkpoint(Path({run!r}), acc, {{"model": model, "optimizer": opt}}, {{"step": step}}, keep=2)
     print(step, flush=True)
 """
 
@@ -225,7 +225,7 @@ def test_checkpoint_survives_sigkill(tmp_path):
         proc.wait()
         model = torch.nn.Linear(512, 512)
         opt = torch.optim.Adam(model.parameters())
-        state = common.load_checkpoint(tmp_path / "run", acc, {"model": model, "optimizer": opt})
+        state = checkpoint.load_checkpoint(tmp_path / "run", acc, {"model": model, "optimizer": opt})
         assert torch.all(model.weight == state["step"])
 
 

@@ -37,26 +37,22 @@ without BatchNorm; the BraTS encoders have it).
 from __future__ import annotations
 
 import contextlib
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from methods import modulation  # noqa: E402
-from models.fusion import CGGMModel  # noqa: E402
-from models.segmentation import BratsCGGMModel  # noqa: E402
-from train import common  # noqa: E402
+from methods import modulation
+from models.fusion import CGGMModel
+from models.segmentation import BratsCGGMModel, dice_scores
+from train import loop, optim
+from train.config import ConfigError, check_choice
+from train.distributed import all_reduce_mean_
+from train.metrics import task_loss as compute_task_loss
 
 # ------------------------------------------------------------------------------------------------
-DEFAULTS = dict(
+DEFAULTS = loop.DEFAULTS | dict(   # + the loop's keys (data, optimiser, selection, ...): train/loop.py
     data="data/embedded_seq3",     # a shard directory; a missing embedded_<flavour> is generated
-    data_seed=0,
     modalities=[],                 # [] = all of the dataset's, in its order
-    encoders={},                   # per-modality encoder config (models.encoders.build_encoder)
     d_model=64,                    # width of every encoded modality and of the fusion transformer
     fusion={},                     # FusionTransformer options: n_layers (2), n_heads (4), dropout
     head_hidden=128,
@@ -64,8 +60,6 @@ DEFAULTS = dict(
     classifier={},                 # ModalityClassifier options: n_layers (1), n_heads (4), dropout
     segmentation={},               # segmentation task: models.segmentation.SEG_DEFAULTS keys
     out_dir="runs/cggm_seq3",
-    seed=0,
-    resume=False,
     variant="official",            # official | paper
     modulation=True,               # scale encoder-core gradients by rho * c_i (magnitude)
     direction=True,                # the direction loss L_gm
@@ -74,43 +68,27 @@ DEFAULTS = dict(
     coeff_clip=[],                 # [] = none (official) | [lo, hi]
     epochs=30,
     batch_size=64,
-    eval_batch_size=500,
-    num_workers=0,
     optimizer="adam",              # adam | adamw | sgd
     lr=1e-3,
     weight_decay=0.0,
-    momentum=0.9,
-    betas=[0.9, 0.999],
     clf_lr=5e-4,                   # the classifiers' optimiser (same type as the model's)
     clf_weight_decay=0.0,
-    scheduler="none",              # none | step | cosine | warmup_cosine | plateau (on the val loss)
-    step_size=10,
-    gamma=0.1,
-    plateau_patience=10,
-    warmup_epochs=10,              # warmup_cosine: warmup_start_lr -> lr, then cosine to min_lr
-    warmup_start_lr=4e-4,
+    warmup_start_lr=4e-4,          # scheduler warmup_cosine (CGGM's BraTS recipe)
     min_lr=1e-3,
     grad_clip=0.8,                 # clip_grad_norm_ of the model (not the classifiers); 0 = off
     mixed_precision="no",          # no | bf16
-    cpu=False,
-    log_every=25,
-    ckpt_every_steps=0,
-    keep_checkpoints=2,
-    preempt_check_every=1,
-    stop_after_steps=0,
-    progress=True,
 )
 DEFAULT_CONFIG = "train/configs/cggm_seq3.yaml"
 
 
 def check_config(cfg):
     for key, allowed in (("variant", ("official", "paper")), ("mixed_precision", ("no", "bf16"))):
-        common.check_choice(key, cfg[key], allowed)
+        check_choice(key, cfg[key], allowed)
     clip = cfg["coeff_clip"]
     if clip and (len(clip) != 2 or not all(isinstance(v, (int, float)) for v in clip) or clip[0] > clip[1]):
-        raise common.ConfigError(f"coeff_clip={clip}: [] or [lo, hi] with lo <= hi")
+        raise ConfigError(f"coeff_clip={clip}: [] or [lo, hi] with lo <= hi")
     if cfg["rho"] < 0 or cfg["lambda_gm"] < 0 or cfg["grad_clip"] < 0:
-        raise common.ConfigError("rho, lambda_gm and grad_clip must be >= 0")
+        raise ConfigError("rho, lambda_gm and grad_clip must be >= 0")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,7 +104,7 @@ def batch_metric_counts(task, logits, labels, zero_labels_count=True):
     if task == "classification":
         hits, count = (logits.argmax(-1) == labels).sum(), labels.shape[0]
     elif task == "segmentation":
-        dice = common.dice_scores(logits.argmax(1), labels, reduction="sum")
+        dice = dice_scores(logits.argmax(1), labels, reduction="sum")
         hits, count = (dice["wt"] + dice["tc"] + dice["et"]) / 3, labels.shape[0]
     else:
         pred, target = logits.reshape(-1), labels.reshape(-1)
@@ -161,8 +139,8 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
         out = model(batch)
         fused = model.fuse(out)
     fused = fused.float()
-    task_loss = common.task_loss(task, fused, labels)
-    clf_losses = [common.task_loss(task, out[m][1].float(), labels) for m in names]
+    task_loss = compute_task_loss(task, fused, labels)
+    clf_losses = [compute_task_loss(task, out[m][1].float(), labels) for m in names]
     optimizer.zero_grad(set_to_none=True)
     clf_optimizer.zero_grad(set_to_none=True)
 
@@ -186,7 +164,7 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
             lgm = modulation.direction_loss(c_prev, vec_f_prev, vecs_prev)
             loss = loss + cfg["lambda_gm"] * lgm
         (task_loss + sum(clf_losses)).backward()
-        common.all_reduce_mean_([p.grad for p in model_params + clf_params if p.grad is not None], world)
+        all_reduce_mean_([p.grad for p in model_params + clf_params if p.grad is not None], world)
         if cfg["direction"] and state["direction_prev"] is not None:
             # the previous step's L_gm, differentiated at its own values: only F.out.weight gets it
             vec = vec_f_prev.clone().requires_grad_(True)
@@ -197,7 +175,7 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
                                        [model.classifiers[m].out.weight.detach().reshape(-1).clone() for m in names])
     else:
         sum(clf_losses).backward()
-        common.all_reduce_mean_([p.grad for p in clf_params if p.grad is not None], world)
+        all_reduce_mean_([p.grad for p in clf_params if p.grad is not None], world)
         loss = task_loss
         if cfg["direction"]:
             vec_f = out_weight_grad(task_loss, model.head.out.weight, world).reshape(-1)
@@ -205,7 +183,7 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
             lgm = modulation.direction_loss((cfg["rho"] * coeffs).float(), vec_f, vecs)
             loss = loss + cfg["lambda_gm"] * lgm
         loss.backward()
-        common.all_reduce_mean_([p.grad for p in model_params if p.grad is not None], world)
+        all_reduce_mean_([p.grad for p in model_params if p.grad is not None], world)
     if cfg["modulation"]:
         for i, m in enumerate(names):
             scale = (cfg["rho"] * coeffs[i]).float()
@@ -235,109 +213,44 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
 
 
 # ------------------------------------------------------------------------------------------------
-def main(cfg: dict) -> dict:
-    check_config(cfg)
-    accelerator = common.setup_accelerator(cfg)
-    common.refuse_deepspeed(accelerator, "CGGM", "it scales each encoder core's reduced gradient by rho*c_i, adds the L_gm gradient and clips the global norm")
-    preemption = common.Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
-    meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
-    task = meta["task"]
-    if task not in ("classification", "regression", "segmentation"):
-        raise common.ConfigError(f"{cfg['data']}: task '{task}' is not supported by CGGM")
-    names = cfg["modalities"] or list(meta["modalities"])
-    if len(names) < 2 or any(m not in meta["modalities"] for m in names):
-        raise common.ConfigError(f"modalities={names}: CGGM needs two or more of {list(meta['modalities'])}")
-    select_key = {"classification": "acc", "regression": "mae", "segmentation": "dice_mean"}[task]
-    better = (lambda a, b: a < b) if task == "regression" else (lambda a, b: a > b)
-    run_dir, writer = common.setup_run_dir(cfg, accelerator)
-    device, world = accelerator.device, accelerator.num_processes
+# The method on the shared loop
 
-    # data ----------------------------------------------------------------------------------------
-    train_loader, train_sampler = common.make_loader(cfg, meta, "train", accelerator, names, train=True)
-    val_loader, _ = common.make_loader(cfg, meta, "val", accelerator, names)
-    test_loader, _ = common.make_loader(cfg, meta, "test", accelerator, names)
-    if len(train_sampler) == 0:
-        raise common.ConfigError(f"batch_size={cfg['batch_size']} exceeds the training split of {cfg['data']}")
-
-    # model, two optimisers ----------------------------------------------------------------------
+def build(cfg: dict, ctx: loop.Context) -> loop.Setup:
+    """The CGGM model (BraTS: the DeepLabv3+ one), the model's optimiser and the classifiers' own,
+    and CGGM's state: the previous step's classifier metrics and direction terms."""
+    names, meta = ctx.modalities, ctx.meta
     try:
-        if task == "segmentation":
+        if ctx.task == "segmentation":
             model = BratsCGGMModel({**meta, "modalities": {m: meta["modalities"][m] for m in names}},
-                                   cfg["segmentation"]).to(device)
+                                   cfg["segmentation"])
         else:
             model = CGGMModel(meta, cfg["encoders"], names, cfg["d_model"], cfg["fusion"], cfg["head_hidden"],
-                              cfg["head_dropout"], cfg["classifier"]).to(device)
+                              cfg["head_dropout"], cfg["classifier"])
     except (ValueError, TypeError) as err:
-        raise common.ConfigError(f"model: {err}") from None
-    optimizer = common.build_optimizer(cfg, model.model_parameters())
-    clf_optimizer = common.build_optimizer(dict(cfg, lr=cfg["clf_lr"], weight_decay=cfg["clf_weight_decay"]),
-                                           model.classifiers.parameters())
-    scheduler = common.build_scheduler(cfg, optimizer)
+        raise ConfigError(f"model: {err}") from None
+    model = model.to(ctx.device)
+    optimizer = optim.build_optimizer(cfg, model.model_parameters())
+    clf_optimizer = optim.build_optimizer(dict(cfg, lr=cfg["clf_lr"], weight_decay=cfg["clf_weight_decay"]),
+                                          model.classifiers.parameters())
+    state = dict(metric_prev=torch.zeros(len(names), dtype=torch.float64, device=ctx.device), direction_prev=None)
+    return loop.Setup(model, optimizer, optim.build_scheduler(cfg, optimizer), state=state,
+                      objects={"clf_optimizer": clf_optimizer},
+                      result=dict(variant=cfg["variant"], modulation=cfg["modulation"], direction=cfg["direction"],
+                                  rho=cfg["rho"], lambda_gm=cfg["lambda_gm"], coeff_clip=cfg["coeff_clip"]))
 
-    state = dict(epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1,
-                 metric_prev=torch.zeros(len(names), dtype=torch.float64, device=device), direction_prev=None)
-    checkpointed = {"model": model, "optimizer": optimizer, "clf_optimizer": clf_optimizer, "scheduler": scheduler}
-    if cfg["resume"]:
-        state = common.load_checkpoint(run_dir, accelerator, checkpointed, cfg=cfg)
-        state["metric_prev"] = state["metric_prev"].to(device)
-        if state["direction_prev"] is not None:
-            c, vf, vecs = state["direction_prev"]
-            state["direction_prev"] = (c.to(device), vf.to(device), [v.to(device) for v in vecs])
-        accelerator.print(f"[resume] from step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
 
-    # loop ----------------------------------------------------------------------------------------
-    window, nonfinite = {}, torch.zeros((), dtype=torch.bool, device=device)
-    model.train()
-    while state["epoch"] < cfg["epochs"]:
-        train_sampler.set_epoch(state["epoch"], start_batch=state["batch_in_epoch"])
-        bar = tqdm(train_loader, total=len(train_sampler), desc=f"epoch {state['epoch']}", leave=False,
-                   disable=not (cfg["progress"] and accelerator.is_main_process))
-        for batch in bar:
-            batch = common.to_device(batch, device)
-            stats = cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world, accelerator.autocast)
-            for key, value in stats.items():   # summed on the device, averaged at log time
-                window[key] = window.get(key, 0) + value
-            nonfinite |= ~torch.isfinite(stats["train/loss"])
-            state["step"] += 1
-            state["batch_in_epoch"] += 1
-            if state["step"] % cfg["log_every"] == 0:
-                common.check_finite(nonfinite, state["step"], cfg["log_every"], accelerator)
-                scalars = {k: v / cfg["log_every"] for k, v in window.items()}   # identical on every rank
-                scalars["train/lr"] = optimizer.param_groups[0]["lr"]
-                common.log_scalars(writer, scalars, state["step"])
-                window = {}
-                if accelerator.is_main_process:
-                    bar.set_postfix(loss=f"{float(scalars['train/loss']):.3f}")
-            if common.checkpoint_at_step_boundary(cfg, state, preemption, nonfinite, run_dir, accelerator, checkpointed):
-                return {"stopped_at_step": state["step"], "run_dir": str(run_dir)}
-        bar.close()
+def step(setup: loop.Setup, batch: dict, ctx: loop.Context) -> dict:
+    return cggm_step(setup.model, batch, setup.optimizer, setup.objects["clf_optimizer"], setup.state, ctx.cfg,
+                     ctx.task, ctx.world, ctx.autocast)
 
-        common.check_finite(nonfinite, state["step"], cfg["log_every"], accelerator)
-        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-        if not plateau:
-            scheduler.step()
-        state["epoch"] += 1
-        state["batch_in_epoch"] = 0
-        val = common.evaluate(model, val_loader, accelerator, task, model.fuse)
-        if plateau:
-            scheduler.step(val["fused"]["loss"])
-        common.log_scalars(writer, {f"val_{k}/{name}": v for k, mets in val.items() for name, v in mets.items()},
-                           state["step"])
-        common.append_jsonl(run_dir, {"epoch": state["epoch"], "step": state["step"], "val": val}, accelerator)
-        score = val["fused"][select_key]
-        if state["best"] is None or better(score, state["best"]):
-            state["best"], state["best_epoch"] = score, state["epoch"]
-            if accelerator.is_main_process:
-                common.save_model_atomic(model, run_dir / "best.pt")
-        accelerator.print(f"epoch {state['epoch']}: val " + "  ".join(f"{k} {v[select_key]:.4f}" for k, v in val.items()))
-        common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"])
 
-    # test with the model selected on validation ----------------------------------------------------
-    return common.test_best_model(model, run_dir, accelerator, task, model.fuse,
-                                  {"val": val_loader, "test": test_loader}, meta, state, writer, select_key,
-                                  variant=cfg["variant"], modulation=cfg["modulation"], direction=cfg["direction"],
-                                  rho=cfg["rho"], lambda_gm=cfg["lambda_gm"], coeff_clip=cfg["coeff_clip"])
+def main(cfg: dict) -> dict:
+    check_config(cfg)
+    return loop.train(cfg, method="CGGM", build=build, step=step, min_modalities=2,
+                      tasks=("classification", "regression", "segmentation"),
+                      deepspeed="it scales each encoder core's reduced gradient by rho*c_i, adds the L_gm "
+                                "gradient and clips the global norm")
 
 
 if __name__ == "__main__":
-    common.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)
+    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)

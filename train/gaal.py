@@ -25,32 +25,25 @@ count), and the surgery acts on the reduced head gradient, so N ranks x B/N = 1 
 from __future__ import annotations
 
 import contextlib
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from methods import surgery  # noqa: E402
-from models.augment import build_augment  # noqa: E402
-from models.fusion import SharedHeadModel  # noqa: E402
-from train import common  # noqa: E402
+from methods import surgery
+from models.augment import build_augment
+from models.fusion import SharedHeadModel
+from train import loop, optim
+from train.config import ConfigError, check_choice
+from train.distributed import all_reduce_mean_
 
 # ------------------------------------------------------------------------------------------------
-DEFAULTS = dict(
+DEFAULTS = loop.DEFAULTS | dict(   # + the loop's keys (data, optimiser, selection, ...): train/loop.py
     data="data/embedded_imgtab",   # a shard directory; a missing embedded_<flavour> is generated
-    data_seed=0,
     modalities=[],                 # the two modalities in update order ([] = the dataset's order)
-    encoders={},                   # per-modality encoder config (models.encoders.build_encoder)
     augment={},                    # on-device augmentation of the image modality ({} = none;
                                    # keys: models.augment.AUGMENT_DEFAULTS, e.g. {p: 0.95} for DVM's recipe)
     out_dir="runs/gaal_imgtab",
-    seed=0,
-    resume=False,
     variant="official",            # official | paper
     surgery=True,                  # cross-modal gradient surgery on the head gradient (paper: CGS)
     guidance="hard",               # hard | full: reference from the hard samples or the whole batch (UGG)
@@ -61,24 +54,14 @@ DEFAULTS = dict(
     patience=10,                   # early stopping on fused validation accuracy
     min_delta=2e-4,
     batch_size=256,
-    eval_batch_size=500,
-    num_workers=0,
     optimizer="adam",
     lr=1e-3,
     weight_decay=1e-4,             # coupled L2 (torch Adam), as the released code
-    momentum=0.9,
     scheduler="step",              # StepLR(10, 0.1) per epoch
     step_size=10,
     gamma=0.1,
     mixed_precision="no",          # no | bf16
     channels_last=False,           # CNN weights (and so their activations) in NHWC: faster convolutions under bf16 on GPUs
-    cpu=False,
-    log_every=25,
-    ckpt_every_steps=0,
-    keep_checkpoints=2,
-    preempt_check_every=1,         # steps between checks for SIGTERM/SIGUSR1 across ranks
-    stop_after_steps=0,
-    progress=True,
 )
 DEFAULT_CONFIG = "train/configs/gaal_imgtab.yaml"
 
@@ -86,14 +69,11 @@ DEFAULT_CONFIG = "train/configs/gaal_imgtab.yaml"
 def check_config(cfg):
     for key, allowed in (("variant", ("official", "paper")), ("guidance", ("hard", "full")),
                          ("mixed_precision", ("no", "bf16"))):
-        if cfg[key] not in allowed:
-            raise common.ConfigError(f"{key}='{cfg[key]}': choose {' or '.join(allowed)}"
-                                     + (" (fp16 needs a loss scaler, which the two-update step does not use)"
-                                        if key == "mixed_precision" else ""))
+        check_choice(key, cfg[key], allowed)   # bf16 only: fp16 needs a loss scaler the two-update step lacks
     if not 0 < cfg["topk_frac"] <= 1:
-        raise common.ConfigError(f"topk_frac={cfg['topk_frac']}: must be in (0, 1]")
+        raise ConfigError(f"topk_frac={cfg['topk_frac']}: must be in (0, 1]")
     if cfg["margin"] < 0 or cfg["qp_eps"] < 0:
-        raise common.ConfigError("margin and qp_eps must be >= 0")
+        raise ConfigError("margin and qp_eps must be >= 0")
 
 
 def reference_gradient(encoder, head, x_other, labels, cfg, world, rank, autocast):
@@ -152,7 +132,7 @@ def gaal_step(encoders, head, optimizer, batch, order, cfg, world=1, rank=0, aut
         optimizer.zero_grad(set_to_none=not official)   # official: zeros -> the inactive encoder is stepped
         loss.backward()
         active = [p for p in list(encoders[m].parameters()) + [head.weight, head.bias] if p.grad is not None]
-        common.all_reduce_mean_([p.grad for p in active], world)
+        all_reduce_mean_([p.grad for p in active], world)
         g = surgery.flatten_head_grad(head.weight.grad, head.bias.grad)
         result = surgery.project_conflicting_with_stats(g, g_ref, cfg["margin"], cfg["qp_eps"])
         if cfg["surgery"]:
@@ -166,110 +146,41 @@ def gaal_step(encoders, head, optimizer, batch, order, cfg, world=1, rank=0, aut
     return stats
 
 
-def main(cfg: dict) -> dict:
-    check_config(cfg)
-    accelerator = common.setup_accelerator(cfg)
-    common.refuse_deepspeed(accelerator, "GAAL", "its gradient surgery edits the shared head's reduced gradient against the other modality's reference gradient")
-    preemption = common.Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
-    meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
-    if meta["task"] != "classification":
-        raise common.ConfigError(f"{cfg['data']}: GAAL is a classification method (task is {meta['task']})")
-    order = cfg["modalities"] or list(meta["modalities"])
-    if len(order) != 2 or any(m not in meta["modalities"] for m in order):
-        raise common.ConfigError(f"modalities={order}: GAAL needs exactly two of {list(meta['modalities'])}")
-    run_dir, writer = common.setup_run_dir(cfg, accelerator)
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    official = cfg["variant"] == "official"
-
-    # data ----------------------------------------------------------------------------------------
-    train_loader, train_sampler = common.make_loader(cfg, meta, "train", accelerator, order, train=True)
-    val_loader, _ = common.make_loader(cfg, meta, "val", accelerator, order)
-    test_loader, _ = common.make_loader(cfg, meta, "test", accelerator, order)
-    if len(train_sampler) == 0:
-        raise common.ConfigError(f"batch_size={cfg['batch_size']} exceeds the training split of {cfg['data']}")
-
-    # model, optimiser (one optimiser over everything, as the released code) -----------------------
-    model = SharedHeadModel(meta, cfg["encoders"], order).to(device)
+def build(cfg: dict, ctx: loop.Context) -> loop.Setup:
+    """The shared-head model (one optimiser over everything, as the released code) and the per-rank
+    augmentation stream of the image modality (checkpointed with the rank's RNG states)."""
+    model = SharedHeadModel(ctx.meta, cfg["encoders"], ctx.modalities).to(ctx.device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    encoders, head = model.encoders, model.head
-    optimizer = common.build_optimizer(cfg, model.parameters())
-    scheduler = common.build_scheduler(cfg, optimizer)
-    images = [m for m in order if meta["modalities"][m]["kind"] == "image"]
+    optimizer = optim.build_optimizer(cfg, model.parameters())
+    images = [m for m in ctx.modalities if ctx.meta["modalities"][m]["kind"] == "image"]
     if cfg["augment"] and not images:
-        raise common.ConfigError(f"augment: {cfg['data']} has no modality of kind image to augment")
-    try:   # per-rank stream, checkpointed with the rank's RNG states so that resume stays exact
-        augment = build_augment(cfg["augment"] or None, generator=torch.Generator(device).manual_seed(cfg["seed"] + rank))
+        raise ConfigError(f"augment: {cfg['data']} has no modality of kind image to augment")
+    try:
+        augment = build_augment(cfg["augment"] or None,
+                                generator=torch.Generator(ctx.device).manual_seed(cfg["seed"] + ctx.rank))
     except (ValueError, TypeError) as err:
-        raise common.ConfigError(f"augment: {err}") from None
-    generators = {"augment": augment.generator}
+        raise ConfigError(f"augment: {err}") from None
+    return loop.Setup(model, optimizer, optim.build_scheduler(cfg, optimizer), fuse=SharedHeadModel.fuse,
+                      generators={"augment": augment.generator}, parts=dict(augment=augment, images=images),
+                      result=dict(variant=cfg["variant"], surgery=cfg["surgery"], guidance=cfg["guidance"]))
 
-    state = dict(epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1, bad_epochs=0, stopped_early=False)
-    checkpointed = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    if cfg["resume"]:
-        state = common.load_checkpoint(run_dir, accelerator, checkpointed, generators, cfg=cfg)
-        accelerator.print(f"[resume] from step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
 
-    # loop ----------------------------------------------------------------------------------------
-    window = {f"{m}/{k}": torch.zeros((), device=device) for m in order
-              for k in ("loss", "acc", "conflict", "v", "cos_before", "cos_after")}
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    model.train()
-    while state["epoch"] < cfg["epochs"] and not state["stopped_early"]:
-        train_sampler.set_epoch(state["epoch"], start_batch=state["batch_in_epoch"])
-        bar = tqdm(train_loader, total=len(train_sampler), desc=f"epoch {state['epoch']}", leave=False,
-                   disable=not (cfg["progress"] and accelerator.is_main_process))
-        for batch in bar:
-            batch = common.to_device(batch, device)
-            for m in images:
-                batch[m] = augment(batch[m])
-            stats = gaal_step(encoders, head, optimizer, batch, order, cfg, world, rank, accelerator.autocast)
-            for key, value in stats.items():   # summed on the device, averaged at log time
-                window[key] += value
-            nonfinite |= ~torch.isfinite(stats[f"{order[0]}/loss"] + stats[f"{order[1]}/loss"])
+def step(setup: loop.Setup, batch: dict, ctx: loop.Context) -> dict:
+    augment = setup.parts["augment"]
+    for m in setup.parts["images"]:
+        batch[m] = augment(batch[m])
+    model = setup.model
+    return gaal_step(model.encoders, model.head, setup.optimizer, batch, ctx.modalities, ctx.cfg, ctx.world,
+                     ctx.rank, ctx.autocast)
 
-            state["step"] += 1
-            state["batch_in_epoch"] += 1
-            if state["step"] % cfg["log_every"] == 0:
-                common.check_finite(nonfinite, state["step"], cfg["log_every"], accelerator)
-                scalars = {k: accelerator.reduce(v / cfg["log_every"], "mean") for k, v in window.items()}
-                scalars["train/lr"] = optimizer.param_groups[0]["lr"]
-                common.log_scalars(writer, scalars, state["step"])
-                for v in window.values():
-                    v.zero_()
-                if accelerator.is_main_process:
-                    bar.set_postfix({m: f"{float(scalars[f'{m}/loss']):.3f}" for m in order})
-            if common.checkpoint_at_step_boundary(cfg, state, preemption, nonfinite, run_dir, accelerator,
-                                                  checkpointed, generators):
-                return {"stopped_at_step": state["step"], "run_dir": str(run_dir)}
-        bar.close()
 
-        # end of epoch: validate (fused = mean of the two heads' logits), early stopping, checkpoint
-        common.check_finite(nonfinite, state["step"], cfg["log_every"], accelerator)
-        scheduler.step()
-        state["epoch"] += 1
-        state["batch_in_epoch"] = 0
-        val = common.evaluate(model, val_loader, accelerator, "classification", SharedHeadModel.fuse)
-        common.log_scalars(writer, {f"val_{k}/{name}": v for k, mets in val.items() for name, v in mets.items()},
-                           state["step"])
-        common.append_jsonl(run_dir, {"epoch": state["epoch"], "step": state["step"], "val": val}, accelerator)
-        score = val["fused"]["acc"]
-        if state["best"] is None or score > state["best"] + cfg["min_delta"]:
-            state["best"], state["best_epoch"], state["bad_epochs"] = score, state["epoch"], 0
-            if accelerator.is_main_process:
-                common.save_model_atomic(model, run_dir / "best.pt")
-        else:
-            state["bad_epochs"] += 1
-            state["stopped_early"] = state["bad_epochs"] >= cfg["patience"]
-        accelerator.print(f"epoch {state['epoch']}: val " + "  ".join(f"{k} {v['acc']:.4f}" for k, v in val.items())
-                          + ("  [early stop]" if state["stopped_early"] else ""))
-        common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"], generators)
-
-    # test with the model selected on validation ----------------------------------------------------
-    return common.test_best_model(model, run_dir, accelerator, "classification", SharedHeadModel.fuse,
-                                  {"val": val_loader, "test": test_loader}, meta, state, writer,
-                                  variant=cfg["variant"], surgery=cfg["surgery"], guidance=cfg["guidance"])
+def main(cfg: dict) -> dict:
+    check_config(cfg)
+    return loop.train(cfg, method="GAAL", build=build, step=step, min_modalities=2, max_modalities=2,
+                      deepspeed="its gradient surgery edits the shared head's reduced gradient against the "
+                                "other modality's reference gradient")
 
 
 if __name__ == "__main__":
-    common.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)
+    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)

@@ -48,34 +48,28 @@ the stage before it.
 from __future__ import annotations
 
 import contextlib
-import sys
-import warnings
-from pathlib import Path
+import itertools
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from methods import flat_sam  # noqa: E402
-from models.fusion import IGMModel  # noqa: E402
-from train import common  # noqa: E402
+from methods import flat_sam
+from models.fusion import IGMModel
+from train import loop, optim
+from train.checkpoint import load_trusted
+from train.config import ConfigError, check_choice
+from train.distributed import all_reduce_mean_
 
 # ------------------------------------------------------------------------------------------------
-DEFAULTS = dict(
+DEFAULTS = loop.DEFAULTS | dict(   # + the loop's keys (data, optimiser, selection, ...): train/loop.py
     data="data/embedded_av",       # a shard directory; a missing embedded_<flavour> is generated
-    data_seed=0,
     modalities=[],                 # stage / alternation order ([] = the dataset's order)
-    encoders={},                   # per-modality encoder config (models.encoders.build_encoder)
     head_hidden=[256, 64],         # H_j = Linear(D,256) -> ReLU -> Linear(256,64) -> Linear(64,C)
     out_dir="runs/igm_av",
-    seed=0,
-    resume=False,
     variant="official",            # official | paper
     stage_epochs=[25, 50, 25, 50, 25, 50, 25, 50, 25, 50, 25, 50],   # official: epochs per stage
-    epochs=100,                    # paper: total epochs
+    epochs=100,                    # paper: total epochs (official: the sum of stage_epochs)
     projection=True,               # flat gradient projection T
     tau=0.4,
     project_layers=[0, 1, 2],      # which of the head's three Linear layers are projected
@@ -91,13 +85,10 @@ DEFAULTS = dict(
     select_on="fused",             # best model and stage restarts by: fused (released) | modality_mean
     select_metric="acc",           # ... on validation acc | macro_f1 (released: macro_f1; Twitter acc)
     batch_size=64,
-    eval_batch_size=500,
-    num_workers=0,
     optimizer="sgd",
     lr=1e-2,
     weight_decay=1e-4,
     momentum=0.9,
-    betas=[0.9, 0.999],            # adam/adamw; the released image-text recipe uses [0.9, 0.99]
     scheduler="step",              # StepLR(40, 0.1); official: stepped before each epoch of a stage
     step_size=40,
     gamma=0.1,
@@ -106,13 +97,6 @@ DEFAULTS = dict(
     min_lr=0.0,                    # image-text warm-up (a stage's first epoch at 2/3 lr, then lr)
     mixed_precision="no",          # no | bf16
     channels_last=False,           # CNN weights (and so their activations) in NHWC: faster convolutions under bf16 on GPUs
-    cpu=False,
-    log_every=25,
-    ckpt_every_steps=0,
-    keep_checkpoints=2,
-    preempt_check_every=1,
-    stop_after_steps=0,
-    progress=True,
 )
 DEFAULT_CONFIG = "train/configs/igm_av.yaml"
 REWEIGHTED_MAX_RHO = 1e-8   # above this the released move is visible in float32: use sam_impl exact
@@ -120,24 +104,23 @@ REWEIGHTED_MAX_RHO = 1e-8   # above this the released move is visible in float32
 
 def check_config(cfg):
     for key, allowed in (("variant", ("official", "paper")), ("sam_impl", ("reweighted", "exact")),
-                         ("fusion", ("mean", "entropy")), ("mixed_precision", ("no", "bf16")),
-                         ("select_on", common.SELECT_ON), ("select_metric", common.SELECT_METRIC)):
-        common.check_choice(key, cfg[key], allowed)
+                         ("fusion", ("mean", "entropy")), ("mixed_precision", ("no", "bf16"))):
+        check_choice(key, cfg[key], allowed)
     if cfg["variant"] == "official" and (not cfg["stage_epochs"] or any(
             not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in cfg["stage_epochs"])):
-        raise common.ConfigError(f"stage_epochs={cfg['stage_epochs']}: a non-empty list of positive integers")
+        raise ConfigError(f"stage_epochs={cfg['stage_epochs']}: a non-empty list of positive integers")
     if not set(cfg["project_layers"]) <= {0, 1, 2} or not cfg["project_layers"] and cfg["projection"]:
-        raise common.ConfigError(f"project_layers={cfg['project_layers']}: a non-empty subset of [0, 1, 2]")
+        raise ConfigError(f"project_layers={cfg['project_layers']}: a non-empty subset of [0, 1, 2]")
     if cfg["tau"] <= 0 or cfg["rho"] < 0 or not 0 <= cfg["sam_weight"] <= 1 or not 0 <= cfg["moment_decay"] < 1:
-        raise common.ConfigError("need tau > 0, rho >= 0, 0 <= sam_weight <= 1, 0 <= moment_decay < 1")
+        raise ConfigError("need tau > 0, rho >= 0, 0 <= sam_weight <= 1, 0 <= moment_decay < 1")
     if cfg["refresh_every"] < 1 or len(cfg["head_hidden"]) != 2:
-        raise common.ConfigError("need refresh_every >= 1 and head_hidden = [h0, h1]")
+        raise ConfigError("need refresh_every >= 1 and head_hidden = [h0, h1]")
     if cfg["variant"] == "official" and cfg["sam"] and cfg["sam_impl"] == "reweighted" and cfg["rho"] > REWEIGHTED_MAX_RHO:
-        raise common.ConfigError(f"rho={cfg['rho']}: the released SAM move is visible in float32 above "
+        raise ConfigError(f"rho={cfg['rho']}: the released SAM move is visible in float32 above "
                                  f"{REWEIGHTED_MAX_RHO}; set sam_impl: exact (two backwards) for it")
     for m, a in {"": cfg["mixup_alpha"], **cfg["mixup_alpha_by_modality"]}.items():
         if not isinstance(a, (int, float)) or a < 0:
-            raise common.ConfigError(f"mixup_alpha{'_by_modality.' + m if m else ''}={a}: must be a number >= 0")
+            raise ConfigError(f"mixup_alpha{'_by_modality.' + m if m else ''}={a}: must be a number >= 0")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,7 +250,7 @@ def igm_step(model, m, batch, optimizer, projections, cfg, world=1, autocast=con
         return flat_sam.mixup_cross_entropy(logits, y, perm, lam)
 
     def reduce_grads():
-        common.all_reduce_mean_([p.grad for p in params if p.grad is not None], world)
+        all_reduce_mean_([p.grad for p in params if p.grad is not None], world)
 
     optimizer.zero_grad(set_to_none=True)
     if cfg["variant"] == "official":
@@ -350,191 +333,132 @@ def projection_scalars(active, previous, Y, tau):
 
 
 # ------------------------------------------------------------------------------------------------
-def main(cfg: dict) -> dict:
-    check_config(cfg)
-    accelerator = common.setup_accelerator(cfg)
-    common.refuse_deepspeed(accelerator, "IGM", "it multiplies the head weight gradients by the flat projection T (paper variant: SAM re-evaluates at a perturbed point)")
-    preemption = common.Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
-    meta = common.prepare_data(cfg, accelerator)            # validates every shard before any compute
-    if meta["task"] != "classification":
-        raise common.ConfigError(f"{cfg['data']}: IGM is a classification method (task is {meta['task']})")
-    order = cfg["modalities"] or list(meta["modalities"])
-    if len(order) < 2 or any(m not in meta["modalities"] for m in order) or len(set(order)) != len(order):
-        raise common.ConfigError(f"modalities={order}: IGM needs two or more distinct modalities of "
-                                 f"{list(meta['modalities'])}")
+# The method on the shared loop: build, step, hooks
+
+def stage_modalities(cfg, modalities):
+    """Official: the modality of each stage, in turn (stage s trains modalities[s % m])."""
+    return [modalities[s % len(modalities)] for s in range(len(cfg["stage_epochs"]))]
+
+
+def build(cfg: dict, ctx: loop.Context) -> loop.Setup:
+    """Per-modality encoders and heads, one optimiser over every parameter (the inactive modality
+    has no gradient, so no update), and IGM's state: the stage, T per modality, the paper
+    variant's moments Y, and the summed head gradients of this stage and the one before."""
+    order = ctx.modalities
     unknown = set(cfg["mixup_alpha_by_modality"]) - set(order)
     if unknown:
-        raise common.ConfigError(f"mixup_alpha_by_modality: no modality {sorted(unknown)} in {order}")
-    run_dir, writer = common.setup_run_dir(cfg, accelerator)
-    device, world = accelerator.device, accelerator.num_processes
-    official = cfg["variant"] == "official"
-    fuse = IGMModel.fuse if cfg["fusion"] == "mean" else IGMModel.fuse_entropy
-
-    # data ----------------------------------------------------------------------------------------
-    train_loader, train_sampler = common.make_loader(cfg, meta, "train", accelerator, order, train=True)
-    val_loader, _ = common.make_loader(cfg, meta, "val", accelerator, order)
-    test_loader, _ = common.make_loader(cfg, meta, "test", accelerator, order)
-    if len(train_sampler) == 0:
-        raise common.ConfigError(f"batch_size={cfg['batch_size']} exceeds the training split of {cfg['data']}")
-
-    # model, optimiser (over every parameter: the inactive modality has no gradient, so no update) ---
-    model = IGMModel(meta, cfg["encoders"], order, tuple(cfg["head_hidden"])).to(device)
+        raise ConfigError(f"mixup_alpha_by_modality: no modality {sorted(unknown)} in {order}")
+    model = IGMModel(ctx.meta, cfg["encoders"], order, tuple(cfg["head_hidden"])).to(ctx.device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = common.build_optimizer(cfg, model.parameters())
-    scheduler = common.build_scheduler(cfg, optimizer)
-    stages = ([order[s % len(order)] for s in range(len(cfg["stage_epochs"]))] if official else [None])
-    stage_len = cfg["stage_epochs"] if official else [cfg["epochs"]]
+    optimizer = optim.build_optimizer(cfg, model.parameters())
+    official = cfg["variant"] == "official"
+    state = dict(stage=0, T={m: {} for m in order}, Y={m: {} for m in order}, stage_grad=None, prev_stage_grad=None)
+    stages = stage_modalities(cfg, order)
 
-    # trainer state: position, model selection, IGM's state (T per modality, paper: moments Y)
-    state = dict(stage=0, epoch_in_stage=0, epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1,
-                 T={m: {} for m in order}, Y={m: {} for m in order}, stage_grad=None, prev_stage_grad=None)
-    checkpointed = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    if cfg["resume"]:
-        state = common.load_checkpoint(run_dir, accelerator, checkpointed, cfg=cfg)
-        state["T"] = {m: {i: t.to(device) for i, t in d.items()} for m, d in state["T"].items()}
-        state["Y"] = {m: {i: y.to(device) for i, y in d.items()} for m, d in state["Y"].items()}
-        for key in ("stage_grad", "prev_stage_grad"):
-            state[key] = None if state[key] is None else state[key].to(device)
-        accelerator.print(f"[resume] from step {state['step']} (stage {state['stage']}, epoch {state['epoch']}, "
-                          f"batch {state['batch_in_epoch']})")
+    def describe():
+        return f"stage {state['stage'] + 1}/{len(stages)} ({stages[min(state['stage'], len(stages) - 1)]})"
 
-    def start_stage(s):
-        """Official: restart from the best checkpoint, fresh optimiser and scheduler, T from the
-        previous stage's modality. Mutates the optimiser/scheduler in place (checkpointed objects)."""
-        nonlocal optimizer, scheduler
-        # every rank reaches the barrier (the main process may still be writing best.pt when another
-        # rank looks for it), then all read the same file; loaded onto the CPU and copied into the
-        # model: map_location=device fails for a "cpu:0" device (2 CPU processes)
-        accelerator.wait_for_everyone()
-        if (run_dir / "best.pt").exists():
-            model.load_state_dict(common.load_trusted(run_dir / "best.pt"))
-        optimizer = common.build_optimizer(cfg, model.parameters())
-        scheduler = common.build_scheduler(cfg, optimizer)
-        checkpointed.update(optimizer=optimizer, scheduler=scheduler)
-        active, previous = stages[s], stages[s - 1]
-        state["T"] = {m: {} for m in order}
-        if cfg["projection"] and s > 0 and active != previous:
-            layers = paired_layers(model, active, previous, cfg["project_layers"])
-            train_sampler.set_epoch(state["epoch"])
-            Y = moments_from_loader(model, previous, layers, train_loader, device, world, accelerator.autocast)
-            state["T"][active] = projections_from_moments(Y, cfg["tau"])
-            common.log_scalars(writer, projection_scalars(active, previous, Y, cfg["tau"]), state["step"])
-        state["prev_stage_grad"], state["stage_grad"] = state["stage_grad"], None
-        accelerator.print(f"stage {s}: {active} for {stage_len[s]} epochs"
-                          + (f", T from {previous} on layers {sorted(state['T'][active])}" if state["T"][active] else ""))
+    if official and not cfg["resume"]:
+        ctx.print(f"stage 0: {stages[0]} for {cfg['stage_epochs'][0]} epochs")
+    return loop.Setup(model, optimizer, optim.build_scheduler(cfg, optimizer),
+                      fuse=IGMModel.fuse if cfg["fusion"] == "mean" else IGMModel.fuse_entropy, state=state,
+                      epochs=sum(cfg["stage_epochs"]) if official else cfg["epochs"],
+                      scheduler_before_epoch=official,   # the released scripts step it before each epoch
+                      describe=describe if official else None, record=lambda: {"stage": state["stage"]},
+                      result=dict(variant=cfg["variant"], projection=cfg["projection"], sam=cfg["sam"],
+                                  rho=cfg["rho"], tau=cfg["tau"]))
 
-    def refresh_paper_projections():
-        scalars = {}
-        for j, m in enumerate(order):
-            previous = order[j - 1]
-            layers = paired_layers(model, m, previous, cfg["project_layers"])
-            if all(i in state["Y"][previous] for i in layers):
-                Y = {i: state["Y"][previous][i] for i in layers}
-                state["T"][m] = projections_from_moments(Y, cfg["tau"])
-                scalars.update(projection_scalars(m, previous, Y, cfg["tau"]))
-        common.log_scalars(writer, scalars, state["step"])
 
-    # loop ----------------------------------------------------------------------------------------
-    window = {f"{m}/{k}": torch.zeros((), device=device) for m in order for k in ("loss", "acc")}
-    counts = {m: 0 for m in order}
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    model.train()
-    if official and state["step"] == 0 and state["stage"] == 0 and state["epoch_in_stage"] == 0:
-        accelerator.print(f"stage 0: {stages[0]} for {stage_len[0]} epochs")
-    while state["stage"] < len(stage_len):
-        active_modalities = [stages[state["stage"]]] if official else order
-        if official and state["batch_in_epoch"] == 0:
-            with warnings.catch_warnings():   # "scheduler.step() before optimizer.step()": intended
-                warnings.simplefilter("ignore", UserWarning)
-                scheduler.step()    # the released scripts step the scheduler before each epoch
-        train_sampler.set_epoch(state["epoch"], start_batch=state["batch_in_epoch"])
-        bar = tqdm(train_loader, total=len(train_sampler), desc=f"epoch {state['epoch']}", leave=False,
-                   disable=not (cfg["progress"] and accelerator.is_main_process))
-        for batch in bar:
-            batch = common.to_device(batch, device)
-            for m in active_modalities:
-                hooks = None
-                if not official and cfg["projection"]:   # paper: Y from the modality's own training forward
-                    hooks = HeadInputSums(model.heads[m], cfg["project_layers"])
-                try:
-                    stats = igm_step(model, m, batch, optimizer, state["T"][m], cfg, world, accelerator.autocast,
-                                     head_hooks=hooks)
-                    if hooks is not None:
-                        sums, n = hooks.reduced(world)
-                finally:
-                    if hooks is not None:
-                        hooks.close()
-                if hooks is not None:
-                    for i, s in sums.items():
-                        moment = flat_sam.accumulate_input_moment_from_sum(None, s[0], n[0])
-                        prev = state["Y"][m].get(i)
-                        state["Y"][m][i] = moment if prev is None else cfg["moment_decay"] * prev + moment
-                if official:
-                    g = stage_gradient(model.heads[m])
-                    state["stage_grad"] = g.clone() if state["stage_grad"] is None else state["stage_grad"] + g
-                for key, value in stats.items():
-                    window[key] += value
-                counts[m] += 1
-                nonfinite |= ~torch.isfinite(stats[f"{m}/loss"])
+def step(setup: loop.Setup, batch: dict, ctx: loop.Context) -> dict:
+    """Official: one update of the stage's modality; paper: one update of each modality in turn,
+    each recording its head-input moments (Y, an EMA) from its own training forward."""
+    cfg, state, model = ctx.cfg, setup.state, setup.model
+    official = cfg["variant"] == "official"
+    active = [stage_modalities(cfg, ctx.modalities)[state["stage"]]] if official else ctx.modalities
+    stats = {}
+    for m in active:
+        hooks = HeadInputSums(model.heads[m], cfg["project_layers"]) if not official and cfg["projection"] else None
+        try:
+            stats |= igm_step(model, m, batch, setup.optimizer, state["T"][m], cfg, ctx.world, ctx.autocast,
+                              head_hooks=hooks)
+            if hooks is not None:
+                sums, n = hooks.reduced(ctx.world)
+        finally:
+            if hooks is not None:
+                hooks.close()
+        if hooks is not None:
+            for i, s in sums.items():
+                moment = flat_sam.accumulate_input_moment_from_sum(None, s[0], n[0])
+                prev = state["Y"][m].get(i)
+                state["Y"][m][i] = moment if prev is None else cfg["moment_decay"] * prev + moment
+        if official:
+            g = stage_gradient(model.heads[m])
+            state["stage_grad"] = g.clone() if state["stage_grad"] is None else state["stage_grad"] + g
+    return stats
 
-            state["step"] += 1
-            state["batch_in_epoch"] += 1
-            if not official and cfg["projection"] and state["step"] % cfg["refresh_every"] == 0:
-                refresh_paper_projections()
-            if state["step"] % cfg["log_every"] == 0:
-                common.check_finite(nonfinite, state["step"], cfg["log_every"], accelerator)
-                scalars = {k: accelerator.reduce(v / counts[k.split("/")[0]], "mean")
-                           for k, v in window.items() if counts[k.split("/")[0]]}
-                scalars["train/lr"] = optimizer.param_groups[0]["lr"]
-                scalars["train/stage"] = state["stage"]
-                common.log_scalars(writer, scalars, state["step"])
-                for v in window.values():
-                    v.zero_()
-                counts = {m: 0 for m in order}
-                if accelerator.is_main_process:
-                    bar.set_postfix({k: f"{float(v):.3f}" for k, v in scalars.items() if k.endswith("/loss")})
-            if common.checkpoint_at_step_boundary(cfg, state, preemption, nonfinite, run_dir, accelerator, checkpointed):
-                return {"stopped_at_step": state["step"], "run_dir": str(run_dir)}
-        bar.close()
 
-        # end of epoch: validate, select on validation (`select_on`, `select_metric`), maybe start the next stage
-        common.check_finite(nonfinite, state["step"], cfg["log_every"], accelerator)
-        if not official:
-            scheduler.step()
-        state["epoch"] += 1
-        state["epoch_in_stage"] += 1
-        state["batch_in_epoch"] = 0
-        val = common.evaluate(model, val_loader, accelerator, "classification", fuse)
-        common.log_scalars(writer, {f"val_{k}/{name}": v for k, mets in val.items() for name, v in mets.items()},
-                           state["step"])
-        common.append_jsonl(run_dir, {"epoch": state["epoch"], "stage": state["stage"], "step": state["step"],
-                                      "val": val}, accelerator)
-        score = common.selection_score(val, cfg["select_on"], cfg["select_metric"])
-        if state["best"] is None or score > state["best"]:
-            state["best"], state["best_epoch"] = score, state["epoch"]
-            if accelerator.is_main_process:
-                common.save_model_atomic(model, run_dir / "best.pt")
-        accelerator.print(f"epoch {state['epoch']} (stage {state['stage']}"
-                          + (f", {stages[state['stage']]}" if official else "") + "): val "
-                          + "  ".join(f"{k} {v['acc']:.4f}" for k, v in val.items()))
-        if state["epoch_in_stage"] == stage_len[state["stage"]]:
-            if official and state["prev_stage_grad"] is not None and state["stage_grad"] is not None:
-                cos = F.cosine_similarity(state["stage_grad"], state["prev_stage_grad"], dim=0)
-                common.log_scalars(writer, {"plasticity/cos_consecutive_stages": cos}, state["step"])
-            state["stage"] += 1
-            state["epoch_in_stage"] = 0
-            if official and state["stage"] < len(stage_len):
-                start_stage(state["stage"])
-        common.save_checkpoint(run_dir, accelerator, checkpointed, state, cfg["keep_checkpoints"])
+def refresh_paper_projections(setup: loop.Setup, ctx: loop.Context) -> None:
+    """Paper: every `refresh_every` steps, T of each modality from the moments of the one before it."""
+    cfg, state = ctx.cfg, setup.state
+    if cfg["variant"] != "paper" or not cfg["projection"] or ctx.position["step"] % cfg["refresh_every"]:
+        return
+    scalars = {}
+    for j, m in enumerate(ctx.modalities):
+        previous = ctx.modalities[j - 1]
+        layers = paired_layers(setup.model, m, previous, cfg["project_layers"])
+        if all(i in state["Y"][previous] for i in layers):
+            Y = {i: state["Y"][previous][i] for i in layers}
+            state["T"][m] = projections_from_moments(Y, cfg["tau"])
+            scalars.update(projection_scalars(m, previous, Y, cfg["tau"]))
+    ctx.log(scalars)
 
-    # test with the model selected on validation ----------------------------------------------------
-    return common.test_best_model(model, run_dir, accelerator, "classification", fuse,
-                                  {"val": val_loader, "test": test_loader}, meta, state, writer,
-                                  cfg["select_metric"], variant=cfg["variant"], projection=cfg["projection"],
-                                  sam=cfg["sam"], rho=cfg["rho"], tau=cfg["tau"], select_on=cfg["select_on"],
-                                  select_metric=cfg["select_metric"])
+
+def next_stage(setup: loop.Setup, ctx: loop.Context, val) -> None:
+    """Official, at the end of a stage's last epoch: log the plasticity cosine, then start the next
+    stage — restart from the best model so far (best.pt, selected on validation), a fresh optimiser
+    and scheduler, and T of the new modality from the previous stage's modality (one no-grad pass
+    over the training loader)."""
+    cfg, state, model = ctx.cfg, setup.state, setup.model
+    ends = list(itertools.accumulate(cfg["stage_epochs"]))
+    if cfg["variant"] != "official" or ctx.position["epoch"] != ends[state["stage"]]:
+        return
+    if state["prev_stage_grad"] is not None and state["stage_grad"] is not None:
+        cos = F.cosine_similarity(state["stage_grad"], state["prev_stage_grad"], dim=0)
+        ctx.log({"plasticity/cos_consecutive_stages": cos})
+    state["stage"] += 1
+    s, stages = state["stage"], stage_modalities(cfg, ctx.modalities)
+    if s == len(stages):
+        return
+    # every rank reaches the barrier (the main process may still be writing best.pt when another
+    # rank looks for it), then all read the same file; loaded onto the CPU and copied into the
+    # model: map_location=device fails for a "cpu:0" device (2 CPU processes)
+    ctx.accelerator.wait_for_everyone()
+    if (ctx.run_dir / "best.pt").exists():
+        model.load_state_dict(load_trusted(ctx.run_dir / "best.pt"))
+    setup.optimizer = optim.build_optimizer(cfg, model.parameters())
+    setup.scheduler = optim.build_scheduler(cfg, setup.optimizer)
+    active, previous = stages[s], stages[s - 1]
+    state["T"] = {m: {} for m in ctx.modalities}
+    if cfg["projection"] and active != previous:
+        layers = paired_layers(model, active, previous, cfg["project_layers"])
+        ctx.train_sampler.set_epoch(ctx.position["epoch"])
+        Y = moments_from_loader(model, previous, layers, ctx.loaders["train"], ctx.device, ctx.world, ctx.autocast)
+        state["T"][active] = projections_from_moments(Y, cfg["tau"])
+        ctx.log(projection_scalars(active, previous, Y, cfg["tau"]))
+    state["prev_stage_grad"], state["stage_grad"] = state["stage_grad"], None
+    ctx.log({"train/stage": s})
+    ctx.print(f"stage {s}: {active} for {cfg['stage_epochs'][s]} epochs"
+              + (f", T from {previous} on layers {sorted(state['T'][active])}" if state["T"][active] else ""))
+
+
+def main(cfg: dict) -> dict:
+    check_config(cfg)
+    return loop.train(cfg, method="IGM", build=build, step=step, after_step=refresh_paper_projections,
+                      epoch_end=next_stage, min_modalities=2,
+                      deepspeed="it multiplies the head weight gradients by the flat projection T (paper "
+                                "variant: SAM re-evaluates at a perturbed point)")
 
 
 if __name__ == "__main__":
-    common.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)
+    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)

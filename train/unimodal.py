@@ -9,12 +9,10 @@ here is what joint training should at least let it reach.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from train import common, joint  # noqa: E402
+from train import data, distributed, joint, loop
+from train.config import ConfigError
 
 DEFAULTS = dict(joint.DEFAULTS, out_dir="runs/unimodal_imgtab")
 DEFAULT_CONFIG = "train/configs/unimodal_imgtab.yaml"
@@ -22,10 +20,10 @@ DEFAULT_CONFIG = "train/configs/unimodal_imgtab.yaml"
 
 def main(cfg: dict) -> dict:
     if cfg["aux_weight"]:
-        raise common.ConfigError("aux_weight: has no meaning for unimodal training (set it to 0)")
+        raise ConfigError("aux_weight: has no meaning for unimodal training (set it to 0)")
     modalities = cfg["modalities"]
     if not modalities:  # all of the dataset's (generating a missing embedded set first)
-        meta = common.prepare_data(cfg, common.setup_accelerator(cfg))
+        meta = data.prepare_data(cfg, distributed.setup_accelerator(cfg))
         modalities = list(meta["modalities"])
     results = {}
     for m in modalities:
@@ -39,4 +37,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)
+    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)

@@ -1,0 +1,304 @@
+"""Checkpoints: <run>/checkpoints/ckpt-<step>/{state.pt, rng-rank<r>.pt[, deepspeed/]} and
+<run>/checkpoints/latest. Written into a temporary directory, renamed when complete, then `latest` is
+replaced atomically: a process killed at any point leaves `latest` naming a complete checkpoint.
+Every file is read back with torch.load(weights_only=True) (load_trusted): nothing in a checkpoint
+can run code."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from train.distributed import (deepspeed_checkpoint_globals, deepspeed_engine, deepspeed_stage,
+                               deepspeed_state_dict, is_deepspeed_optimizer)
+
+
+class CheckpointError(RuntimeError):
+    """A run directory or checkpoint cannot be used as asked: unreadable, untrusted (it would run
+    code), written by another script, or for another model. Raised before the run changes anything."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_run_config(run_dir: Path, cfg: dict) -> None:
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+
+
+def save_model_atomic(model: torch.nn.Module, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _fsync_save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def save_deepspeed_model_atomic(module: torch.nn.Module, path: Path, accelerator) -> None:
+    """save_model_atomic for a DeepSpeed engine's module (float32 master weights). Collective."""
+    state = deepspeed_state_dict(module)
+    if accelerator.is_main_process:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        _fsync_save(state, tmp)
+        os.replace(tmp, path)
+
+
+def _rng_state(generators: dict | None = None) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "generators": {k: g.get_state() for k, g in (generators or {}).items()}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generators: dict | None = None) -> None:
+    for key, generator in (generators or {}).items():
+        generator.set_state(state["generators"][key])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, accelerator, objects: dict, trainer_state: dict, keep: int = 2,
+                    generators: dict | None = None) -> Path:
+    """Save `objects` (name -> thing with state_dict(); models are unwrapped) and `trainer_state`.
+
+    Collective: every rank calls it. Each rank stores its own RNG states (the global ones and the
+    script's own `generators`, e.g. an augmentation's); rank 0 stores the rest.
+    Under DeepSpeed the engine writes its own checkpoint into <ckpt>/deepspeed (every rank its
+    optimizer partition); state.pt then holds the model's full float32 weights (for readers of
+    the checkpoint; resume uses the engine's files) and the other objects, not the optimizer.
+    """
+    engine = deepspeed_engine(accelerator, objects)
+    ckpt_root = run_dir / "checkpoints"
+    name = f"ckpt-{trainer_state['step']:09d}"
+    tmp = ckpt_root / f".tmp-{name}"
+    if accelerator.is_main_process:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    _fsync_save(_rng_state(generators), tmp / f"rng-rank{accelerator.process_index}.pt")
+    if engine is not None:   # collectives: every rank writes its ZeRO partition
+        engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
+        engine_weights = deepspeed_state_dict(engine.module)
+    accelerator.wait_for_everyone()
+    final = ckpt_root / name
+    if accelerator.is_main_process:
+        state = {"trainer": trainer_state, "world_size": accelerator.num_processes}
+        if engine is not None:
+            state["deepspeed_stage"] = deepspeed_stage(accelerator)
+        for key, obj in objects.items():
+            if engine is not None and (obj is engine or is_deepspeed_optimizer(obj)):
+                if obj is engine:
+                    state[key] = engine_weights
+                continue   # the optimizer (partitioned) is in <ckpt>/deepspeed
+            if isinstance(obj, torch.nn.Module):
+                obj = accelerator.unwrap_model(obj)
+                state.setdefault("model_classes", {})[key] = type(obj).__name__
+            state[key] = obj.state_dict()
+        _fsync_save(state, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(ckpt_root / "latest", name + "\n")
+        older = sorted(p for p in ckpt_root.glob("ckpt-*") if p.name != name)
+        for stale in older[:max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def checkpoint_step(latest: Path) -> int:
+    """The step of the checkpoint that `checkpoints/latest` names (ckpt-<step>), checked to exist."""
+    text = latest.read_text().strip() if latest.is_file() else ""
+    match = re.fullmatch(r"ckpt-(\d+)", text)
+    if match is None or not (latest.parent / text).is_dir():
+        raise CheckpointError(f"{latest}: names {text!r}, not a checkpoint directory in {latest.parent}")
+    return int(match.group(1))
+
+
+#: Beyond torch's weights-only set (tensors, containers, numbers, strings), exactly what a rank's
+#: RNG state holds: numpy's MT19937 key array (an ndarray of uint32).
+RNG_STATE_GLOBALS = (np.ndarray, np.dtype, np._core.multiarray._reconstruct, np.dtypes.UInt32DType)
+
+
+def load_trusted(path: Path, allowed_globals=(), mmap: bool = False):
+    """torch.load(weights_only=True) onto the CPU: nothing in the file can run code. Accepted:
+    tensors, containers, numbers, strings and exactly `allowed_globals`. Anything else — a crafted
+    pickle, a truncated or garbage file — raises CheckpointError naming the file."""
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line naming the file
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if ln.startswith(("Trying to load", "Unsupported", "Can only build"))),
+                      lines[0] if lines else type(err).__name__)
+        raise CheckpointError(f"{path}: refused: not a checkpoint file this code writes ({reason}); it is "
+                              "loaded with weights_only=True, which never runs code from a file") from None
+
+
+def _module_mismatch(key: str, written: dict, module: torch.nn.Module) -> str | None:
+    """One line saying how a checkpoint's state dict differs from `module`'s, None when it fits."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in written]
+    unexpected = [k for k in written if k not in expected]
+    shapes = [f"{k} {list(written[k].shape)} in the checkpoint, {list(v.shape)} here" for k, v in expected.items()
+              if k in written and hasattr(written[k], "shape") and tuple(written[k].shape) != tuple(v.shape)]
+    parts = []
+    for what, items in (("shapes differ", shapes), ("missing from the checkpoint", missing),
+                        ("not in this model", unexpected)):
+        if items:
+            parts.append(f"{what}: {', '.join(items[:3])}" + (f" (+{len(items) - 3} more)" if len(items) > 3 else ""))
+    return f"'{key}' does not fit this run's model: " + "; ".join(parts) if parts else None
+
+
+#: Keys that may change between a run and its resumption without changing the model or the state.
+RESUME_FREE_KEYS = ("resume", "progress", "stop_after_steps", "num_workers", "config_file", "eval_batch_size",
+                    "log_every", "ckpt_every_steps", "keep_checkpoints", "preempt_check_every")
+
+
+def _config_changes(run_dir: Path, cfg: dict) -> str:
+    """'; changed since that run (config.yaml): a.b 8 -> 16, ...' or '' (nothing readable, or no change)."""
+    try:
+        before = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return ""
+    if not isinstance(before, dict):
+        return ""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k: v})
+        return out
+
+    old, new = flat(before), flat(cfg)
+    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+               if k.split(".")[0] not in RESUME_FREE_KEYS and old.get(k) != new.get(k)]
+    return f"; changed since that run (its config.yaml): {', '.join(changed[:4])}" if changed else ""
+
+
+def _trim_metrics(run_dir: Path, epoch: int) -> None:
+    """Drop metrics.jsonl records of epochs after the checkpoint's (and a line cut short by a kill):
+    a run killed between an epoch's metrics line and its checkpoint validates that epoch again."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or record.get("epoch", 0) <= epoch:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+def load_checkpoint(run_dir: Path, accelerator, objects: dict, generators: dict | None = None,
+                    cfg: dict | None = None) -> dict:
+    """Restore `objects` and this rank's RNG states from the latest checkpoint; return trainer state.
+
+    Every file is loaded with weights_only=True (load_trusted); DeepSpeed's own files are checked
+    the same way before the engine reads them. A checkpoint of another script or another model is
+    refused in one line (CheckpointError) that says what differs — with `cfg` (a resumed run), also
+    which config keys changed since the run's config.yaml. With `cfg`, once every rank has restored
+    its state: metrics.jsonl loses the records after the checkpoint's epoch, and config.yaml becomes
+    `cfg`. Nothing is written before that point, so a refused resume leaves the run as it was.
+    """
+    ckpt_root = run_dir / "checkpoints"
+    path = ckpt_root / f"ckpt-{checkpoint_step(ckpt_root / 'latest'):09d}"
+    state = load_trusted(path / "state.pt")
+    if not isinstance(state, dict) or "trainer" not in state or "world_size" not in state:
+        raise CheckpointError(f"{path / 'state.pt'}: not a training checkpoint (no trainer state)")
+    changes = _config_changes(run_dir, cfg) if cfg is not None else ""
+    engine = deepspeed_engine(accelerator, objects)
+    written, running = state.get("deepspeed_stage"), deepspeed_stage(accelerator)
+    if written != running:
+        raise CheckpointError(f"checkpoint {path} was written " +
+                              (f"under DeepSpeed ZeRO-{written}" if written is not None else "without DeepSpeed") +
+                              " but this run " + (f"uses ZeRO-{running}" if running is not None else
+                                                 "does not use DeepSpeed") +
+                              ": resume with the launch config that wrote it")
+    for key, obj in objects.items():
+        if engine is not None and is_deepspeed_optimizer(obj):
+            continue   # in DeepSpeed's own files (<ckpt>/deepspeed), not in state.pt
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path} has no '{key}' (it holds {sorted(state)}): it was "
+                                  f"written by another training script{changes}")
+        if isinstance(obj, torch.nn.Module):
+            module = accelerator.unwrap_model(obj)
+            if engine is not None and obj is engine:
+                module = engine.module
+            written_class = state.get("model_classes", {}).get(key)
+            if written_class is not None and written_class != type(module).__name__:
+                raise CheckpointError(f"checkpoint {path} holds a {written_class} as '{key}', this script builds a "
+                                      f"{type(module).__name__}: it was written by another training script "
+                                      f"(see {run_dir / 'config.yaml'}); resume with that script")
+            mismatch = _module_mismatch(key, state[key], module)
+            if mismatch:
+                raise CheckpointError(f"checkpoint {path}: {mismatch}{changes}")
+    if engine is not None:
+        if state["world_size"] != accelerator.num_processes:
+            raise CheckpointError(f"checkpoint {path}: DeepSpeed optimizer partitions were written by "
+                                  f"{state['world_size']} processes; resume with that many (this run has "
+                                  f"{accelerator.num_processes})")
+        for file in sorted((path / "deepspeed").glob("*.pt")):   # before DeepSpeed unpickles them itself
+            load_trusted(file, deepspeed_checkpoint_globals(), mmap=True)
+        loaded, _ = engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=True,
+                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise CheckpointError(f"cannot read the DeepSpeed checkpoint {path / 'deepspeed'}")
+    for key, obj in objects.items():
+        if engine is not None and (obj is engine or is_deepspeed_optimizer(obj)):
+            continue   # restored by engine.load_checkpoint
+        if isinstance(obj, torch.nn.Module):
+            obj = accelerator.unwrap_model(obj)
+        try:
+            obj.load_state_dict(state[key])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"checkpoint {path}: '{key}' does not fit this run's "
+                                  f"{type(obj).__name__}: {first}{changes}") from None
+    rng_file = path / f"rng-rank{accelerator.process_index}.pt"
+    if state["world_size"] == accelerator.num_processes and rng_file.exists():
+        rng = load_trusted(rng_file, RNG_STATE_GLOBALS)
+        try:
+            _set_rng_state(rng, generators)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{rng_file}: not this run's RNG state ({type(err).__name__}: {err})") from None
+    elif accelerator.is_main_process:
+        print(f"[resume] world size changed ({state['world_size']} -> {accelerator.num_processes}): "
+              "RNG streams restart; the data order stays exact", flush=True)
+    trainer = state["trainer"]
+    if cfg is not None:
+        accelerator.wait_for_everyone()   # every rank restored its state: now the run may change
+        if accelerator.is_main_process:
+            if isinstance(trainer, dict) and "epoch" in trainer:
+                _trim_metrics(run_dir, trainer["epoch"])
+            write_run_config(run_dir, cfg)
+    return trainer

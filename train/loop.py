@@ -1,0 +1,439 @@
+"""The training loop, written once. Every script in train/ hands `train()` plain functions:
+
+    build(cfg, ctx) -> Setup         the model, its optimiser(s) and scheduler, the method's own state
+    step(setup, batch, ctx) -> dict  ONE update on a batch; returns 0-d device tensors (or numbers) to log
+    after_step(setup, ctx)           optional: after the position advanced (e.g. a periodic refresh)
+    epoch_end(setup, ctx, val)       optional: after validation and selection, before the checkpoint
+                                     (e.g. IGM's stage restarts); val is None in an epoch not validated
+
+and `train()` owns the rest: the accelerator and the refusals before any compute, the data
+(validated shards, loaders, the sampler position), the run directory, tqdm progress over the whole run,
+the logging window, the NaN/Inf check, preemption, checkpoints and exact resume, validation every
+`eval_every` epochs, model selection (`select_on`, `select_metric`), early stopping (`patience`,
+`min_delta`), the scheduler (per epoch, or on the validation loss for `plateau`), and the final test
+of the selected model. docs/adding-a-method.md walks through a complete method.
+
+Conventions the loop relies on:
+- the logging window sums what `step` returns on the device and divides each key by the number of
+  steps that returned it (a window cut by a resume is not biased); at a log step the means are
+  averaged over ranks in one all-reduce; every returned key whose name ends in "loss" is checked for
+  NaN/Inf (the flag is accumulated on the device and all-reduced at log steps, epoch ends and before
+  each checkpoint: no per-step host sync, and every rank stops at the same check);
+- `step` must return the same keys on every rank (they are reduced together); it may read
+  `ctx.log_step` (True when this step's window is logged) to compute costly diagnostics only then;
+- the model's forward returns {modality: (features, logits)} and `Setup.fuse` maps that to the
+  fused prediction (evaluation reports every modality and the fusion);
+- whatever `Setup.state` holds (tensors, numbers, nested dicts/lists/tuples) is checkpointed with
+  the position and restored on resume (tensors back on the device).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data_prep import shards
+from train import checkpoint, data, distributed, metrics, rundir
+from train.checkpoint import CheckpointError
+from train.config import ConfigError, check_choice, load_config
+
+#: The keys every script has (its DEFAULTS extend and override them): data, run directory, the
+#: optimiser and scheduler, evaluation and model selection, logging, checkpoints and preemption.
+DEFAULTS = dict(
+    data="data/embedded_imgtab",   # a shard directory; a missing embedded_<flavour> is generated
+    data_seed=0,                   # seed of the embedded generator
+    modalities=[],                 # the modalities to train, in the method's order ([] = the dataset's)
+    encoders={},                   # per-modality encoder config (models.encoders.build_encoder)
+    out_dir="runs/run",            # the run directory: config.yaml, checkpoints/, tb/, best.pt, result.json
+    seed=0,
+    resume=False,                  # continue the run in out_dir from its latest checkpoint
+    epochs=15,
+    batch_size=128,                # global batch (split across ranks)
+    eval_batch_size=500,
+    num_workers=0,                 # DataLoader worker processes per rank
+    optimizer="adam",              # adam | adamw | sgd
+    lr=1e-3,
+    weight_decay=1e-4,
+    momentum=0.9,                  # sgd only
+    betas=[0.9, 0.999],            # adam / adamw
+    scheduler="none",              # none | step | cosine | warmup_cosine | plateau (stepped per epoch)
+    step_size=10,                  # step: StepLR(step_size, gamma)
+    gamma=0.1,                     # step: decay factor; plateau: reduction factor
+    plateau_patience=10,           # plateau: validations without improvement of the val loss
+    warmup_epochs=10,              # warmup_cosine: warmup_start_lr -> lr over warmup_epochs, then cosine to min_lr
+    warmup_start_lr=0.0,
+    min_lr=0.0,
+    eval_every=1,                  # epochs between validations (the last epoch is always validated)
+    select_on="fused",             # best model by validation: fused | modality_mean
+    select_metric="acc",           # classification: acc | macro_f1 (regression: MAE, segmentation: mean Dice)
+    patience=0,                    # early stopping after this many validations without improvement (0 = off)
+    min_delta=0.0,                 # an improvement must exceed this
+    mixed_precision="no",          # no | bf16
+    cpu=False,                     # force CPU even where CUDA exists
+    log_every=25,                  # steps between TensorBoard scalars (and the NaN check)
+    ckpt_every_steps=0,            # also checkpoint every N steps inside an epoch (0 = at epoch ends only)
+    keep_checkpoints=2,
+    preempt_check_every=10,        # steps between checks for SIGTERM/SIGUSR1 across ranks (one all-reduce each)
+    stop_after_steps=0,            # checkpoint and exit at this step, as a preempted job would (0 = off)
+    progress=True,                 # tqdm bar on rank 0
+)
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a method's `build(cfg, ctx)` returns: what the loop trains, evaluates and checkpoints.
+
+    `optimizer` and `scheduler` may be replaced by a hook (IGM's stage restarts): the loop reads
+    them from here at every use. `objects`: further things with state_dict() to checkpoint (e.g. a
+    second optimiser); `generators`: per-rank torch.Generators saved with the rank's RNG state."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object = None
+    fuse: Callable | None = None           # outputs -> fused prediction; default model.fuse
+    state: dict = dataclasses.field(default_factory=dict)
+    objects: dict = dataclasses.field(default_factory=dict)
+    generators: dict = dataclasses.field(default_factory=dict)
+    epochs: int | None = None              # epochs of the whole run; default cfg["epochs"]
+    scheduler_before_epoch: bool = False   # step the scheduler before each epoch (released IGM scripts)
+    describe: Callable[[], str] | None = None   # progress label beside the epoch, e.g. "stage 2/4 (audio)"
+    record: Callable[[], dict] | None = None    # fields added to each metrics.jsonl record (IGM: the stage)
+    result: dict = dataclasses.field(default_factory=dict)   # recorded in result.json
+    parts: dict = dataclasses.field(default_factory=dict)    # the method's own objects (not checkpointed)
+
+
+@dataclasses.dataclass
+class Context:
+    """What the loop hands a method's functions: the run's environment and position."""
+    cfg: dict
+    accelerator: object
+    meta: dict
+    task: str
+    modalities: list
+    loaders: dict                          # train / val / test DataLoaders
+    train_sampler: shards.ShardBatchSampler
+    position: dict = dataclasses.field(default_factory=dict)   # step, epoch, batch_in_epoch, best, ...
+    log_step: bool = False                 # this step's window is logged: compute costly diagnostics
+    run_dir: Path | None = None
+    writer: rundir.TensorBoardLog | None = None
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def autocast(self):
+        return self.accelerator.autocast
+
+    def log(self, scalars: dict) -> None:
+        """TensorBoard scalars (already identical on every rank) at the current step, main process."""
+        rundir.log_scalars(self.writer, scalars, self.position["step"])
+
+    def print(self, text: str) -> None:
+        """A line on the main process's stdout that does not break the progress bar."""
+        if self.accelerator.is_main_process:
+            tqdm.write(text)
+            sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------------------
+# NaN/Inf and preemption
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def check_finite(loss_flag: torch.Tensor, step: int, accelerator=None) -> None:
+    """Stop loudly on a NaN/inf loss. `loss_flag` accumulates ~isfinite on the device between checks
+    so that the hot path never waits on the host. Collective with several processes: the flag is
+    all-reduced (MAX) so that every rank stops at the same check — a rank that stopped alone would
+    leave the others waiting in their next collective."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        loss_flag = loss_flag.to(torch.int32)
+        dist.all_reduce(loss_flag, op=dist.ReduceOp.MAX)
+    if bool(loss_flag):
+        raise NonFiniteLossError(f"non-finite loss at or before step {step} (since the last check): "
+                                 "stopping (no checkpoint is written after a NaN)")
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or a preemption) request a stop: the
+    loop checkpoints at the next step boundary and exits cleanly (exit code 0), ready for --resume.
+
+    Ranks must agree on the step at which they stop (the checkpoint is a collective), so with
+    several processes the flag is all-reduced (MAX) every `check_every` steps: one tiny collective
+    and one host sync per check; with one process the flag is read at every step, for free.
+    """
+
+    def __init__(self, accelerator, check_every: int = 10):
+        self.accelerator, self.check_every, self.received = accelerator, max(1, check_every), None
+        for sig in data.STOP_SIGNALS:
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def requested(self, step: int) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self.received is not None
+        if step % self.check_every:
+            return False
+        flag = torch.tensor([self.received is not None], dtype=torch.int32, device=self.accelerator.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# --------------------------------------------------------------------------------------------------
+# The logging window
+
+class Window:
+    """Per-key sums on the device and the number of steps that returned each key."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, stats: dict) -> None:
+        for key, value in stats.items():
+            value = value.detach().float() if torch.is_tensor(value) else float(value)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self, accelerator) -> dict:
+        """{key: mean over the window's steps, averaged over ranks} as Python floats; resets."""
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        means = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32, device=accelerator.device)
+                             / self.counts[k] for k in keys])
+        if accelerator.num_processes > 1:
+            dist.all_reduce(means)
+            means /= accelerator.num_processes
+        self.sums, self.counts = {}, {}
+        return dict(zip(keys, means.tolist()))
+
+
+def _nonfinite_in(stats: dict, flag: torch.Tensor) -> torch.Tensor:
+    for key, value in stats.items():
+        if key.endswith("loss"):
+            flag = flag | ~torch.isfinite(torch.as_tensor(value, device=flag.device)).all()
+    return flag
+
+
+def _to_device(obj, device):
+    """Tensors in nested dicts / lists / tuples moved to `device` (a restored method state)."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def checkpointed(setup: Setup) -> dict:
+    """The objects a checkpoint holds, read from the setup now (a hook may have replaced one)."""
+    objects = {"model": setup.model, "optimizer": setup.optimizer}
+    if setup.scheduler is not None:
+        objects["scheduler"] = setup.scheduler
+    return objects | setup.objects
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+def selection(cfg: dict, task: str) -> tuple[str, Callable[[float, float], bool]]:
+    """(the validation metric a run selects its model by, is_better(new, best)) for the task."""
+    if task == "classification":
+        key, higher = cfg["select_metric"], True
+    elif cfg["select_metric"] != "acc":
+        raise ConfigError(f"select_metric='{cfg['select_metric']}': a {task} run selects on "
+                          + ("MAE" if task == "regression" else "the mean Dice"))
+    else:
+        key, higher = ("mae", False) if task == "regression" else ("dice_mean", True)
+    delta = cfg["min_delta"]
+    return key, (lambda new, best: new > best + delta) if higher else (lambda new, best: new < best - delta)
+
+
+def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step: Callable | None = None,
+          epoch_end: Callable | None = None, tasks=("classification",), min_modalities: int = 1,
+          max_modalities: int | None = None, deepspeed: bool | str = False) -> dict:
+    """Train `method` as configured by `cfg`; return result.json's content (or, when stopped by a
+    signal or `stop_after_steps`, {"stopped_at_step", "run_dir"}).
+
+    deepspeed: True when `build` supports DeepSpeed ZeRO-1/2 (it prepares the model with the
+    accelerator and `step` steps the engine); otherwise the reason the method cannot run under
+    it, refused before any compute."""
+    # refusals before any compute, then before anything is written ---------------------------------
+    check_choice("select_on", cfg["select_on"], metrics.SELECT_ON)
+    check_choice("select_metric", cfg["select_metric"], metrics.SELECT_METRIC)
+    accelerator = distributed.setup_accelerator(cfg)
+    if deepspeed is not True:
+        distributed.refuse_deepspeed(accelerator, method, deepspeed or "it edits the reduced gradients by hand")
+    preemption = Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
+    meta = data.prepare_data(cfg, accelerator)            # validates every shard before any compute
+    task = meta["task"]
+    if task not in tasks:
+        raise ConfigError(f"data={cfg['data']}: its task is {task}; {method} supports {', '.join(tasks)}")
+    modalities = list(cfg["modalities"] or meta["modalities"])
+    unknown = [m for m in modalities if m not in meta["modalities"]]
+    if unknown or len(set(modalities)) != len(modalities):
+        raise ConfigError(f"modalities={modalities}: " + (f"{unknown} not in {cfg['data']}" if unknown else
+                                                         "a modality is named twice")
+                          + f" (it has {', '.join(meta['modalities'])})")
+    if len(modalities) < min_modalities or (max_modalities and len(modalities) > max_modalities):
+        need = (f"exactly {min_modalities}" if min_modalities == max_modalities else
+                f"{min_modalities} or more" if not max_modalities else f"{min_modalities} to {max_modalities}")
+        raise ConfigError(f"modalities={modalities}: {method} trains {need} modalities "
+                          f"(set --modalities to {need} of {list(meta['modalities'])})")
+    select_key, better = selection(cfg, task)
+    loaders, samplers = {}, {}
+    for split in ("train", "val", "test"):
+        loaders[split], samplers[split] = data.make_loader(cfg, meta, split, accelerator, modalities,
+                                                           train=split == "train")
+    steps_per_epoch = len(samplers["train"])
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch_size={cfg['batch_size']} exceeds the {meta['splits']['train']['num_samples']} "
+                          f"training samples of {cfg['data']} (the last partial batch is dropped)")
+    position = dict(epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1, bad_evals=0, stopped_early=False)
+    ctx = Context(cfg, accelerator, meta, task, modalities, loaders, samplers["train"], position)
+    setup = build(cfg, ctx)
+    fuse = setup.fuse or accelerator.unwrap_model(setup.model).fuse
+    epochs = setup.epochs or cfg["epochs"]
+    plateau = isinstance(setup.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if plateau and setup.scheduler_before_epoch:
+        raise ConfigError(f"scheduler=plateau: {method} ({cfg.get('variant', '')}) steps its scheduler before each "
+                          "epoch, before any validation loss exists; choose another scheduler")
+    ctx.run_dir, ctx.writer = rundir.setup_run_dir(cfg, accelerator)
+    run_dir = ctx.run_dir
+    zero = distributed.deepspeed_stage(accelerator) is not None
+
+    if cfg["resume"]:
+        saved = checkpoint.load_checkpoint(run_dir, accelerator, checkpointed(setup), setup.generators, cfg=cfg)
+        setup.state.update(_to_device(saved.pop("method", {}), accelerator.device))
+        position.update(saved)
+        accelerator.print(f"[resume] from step {position['step']} (epoch {position['epoch']}, "
+                          f"batch {position['batch_in_epoch']})")
+
+    def save():
+        checkpoint.save_checkpoint(run_dir, accelerator, checkpointed(setup), position | {"method": setup.state},
+                                   cfg["keep_checkpoints"], setup.generators)
+
+    window, nonfinite = Window(), torch.zeros((), dtype=torch.bool, device=accelerator.device)
+    bar = tqdm(total=epochs * steps_per_epoch, initial=min(position["step"], epochs * steps_per_epoch),
+               disable=not (cfg["progress"] and accelerator.is_main_process), dynamic_ncols=True)
+    setup.model.train()
+    while position["epoch"] < epochs and not position["stopped_early"]:
+        if setup.scheduler_before_epoch and position["batch_in_epoch"] == 0:
+            with warnings.catch_warnings():   # "scheduler.step() before optimizer.step()": intended
+                warnings.simplefilter("ignore", UserWarning)
+                setup.scheduler.step()
+        label = f"epoch {position['epoch'] + 1}/{epochs}" + (f" {setup.describe()}" if setup.describe else "")
+        bar.set_description(label)
+        ctx.train_sampler.set_epoch(position["epoch"], start_batch=position["batch_in_epoch"])
+        for batch in loaders["train"]:
+            batch = data.to_device(batch, accelerator.device)
+            ctx.log_step = (position["step"] + 1) % cfg["log_every"] == 0
+            stats = step(setup, batch, ctx)
+            window.add(stats)
+            nonfinite = _nonfinite_in(stats, nonfinite)
+            position["step"] += 1
+            position["batch_in_epoch"] += 1
+            bar.update()
+            if after_step is not None:
+                after_step(setup, ctx)
+            if ctx.log_step:
+                check_finite(nonfinite, position["step"], accelerator)
+                scalars = window.means(accelerator)
+                scalars["train/lr"] = setup.optimizer.param_groups[0]["lr"]
+                ctx.log(scalars)
+                bar.set_postfix({k.replace("/loss", ""): f"{v:.3f}" for k, v in scalars.items() if k.endswith("loss")},
+                                refresh=False)
+            stop = bool(cfg["stop_after_steps"] and position["step"] >= cfg["stop_after_steps"]) \
+                or preemption.requested(position["step"])
+            if stop or (cfg["ckpt_every_steps"] and position["step"] % cfg["ckpt_every_steps"] == 0):
+                check_finite(nonfinite, position["step"], accelerator)
+                save()
+            if stop:
+                bar.close()
+                reason = preemption.received or f"stop_after_steps={cfg['stop_after_steps']}"
+                accelerator.print(f"[stop] {reason} at step {position['step']}: checkpoint written, "
+                                  "exiting (resume with --resume)")
+                return {"stopped_at_step": position["step"], "run_dir": str(run_dir)}
+
+        # end of epoch: scheduler, validation, selection, early stopping, the method's hook, checkpoint
+        check_finite(nonfinite, position["step"], accelerator)
+        if setup.scheduler is not None and not (plateau or setup.scheduler_before_epoch):
+            setup.scheduler.step()
+        position["epoch"] += 1
+        position["batch_in_epoch"] = 0
+        val = None
+        if position["epoch"] % cfg["eval_every"] == 0 or position["epoch"] == epochs:
+            val = metrics.evaluate(setup.model, loaders["val"], accelerator, task, fuse)
+            if plateau:
+                setup.scheduler.step(val["fused"]["loss"])
+            ctx.log({f"val_{k}/{name}": v for k, mets in val.items() for name, v in mets.items()})
+            record = {"epoch": position["epoch"], **(setup.record() if setup.record else {}), "step": position["step"]}
+            rundir.append_jsonl(run_dir, record | {"val": val}, accelerator)
+            score = metrics.selection_score(val, cfg["select_on"], select_key)
+            if position["best"] is None or better(score, position["best"]):
+                position.update(best=score, best_epoch=position["epoch"], bad_evals=0)
+                if zero:   # float32 master weights, gathered from the ZeRO partitions (collective)
+                    checkpoint.save_deepspeed_model_atomic(accelerator.unwrap_model(setup.model),
+                                                           run_dir / "best.pt", accelerator)
+                elif accelerator.is_main_process:
+                    checkpoint.save_model_atomic(accelerator.unwrap_model(setup.model), run_dir / "best.pt")
+            else:
+                position["bad_evals"] += 1
+                position["stopped_early"] = bool(cfg["patience"]) and position["bad_evals"] >= cfg["patience"]
+            ctx.print(f"epoch {position['epoch']}/{epochs}: val "
+                      + "  ".join(f"{k} {v[select_key]:.4f}" for k, v in val.items())
+                      + ("  [early stop]" if position["stopped_early"] else ""))
+        if epoch_end is not None:
+            epoch_end(setup, ctx, val)
+        save()
+    bar.close()
+
+    # test with the model selected on validation ------------------------------------------------------
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(setup.model).load_state_dict(checkpoint.load_trusted(run_dir / "best.pt"))
+    test = metrics.evaluate(setup.model, loaders["test"], accelerator, task, fuse)
+    val = metrics.evaluate(setup.model, loaders["val"], accelerator, task, fuse)
+    result = {"run_dir": str(run_dir), "method": method, "best_epoch": position["best_epoch"], "val": val,
+              "test": test, "bayes_accuracy": meta.get("source", {}).get("bayes_accuracy"),
+              "select_on": cfg["select_on"], "select_metric": select_key, **setup.result}
+    if accelerator.is_main_process:
+        rundir.write_result(run_dir, result)
+        rundir.print_result_table(result, select_key)
+        ctx.writer.close()
+    return result
+
+
+def run_entry_point(main: Callable[[dict], dict], defaults: dict, default_config: str | None) -> None:
+    """What `python train/<script>.py ...` runs: resolve the config, call `main(cfg)`, leave the
+    process group. A refusal of the input (config, data, run directory, checkpoint) or a non-finite
+    loss ends the process with ONE line on stderr that names the file, field or flag, and exit
+    status 2, instead of a traceback. Several processes print it each, prefixed with their rank."""
+    try:
+        main(load_config(defaults, default_config=default_config))
+    except (ConfigError, CheckpointError, shards.ShardFormatError, NonFiniteLossError) as err:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        prefix = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
+        print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    distributed.finish()
+
