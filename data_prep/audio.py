@@ -1,6 +1,6 @@
 """Helpers shared by the audio-visual converters (data_prep.crema_d, data_prep.kinetics_sounds).
 
-Audio (the log-spectrogram recipe of specs/data.md, as the released IGM/OGM-GE loaders compute it):
+Audio (the log-spectrogram recipe of docs/data.md, as the released IGM/OGM-GE loaders compute it):
 - :func:`read_wav`: scipy.io.wavfile; int16 / int32 (also 24-bit, which scipy left-justifies into
   int32) / int64 / uint8 / float -> float32 in [-1, 1] scale (int: divided by 2^(bits-1); uint8:
   (x - 128) / 128; float: as stored); several channels -> their mean (librosa's mono=True).

@@ -24,7 +24,7 @@ Output <out>/<name>/ (default name brats):
   samples.csv  sample_id, split, case, slice (index along the volume's third axis), tumour_voxels
   cases.csv    case, split, slices, and per modality the brain-voxel count, mean and std used
 
-Choices the spec leaves open:
+Choices the paper and the released loader leave open:
 - Slices: axial = the third array axis of the NIfTI data as stored (BraTS volumes are all in the
   same RAS-like orientation; the released loader slices label[:, :, idx]). A slice is kept when
   its FULL (uncropped) segmentation has at least --min-tumour-voxels (1) non-zero voxels, as the

@@ -23,7 +23,7 @@ Output <out>/<name>/ (default name celeba):
   label  1 if Attractive == 1 else 0 (class_names ["not Attractive", "Attractive"])
   samples.csv  sample_id, split, image_id
 
-Choices the spec leaves open:
+Choices the paper and the released loader leave open:
 - Splits: the official partition (162,770 / 19,867 / 19,962), nothing re-drawn.
 - sample_id = the row's position in list_attr_celeba.csv (0-based; 000001.jpg -> 0). Within a
   split, samples are written in sample_id order. A missing image file is an error naming it

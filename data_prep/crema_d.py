@@ -31,13 +31,13 @@ Output <out>/<name>/ (default name crema_d, or crema_d_actor with --split actor)
          files in directory order; this converter samples properly. ImageNet mean/std
          normalisation and the train-time RandomResizedCrop + flip are the training side's job.
   label  index in NEU HAP SAD FEA DIS ANG (class_names = the codes): the class order of the
-         released CREMA-D loaders (class_dict in OGM-GE's CramedDataset), which the spec does not
+         released CREMA-D loaders (class_dict in OGM-GE's CramedDataset), which the paper does not
          fix; source.class_descriptions names the emotions.
   samples.csv  sample_id, split, clip, emotion, actor
 meta.json `source` records the options, the detected CSV headers, drop counts, the split rule,
 fractions and seed (and the actors of each split with --split actor), and audio statistics.
 
-Choices the spec leaves open:
+Choices the paper and the released loader leave open:
 - The emotion code of a row must equal the third '_'-separated field of its clip name
   (1001_DFA_ANG_XX -> ANG); a mismatch, a clip name with fewer than 3 fields, a clip listed twice
   (in one file or in both) is an error naming the clip, the file and the line.

@@ -29,7 +29,7 @@ Output <out>/<name>/ (name: --name, default "dvm", or "dvm_low<frac>" e.g. "dvm_
 meta.json `source` records the options, drop counts, split rule and seed, jitter rule, category
 values per code, the z-score statistics and the "Maker Genmodel" name of each class.
 
-Pipeline and the choices the spec leaves open:
+Pipeline and the choices the paper and the released loader leave open:
 1. Ad_table: header names and values are stripped; a duplicated Adv_ID keeps its first row.
    Missing = empty or a pandas NA string ("NaN", "NA", ...). Adv_year, Adv_month, Reg_year,
    Runned_Miles, Price, Seat_num, Door_num are parsed like pandas.to_numeric(errors="coerce")

@@ -1,4 +1,4 @@
-"""The embedded benchmark: small multimodal datasets with known modality imbalance (specs/data.md).
+"""The embedded benchmark: small multimodal datasets with known modality imbalance (docs/data.md).
 
 Each sample has a label y (C = 8 classes, equal priors) and, per modality m, a latent
 ``z_m = mu_m[y] + sigma_m * eps`` (eps ~ N(0, I_8)); modalities are conditionally independent

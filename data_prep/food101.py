@@ -38,7 +38,7 @@ Output <out>/<name>/ (default name food101):
   splits train / val (carved from train.json) / test (test.json)
   samples.csv  sample_id, split, file, id, img_path, n_tokens
 
-Choices the spec leaves open:
+Choices the paper and the released loader leave open:
 - Text: the released loader's ' '.join(text_tokens), BERT-tokenised with truncation to 50 tokens
   including [CLS]/[SEP] (BertTokenizer(max_length=50, truncation=True)).
 - Padding mask: not stored as a dataset (the shard contract allows only modalities, label and
@@ -46,7 +46,7 @@ Choices the spec leaves open:
   rows are exactly 0, while a real token's row is a LayerNorm output (never the zero vector), so
   mask = text.abs().sum(-1) > 0. The token count per sample is in samples.csv (n_tokens) and
   its distribution in source.counts.tokens. The released model ran over all 50 positions
-  including padding (whose BERT states there were non-zero); zero rows are what the spec asks.
+  including padding (whose BERT states there were non-zero); zero rows make the mask implicit.
 - Images: PIL decode, RGB, stretched to the ViT's input size (224) with PIL bilinear, as the
   released eval transform Resize([224, 224]) does (--crop center cuts the centred square first).
   Pixels /255, then the ViT's own normalisation from its preprocessor_config.json (0.5 / 0.5 for

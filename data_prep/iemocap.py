@@ -29,7 +29,7 @@ Output <out>/<name>/ (default name iemocap):
   samples.csv  sample_id, split, utterance, text_len, audio_len, vision_len (lengths before
                padding: the padding mask is position >= length)
 
-Choices the spec leaves open:
+Choices the paper and the released loader leave open:
 - Lengths: text 22, audio 350 and vision 50 are the released fixed shapes (IEMOData tshape /
   ashape / vshape); the released collate pads audio to 350 with zeros after normalisation and
   text / vision to the batch maximum. Here all three are padded to their fixed length, so a

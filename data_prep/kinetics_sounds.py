@@ -43,7 +43,7 @@ Output <out>/<name>/ (default name kinetics_sounds):
 meta.json `source` records the options, the clip column, skip counts per split and reason, the
 split rule, fraction and seed, and audio statistics.
 
-Choices the spec leaves open:
+Choices the paper and the released loader leave open:
 - sample_id = the row's position among the data rows of train.csv followed by test.csv (0-based);
   skipped rows leave gaps, so ids do not depend on which files are present.
 - test = test.csv (kept clips); val = --val-frac of the kept train.csv clips, stratified per class

@@ -25,7 +25,7 @@ Output <out>/<name>/ (default name mosi):
   splits train / val (the pickle's "valid") / test: MOSI 1,284 / 229 / 686
   samples.csv  sample_id, split, index (row in the pickle split), id
 
-Choices the spec leaves open:
+Choices the paper and the released loader leave open:
 - Audio -inf -> 0, as the released loader does (COVAREP writes -inf for log-energies of silent
   frames); the count per split is recorded in source.counts.audio_neg_inf_zeroed. Any other
   non-finite value (NaN, +inf, or -inf in text/vision) is an error naming the split, the

@@ -31,7 +31,7 @@ Output <out>/<name>/ (default name nvgesture), modalities in the official order 
   splits train / val (carved from the train list) / test (the test list): 1,050 - val / val / 482
   samples.csv  sample_id, split, list, index, path, label
 
-Choices the spec leaves open:
+Choices the paper and the released loader leave open:
 - Frames: the video's frames number start .. start+T-1 (decode order, 0-based), whatever `end`
   says (clips whose end - start != T are counted in source.counts). Each frame is stretched to
   S x S with PIL bilinear (antialiased) resampling, the rule of data_prep.image_io.

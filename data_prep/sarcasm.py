@@ -24,7 +24,7 @@ Output <out>/<name>/ (default name sarcasm):
   splits train / val (valid.json) / test: the released 19,816 / 2,410 / 2,409
   samples.csv  sample_id, split, item (index in its JSON list), image (file name)
 
-Choices the spec leaves open:
+Choices the paper and the released loader leave open:
 - Text: fed to BERT as given, only surrounding whitespace stripped and inner runs of whitespace
   collapsed (the released texts are already tokenised, with "<user>" for mentions); BERT
   truncates at --max-tokens (default the model's 512). No word limit (Twitter2015's 50-word

@@ -1,11 +1,11 @@
-"""The shard format (version 1 of the contract in specs/data.md): writer, validator, reader, sampler.
+"""The shard format (version 1, described in docs/data.md): writer, validator, reader, sampler.
 
 A prepared dataset is one directory holding ``meta.json`` and HDF5 shards named
 ``<split>-00000-of-000NN.h5``. Each shard holds, for its N samples, one dataset per modality
 (shape ``(N, *shape)``, the declared dtype), ``label`` and ``sample_id``. Training code only ever
 reads shards through :class:`ShardDataset` and orders them with :class:`ShardBatchSampler`.
 
-Choices beyond the written contract (all optional keys, written by :class:`ShardWriter`):
+Optional keys beyond the required ones of docs/data.md (written by :class:`ShardWriter`):
 - ``splits[s]["shard_sizes"]``: samples per shard, so a reader can index without opening files.
 - ``label_shape``: the mask shape of a segmentation task (written for segmentation only).
 

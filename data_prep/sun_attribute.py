@@ -26,7 +26,7 @@ Output <out>/<name>/ (default name sun_attribute):
   label  1 if the label attribute > threshold else 0 (class_names ["not open area", "open area"])
   samples.csv  sample_id, split, image
 
-Choices the spec leaves open:
+Choices the paper and the released loader leave open:
 - No official split: stratified by label 70/10/20 (train/val/test). Test = 20% of all (ceil),
   then val = 12.5% of the rest (ceil) = 10% of all; per class floor(frac * n_c) topped up by
   largest remainder; class indices permuted with numpy default_rng([seed, 1]) (test) and

@@ -27,7 +27,7 @@ Output <out>/<name>/ (default name twitter2015):
   splits train (train.tsv), val (dev.tsv), test (test.tsv): the released 3,179 / 1,122 / 1,037
   samples.csv  sample_id, split, line, ImageID, text (the cleaned text fed to BERT)
 
-Choices the spec leaves open:
+Choices the paper and the released loader leave open:
 - Text cleaning: every character that is not an ASCII letter becomes a space; the first
   --max-words (50) of the remaining words are joined by single spaces. Case is KEPT: an uncased
   BERT lowercases in its own tokenizer (recorded: source.text.model.lowercases). Hashtags keep

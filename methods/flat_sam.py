@@ -2,7 +2,7 @@
 perturbations (the official per-tensor form and Foret's global-norm form) and the mixup loss.
 
 Source: the IGM paper (flat gradient modification + SAM over alternating unimodal learning) and
-its released code, as established in specs/methods.md ("IGM").
+its released code (the algorithm, official vs paper: docs/methods/igm.md).
 
 Flat projection: for each Linear layer of the previous modality's head, with a its input,
 Y = Σ_batches outer(mean_batch(a), mean_batch(a)) (uncentred; scale irrelevant). With

@@ -1,7 +1,7 @@
 """CGGM's maths: balance coefficients from the classifiers' progress, and the direction loss.
 
 Source: the CGGM paper (classifier-guided gradient modulation) and its released code, as
-established in specs/methods.md ("CGGM"). With d_i = metric_now_i − metric_prev_i (batch metric of
+described in docs/methods/cggm.md. With d_i = metric_now_i − metric_prev_i (batch metric of
 the modality classifier f_i now and at the previous step) and S = Σ_i d_i + eps::
 
     c_i  = (S − d_i) / S                                   (balance coefficient, WITHOUT ρ)
@@ -89,7 +89,7 @@ def balance_coefficients_tensor(metric_now: Metrics, metric_prev: Metrics,
 def balance_degenerate(metric_now: Metrics, metric_prev: Metrics, eps: float = 1e-8) -> bool:
     """True when |Σ_i d_i| ≤ eps: S is dominated by eps and |c_i| ≈ |d_i|/eps (the defect).
 
-    Covers Σ d = 0 exactly (the case the spec names) and sums that cancel up to rounding (e.g.
+    Covers Σ d = 0 exactly (the known defect) and sums that cancel up to rounding (e.g.
     metrics k/B with B not a power of two). Python floats; syncs when given tensors.
     """
     now, prev = _as_floats(metric_now), _as_floats(metric_prev)

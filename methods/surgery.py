@@ -1,7 +1,7 @@
 """GAAL's maths: hard-sample selection by entropy and cross-modal gradient surgery.
 
 Source: the GAAL paper (gradient-aligned alternating learning, tabular + image) and its released
-code, as established in specs/methods.md ("GAAL"). The surgery is the closed form of GEM's
+code (the algorithm, official vs paper: docs/methods/gaal.md). The surgery is the closed form of GEM's
 single-constraint dual QP with a lower bound ``margin`` on the multiplier and a ridge ``eps``::
 
     min_v  ½·v²·(‖g_ref‖² + eps) + v·(g·g_ref)    s.t.  v ≥ margin
@@ -10,7 +10,7 @@ single-constraint dual QP with a lower bound ``margin`` on the multiplier and a 
 applied only when the gradients conflict (g·g_ref < 0). Paper and official code agree on this
 step; the official/paper differences of GAAL are in the training schedule (train/gaal.py).
 
-Distributed use (specs/methods.md, "Distributed correctness"): the selection is global — gather
+Distributed use (docs/training.md, "Several processes"): the selection is global — gather
 every rank's entropies (rank-major order), select with :func:`global_hard_sample_mask`, normalise
 the loss by the global count; the surgery acts on the all-reduced head gradient. The gathering
 and the all-reduce belong to the training script.

@@ -18,8 +18,8 @@ over samples and without host synchronisation (no ``.item()``, no data-dependent
 Semantic choices (read these before changing the defaults)
 ----------------------------------------------------------
 * **ColorJitter(0.8).** ``torchvision.transforms.ColorJitter(0.8)`` would set *only*
-  brightness (its signature is ``(brightness=0, contrast=0, saturation=0, hue=0)``). The spec's
-  "ColorJitter(0.8)" is shorthand: every released DVM pipeline of this lineage writes
+  brightness (its signature is ``(brightness=0, contrast=0, saturation=0, hue=0)``). The DVM
+  recipe's "ColorJitter(0.8)" is shorthand: every released DVM pipeline of this lineage writes
   ``ColorJitter(brightness=0.8, contrast=0.8, saturation=0.8)`` -- three factors, **no hue**
   (unlike SimCLR's ``ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)``). The default is therefore
   ``jitter=(0.8, 0.8, 0.8, 0.0)``; the four factors are configurable (a number ``v`` means

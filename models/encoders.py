@@ -1,4 +1,4 @@
-"""Encoders, one per modality kind of the shard contract (see specs/data.md).
+"""Encoders, one per modality kind of the shard format (docs/data.md).
 
 Every encoder
 

@@ -1,4 +1,4 @@
-"""Heads and fusion modules for GAAL, IGM and CGGM (see specs/methods.md).
+"""Heads and fusion modules for GAAL, IGM and CGGM (docs/methods/).
 
 Imports: torch only.
 """

@@ -2,7 +2,7 @@
 per-modality light decoders (the CGGM "classifiers" f_i of a segmentation task).
 
 Source: CGGM's released BraTS code (``models/segmodel.py``: ``DeepLabMultiInput``,
-``SegClassifier``; ``src/segtrain.py``), read as specs/methods.md ("CGGM") describes it.
+``SegClassifier``; ``src/segtrain.py``), as docs/methods/cggm.md describes it.
 
 What follows the released code (with the defaults of :data:`SEG_DEFAULTS`):
 
