@@ -123,7 +123,8 @@ def _cli_to_nested(argv: list[str]) -> tuple[str | None, dict]:
     return config_path, nested
 
 
-def load_config(defaults: dict, argv: list[str] | None = None, default_config: str | None = None) -> dict:
+def load_config(defaults: dict, argv: list[str] | None = None, default_config: str | None = None,
+                ignored=None) -> dict:
     """Resolve the run config: DEFAULTS, then the YAML (`--config`, else `default_config`), then flags.
 
     Every key may be overridden from the command line (`--lr 3e-4`, `--encoders.image.base_width 32`);

@@ -423,13 +423,16 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
     return result
 
 
-def run_entry_point(main: Callable[[dict], dict], defaults: dict, default_config: str | None) -> None:
+def run_entry_point(main: Callable[[dict], dict], defaults: dict, default_config: str | None,
+                    ignored: Callable[[dict], dict] | None = None) -> None:
     """What `python train/<script>.py ...` runs: resolve the config, call `main(cfg)`, leave the
     process group. A refusal of the input (config, data, run directory, checkpoint) or a non-finite
     loss ends the process with ONE line on stderr that names the file, field or flag, and exit
-    status 2, instead of a traceback. Several processes print it each, prefixed with their rank."""
+    status 2, instead of a traceback. Several processes print it each, prefixed with their rank.
+    `ignored(cfg)`: {key: why} for the keys the resolved config makes meaningless (e.g. IGM's
+    official variant ignores `epochs`): see train.config.load_config."""
     try:
-        main(load_config(defaults, default_config=default_config))
+        main(load_config(defaults, default_config=default_config, ignored=ignored))
     except (ConfigError, CheckpointError, shards.ShardFormatError, NonFiniteLossError) as err:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         prefix = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
