@@ -12,11 +12,11 @@ outputs with their own optimiser (they never send gradient to the encoders) — 
 for segmentation (BraTS) DeepLabv3+ encoders per MRI modality, a fused decoder (last 1x1 conv `out`)
 and light per-modality decoders — models.segmentation.BratsCGGMModel (config key `segmentation`).
 Per step t
-(README.md, "CGGM"; metric_prev = 0 and no L_gm at the very first step):
+(docs/methods/cggm.md; metric_prev = 0 and no L_gm at the very first step):
   1. loss = task_loss(F(fusion(h)), y) [+ lambda_gm * L_gm of the previous step]; backward.
   2. classifier losses sum_i task_loss(f_i(h_i.detach()), y); backward into the classifiers.
-  3. metric_now_i = f_i's accuracy on the GLOBAL training batch (regression: sign accuracy over
-     non-zero labels; segmentation: the mean of the WT/TC/ET Dice over the batch's slices).
+  3. metric_now_i = f_i's accuracy on the GLOBAL training batch (regression: sign accuracy, over
+     every sample in the official variant, over non-zero labels in the paper one; segmentation: the mean of the WT/TC/ET Dice over the batch's slices).
   4. d_i = now_i - prev_i; S = sum d + 1e-8; c_i = (S - d_i)/S; encoder-core gradients of modality i
      are multiplied by rho * c_i (`modulation`); c_i always logged, optionally clipped (`coeff_clip`).
   5. `direction`: L_gm = (sum |c_i| - sum c_i cos(vec_i, vec_F)) / M.
@@ -82,6 +82,7 @@ DEFAULT_CONFIG = "train/configs/cggm_seq3.yaml"
 
 
 def check_config(cfg):
+    loop.check_config(cfg)
     for key, allowed in (("variant", ("official", "paper")), ("mixed_precision", ("no", "bf16"))):
         check_choice(key, cfg[key], allowed)
     clip = cfg["coeff_clip"]

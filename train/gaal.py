@@ -4,7 +4,7 @@
     accelerate launch train/gaal.py --variant paper --surgery false   # ablations: surgery, guidance, ...
     accelerate launch --multi_gpu --num_processes 2 train/gaal.py     # 2-rank data parallel
 
-Per training batch, two updates, image first (README.md, "GAAL"):
+Per training batch, two updates, image first (docs/methods/gaal.md):
   for the active modality m, with the other modality o:
     1. g_ref = grad_H of the mean CE over the hard samples of o (top topk_frac of the batch by the
        entropy of softmax(H(f_o))), with f_o computed without a graph (only H's gradient is used);
@@ -67,6 +67,7 @@ DEFAULT_CONFIG = "train/configs/gaal_imgtab.yaml"
 
 
 def check_config(cfg):
+    loop.check_config(cfg)
     for key, allowed in (("variant", ("official", "paper")), ("guidance", ("hard", "full")),
                          ("mixed_precision", ("no", "bf16"))):
         check_choice(key, cfg[key], allowed)   # bf16 only: fp16 needs a loss scaler the two-update step lacks

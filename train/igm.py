@@ -8,7 +8,7 @@
 
 Model: per modality an encoder E_j and a head H_j = Linear(D_j,256) -> ReLU -> Linear(256,64) ->
 Linear(64,C); nothing shared. Fused prediction: mean of the per-modality softmax outputs (official),
-or entropy-weighted (`fusion: entropy`, MLA-style). See README.md, "IGM" (official vs paper, every switch).
+or entropy-weighted (`fusion: entropy`, MLA-style). See docs/methods/igm.md (official vs paper, every switch).
 
 variant official (the released code):
   stages of whole epochs (`stage_epochs`), modality j = modalities[s % m] in stage s. Each stage
@@ -103,6 +103,7 @@ REWEIGHTED_MAX_RHO = 1e-8   # above this the released move is visible in float32
 
 
 def check_config(cfg):
+    loop.check_config(cfg)
     for key, allowed in (("variant", ("official", "paper")), ("sam_impl", ("reweighted", "exact")),
                          ("fusion", ("mean", "entropy")), ("mixed_precision", ("no", "bf16"))):
         check_choice(key, cfg[key], allowed)

@@ -269,6 +269,18 @@ def selection(cfg: dict, task: str) -> tuple[str, Callable[[float, float], bool]
     return key, (lambda new, best: new > best + delta) if higher else (lambda new, best: new < best - delta)
 
 
+SCHEDULERS = ("none", "step", "cosine", "warmup_cosine", "plateau")
+
+
+def check_config(cfg: dict) -> None:
+    """Refuse a loop key that names no choice (select_on, select_metric, scheduler, optimizer),
+    before any compute. Every script's own check_config calls this first; train() calls it too."""
+    check_choice("select_on", cfg["select_on"], metrics.SELECT_ON)
+    check_choice("select_metric", cfg["select_metric"], metrics.SELECT_METRIC)
+    check_choice("scheduler", cfg["scheduler"], SCHEDULERS)
+    check_choice("optimizer", cfg["optimizer"], ("adam", "adamw", "sgd"))
+
+
 def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step: Callable | None = None,
           epoch_end: Callable | None = None, tasks=("classification",), min_modalities: int = 1,
           max_modalities: int | None = None, deepspeed: bool | str = False) -> dict:
@@ -279,11 +291,11 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
     accelerator and `step` steps the engine); otherwise the reason the method cannot run under
     it, refused before any compute."""
     # refusals before any compute, then before anything is written ---------------------------------
-    check_choice("select_on", cfg["select_on"], metrics.SELECT_ON)
-    check_choice("select_metric", cfg["select_metric"], metrics.SELECT_METRIC)
+    check_config(cfg)
     accelerator = distributed.setup_accelerator(cfg)
     if deepspeed is not True:
-        distributed.refuse_deepspeed(accelerator, method, deepspeed or "it edits the reduced gradients by hand")
+        distributed.refuse_deepspeed(accelerator, method, deepspeed or "its script does not declare DeepSpeed support "
+                                     "(loop.train(..., deepspeed=True))")
     preemption = Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
     meta = data.prepare_data(cfg, accelerator)            # validates every shard before any compute
     task = meta["task"]

@@ -1,0 +1,170 @@
+"""train/loop.py through every script: N ranks = 1 rank (weights and the logged losses, which are the
+mean over ranks), the logging window after a resume, a NaN on one rank, and the skeleton written once."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import final_weights, run_script
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tb_scalars(run_dir: Path) -> dict:
+    """{tag: {step: value}} of a run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def seq3(tmp_path_factory):
+    from data_prep import embedded
+    return embedded.generate(tmp_path_factory.mktemp("data"), "seq3", n_train=256, n_val=128, n_test=128)
+
+
+NO_DROPOUT = ["--encoders", "{text: {d_model: 16, n_layers: 1, dropout: 0.0}, audio: {d_model: 16, n_layers: 1, "
+              "dropout: 0.0}, vision: {d_model: 16, n_layers: 1, dropout: 0.0}}"]
+# Per script: a configuration where N ranks x B/N is the same computation as 1 rank x B (no
+# BatchNorm, no dropout, no mixup pairing within a rank's slice; SGD, see test_train.test_ddp_two_ranks_match_one).
+SCRIPTS = {
+    "joint": NO_DROPOUT,
+    "gaal": NO_DROPOUT + ["--modalities", "[text, audio]", "--patience", "0"],
+    "igm": NO_DROPOUT + ["--mixup_alpha", "0", "--stage_epochs", "[1, 1]", "--scheduler", "none"],
+    "cggm": ["--d_model", "16", "--fusion", "{n_layers: 1, dropout: 0.0}", "--classifier", "{dropout: 0.0}",
+             "--head_dropout", "0.0"] + [
+        "--encoders", "{text: {d_model: 16, out_dim: 16, n_layers: 1, dropout: 0.0}, audio: {d_model: 16, out_dim: 16, "
+        "n_layers: 1, dropout: 0.0}, vision: {d_model: 16, out_dim: 16, n_layers: 1, dropout: 0.0}}"],
+}
+
+
+EMPTY_CONFIG = REPO / "tests" / "empty.yaml"   # DEFAULTS and the flags only, no shipped YAML
+
+
+def common_args(data, out, *extra):
+    return ["--config", str(EMPTY_CONFIG), "--data", str(data), "--out_dir", str(out), "--epochs", "2", "--batch_size", "64",
+            "--optimizer", "sgd", "--lr", "0.05", "--log_every", "2", "--progress", "false", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_two_ranks_equal_one_through_the_loop(seq3, tmp_path, script):
+    """Every script on the shared loop: 2 processes x 32 == 1 process x 64 — the final weights, and
+    every logged loss (the mean over ranks of each rank's window mean) at every logged step."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script(f"train/{script}.py", common_args(seq3, one, *SCRIPTS[script]))
+    run_script(f"train/{script}.py", common_args(seq3, two, *SCRIPTS[script]), nproc=2)
+    a, b = final_weights(one), final_weights(two)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{script}: {key}")
+    sa, sb = tb_scalars(one), tb_scalars(two)
+    losses = [tag for tag in sa if tag.endswith("loss") and not tag.startswith("val")]
+    assert losses, sorted(sa)
+    for tag in losses:
+        assert sorted(sa[tag]) == sorted(sb[tag]), tag
+        for step, value in sa[tag].items():
+            assert sb[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-5), f"{script}: {tag} at step {step}"
+
+
+@pytest.mark.slow
+def test_first_window_after_a_resume_is_the_mean_of_the_steps_it_summed(seq3, tmp_path):
+    """log_every=4, stopped at step 2 and resumed: the value logged at step 4 is the mean of steps 3
+    and 4 (as a log_every=1 run gives them), not their sum divided by 4."""
+    args = SCRIPTS["cggm"]
+    every = tmp_path / "every"
+    run_script("train/cggm.py", common_args(seq3, every, *args, "--log_every", "1", "--epochs", "1"))
+    cut = tmp_path / "cut"
+    run_script("train/cggm.py", common_args(seq3, cut, *args, "--log_every", "4", "--epochs", "1",
+                                            "--stop_after_steps", "2"))
+    run_script("train/cggm.py", common_args(seq3, cut, *args, "--log_every", "4", "--epochs", "1", "--resume"))
+    per_step, resumed = tb_scalars(every), tb_scalars(cut)
+    for tag in ("train/loss", "text/clf_loss"):
+        expected = (per_step[tag][3] + per_step[tag][4]) / 2
+        assert resumed[tag][4] == pytest.approx(expected, rel=1e-5), tag
+        # the uninterrupted windows are means too
+        assert resumed[tag][8] == pytest.approx(sum(per_step[tag][s] for s in range(5, 9)) / 4, rel=1e-5), tag
+
+
+NAN_METHOD = '''
+"""A method whose loss turns NaN on rank 1 only, at its third step."""
+import torch
+import torch.nn.functional as F
+
+from models.fusion import LateFusionModel
+from train import loop, optim
+
+DEFAULTS = loop.DEFAULTS | dict(data={data!r}, log_every=5)
+
+
+def build(cfg, ctx):
+    model = LateFusionModel(ctx.meta, {{}}, ctx.modalities)
+    optimizer = optim.build_optimizer(cfg, model.parameters())
+    model, optimizer = ctx.accelerator.prepare(model, optimizer)
+    return loop.Setup(model, optimizer, fuse=LateFusionModel.fuse)
+
+
+def step(setup, batch, ctx):
+    loss = F.cross_entropy(LateFusionModel.fuse(setup.model(batch)), batch["label"])
+    setup.optimizer.zero_grad()
+    ctx.accelerator.backward(loss)
+    setup.optimizer.step()
+    if ctx.rank == 1 and ctx.position["step"] == 2:
+        loss = loss * float("nan")
+    return {{"train/loss": loss.detach()}}
+
+
+if __name__ == "__main__":
+    loop.run_entry_point(lambda cfg: loop.train(cfg, method="nan-on-rank-1", build=build, step=step), DEFAULTS, None)
+'''
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank_through_the_loop(seq3, tmp_path):
+    """Rank 1 alone sees a NaN at step 3; at the next check (step 5) BOTH ranks stop with the one-line
+    error and exit 2 — none waits forever in a collective, and no checkpoint is written after it."""
+    script = tmp_path / "nan_method.py"
+    script.write_text(NAN_METHOD.format(data=str(seq3)))
+    out = tmp_path / "run"
+    proc = run_script(str(script), ["--out_dir", str(out), "--batch_size", "32", "--progress", "false"], nproc=2,
+                      check=False, timeout=300)
+    assert proc.returncode != 0
+    errors = re.findall(r"\[rank (\d)\] error: non-finite loss at or before step (\d+)", proc.stderr)
+    assert sorted(errors) == [("0", "5"), ("1", "5")], proc.stderr[-3000:]
+    assert not (out / "checkpoints").exists()
+
+
+def test_one_epoch_loop_in_train():
+    """The skeleton exists once: no script but train/loop.py iterates over a training loader or
+    writes checkpoints itself."""
+    for path in sorted((REPO / "train").glob("*.py")):
+        text = path.read_text()
+        if path.name == "loop.py":
+            continue
+        assert "save_checkpoint(" not in text, path.name
+        assert "set_epoch(state" not in text and "for batch in bar" not in text, path.name
+        assert not re.search(r"while .*epoch.* <", text), path.name
+        assert "sys.path" not in text, path.name
+
+
+def test_adding_a_method_example_trains_end_to_end(tmp_path):
+    """docs/adding-a-method.md's complete example, extracted from the page and run as written."""
+    page = (REPO / "docs" / "adding-a-method.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    script = tmp_path / "ensemble.py"
+    script.write_text(code)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(script), "--data", str(REPO / "data" / "embedded_av"), "--out_dir",
+                           str(out), "--epochs", "1", "--progress", "false"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"] == "ensemble" and set(result["test"]) == {"audio", "video", "fused"}
+    assert result["test"]["fused"]["acc"] > 0.5
