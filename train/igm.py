@@ -453,6 +453,16 @@ def next_stage(setup: loop.Setup, ctx: loop.Context, val) -> None:
               + (f", T from {previous} on layers {sorted(state['T'][active])}" if state["T"][active] else ""))
 
 
+def ignored_keys(cfg: dict) -> dict:
+    """Keys the chosen variant does not read: refused on the command line, warned in a YAML."""
+    if cfg["variant"] == "official":
+        return {"epochs": "by variant=official (a run lasts sum(stage_epochs) epochs)",
+                "moment_decay": "by variant=official (T comes from one pass over the training set)",
+                "refresh_every": "by variant=official (T is rebuilt at each stage start)"}
+    return {key: "by variant=paper (no stages; the released re-weighted SAM is official only)"
+            for key in ("stage_epochs", "sam_impl", "sam_weight")}
+
+
 def main(cfg: dict) -> dict:
     check_config(cfg)
     return loop.train(cfg, method="IGM", build=build, step=step, after_step=refresh_paper_projections,
@@ -462,4 +472,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)
+    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG, ignored=ignored_keys)
