@@ -361,7 +361,7 @@ def build(cfg: dict, ctx: loop.Context) -> loop.Setup:
         return f"stage {state['stage'] + 1}/{len(stages)} ({stages[min(state['stage'], len(stages) - 1)]})"
 
     if official and not cfg["resume"]:
-        ctx.print(f"stage 0: {stages[0]} for {cfg['stage_epochs'][0]} epochs")
+        ctx.print(f"stage 1/{len(stages)}: {stages[0]} for {cfg['stage_epochs'][0]} epochs")
     return loop.Setup(model, optimizer, optim.build_scheduler(cfg, optimizer),
                       fuse=IGMModel.fuse if cfg["fusion"] == "mean" else IGMModel.fuse_entropy, state=state,
                       epochs=sum(cfg["stage_epochs"]) if official else cfg["epochs"],
@@ -449,7 +449,7 @@ def next_stage(setup: loop.Setup, ctx: loop.Context, val) -> None:
         ctx.log(projection_scalars(active, previous, Y, cfg["tau"]))
     state["prev_stage_grad"], state["stage_grad"] = state["stage_grad"], None
     ctx.log({"train/stage": s})
-    ctx.print(f"stage {s}: {active} for {cfg['stage_epochs'][s]} epochs"
+    ctx.print(f"stage {s + 1}/{len(stages)}: {active} for {cfg['stage_epochs'][s]} epochs"
               + (f", T from {previous} on layers {sorted(state['T'][active])}" if state["T"][active] else ""))
 
 
