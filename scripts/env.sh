@@ -1,9 +1,16 @@
-# Sourced by the other scripts: create .venv (or $VENV) and install the exact pins of
-# requirements.txt into it, once; re-installs when requirements.txt changes.
+# Sourced by the other scripts (or run: `bash scripts/env.sh`): create .venv (or $VENV), install
+# the exact pins of requirements.txt into it, then this checkout as an editable package
+# (`pip install --no-deps -e .`, pyproject.toml: `import train, models, methods, data_prep,
+# benchmarks` from anywhere, `python train/x.py` without PYTHONPATH). Each is redone only when
+# requirements.txt / pyproject.toml change, or when the venv's editable install points at another
+# checkout. Ends with the venv active in the calling script, the working directory at the
+# repository root, and one line telling the user how to activate it in their own shell.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
+caller_venv="${VIRTUAL_ENV:-}"
+caller_pwd="$PWD"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[env] creating virtual environment $VENV"
   "$PYTHON" -m venv "$VENV"
@@ -17,5 +24,19 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   python -m pip install --quiet -r "$ROOT/requirements.txt"
   echo "$want" > "$stamp"
 fi
+# this checkout, editable: after the pins (--no-deps: pyproject.toml repeats them, nothing else comes in)
+pkg_stamp="$VENV/.editable.sha256"
+pkg_want="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1) $ROOT"
+installed_from() {   # where `import train` resolves outside any working directory (-I: no cwd, no PYTHONPATH)
+  python -I -c 'import importlib.util as u; s = u.find_spec("train"); print(s.origin if s else "")' 2>/dev/null || true
+}
+if [ "$(cat "$pkg_stamp" 2>/dev/null || true)" != "$pkg_want" ] || [ "$(installed_from)" != "$ROOT/train/__init__.py" ]; then
+  echo "[env] installing this checkout editable ($ROOT)"
+  python -m pip install --quiet --no-deps -e "$ROOT"
+  echo "$pkg_want" > "$pkg_stamp"
+fi
 cd "$ROOT"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if [ "$caller_venv" != "$VENV" ]; then   # the calling shell does not have it active
+  if [ "$caller_pwd" = "$ROOT" ] && [ "$VENV" = "$ROOT/.venv" ]; then activate=".venv/bin/activate"; else activate="$VENV/bin/activate"; fi
+  echo "[env] accelerate, tensorboard and pytest on your PATH: . $activate"
+fi
