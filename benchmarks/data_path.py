@@ -47,21 +47,18 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import types
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import h5py
+import numpy as np
+import torch
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from data_prep import shards  # noqa: E402
-from train import data  # noqa: E402
+from data_prep import shards
+from train import data
 
 DVM_CATEGORICAL = {"Color": 22, "Bodytype": 13, "Gearbox": 3, "Fuel_type": 12}
 SHAPES = {

@@ -28,11 +28,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import data_path, scaling, step_time  # noqa: E402
+from benchmarks import data_path, scaling, step_time
 
 STEP_CASES = {
     # --shapes: [(method, shape)]; "cpu" keeps every step under a second on two cores

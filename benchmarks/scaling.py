@@ -21,12 +21,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 WORKLOADS = {
     # name: (samples, {modality: (shape, dtype)}, global batch of the released recipe, method)

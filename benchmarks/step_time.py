@@ -35,21 +35,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from methods import flat_sam  # noqa: E402
-from models.fusion import CGGMModel, IGMModel, SharedHeadModel  # noqa: E402
-from train import cggm  # noqa: E402
-from train.gaal import DEFAULTS as GAAL_DEFAULTS  # noqa: E402
-from train.gaal import gaal_step  # noqa: E402
-from train import igm  # noqa: E402
+from methods import flat_sam
+from models.fusion import CGGMModel, IGMModel, SharedHeadModel
+from train import cggm
+from train.gaal import DEFAULTS as GAAL_DEFAULTS
+from train.gaal import gaal_step
+from train import igm
 
 SHAPES = {
     # name: (image shape, n_continuous, categorical, classes, batch, image encoder, table encoder)

@@ -1,15 +1,34 @@
-# Sourced by the other scripts: create .venv (or $VENV) and install the exact pins of
-# requirements.txt into it, once; re-installs when requirements.txt changes.
+# Sourced by the other scripts (or run: `bash scripts/env.sh`): create .venv (or $VENV), install
+# the exact pins of requirements.txt into it, then this checkout as an editable package
+# (`pip install --no-deps -e .`, pyproject.toml: `import train, models, methods, data_prep,
+# benchmarks` from anywhere, `python train/x.py` without PYTHONPATH). Each is redone only when
+# requirements.txt / pyproject.toml change, or when the venv's editable install points at another
+# checkout. The venv's activate script gets one PATH line (scripts/bin first: `accelerate launch`
+# without flags uses train/configs/accelerate/default.yaml instead of warning about defaults).
+# Ends with the venv active in the calling script, the working directory at the repository root,
+# and one line telling the user how to activate it in their own shell.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
+caller_venv="${VIRTUAL_ENV:-}"
+caller_pwd="$PWD"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[env] creating virtual environment $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-# shellcheck disable=SC1091
-. "$VENV/bin/activate"
+# the venv's activate script also puts scripts/bin first on PATH: its `accelerate` gives a bare
+# `accelerate launch` train/configs/accelerate/default.yaml (no defaults warning; scripts/bin/accelerate)
+activate="$VENV/bin/activate"
+path_line="PATH=\"$ROOT/scripts/bin:\$PATH\"; export PATH"
+if ! grep -qxF "$path_line" "$activate"; then
+  sed -i '/^# >>> mm-balance >>>$/,/^# <<< mm-balance <<<$/d' "$activate"   # another checkout's, if any
+  printf '%s\n' "# >>> mm-balance >>>" "# added by $ROOT/scripts/env.sh: accelerate launch with the repository's default config" \
+    "$path_line" "# <<< mm-balance <<<" >> "$activate"
+  echo "[env] $activate now puts $ROOT/scripts/bin first on PATH (accelerate launch: train/configs/accelerate/default.yaml)"
+fi
+# shellcheck disable=SC1090
+. "$activate"
 stamp="$VENV/.requirements.sha256"
 want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
@@ -17,5 +36,19 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   python -m pip install --quiet -r "$ROOT/requirements.txt"
   echo "$want" > "$stamp"
 fi
+# this checkout, editable: after the pins (--no-deps: pyproject.toml repeats them, nothing else comes in)
+pkg_stamp="$VENV/.editable.sha256"
+pkg_want="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1) $ROOT"
+installed_from() {   # where `import train` resolves outside any working directory (-I: no cwd, no PYTHONPATH)
+  python -I -c 'import importlib.util as u; s = u.find_spec("train"); print(s.origin if s else "")' 2>/dev/null || true
+}
+if [ "$(cat "$pkg_stamp" 2>/dev/null || true)" != "$pkg_want" ] || [ "$(installed_from)" != "$ROOT/train/__init__.py" ]; then
+  echo "[env] installing this checkout editable ($ROOT)"
+  python -m pip install --quiet --no-deps -e "$ROOT"
+  echo "$pkg_want" > "$pkg_stamp"
+fi
 cd "$ROOT"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if [ -z "$caller_venv" ] || [ "$(cd "$caller_venv" 2>/dev/null && pwd -P)" != "$(cd "$VENV" && pwd -P)" ]; then   # not active in the caller
+  if [ "$caller_pwd" = "$ROOT" ] && [ "$VENV" = "$ROOT/.venv" ]; then activate=".venv/bin/activate"; else activate="$VENV/bin/activate"; fi
+  echo "[env] accelerate, tensorboard and pytest on your PATH: . $activate"
+fi

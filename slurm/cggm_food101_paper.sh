@@ -1,20 +1,16 @@
 #!/bin/bash
 # CGGM on UPMC Food-101, paper variant and Table 7 settings: train/cggm.py --config train/configs/cggm_food101_paper.yaml
-#   sbatch slurm/cggm_food101_paper.sh [--key value ...]        # from the repository root; flags go to train/cggm.py
-#   DATA=/data/shards/food101 RUN_NAME=cggm_food101_paper_seed1 sbatch slurm/cggm_food101_paper.sh --seed 1
-# The #SBATCH lines are defaults: edit them here, or override them on the sbatch command line
-# (sbatch --nodes=2 ...; --gpus-per-node=0 on a cluster without GPUs). The environment (DATA,
-# RUN_DIR, ...), automatic --resume, signals and requeueing: slurm/launch.sh.
-#SBATCH --job-name=cggm_food101_paper
-#SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
-#SBATCH --gpus-per-node=1
-#SBATCH --cpus-per-task=8
+# ---- what a cluster user edits here (or overrides: sbatch --partition=p --time=2:00:00 slurm/cggm_food101_paper.sh) ----
+##SBATCH --partition=gpu
+##SBATCH --account=my_account
+#SBATCH --nodes=1 --gpus-per-node=1 --cpus-per-task=8
 #SBATCH --time=24:00:00
-#SBATCH --output=slurm/logs/%x-%j.out
-#SBATCH --open-mode=append
-#SBATCH --signal=B:USR1@300
-#SBATCH --requeue
+# ---- the launcher protocol (slurm/train.sbatch explains it; keep) ----
+#SBATCH --job-name=cggm_food101_paper --ntasks-per-node=1 --output=slurm/logs/%x-%j.out --open-mode=append
+#SBATCH --signal=B:USR1@300 --requeue
+DATA="${DATA:-}"   # the shards; empty: ${DATA_ROOT:-<repository>/data}/food101
 SCRIPT=cggm CONFIG=train/configs/cggm_food101_paper.yaml DATASET=food101
-. "${REPO:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/launch.sh" ||
-  { echo "slurm/launch.sh not found: submit from the repository root or set REPO" >&2; exit 1; }
+# sbatch slurm/cggm_food101_paper.sh [--seed 1 ...] from the repository root: flags go to train/cggm.py; DATA, RUN_NAME,
+# RUN_DIR, ... and automatic --resume, signals, requeueing: slurm/train.sbatch
+. "${REPO:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/train.sbatch" ||
+  { echo "slurm/train.sbatch not found: submit from the repository root or set REPO" >&2; exit 1; }

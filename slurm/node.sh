@@ -1,5 +1,5 @@
-# Started once per node by slurm/launch.sh (srun --ntasks-per-node=1): this node's training
-# processes. Arguments: train/<script>.py and its flags. Environment from launch.sh: PYTHON, NNODES,
+# Started once per node by slurm/train.sbatch (srun --ntasks-per-node=1): this node's training
+# processes. Arguments: train/<script>.py and its flags. Environment from train.sbatch: PYTHON, NNODES,
 # NPROC_PER_NODE, NUM_PROCESSES, MASTER_ADDR, MASTER_PORT; SLURM_NODEID is this node's machine rank.
 #
 # Signals. The training script (train/common.py Preemption) turns SIGTERM and SIGUSR1 into

@@ -14,14 +14,20 @@ with --sweep one sub-directory per point of the product, `seed0_lr0.001` style. 
 `submit.txt`: the submit command, the resolved training command, the executor parameters and the
 job id. submitit's own logs go to `<out_dir>/submitit/`.
 
-Requeueing (submitit's checkpoint protocol): a job is signalled (SIGUSR2, `signal_delay_s` before
-its time limit, or at preemption with SLURM's preempt_send_user_signal); the signal is passed to the
-training script as SIGUSR1, which checkpoints at the next step boundary and returns; then submitit
-calls `TrainRun.checkpoint()`, which returns `DelayedSubmission(TrainRun(... --resume))`, and
-requeues the job (SLURM: `scontrol requeue`; local: the controller restarts it), at most
-`--max_requeues` times for time-outs. A job that SLURM itself requeues (node failure, `scontrol
-requeue`) also resumes: a run that starts with a checkpoint in its out_dir adds `--resume`.
-SIGTERM (scancel) makes the script checkpoint and stop without a requeue.
+Requeueing (submitit's checkpoint protocol, public API only): a job is signalled with submitit's
+signal (`submitit.JobEnvironment.USR_SIG`, USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise;
+`signal_delay_s` before its time limit, or at preemption with SLURM's preempt_send_user_signal).
+TrainRun's handler passes it to the training script as SIGUSR1, which checkpoints at the next step
+boundary and returns; then TrainRun hands the signal to the handler submitit installed for it, which
+calls `TrainRun.checkpoint()` -> `DelayedSubmission(TrainRun(... --resume))` and requeues the job
+(SLURM: `scontrol requeue`; local: the controller restarts it), at most `--max_requeues` times for
+time-outs. A job that SLURM itself requeues (node failure, `scontrol requeue`) also resumes: a run
+that starts with a checkpoint in its out_dir adds `--resume`. SIGTERM (scancel) makes the script
+checkpoint and stop without a requeue. `interrupt(job)` sends the signal by public means (tests).
+
+Imports: `train.<script>` comes from the installed package (pyproject.toml; scripts/env.sh installs
+the checkout editable). It must be this checkout's: the submit and the job both refuse to run code
+from another checkout (set PYTHONPATH to this one, or re-install it) rather than run it silently.
 
 Several tasks per job (--tasks_per_node > 1 or --nodes > 1): every task runs the script's main()
 after `submitit.helpers.TorchDistributedEnvironment().export()` (MASTER_ADDR/PORT, RANK,
@@ -38,6 +44,7 @@ import re
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -50,7 +57,6 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ("gaal", "igm", "cggm", "joint", "unimodal")
 
 
-
 def _pickle_by_value() -> None:
     """TrainRun is pickled by submitit; when this file is imported as a module (the tests) rather
     than run as a script, pickle it by value: the job need not import this file by its name."""
@@ -59,6 +65,41 @@ def _pickle_by_value() -> None:
             cloudpickle.register_pickle_by_value(sys.modules[__name__])
         except ValueError:
             pass
+
+
+def requeue_signal() -> signal.Signals:
+    """The signal submitit requeues on: its public `JobEnvironment.USR_SIG` (a name, "USR2" unless
+    the environment variable SUBMITIT_PREEMPT_SIGNAL sets another), the one it asks SLURM for
+    (`--signal=USR2@<signal_delay_s>`) and handles in the job."""
+    name = submitit.JobEnvironment.USR_SIG
+    try:
+        return signal.Signals["SIG" + name.upper().removeprefix("SIG")]
+    except KeyError:
+        raise RuntimeError(f"submitit's signal {name!r} (SUBMITIT_PREEMPT_SIGNAL) is not a signal name") from None
+
+
+class CheckoutError(RuntimeError):
+    """train/ would be imported from another checkout than the one submitting (or not at all)."""
+
+
+def import_script(script: str, repo: str | Path = REPO):
+    """`train.<script>`, checked to come from the checkout `repo`."""
+    try:
+        module = importlib.import_module(f"train.{script}")
+    except ModuleNotFoundError as err:
+        raise CheckoutError(f"cannot import train.{script} ({err}): install the repository into this Python "
+                            f"(bash scripts/env.sh, or pip install --no-deps -e {repo})") from None
+    found = Path(module.__file__).resolve().parent.parent
+    if found != Path(repo).resolve():
+        raise CheckoutError(f"train.{script} is imported from {found}, not from {repo}: the environment's editable "
+                            f"install points at another checkout. Run `pip install --no-deps -e {repo}` (or "
+                            f"`bash scripts/env.sh` there), or set PYTHONPATH={repo}")
+    return module
+
+
+def pid_file(paths, job_id, rank) -> Path:
+    """Where a running task leaves its process id (for interrupt(); in the job's submitit folder)."""
+    return Path(paths.folder) / f"{job_id}_{rank}.pid"
 
 
 def has_checkpoint(out_dir: str | Path) -> bool:
@@ -110,24 +151,29 @@ class TrainRun:
     def __call__(self):
         if self.threads:   # before torch is imported: one task's share of the CPUs
             os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
-        sys.path.insert(0, self.repo)
         os.chdir(self.repo)
-        from train import config, distributed, rundir
-        module = importlib.import_module(f"train.{self.script}")
+        module = import_script(self.script, self.repo)
+        from train import config, distributed   # after the checkout check: this repository's
         argv = list(self.argv)
         if has_checkpoint(self.out_dir) and "--resume" not in argv:
             argv.append("--resume")   # requeued by SLURM itself (node failure, scontrol requeue)
-        cfg = config.load_config(module.DEFAULTS, argv, default_config=module.DEFAULT_CONFIG)
+        cfg = config.load_config(module.DEFAULTS, argv, default_config=module.DEFAULT_CONFIG,
+                                   ignored=getattr(module, "ignored_keys", None))
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
             # one task per process; GPUs stay all visible, Accelerate takes cuda:LOCAL_RANK
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         print(f"[submit] {env}: {shlex.join(['train/' + self.script + '.py', *argv])}", flush=True)
-        requeue_sig = submitit.JobEnvironment._usr_sig()
-        self._submitit_handler = signal.getsignal(requeue_sig)
+        requeue_sig = requeue_signal()
+        self._submitit_handler = signal.getsignal(requeue_sig)   # submitit's: checkpoint() and requeue
         signal.signal(requeue_sig, self._on_requeue_signal)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)   # until the script installs its handler
-        result = module.main(cfg)
+        pid = self._write_pid(env)
+        try:
+            result = module.main(cfg)
+        finally:
+            if pid:
+                pid.unlink(missing_ok=True)
         distributed.finish()
         if was_stopped(result):
             if not self._requeue_signal.is_set():
@@ -136,6 +182,18 @@ class TrainRun:
                 # submitit: checkpoint() -> DelayedSubmission, requeue, exit (rank 0; others return)
                 self._submitit_handler(requeue_sig, None)
         return result
+
+    @staticmethod
+    def _write_pid(env) -> Path | None:
+        """This task's pid in the job's submitit folder, for interrupt() (none for in-process debug jobs)."""
+        try:
+            pid = pid_file(env.paths, env.job_id, env.global_rank)
+        except KeyError:   # the debug executor runs in this process and has no job folder
+            return None
+        tmp = pid.with_suffix(".tmp")
+        tmp.write_text(str(os.getpid()))
+        tmp.replace(pid)
+        return pid
 
     def checkpoint(self, *args, **kwargs):
         """submitit's protocol: what to run after a requeue (the same run, resumed)."""
@@ -146,20 +204,22 @@ class TrainRun:
 
 
 def interrupt(job) -> None:
-    """Send a running job the signal submitit requeues on (what a time limit or a preemption sends).
+    """Send a running job the signal submitit requeues on: what SLURM sends `signal_delay_s` before
+    the time limit (and at preemption with preempt_send_user_signal). For tests and by hand.
 
-    SLURM: `job._interrupt()` (scancel --signal). Local: submitit 1.5.4's LocalJob._interrupt()
-    signals the controller process, which has no handler for SIGUSR2 and dies while the task runs
-    on unsupervised; so this signals the controller's task processes instead."""
-    if not isinstance(job, submitit.LocalJob):
-        job._interrupt()
+    SLURM: `scancel --signal=USR2 <job>` (to the job's steps, where the tasks run, as SLURM's own
+    time-limit signal). Local: to each task's process, whose id the task wrote into the job's
+    submitit folder when it started (the local controller itself must not get it: it has no handler
+    and would die, leaving the task unsupervised)."""
+    sig = requeue_signal()
+    if isinstance(job, submitit.SlurmJob):
+        subprocess.run(["scancel", f"--signal={sig.name.removeprefix('SIG')}", str(job.job_id)], check=True)
         return
-    pid = job._process.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    if not children:
-        raise RuntimeError(f"local job {job.job_id}: no running task under controller {pid}")
-    for child in children:
-        os.kill(int(child), submitit.JobEnvironment._usr_sig())
+    files = sorted(Path(job.paths.folder).glob(f"{job.job_id}_*.pid"))
+    if not files:
+        raise RuntimeError(f"job {job.job_id}: no running task (no {job.job_id}_<rank>.pid in {job.paths.folder})")
+    for f in files:
+        os.kill(int(f.read_text()), sig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,11 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_runs(args, script_argv: list[str]):
     """[(out_dir, argv)] per sweep point; argv with absolute --data and --out_dir, checked by load_config."""
-    sys.path.insert(0, str(REPO))
-    from train import config, distributed, rundir
-    module = importlib.import_module(f"train.{args.script}")
     try:
-        base_cfg = config.load_config(module.DEFAULTS, script_argv, default_config=module.DEFAULT_CONFIG)
+        module = import_script(args.script)
+    except CheckoutError as err:
+        raise SystemExit(f"slurm/submit.py: {err}") from None
+    from train import config, rundir   # after the checkout check: this repository's
+    try:
+        base_cfg = config.load_config(module.DEFAULTS, script_argv, default_config=module.DEFAULT_CONFIG,
+                                   ignored=getattr(module, "ignored_keys", None))
     except config.ConfigError as err:
         raise SystemExit(f"train/{args.script}.py: {err}") from None
     config_name = Path(base_cfg.get("config_file") or module.DEFAULT_CONFIG).stem
@@ -268,7 +331,8 @@ def resolve_runs(args, script_argv: list[str]):
             argv += [f"--{key}", value]
         argv += ["--out_dir", str(out_dir)] + (["--data", data] if data else [])
         try:
-            cfg = config.load_config(module.DEFAULTS, argv, default_config=module.DEFAULT_CONFIG)
+            cfg = config.load_config(module.DEFAULTS, argv, default_config=module.DEFAULT_CONFIG,
+                                   ignored=getattr(module, "ignored_keys", None))
         except config.ConfigError as err:
             raise SystemExit(f"train/{args.script}.py {point_tag(point)}: {err}") from None
         previous = rundir.previous_run_files(out_dir)   # what the script itself would refuse, before submitting

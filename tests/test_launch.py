@@ -5,7 +5,7 @@ and a 2-process run stopped by SIGTERM checkpoints and ends the way the README p
   GPUs) starts ONE process: refused, naming what was asked and what to run instead;
 - DeepSpeed with several processes and no CUDA (Accelerate would join 1, DeepSpeed sees N): refused;
 - SIGTERM to a 2-process run: every training process checkpoints at the next step boundary and
-  exits 0. Started through slurm/node.sh (what slurm/launch.sh and the sbatch scripts run, in or
+  exits 0. Started through slurm/node.sh (what slurm/train.sbatch and the sbatch scripts run, in or
   outside SLURM), the launcher exits 0 too, whether the signal reaches the launcher alone, its
   process group, or every process (SLURM). A bare `accelerate launch --multi_gpu` exits 1 (torch's
   elastic agent re-raises the signal as SignalException); its checkpoint is just as complete.
@@ -309,8 +309,8 @@ def assert_checkpoint(run_dir, step):
     assert not (run_dir / "result.json").exists()
 
 
-def through_launch_sh(data, run_dir, *extra, epochs=EPOCHS):
-    """`bash slurm/joint_seq3.sh` outside SLURM on 2 processes: slurm/launch.sh -> slurm/node.sh ->
+def through_sbatch_wrapper(data, run_dir, *extra, epochs=EPOCHS):
+    """`bash slurm/joint_seq3.sh` outside SLURM on 2 processes: slurm/train.sbatch -> slurm/node.sh ->
     accelerate launch --multi_gpu (resumes by itself when run_dir holds a checkpoint)."""
     cmd = ["bash", "slurm/joint_seq3.sh", *model_args(*extra, epochs=epochs)]
     env = dict(DATA=str(data), RUN_DIR=str(run_dir), PYTHON=sys.executable, NPROC_PER_NODE="2",
@@ -322,7 +322,7 @@ def through_launch_sh(data, run_dir, *extra, epochs=EPOCHS):
 @pytest.mark.parametrize("target", ["launcher", "group", "every"])
 def test_sigterm_two_processes_through_node_sh_exits_0_and_resumes(target, seq3_small, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "first.log"
-    cmd, env = through_launch_sh(seq3_small, run_dir)
+    cmd, env = through_sbatch_wrapper(seq3_small, run_dir)
     proc = start(cmd, log, **env)
     try:
         wait_for_text(proc, log, "epoch 1:")
@@ -333,8 +333,8 @@ def test_sigterm_two_processes_through_node_sh_exits_0_and_resumes(target, seq3_
     step = stopped_at(log)
     assert 4 <= step < 4 * EPOCHS
     assert_checkpoint(run_dir, step)
-    # the same command again resumes (launch.sh adds --resume) and continues: here for two steps
-    cmd, env = through_launch_sh(seq3_small, run_dir, "--stop_after_steps", str(step + 2))
+    # the same command again resumes (train.sbatch adds --resume) and continues: here for two steps
+    cmd, env = through_sbatch_wrapper(seq3_small, run_dir, "--stop_after_steps", str(step + 2))
     again = run(cmd, timeout=120, **env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "--resume" in again.stdout and f"[resume] from step {step} " in again.stdout
@@ -347,10 +347,10 @@ def test_sigterm_two_processes_resume_is_exact(seq3_small, tmp_path):
     """SIGTERM to the launcher (node.sh) of a 2-process run, then the same command: the resumed run
     ends bit-identical to an uninterrupted 2-process one, and every launch exits 0."""
     whole, split = tmp_path / "whole", tmp_path / "split"
-    cmd, env = through_launch_sh(seq3_small, whole, epochs=20)
+    cmd, env = through_sbatch_wrapper(seq3_small, whole, epochs=20)
     proc = run(cmd, timeout=120, **env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    cmd, env = through_launch_sh(seq3_small, split, epochs=20)
+    cmd, env = through_sbatch_wrapper(seq3_small, split, epochs=20)
     log = tmp_path / "split.log"
     proc = start(cmd, log, **env)
     try:

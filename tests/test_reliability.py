@@ -16,7 +16,7 @@ import torch
 
 from data_prep import embedded
 from tests.test_train import REPO, final_weights, run_script, seq3_args
-from train import checkpoint, config, data, loop
+from train import checkpoint, config, loop
 
 
 @pytest.fixture(scope="module")
@@ -250,10 +250,11 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints(seq3, tmp_path):
 
 def test_ignore_stop_signals_in_a_worker():
     """What the DataLoader's worker_init_fn does, in a real child process."""
-    code = ("import os, signal, sys; sys.path.insert(0, %r)\n"
+    code = ("import os, signal\n"
             "from train import data\n"
             "data.ignore_stop_signals(0)\n"
             "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGUSR1)\n"
-            "print('alive')\n") % str(REPO)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+            "print('alive')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == 0 and proc.stdout.strip() == "alive", proc.stderr

@@ -25,7 +25,8 @@ from tests.test_train import final_weights
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
-SBATCH_SCRIPTS = sorted(p for p in (REPO / "slurm").glob("*.sh") if p.name not in ("launch.sh", "node.sh"))
+GENERIC = REPO / "slurm" / "train.sbatch"   # the one launcher; slurm/<name>.sh are thin wrappers around it
+SBATCH_SCRIPTS = sorted(p for p in (REPO / "slurm").glob("*.sh") if p.name != "node.sh")
 EPOCHS = 4   # 4 steps per epoch on the tiny set: long enough to interrupt after the first checkpoint
 STEPS = 4 * EPOCHS
 # train/configs/gaal_dvm.yaml's ResNet-50 at 128x128 made tiny for the 32x32 embedded images
@@ -74,7 +75,7 @@ def resumed_from(log: str) -> int:
 
 def test_sbatch_scripts_parse_and_name_existing_configs():
     assert SBATCH_SCRIPTS, "no slurm/*.sh"
-    for helper in ("launch.sh", "node.sh"):
+    for helper in ("train.sbatch", "node.sh"):
         subprocess.run(["bash", "-n", str(REPO / "slurm" / helper)], check=True)
     subprocess.run(["bash", "-n", str(CLUSTER_SCRIPT)], check=True)
     for path in SBATCH_SCRIPTS:
@@ -91,10 +92,60 @@ def test_sbatch_scripts_parse_and_name_existing_configs():
         first_command = next(i for i, l in enumerate(text.splitlines()) if l and not l.startswith("#"))
         assert all(i < first_command for i, l in enumerate(text.splitlines()) if l.startswith("#SBATCH")), \
             f"{path.name}: #SBATCH lines after the first command are ignored by sbatch"
+    # the generic script, submitted directly, carries the same protocol
+    header = [l for l in GENERIC.read_text().splitlines() if l.startswith("#SBATCH")]
+    for option in ("--output", "--signal=B:USR1@", "--requeue", "--open-mode=append", "--ntasks-per-node=1"):
+        assert any(option in l for l in header), f"train.sbatch: no #SBATCH {option}"
     # every shipped config of the three scripts has its sbatch script
     for config in (REPO / "train" / "configs").glob("*.yaml"):
         if config.stem.split("_")[0] in ("gaal", "igm", "joint"):
             assert (REPO / "slurm" / f"{config.stem}.sh").is_file(), f"no slurm/{config.stem}.sh"
+
+
+def test_sbatch_wrappers_are_thin():
+    """Each slurm/<name>.sh: its resources and the protocol's #SBATCH lines (what a cluster user edits
+    first, partition and account included), the data path, SCRIPT/CONFIG/DATASET, and `. train.sbatch`."""
+    assert len(SBATCH_SCRIPTS) == 21
+    for path in SBATCH_SCRIPTS:
+        lines = path.read_text().splitlines()
+        commands = [l for l in lines if l.strip() and not l.lstrip().startswith("#")]
+        assert len(commands) <= 4, f"{path.name}: logic belongs in slurm/train.sbatch: {commands}"
+        assert commands[0].startswith('DATA="${DATA:-'), path.name
+        assert commands[1].startswith("SCRIPT="), path.name
+        assert commands[2].startswith(". ") and "/slurm/train.sbatch" in commands[2], path.name
+        v = script_vars(path)
+        assert set(v) == {"SCRIPT", "CONFIG", "DATASET"}, path.name
+        top = "\n".join(lines[:10])
+        for what in ("##SBATCH --partition=", "##SBATCH --account=", "--gpus-per-node=", "--time="):
+            assert what in top, f"{path.name}: {what} not among the first lines"
+        assert f"--job-name={path.stem} " in path.read_text(), path.name
+
+
+def test_train_sbatch_direct_use_is_checked(tmp_path):
+    env = launch_env(tmp_path / "nodata", tmp_path / "run")
+    cases = [([], "usage: sbatch slurm/train.sbatch SCRIPT CONFIG"),
+             (["nosuch", "train/configs/gaal_dvm.yaml"], "no train/nosuch.py"),
+             (["gaal", "train/configs/nosuch.yaml"], "no config train/configs/nosuch.yaml"),
+             (["train/gaal.py", "train/configs/gaal_dvm.yaml", "--config", "x.yaml"], "this script trains")]
+    for args, message in cases:
+        proc = subprocess.run(["bash", "slurm/train.sbatch", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+    assert not (tmp_path / "run").exists()
+
+
+def test_submit_uses_only_public_submitit_api():
+    """No private submitit name (job._interrupt(), job._process, JobEnvironment._usr_sig(), ...):
+    the only `x._name` accesses left in submit.py are TrainRun's own, on `self`."""
+    import ast
+    tree = ast.parse((REPO / "slurm" / "submit.py").read_text())
+    private = [f"{ast.unparse(n.value)}.{n.attr} (line {n.lineno})" for n in ast.walk(tree)
+               if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+               and not (isinstance(n.value, ast.Name) and n.value.id == "self")]
+    assert not private, private
+    text = (REPO / "slurm" / "submit.py").read_text()
+    for name in ("_usr_sig", "_interrupt", "_process", "_handle_signals", "_checkpoint_function"):
+        assert name not in text, name
 
 
 def test_submit_help_and_dry_run_sweep(tmp_path):
@@ -145,6 +196,20 @@ def test_launcher_outside_slurm_resumes_automatically(tiny_imgtab, tmp_path):
     assert third.returncode == 0 and "already holds result.json" in third.stdout
     bad = subprocess.run(cmd + ["--out_dir", "x"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "set RUN_DIR" in bad.stderr
+
+
+@pytest.mark.slow
+def test_train_sbatch_used_directly_outside_slurm(tiny_imgtab, tmp_path):
+    """`bash slurm/train.sbatch SCRIPT CONFIG flags`: the same launcher as the wrappers (DATASET from
+    the config's data path when DATA is not set; here DATA_ROOT holds it)."""
+    run = tmp_path / "run"
+    env = launch_env(tiny_imgtab, run)
+    del env["DATA"]
+    env["DATA_ROOT"] = str(tiny_imgtab.parent)
+    cmd = ["bash", "slurm/train.sbatch", "gaal", "train/configs/gaal_imgtab.yaml", *TINY_GAAL, "--epochs", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"--data {tiny_imgtab}" in proc.stdout and (run / "result.json").exists()
 
 
 # --------------------------------------------------------------------------------------------------

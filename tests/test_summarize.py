@@ -1,5 +1,6 @@
 """scripts/summarize.py --paired and --trace on synthetic run directories (result.json, metrics.jsonl,
 TensorBoard scalars)."""
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import summarize  # noqa: E402
+_spec = importlib.util.spec_from_file_location("summarize", ROOT / "scripts" / "summarize.py")   # a script, not a package
+summarize = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(summarize)
 
 BAYES = {"image": 0.645, "table": 0.951, "all": 0.978}
 

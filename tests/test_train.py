@@ -147,7 +147,6 @@ def test_ddp_two_ranks_match_one(seq3_data, tmp_path):
 
 
 GUARD_SCRIPT = """
-import sys; sys.path.insert(0, {repo!r})
 from accelerate import Accelerator
 from train import checkpoint, distributed
 distributed.check_world_size(Accelerator(cpu=False))
@@ -159,10 +158,10 @@ def test_silent_rank0_clones_are_refused(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
     script = tmp_path / "guard.py"
-    script.write_text(GUARD_SCRIPT.format(repo=str(REPO)))
+    script.write_text(GUARD_SCRIPT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), str(script)],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                           "--master_port", str(free_port()), str(script)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
     assert proc.returncode != 0
     assert "each process would train alone as rank 0" in proc.stderr
 
@@ -193,7 +192,7 @@ def test_bad_data_is_refused_before_compute(seq3_data, tmp_path):
 # checkpoints survive a kill at any moment
 
 SAVER = """
-import sys, itertools; sys.path.insert(0, {repo!r})
+import itertools
 from pathlib import Path
 import torch
 from accelerate import Accelerator
@@ -213,12 +212,12 @@ def test_checkpoint_survives_sigkill(tmp_path):
     """A saver process writes checkpoints in a loop and is SIGKILLed at several moments; each time,
     `latest` must name a complete checkpoint that loads, with the weights of the step it claims."""
     script = tmp_path / "saver.py"
-    script.write_text(SAVER.format(repo=str(REPO), run=str(tmp_path / "run")))
+    script.write_text(SAVER.format(run=str(tmp_path / "run")))
     from accelerate import Accelerator
     acc = Accelerator(cpu=True)
     for delay in (0.0, 0.013, 0.037, 0.071, 0.12, 0.2):
         proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
         assert proc.stdout.readline().strip() == "1"   # the first checkpoint of this process is complete
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)

@@ -1,0 +1,1 @@
+"""Benchmarks: step time, data path, scaling (run `python benchmarks/perf.py --help`)."""

@@ -1,0 +1,98 @@
+"""The package metadata (pyproject.toml) against requirements.txt and the code's own imports, and
+no sys.path editing outside train/ (the editable install makes the packages importable)."""
+import ast
+import importlib.metadata
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIRST_PARTY = {"methods", "models", "data_prep", "train", "benchmarks", "tests", "summarize", "slurm_submit"}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_pins() -> dict:
+    pins = {}
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, eq, version = line.partition("==")
+            assert eq and version, f"requirements.txt: {line!r} is not an exact pin"
+            pins[canonical(name)] = version
+    return pins
+
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")   # Python >= 3.11
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def python_files():
+    for path in REPO.rglob("*.py"):
+        parts = path.relative_to(REPO).parts
+        if parts[0].startswith(".") or "build" in parts or any(p.endswith(".egg-info") for p in parts):
+            continue
+        yield path
+
+
+def test_pyproject_repeats_the_exact_pins_of_requirements_txt():
+    project = pyproject()["project"]
+    declared = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        declared += extra
+    pins = requirement_pins()
+    seen = {}
+    for spec in declared:
+        name, eq, version = spec.partition("==")
+        assert eq, f"pyproject.toml: {spec!r} is not an exact pin (requirements.txt is the source of exact pins)"
+        seen[canonical(name)] = version
+    assert seen == pins, "pyproject.toml and requirements.txt disagree"
+
+
+def test_packages_exist_and_are_regular_packages():
+    packages = pyproject()["tool"]["setuptools"]["packages"]
+    for package in packages:
+        assert (REPO / package / "__init__.py").is_file(), f"{package}/ has no __init__.py"
+    assert set(packages) == FIRST_PARTY - {"tests", "summarize", "slurm_submit"}
+
+
+def test_every_third_party_import_is_pinned():
+    pins = requirement_pins()
+    by_module = importlib.metadata.packages_distributions()
+    missing = {}
+    for path in python_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in FIRST_PARTY or top == "__future__":
+                    continue
+                dists = [canonical(d) for d in by_module.get(top, [])]
+                if not dists:   # not installed here (an extra): its module name must be the pinned name
+                    if canonical(top) not in pins:
+                        missing.setdefault(f"{top} (not installed)", set()).add(str(path.relative_to(REPO)))
+                elif not any(d in pins for d in dists):
+                    missing.setdefault(f"{top} ({', '.join(dists)})", set()).add(str(path.relative_to(REPO)))
+    assert not missing, f"imported but not pinned in requirements.txt: {missing}"
+
+
+def test_no_sys_path_edits_outside_train():
+    offenders = []
+    for path in python_files():
+        rel = path.relative_to(REPO)
+        if rel.parts[0] == "train":
+            continue   # train/*.py: being rewritten separately
+        text = path.read_text()
+        if rel.name != "test_package.py" and ("sys.path" in text or "noqa: E402" in text):
+            offenders.append(str(rel))
+    assert not offenders, f"sys.path edits (use the editable install / PYTHONPATH for child processes): {offenders}"
