@@ -1,5 +1,7 @@
 """nn.Modules: one encoder per modality kind, heads and fusion modules (imports torch only)."""
 from .encoders import (
+    AUTO_ENCODERS,
+    AUTO_WIDTH,
     ENCODER_DEFAULTS,
     RESNET_ARCHS,
     BasicBlock,
@@ -12,14 +14,18 @@ from .encoders import (
     SequenceEncoder,
     SpectrogramEncoder,
     TabularMLP,
+    ModelConfigError,
     VolumeEncoder,
+    auto_encoder_config,
     build_encoder,
+    encoder_out_dim,
     load_pretrained,
     resnet18,
     resnet10,
     resnet34,
     resnet50,
     resnet101,
+    resolve_encoder_configs,
 )
 from .heads import (
     FusionTransformer,
@@ -35,6 +41,8 @@ __all__ = [
     "FramesEncoder", "ImageEncoder", "ResNet", "SequenceCore", "SequenceEncoder",
     "SpectrogramEncoder", "TabularMLP", "VolumeEncoder", "build_encoder", "load_pretrained",
     "resnet10", "resnet18", "resnet34", "resnet50", "resnet101",
+    "ModelConfigError", "AUTO_ENCODERS", "AUTO_WIDTH", "auto_encoder_config", "encoder_out_dim",
+    "resolve_encoder_configs",
     "FusionTransformer", "IGMHead", "LateFusionHeads", "LinearHead", "ModalityClassifier",
     "ResidualHead",
 ]

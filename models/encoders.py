@@ -14,6 +14,7 @@ Imports: torch only (``models/`` never imports ``train/`` or ``data_prep/``).
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import warnings
@@ -43,7 +44,23 @@ __all__ = [
     "VolumeEncoder",
     "build_encoder",
     "ENCODER_DEFAULTS",
+    "ModelConfigError",
+    "AUTO_WIDTH",
+    "AUTO_ENCODERS",
+    "auto_encoder_config",
+    "encoder_out_dim",
+    "resolve_encoder_configs",
 ]
+
+
+
+class ModelConfigError(ValueError):
+    """A model config that cannot work with the data at hand: an unknown or invalid encoder key, a
+    modality kind without an encoder, encoder widths a model cannot combine. Raised by
+    build_encoder, resolve_encoder_configs and the models of models.fusion, before any compute;
+    the message is one line naming the modality and the key (a ValueError, so older handlers
+    still catch it)."""
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -606,38 +623,43 @@ def build_encoder(name: str, spec: Mapping, cfg: Mapping | None = None) -> nn.Mo
     """Build the encoder for modality ``name`` from its ``meta.json`` spec (``kind``, ``shape``,
     ``dtype``; ``continuous`` / ``categorical`` for tabular) and an encoder config dict.
 
-    Allowed config keys per kind and their defaults: :data:`ENCODER_DEFAULTS`. Unknown keys,
-    a kind without an encoder, or a spec / config value that cannot work raise ``ValueError``
-    naming the modality and the key.
+    Allowed config keys per kind and their defaults: :data:`ENCODER_DEFAULTS`. Unknown keys (the
+    closest allowed one suggested), a kind without an encoder, or a spec / config value that cannot
+    work raise :class:`ModelConfigError` (a ``ValueError``) naming the modality and the key.
     """
+    if cfg is not None and not isinstance(cfg, Mapping):
+        raise ModelConfigError(f"encoders.{name}: must be a mapping of encoder config keys, got "
+                               f"{type(cfg).__name__} {cfg!r}")
     cfg = dict(cfg or {})
     kind = spec.get("kind") if isinstance(spec, Mapping) else None
     if kind not in ENCODER_DEFAULTS:
-        raise ValueError(f"modality {name!r}: key 'kind' = {kind!r} has no encoder; "
+        raise ModelConfigError(f"modality {name!r}: key 'kind' = {kind!r} has no encoder; "
                          f"known kinds: {sorted(ENCODER_DEFAULTS)}")
     allowed = ENCODER_DEFAULTS[kind]
     unknown = sorted(k for k in cfg if k not in allowed)
     if unknown:
-        raise ValueError(f"modality {name!r} (kind {kind!r}): unknown encoder config key(s) "
-                         f"{unknown}; allowed: {sorted(allowed)}")
+        close = [c for k in unknown for c in difflib.get_close_matches(k, list(allowed), n=1, cutoff=0.6)]
+        hint = f" (did you mean {' or '.join(dict.fromkeys(close))}?)" if close else ""
+        raise ModelConfigError(f"modality {name!r} (kind {kind!r}): unknown encoder config key(s) "
+                               f"{unknown}{hint}; allowed: {sorted(allowed)}")
     c = {**allowed, **cfg}
 
     if "shape" not in spec:
-        raise ValueError(f"modality {name!r}: spec lacks key 'shape'")
+        raise ModelConfigError(f"modality {name!r}: spec lacks key 'shape'")
     shape = [int(s) for s in spec["shape"]]
     rank = _SHAPE_RANK[kind]
     if rank is not None and len(shape) != rank:
-        raise ValueError(f"modality {name!r} (kind {kind!r}): key 'shape' = {shape} must have "
+        raise ModelConfigError(f"modality {name!r} (kind {kind!r}): key 'shape' = {shape} must have "
                          f"{rank} dims")
     if kind == "volume" and len(shape) not in (3, 4):
-        raise ValueError(f"modality {name!r} (kind 'volume'): key 'shape' = {shape} must be "
+        raise ModelConfigError(f"modality {name!r} (kind 'volume'): key 'shape' = {shape} must be "
                          f"(D, H, W) or (C, D, H, W)")
     if kind == "features" and len(shape) < 1:
-        raise ValueError(f"modality {name!r} (kind 'features'): key 'shape' is empty")
+        raise ModelConfigError(f"modality {name!r} (kind 'features'): key 'shape' is empty")
 
     def check(key, ok, what):
         if not ok:
-            raise ValueError(f"modality {name!r} (kind {kind!r}): config key {key!r} = "
+            raise ModelConfigError(f"modality {name!r} (kind {kind!r}): config key {key!r} = "
                              f"{c[key]!r} is invalid; expected {what}")
 
     try:
@@ -672,20 +694,172 @@ def build_encoder(name: str, spec: Mapping, cfg: Mapping | None = None) -> nn.Mo
         if kind == "tabular":
             for key in ("continuous", "categorical"):
                 if key not in spec:
-                    raise ValueError(f"modality {name!r} (kind 'tabular'): spec lacks key "
+                    raise ModelConfigError(f"modality {name!r} (kind 'tabular'): spec lacks key "
                                      f"{key!r}")
             n_cont = len(spec["continuous"])
             cats = dict(spec["categorical"])
             if shape[0] != n_cont + len(cats):
-                raise ValueError(f"modality {name!r} (kind 'tabular'): key 'shape' = {shape} "
+                raise ModelConfigError(f"modality {name!r} (kind 'tabular'): key 'shape' = {shape} "
                                  f"but spec lists {n_cont} continuous + {len(cats)} categorical "
                                  f"columns")
             return TabularMLP(n_cont, cats, c["hidden"], c["out_dim"], bool(c["validate_codes"]))
         if kind == "volume":
             in_ch = 1 if len(shape) == 3 else shape[0]
             return VolumeEncoder(in_ch, c["widths"])
-    except ValueError as e:
-        if repr(name) in str(e):
-            raise
-        raise ValueError(f"modality {name!r} (kind {kind!r}): {e}") from e
+    except ModelConfigError:
+        raise
+    except FileNotFoundError as e:   # pretrained: a path that is not there
+        raise ModelConfigError(f"modality {name!r} (kind {kind!r}): config key 'pretrained': {e}") from e
+    except (ValueError, TypeError) as e:
+        raise ModelConfigError(str(e) if repr(name) in str(e) else
+                               f"modality {name!r} (kind {kind!r}): {e}") from e
     raise AssertionError(kind)  # unreachable
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoder configs for the dataset at hand
+# ------------------------------------------------------------------------------------------------
+#: The feature width of an encoder chosen by default (resolve_encoder_configs) when neither the
+#: method (``feature_dim``) nor the given entries fix one: what the embedded benchmarks' configs use.
+AUTO_WIDTH = 128
+
+#: What a modality without an encoder entry gets, per kind, besides its width (``base_width`` =
+#: width / 8 for a ResNet-10, ``d_model`` / ``out_dim`` = width, volume ``widths`` ending at width);
+#: image-like kinds take ``small_input`` when both spatial sides are <= 32 (CIFAR-sized), sequences
+#: 4 heads (2 or 1 where 4 does not divide the width). Everything else: ENCODER_DEFAULTS.
+AUTO_ENCODERS: dict[str, dict] = {
+    "image": {"arch": "resnet10"},
+    "frames": {"arch": "resnet10"},
+    "spectrogram": {"arch": "resnet10"},
+    "sequence": {},
+    "features": {"hidden": 256, "n_layers": 2},
+    "tabular": {"hidden": 256},
+    "volume": {},
+}
+
+_RESNET_EXPANSION = {"resnet10": 1, "resnet18": 1, "resnet34": 1, "resnet50": 4, "resnet101": 4}
+_WIDTH_KEY = {"image": "base_width", "frames": "base_width", "spectrogram": "base_width",
+              "sequence": "d_model", "features": "out_dim", "tabular": "out_dim", "volume": "widths"}
+
+
+def encoder_out_dim(spec: Mapping, cfg: Mapping | None = None) -> int:
+    """The feature width ``out_dim`` that ``build_encoder`` would give for this spec and config,
+    computed from the config alone (nothing is built). ``KeyError`` / ``TypeError`` / ``ValueError``
+    where the config or spec is not one build_encoder accepts."""
+    kind = spec["kind"]
+    c = {**ENCODER_DEFAULTS[kind], **(cfg or {})}
+    if kind in ("image", "frames", "spectrogram"):
+        return 8 * int(c["base_width"]) * _RESNET_EXPANSION[c["arch"]]
+    if kind == "sequence":
+        return int(c["d_model"])
+    if kind in ("features", "tabular"):
+        return int(c["out_dim"])
+    return int(list(c["widths"])[-1])
+
+
+def _width_setting(name: str, kind: str, arch: str | None, width: int) -> dict:
+    """The encoder config entries that make modality ``name`` give ``width``-d features."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ModelConfigError(f"feature width {width!r}: must be a positive integer")
+    if kind in ("image", "frames", "spectrogram"):
+        arch = arch or ENCODER_DEFAULTS[kind]["arch"]
+        unit = 8 * _RESNET_EXPANSION.get(arch, 1)
+        if width % unit:
+            raise ModelConfigError(
+                f"encoders.{name}: a {arch} gives {unit} * base_width features, so it cannot give "
+                f"{width}: choose a width divisible by {unit} or set encoders.{name} by hand")
+        return {"base_width": width // unit}
+    if kind == "volume":
+        return {"widths": [max(1, width // 4), max(1, width // 2), width]}
+    return {_WIDTH_KEY[kind]: width}
+
+
+def auto_encoder_config(name: str, spec: Mapping, width: int = AUTO_WIDTH) -> dict:
+    """The encoder config a modality without an entry gets: :data:`AUTO_ENCODERS` of its kind,
+    sized to give ``width``-d features. ``ModelConfigError`` for a kind without an encoder or a
+    width the kind cannot give."""
+    kind = spec.get("kind") if isinstance(spec, Mapping) else None
+    if kind not in AUTO_ENCODERS:
+        raise ModelConfigError(f"modality {name!r}: key 'kind' = {kind!r} has no encoder; "
+                               f"known kinds: {sorted(ENCODER_DEFAULTS)}")
+    cfg = dict(AUTO_ENCODERS[kind])
+    cfg.update(_width_setting(name, kind, cfg.get("arch"), width))
+    if kind in ("image", "frames", "spectrogram"):
+        side = [int(s) for s in spec.get("shape", [])][-2:]
+        cfg["small_input"] = len(side) == 2 and max(side) <= 32
+    if kind == "sequence":
+        cfg["n_heads"] = next(h for h in (ENCODER_DEFAULTS["sequence"]["n_heads"], 2, 1) if width % h == 0)
+    return cfg
+
+
+def resolve_encoder_configs(meta_modalities: Mapping[str, Mapping], used_modalities: Sequence[str] | None,
+                            cfg_encoders: Mapping | None, feature_dim: int | None = None
+                            ) -> tuple[dict[str, dict], dict[str, str]]:
+    """Fit a run's encoder entries (config key ``encoders``) to a dataset. Pure: nothing is built.
+
+    ``meta_modalities``: the dataset's ``meta["modalities"]`` ({name: spec}); ``used_modalities``:
+    the modalities the run trains (``None`` / empty = all of the dataset's); ``cfg_encoders``:
+    {name: encoder config}; ``feature_dim``: the feature width the method needs from every encoder
+    (CGGM: ``d_model``), or ``None`` where widths are free.
+
+    Returns ``(configs, dropped)``:
+
+    * ``dropped``: {name: why} for the entries that do not fit the dataset, which are left out of
+      ``configs`` (the caller warns or refuses): a modality the dataset does not have ("not in the
+      dataset"), or an entry written for another kind of encoder (all its keys are those of
+      another kind, e.g. a ResNet entry for what is a sequence here; an entry with a key allowed
+      for no kind is a typo, kept, and build_encoder refuses it);
+    * ``configs``: one entry per used modality, plus the given entries of the dataset's other
+      modalities, unchanged. A given entry is kept as it is, except that with ``feature_dim`` its
+      width key (``base_width`` / ``d_model`` / ``out_dim`` / ``widths``), when absent, is set to give
+      ``feature_dim``. A used modality without an entry (or whose entry was dropped) gets
+      :func:`auto_encoder_config` at width ``feature_dim``, else the one width all the kept entries
+      of used modalities agree on (so a shared head fits), else :data:`AUTO_WIDTH`.
+
+    ``ModelConfigError`` (one line) for a used modality the dataset lacks, an entry that is not a
+    mapping, a kind without an encoder, or a width a kind cannot give.
+    """
+    cfg_encoders = dict(cfg_encoders or {})
+    used = list(used_modalities or meta_modalities)
+    missing = [m for m in used if m not in meta_modalities]
+    if missing:
+        raise ModelConfigError(f"modality {missing[0]!r} is not in the dataset (it has "
+                               f"{', '.join(meta_modalities)})")
+    dropped, given = {}, {}
+    for m, entry in cfg_encoders.items():
+        if m not in meta_modalities:
+            dropped[m] = "not in the dataset"
+            continue
+        if entry is not None and not isinstance(entry, Mapping):
+            raise ModelConfigError(f"encoders.{m}: must be a mapping of encoder config keys, got "
+                                   f"{type(entry).__name__} {entry!r}")
+        entry = dict(entry or {})
+        spec = meta_modalities[m]
+        kind = spec.get("kind") if isinstance(spec, Mapping) else None
+        foreign = [k for k in entry if kind in ENCODER_DEFAULTS and k not in ENCODER_DEFAULTS[kind]]
+        if foreign and any(set(entry) <= set(allowed) for other, allowed in ENCODER_DEFAULTS.items()
+                           if other != kind):
+            dropped[m] = f"its keys ({', '.join(foreign)}) are for another kind of encoder; {m} is {kind} here"
+            continue
+        given[m] = entry
+    width = feature_dim
+    if width is None:
+        widths = set()
+        for m in used:
+            if m in given:
+                try:
+                    widths.add(encoder_out_dim(meta_modalities[m], given[m]))
+                except (KeyError, TypeError, ValueError, IndexError):
+                    pass   # build_encoder will name what is wrong with it
+        width = widths.pop() if len(widths) == 1 else AUTO_WIDTH
+    configs = {}
+    for m, spec in meta_modalities.items():
+        if m in given:
+            entry = given[m]
+            kind = spec.get("kind") if isinstance(spec, Mapping) else None
+            if feature_dim is not None and m in used and kind in _WIDTH_KEY and _WIDTH_KEY[kind] not in entry:
+                entry.update(_width_setting(m, kind, entry.get("arch"), feature_dim))
+            configs[m] = entry
+        elif m in used:
+            configs[m] = auto_encoder_config(m, spec, width)
+    return configs, dropped

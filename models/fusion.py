@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.encoders import build_encoder
+from models.encoders import ModelConfigError, build_encoder
 from models.heads import FusionTransformer, IGMHead, ModalityClassifier, ResidualHead
 
 
@@ -15,13 +15,14 @@ def build_encoders(meta: dict, encoder_cfgs: dict, modalities: list[str] | None 
                    kind_defaults: dict | None = None) -> tuple[list[str], nn.ModuleDict]:
     """The modalities to use (default: all of the dataset's, in its order) and one encoder per
     modality (models.encoders.build_encoder). Unknown names in `modalities` or `encoder_cfgs` raise
-    ValueError. `kind_defaults`: per modality kind, config defaults the caller imposes (e.g. CGGM's
-    common d_model for sequences) under the user's `encoder_cfgs`."""
+    ModelConfigError (a ValueError; models.encoders.resolve_encoder_configs fits `encoder_cfgs` to
+    the dataset beforehand). `kind_defaults`: per modality kind, config defaults the caller imposes
+    (e.g. CGGM's common d_model for sequences) under the user's `encoder_cfgs`."""
     modalities = list(modalities or meta["modalities"])
     for name in list(modalities) + list(encoder_cfgs):
         if name not in meta["modalities"]:
-            raise ValueError(f"modality '{name}' is not in the dataset (it has "
-                             f"{', '.join(meta['modalities'])})")
+            raise ModelConfigError(f"modality '{name}' is not in the dataset (it has "
+                                   f"{', '.join(meta['modalities'])})")
     encoders = nn.ModuleDict()
     for m in modalities:
         spec = meta["modalities"][m]
@@ -66,8 +67,8 @@ class SharedHeadModel(nn.Module):
         self.modalities, self.encoders = build_encoders(meta, encoder_cfgs, modalities)
         widths = {m: e.out_dim for m, e in self.encoders.items()}
         if len(set(widths.values())) != 1:
-            raise ValueError(f"encoders: a shared head needs one feature width, got {widths} "
-                             "(set out_dim / base_width so that they agree)")
+            raise ModelConfigError(f"encoders: a shared head needs one feature width, got {widths} "
+                                   "(set out_dim / base_width so that they agree)")
         self.head = nn.Linear(next(iter(widths.values())), meta["num_classes"])
 
     def forward(self, batch: dict) -> dict:
@@ -140,8 +141,8 @@ class CGGMModel(nn.Module):
                                                         {"sequence": {"d_model": d_model}})
         for m, encoder in self.encoders.items():
             if encoder.out_dim != d_model:
-                raise ValueError(f"encoders.{m}: gives {encoder.out_dim}-d features; the fusion "
-                                 f"transformer needs d_model={d_model}")
+                raise ModelConfigError(f"encoders.{m}: gives {encoder.out_dim}-d features; the fusion "
+                                       f"transformer needs d_model={d_model}")
         out_dim = meta["num_classes"]
         modalities = self.modalities
         self.fusion = FusionTransformer(d_model, modalities=modalities, **{"n_layers": 2, "n_heads": 4, **(fusion or {})})

@@ -36,10 +36,10 @@ NO_DROPOUT = ["--encoders", "{text: {d_model: 16, n_layers: 1, dropout: 0.0}, au
 # Per script: a configuration where N ranks x B/N is the same computation as 1 rank x B (no
 # BatchNorm, no dropout, no mixup pairing within a rank's slice; SGD, see test_train.test_ddp_two_ranks_match_one).
 SCRIPTS = {
-    "joint": NO_DROPOUT,
-    "gaal": NO_DROPOUT + ["--modalities", "[text, audio]", "--patience", "0"],
+    "joint": NO_DROPOUT + ["--epochs", "2"],
+    "gaal": NO_DROPOUT + ["--epochs", "2", "--modalities", "[text, audio]", "--patience", "0"],
     "igm": NO_DROPOUT + ["--mixup_alpha", "0", "--stage_epochs", "[1, 1]", "--scheduler", "none"],
-    "cggm": ["--d_model", "16", "--fusion", "{n_layers: 1, dropout: 0.0}", "--classifier", "{dropout: 0.0}",
+    "cggm": ["--epochs", "2", "--d_model", "16", "--fusion", "{n_layers: 1, dropout: 0.0}", "--classifier", "{dropout: 0.0}",
              "--head_dropout", "0.0"] + [
         "--encoders", "{text: {d_model: 16, n_layers: 1, dropout: 0.0}, audio: {d_model: 16, "
         "n_layers: 1, dropout: 0.0}, vision: {d_model: 16, n_layers: 1, dropout: 0.0}}"],
@@ -50,7 +50,7 @@ EMPTY_CONFIG = REPO / "tests" / "empty.yaml"   # DEFAULTS and the flags only, no
 
 
 def common_args(data, out, *extra):
-    return ["--config", str(EMPTY_CONFIG), "--data", str(data), "--out_dir", str(out), "--epochs", "2", "--batch_size", "64",
+    return ["--config", str(EMPTY_CONFIG), "--data", str(data), "--out_dir", str(out), "--batch_size", "64",
             "--optimizer", "sgd", "--lr", "0.05", "--log_every", "2", "--progress", "false", *extra]
 
 

@@ -3,6 +3,7 @@ no file edits sys.path (the editable install makes the packages importable)."""
 import ast
 import importlib.metadata
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,9 +34,17 @@ def pyproject() -> dict:
 
 
 def python_files():
-    for path in REPO.rglob("*.py"):
+    """The repository's Python files: tracked, or untracked and not ignored (a user's runs/ and
+    data/ are not the repository's)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=REPO,
+                            capture_output=True, text=True)
+    if listed.returncode == 0:
+        yield from (REPO / line for line in listed.stdout.splitlines() if (REPO / line).is_file())
+        return
+    for path in REPO.rglob("*.py"):   # not a git checkout (an unpacked archive)
         parts = path.relative_to(REPO).parts
-        if parts[0].startswith(".") or "build" in parts or any(p.endswith(".egg-info") for p in parts):
+        if parts[0].startswith(".") or parts[0] in ("runs", "data") or "build" in parts \
+                or any(p.endswith(".egg-info") for p in parts):
             continue
         yield path
 

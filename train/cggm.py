@@ -247,7 +247,7 @@ def step(setup: loop.Setup, batch: dict, ctx: loop.Context) -> dict:
 
 def main(cfg: dict) -> dict:
     check_config(cfg)
-    return loop.train(cfg, method="CGGM", build=build, step=step, min_modalities=2,
+    return loop.train(cfg, method="CGGM", build=build, step=step, min_modalities=2, feature_dim=cfg["d_model"],
                       tasks=("classification", "regression", "segmentation"),
                       deepspeed="it scales each encoder core's reduced gradient by rho*c_i, adds the L_gm "
                                 "gradient and clips the global norm")

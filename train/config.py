@@ -333,26 +333,34 @@ def check_choice(key: str, value, allowed) -> None:
 # Encoders for the dataset at hand
 
 def resolve_encoders(cfg: dict, meta: dict, modalities: list[str], feature_dim: int | None = None) -> dict:
-    """cfg["encoders"] fitted to the dataset (models.encoders.resolve_encoder_configs): an entry for
-    a modality the dataset lacks is refused (ConfigError, one line) when the command line set it,
-    and dropped with one warning line when it came from a file; every used modality without an
-    entry gets the default encoder of its kind (width `feature_dim`, else the common width of the
-    given entries, else models.encoders.AUTO_WIDTH). Returns the new encoders mapping."""
+    """cfg["encoders"] fitted to the dataset (models.encoders.resolve_encoder_configs) and returned:
+    an entry that does not fit it (a modality the dataset lacks, an entry written for another kind
+    of encoder) is refused (ConfigError, one line) when the command line set it, and dropped with
+    one warning line when it came from a file; every used modality left without an entry gets the
+    default encoder of its kind (width `feature_dim`, else the common width of the kept entries,
+    else models.encoders.AUTO_WIDTH). ConfigError for what resolve_encoder_configs refuses."""
     from models.encoders import ModelConfigError, resolve_encoder_configs   # torch: not for --help
 
     try:
         configs, dropped = resolve_encoder_configs(meta["modalities"], modalities, cfg.get("encoders") or {},
                                                    feature_dim)
     except ModelConfigError as err:
-        raise ConfigError(f"encoders: {err}") from None
-    if dropped:
-        has = f"{cfg.get('data', 'the dataset')} has no modality {' or '.join(map(repr, dropped))} " \
-              f"(it has {', '.join(meta['modalities'])})"
-        on_cli = [m for m in dropped if source_of(cfg, f"encoders.{m}") == COMMAND_LINE]
-        if on_cli:
-            raise ConfigError(f"--encoders.{on_cli[0]}: {has}")
-        where = next((s for m in dropped if (s := source_of(cfg, f"encoders.{m}"))), None)
-        warn(f"{where + ': ' if where else ''}encoders for {', '.join(dropped)} dropped: {has}")
+        raise ConfigError(str(err) if str(err).startswith("encoders.") else f"encoders: {err}") from None
+    if not dropped:
+        return configs
+    data, has = cfg.get("data", "the dataset"), ", ".join(meta["modalities"])
+    absent = [m for m in dropped if m not in meta["modalities"]]
+    why = {m: f"{data} has no modality {m!r} (it has {has})" for m in absent}
+    why |= {m: f"{reason} ({data})" for m, reason in dropped.items() if m not in absent}
+    on_cli = [m for m in dropped if source_of(cfg, f"encoders.{m}") == COMMAND_LINE]
+    if on_cli:
+        raise ConfigError(f"--encoders.{on_cli[0]}: {why[on_cli[0]]}")
+    parts = [f"encoders for {', '.join(absent)} dropped: {data} has no modality "
+             f"{' or '.join(map(repr, absent))} (it has {has})"] if absent else []
+    parts += [f"encoders.{m} dropped ({m} gets the default encoder of its kind): {why[m]}"
+              for m in dropped if m not in absent]
+    where = next((s for m in dropped if (s := source_of(cfg, f"encoders.{m}"))), None)
+    warn((f"{where}: " if where else "") + "; ".join(parts))
     return configs
 
 

@@ -41,9 +41,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data_prep import shards
+from models.encoders import ModelConfigError
 from train import checkpoint, data, distributed, metrics, rundir
 from train.checkpoint import CheckpointError
-from train.config import ConfigError, check_choice, load_config
+from train.config import ConfigError, check_choice, load_config, resolve_encoders
 
 #: The keys every script has (its DEFAULTS extend and override them): data, run directory, the
 #: optimiser and scheduler, evaluation and model selection, logging, checkpoints and preemption.
@@ -283,13 +284,14 @@ def check_config(cfg: dict) -> None:
 
 def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step: Callable | None = None,
           epoch_end: Callable | None = None, tasks=("classification",), min_modalities: int = 1,
-          max_modalities: int | None = None, deepspeed: bool | str = False) -> dict:
+          max_modalities: int | None = None, deepspeed: bool | str = False, feature_dim: int | None = None) -> dict:
     """Train `method` as configured by `cfg`; return result.json's content (or, when stopped by a
     signal or `stop_after_steps`, {"stopped_at_step", "run_dir"}).
 
     deepspeed: True when `build` supports DeepSpeed ZeRO-1/2 (it prepares the model with the
     accelerator and `step` steps the engine); otherwise the reason the method cannot run under
-    it, refused before any compute."""
+    it, refused before any compute. feature_dim: the width every encoder entry that leaves it unset
+    gives (CGGM: d_model); see train.config.resolve_encoders."""
     # refusals before any compute, then before anything is written ---------------------------------
     check_config(cfg)
     accelerator = distributed.setup_accelerator(cfg)
@@ -312,6 +314,10 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
                 f"{min_modalities} or more" if not max_modalities else f"{min_modalities} to {max_modalities}")
         raise ConfigError(f"modalities={modalities}: {method} trains {need} modalities "
                           f"(set --modalities to {need} of {list(meta['modalities'])})")
+    if task != "segmentation":   # BraTS's model reads `segmentation`, not `encoders`
+        # entries for modalities this dataset lacks dropped (from a YAML) or refused (from the
+        # command line); a default encoder for each modality without one
+        cfg = dict(cfg, encoders=resolve_encoders(cfg, meta, modalities, feature_dim=feature_dim))
     select_key, better = selection(cfg, task)
     loaders, samplers = {}, {}
     for split in ("train", "val", "test"):
@@ -323,7 +329,10 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
                           f"training samples of {cfg['data']} (the last partial batch is dropped)")
     position = dict(epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1, bad_evals=0, stopped_early=False)
     ctx = Context(cfg, accelerator, meta, task, modalities, loaders, samplers["train"], position)
-    setup = build(cfg, ctx)
+    try:
+        setup = build(cfg, ctx)
+    except ModelConfigError as err:
+        raise ConfigError(f"model: {err}") from None
     fuse = setup.fuse or accelerator.unwrap_model(setup.model).fuse
     epochs = setup.epochs or cfg["epochs"]
     plateau = isinstance(setup.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
