@@ -236,7 +236,7 @@ def test_balance_coefficients_hand_and_sum():
 
 
 def test_balance_coefficients_zero_sum_is_reported_and_clipped():
-    # batch accuracies k/B with Σd = 0 exactly: the spec's known defect
+    # batch accuracies k/B with Σd = 0 exactly: the released formula's known defect (docs/methods/cggm.md)
     now, prev = [40 / 64, 30 / 64, 20 / 64], [38 / 64, 31 / 64, 21 / 64]
     d = [a - b for a, b in zip(now, prev)]
     assert sum(d) == 0.0
