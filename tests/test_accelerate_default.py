@@ -41,16 +41,18 @@ def args_seen(venv, hf_home, *args):
 def test_wrapper_adds_the_default_config_only_to_a_bare_launch(fake_venv, tmp_path):
     hf = tmp_path / "hf"
     bare = args_seen(fake_venv, hf, "launch", "train/joint.py", "--config_file", "mine.yaml")
-    assert bare == ["launch", "--config_file", str(DEFAULT), "train/joint.py", "--config_file", "mine.yaml"]
+    assert bare == ["launch", "--quiet", "--config_file", str(DEFAULT), "train/joint.py", "--config_file", "mine.yaml"]
     flags = args_seen(fake_venv, hf, "launch", "--multi_gpu", "--num_processes", "2", "train/joint.py")
-    assert flags[:3] == ["launch", "--config_file", str(DEFAULT)] and flags[3:] == ["--multi_gpu", "--num_processes",
-                                                                                     "2", "train/joint.py"]
+    assert flags[:4] == ["launch", "--quiet", "--config_file", str(DEFAULT)] and \
+        flags[4:] == ["--multi_gpu", "--num_processes", "2", "train/joint.py"]
     for given in (["--config_file", "ds.yaml"], ["--config-file=ds.yaml"]):
-        assert args_seen(fake_venv, hf, "launch", *given, "train/joint.py") == ["launch", *given, "train/joint.py"]
+        assert args_seen(fake_venv, hf, "launch", *given, "train/joint.py") == ["launch", "--quiet", *given,
+                                                                                "train/joint.py"]
+    assert args_seen(fake_venv, hf, "launch", "-q", "train/joint.py")[:2] == ["launch", "--config_file"]  # no 2nd -q
     assert args_seen(fake_venv, hf, "env") == ["env"]
     (hf / "accelerate").mkdir(parents=True)
     (hf / "accelerate" / "default_config.yaml").write_text("compute_environment: LOCAL_MACHINE\n")
-    assert args_seen(fake_venv, hf, "launch", "train/joint.py") == ["launch", "train/joint.py"]   # the user's own
+    assert args_seen(fake_venv, hf, "launch", "train/joint.py") == ["launch", "--quiet", "train/joint.py"]  # user's own
 
 
 @pytest.mark.slow
@@ -73,3 +75,20 @@ def test_bare_accelerate_launch_prints_no_defaults_warning(tmp_path):
     assert (tmp_path / "run" / "result.json").exists()
     proc = launch(real, "plain")   # what it replaces: accelerate itself warns
     assert proc.returncode == 0 and "were not passed to `accelerate launch`" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("args, line", [
+    (["train/gaal.py", "--lr_rate", "3"], "error: command line: unknown config key 'lr_rate' (did you mean lr?)"),
+    (["train/igm.py", "--epochs", "3"], "error: --epochs: ignored by variant=official"),
+])
+def test_a_mistake_through_accelerate_launch_is_one_line(tmp_path, args, line):
+    """What a new user meets: a config mistake under `accelerate launch` prints one line on stderr (no
+    traceback of the launcher, no defaults warning), nothing on stdout, and exits non-zero."""
+    real = Path(sys.prefix) / "bin" / "accelerate"
+    if not real.exists():
+        pytest.skip(f"no accelerate console script in {sys.prefix}")
+    proc = subprocess.run([str(WRAPPER), "launch", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=wrapper_env(Path(sys.prefix), tmp_path / "hf"))
+    assert proc.returncode != 0
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(line), proc.stderr
+    assert proc.stdout == ""
