@@ -382,8 +382,8 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
                 scalars = window.means(accelerator)
                 scalars["train/lr"] = setup.optimizer.param_groups[0]["lr"]
                 ctx.log(scalars)
-                bar.set_postfix({k.replace("/loss", ""): f"{v:.3f}" for k, v in scalars.items() if k.endswith("loss")},
-                                refresh=False)
+                bar.set_postfix({k.removeprefix("train/").replace("/loss", ""): f"{v:.3f}"
+                                 for k, v in scalars.items() if k.endswith("/loss")}, refresh=False)
             stop = bool(cfg["stop_after_steps"] and position["step"] >= cfg["stop_after_steps"]) \
                 or preemption.requested(position["step"])
             if stop or (cfg["ckpt_every_steps"] and position["step"] % cfg["ckpt_every_steps"] == 0):
