@@ -119,10 +119,10 @@ def step(setup: loop.Setup, batch: dict, ctx: loop.Context) -> dict:
                       diagnostics=ctx.log_step)
 
 
-def main(cfg: dict) -> dict:
+def main(cfg: dict, method: str = "joint") -> dict:
     if cfg["mixed_precision"] not in ("no", "bf16", "fp16"):
         raise ConfigError(f"mixed_precision='{cfg['mixed_precision']}': choose no, bf16 or fp16")
-    return loop.train(cfg, method="joint", build=build, step=step, tasks=("classification", "regression"),
+    return loop.train(cfg, method=method, build=build, step=step, tasks=("classification", "regression"),
                       deepspeed=True)
 
 

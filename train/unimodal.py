@@ -30,7 +30,7 @@ def main(cfg: dict) -> dict:
         out_dir = Path(cfg["out_dir"]) / m
         # --resume continues the modality that was interrupted; those not started yet start fresh
         resume = cfg["resume"] and (out_dir / "checkpoints" / "latest").exists()
-        results[m] = joint.main(dict(cfg, modalities=[m], out_dir=str(out_dir), resume=resume))
+        results[m] = joint.main(dict(cfg, modalities=[m], out_dir=str(out_dir), resume=resume), method="unimodal")
         if "stopped_at_step" in results[m]:   # preempted: stop here, --resume picks up from this modality
             break
     return results
