@@ -80,6 +80,8 @@ def test_bare_accelerate_launch_prints_no_defaults_warning(tmp_path):
 @pytest.mark.parametrize("args, line", [
     (["train/gaal.py", "--lr_rate", "3"], "error: command line: unknown config key 'lr_rate' (did you mean lr?)"),
     (["train/igm.py", "--epochs", "3"], "error: --epochs: ignored by variant=official"),
+    # several processes: the wrapper checks the config once before torch's launcher starts them
+    (["--multi_gpu", "--num_processes", "2", "train/cggm.py", "--lr", "-1"], "error: lr=-1.0: must be > 0"),
 ])
 def test_a_mistake_through_accelerate_launch_is_one_line(tmp_path, args, line):
     """What a new user meets: a config mistake under `accelerate launch` prints one line on stderr (no
