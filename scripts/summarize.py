@@ -32,6 +32,13 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def bayes_limit(result: dict, name: str):
+    """The Bayes accuracy of modality `name` (fused: all modalities) recorded in result.json, None when
+    the dataset's meta.json has none (any dataset but the embedded benchmark)."""
+    limits = result.get("bayes_accuracy") or {}
+    return limits.get("all" if name == "fused" else name)
+
+
 def main(root: str) -> None:
     root = Path(root)
     print("| flavour | modality | Bayes limit | joint: test acc | alone: test acc | joint gap to limit |")
@@ -39,13 +46,13 @@ def main(root: str) -> None:
     for joint_dir in sorted(root.glob("joint_*")):
         flavour = joint_dir.name[len("joint_"):]
         joint = json.loads((joint_dir / "result.json").read_text())
-        bayes = joint["bayes_accuracy"]
         for name, metrics in joint["test"].items():
-            limit = bayes["all" if name == "fused" else name]
+            limit = bayes_limit(joint, name)
             alone_file = root / f"unimodal_{flavour}" / name / "result.json"
             alone = json.loads(alone_file.read_text())["test"][name]["acc"] if alone_file.exists() else None
-            print(f"| {flavour} | {name} | {limit:.3f} | {metrics['acc']:.3f} | "
-                  f"{'-' if alone is None else f'{alone:.3f}'} | {limit - metrics['acc']:+.3f} |")
+            gap = "-" if limit is None else f"{limit - metrics['acc']:+.3f}"
+            print(f"| {flavour} | {name} | {'-' if limit is None else f'{limit:.3f}'} | {metrics['acc']:.3f} | "
+                  f"{'-' if alone is None else f'{alone:.3f}'} | {gap} |")
 
 
 def in_listed_order(groups: dict, root: str) -> dict:
@@ -67,10 +74,12 @@ def ablation(root: str) -> None:
     groups = in_listed_order(groups, root)
     first = max((r for results in groups.values() for r in results), key=lambda r: len(r["test"]))
     names = list(first["test"])
-    bayes = first["bayes_accuracy"]
-    weak = min((n for n in names if n != "fused"), key=lambda n: bayes[n])
-    print("| run | seeds | " + " | ".join(f"{n} (Bayes {bayes['all' if n == 'fused' else n]:.3f})" for n in names)
-          + f" | {weak}: best val, any epoch |")
+    weak = weakest_modality(first, [r for results in groups.values() for r in results])
+
+    def heading(n):
+        limit = bayes_limit(first, n)
+        return n if limit is None else f"{n} (Bayes {limit:.3f})"
+    print("| run | seeds | " + " | ".join(heading(n) for n in names) + f" | {weak}: best val, any epoch |")
     print("|---|---|" + "---|" * (len(names) + 1))
 
     def cell(values):
@@ -82,15 +91,23 @@ def ablation(root: str) -> None:
                  for n in names]
         best_val = []
         for r in results:
-            records = [json.loads(line) for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-            best_val.append(max(rec["val"][weak]["acc"] for rec in records))
-        print(f"| {config} | {len(results)} | " + " | ".join(cells) + f" | {cell(best_val)} |")
+            if weak in r["test"]:
+                best_val.append(best_val_any_epoch(Path(r["run_dir"]), weak))
+        print(f"| {config} | {len(results)} | " + " | ".join(cells) + f" | {cell(best_val) if best_val else '-'} |")
 
 
-def weakest_modality(result: dict) -> str:
-    """The modality (not fused) with the lowest Bayes limit."""
-    bayes = result["bayes_accuracy"]
-    return min((n for n in result["test"] if n != "fused"), key=lambda n: bayes[n])
+def weakest_modality(result: dict, runs: list | None = None) -> str:
+    """The modality (not fused) with the lowest Bayes limit; on a dataset without known limits, the
+    one with the lowest mean test accuracy over `runs` (default: this result alone)."""
+    names = [n for n in result["test"] if n != "fused"]
+    if all(bayes_limit(result, n) is not None for n in names):
+        return min(names, key=lambda n: bayes_limit(result, n))
+    runs = runs or [result]
+
+    def mean_test(n):
+        values = [r["test"][n]["acc"] for r in runs if n in r["test"]]
+        return statistics.mean(values) if values else float("inf")
+    return min(names, key=mean_test)
 
 
 def best_val_any_epoch(run_dir: Path, modality: str) -> float:

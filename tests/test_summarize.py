@@ -103,3 +103,26 @@ def test_trace_reads_coefficients_per_epoch(tmp_path):
     assert (second["neg"], second["zero"], second["shrunk"]) == (0.0, 0.5, 0.5)
     assert whole["neg"] == pytest.approx(1 / 6) and whole["zero"] == pytest.approx(2 / 6)
     assert rows[2]["a"]["d_std"] == pytest.approx(0.0)
+
+
+def test_ablation_and_baselines_without_bayes_limits(tmp_path, capsys):
+    """A dataset whose meta.json has no Bayes limits (any real dataset): the tables print "-" for the
+    limits, and the weak modality is the one with the lowest mean test accuracy (was a TypeError:
+    'NoneType' object is not subscriptable)."""
+    for seed, (image, table) in enumerate([(0.55, 0.95), (0.57, 0.93)]):
+        d = tmp_path / "abl" / f"official_s{seed}"
+        d.mkdir(parents=True)
+        result = {"run_dir": str(d), "bayes_accuracy": None,
+                  "test": {"image": {"acc": image}, "table": {"acc": table}, "fused": {"acc": 0.97}}}
+        (d / "result.json").write_text(json.dumps(result))
+        (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 10, "val": {
+            "image": {"acc": 0.5 + seed / 10}, "table": {"acc": 0.9}, "fused": {"acc": 0.96}}}) + "\n")
+    summarize.ablation(str(tmp_path / "abl"))
+    out = capsys.readouterr().out
+    assert "| run | seeds | image | table | fused | image: best val, any epoch |" in out
+    assert "| official | 2 | 0.560 ± 0.014 | 0.940 ± 0.014 | 0.970 ± 0.000 | 0.550 ± 0.071 |" in out
+    joint = tmp_path / "base" / "joint_mine"
+    joint.mkdir(parents=True)
+    (joint / "result.json").write_text(json.dumps({"bayes_accuracy": None, "test": {"image": {"acc": 0.5}}}))
+    summarize.main(str(tmp_path / "base"))
+    assert "| mine | image | - | 0.500 | - | - |" in capsys.readouterr().out
