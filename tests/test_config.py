@@ -329,3 +329,15 @@ def test_script_trains_on_another_flavour_with_its_default_config(script, flavou
     assert (tmp_path / "run" / "result.json").is_file()
     if script == "gaal":   # the default config's image/table encoders: dropped, in one warning line
         assert "encoders for image, table dropped" in proc.stderr
+
+
+def test_yes_no_on_off_stay_strings(tmp_path):
+    """Only true/false are booleans: `--mixed_precision no` and `mixed_precision: no` in a YAML are the
+    string "no" (PyYAML's YAML 1.1 reading made them False, refused as 'must be a string')."""
+    from train import igm
+    f = tmp_path / "c.yaml"
+    f.write_text("mixed_precision: no\nprojection: false\n")
+    cfg = config.load_config(igm.DEFAULTS, ["--config", str(f)])
+    assert cfg["mixed_precision"] == "no" and cfg["projection"] is False
+    cfg = config.load_config(igm.DEFAULTS, ["--mixed_precision", "no", "--sam", "False", "--projection", "TRUE"])
+    assert cfg["mixed_precision"] == "no" and cfg["sam"] is False and cfg["projection"] is True

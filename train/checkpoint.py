@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import yaml
 
+from train.config import load_yaml
 from train.distributed import (deepspeed_checkpoint_globals, deepspeed_engine, deepspeed_stage,
                                deepspeed_state_dict, is_deepspeed_optimizer)
 
@@ -182,7 +183,7 @@ RESUME_FREE_KEYS = ("resume", "progress", "stop_after_steps", "num_workers", "co
 def _config_changes(run_dir: Path, cfg: dict) -> str:
     """'; changed since that run (config.yaml): a.b 8 -> 16, ...' or '' (nothing readable, or no change)."""
     try:
-        before = yaml.safe_load((run_dir / "config.yaml").read_text())
+        before = load_yaml((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return ""
     if not isinstance(before, dict):

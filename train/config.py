@@ -10,6 +10,7 @@ import difflib
 import io
 import math
 import os
+import re
 import sys
 import textwrap
 import tokenize
@@ -19,6 +20,24 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMAND_LINE = "command line"
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as the config files and flags are read: only true/false (any case) are booleans. PyYAML
+    follows YAML 1.1, where yes/no/on/off are booleans too, so `mixed_precision: no` (or
+    `--mixed_precision no`) would arrive as False instead of the string "no"."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
+def load_yaml(text: str):
+    """yaml.safe_load with ConfigLoader's booleans."""
+    return yaml.load(text, Loader=ConfigLoader)
 
 
 class ConfigError(ValueError):
@@ -132,7 +151,7 @@ def _parse_cli_value(text: str):
         except ValueError:
             pass
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"command line: cannot parse value {text!r}: {' '.join(str(err).split())}") from None
     return _Replace(value) if isinstance(value, dict) else value
@@ -271,7 +290,7 @@ def load_config(defaults: dict, argv: list[str] | None = None, default_config: s
     if config_path is not None:
         path = _find_config(config_path)
         try:
-            from_file = yaml.safe_load(path.read_text()) or {}
+            from_file = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(from_file, dict):
@@ -527,7 +546,7 @@ def print_help(defaults: dict, default_config: str | None = None, script: str | 
     try:
         if config_path or default_config:
             found = _find_config(config_path or default_config)
-            loaded = yaml.safe_load(found.read_text()) or {}
+            loaded = load_yaml(found.read_text()) or {}
             if isinstance(loaded, dict):
                 from_file, file_label = loaded, _relative(found)
     except (ConfigError, OSError, yaml.YAMLError):
