@@ -20,8 +20,10 @@
 # minutes on a CPU even at one step, so the dry run exercises the entry point and the Markdown output
 # through the scaling section only.
 #
-# Time limits (seconds; override with the environment): T_PYTEST=210, T_PERF=210, T_SMALL=30
-# (versions, nvidia-smi): worst case 210 + 210 + 2 x 30 = 480 s. PERF_ARGS replaces perf.py's arguments.
+# Time limits (seconds; override with the environment): T_PYTEST=230, T_PERF=190, T_SMALL=25
+# (versions, nvidia-smi each): worst case 230 + 190 + 2 x 25 = 470 s. PERF_ARGS replaces perf.py's
+# arguments. perf.py writes perf.md only at its end: if it runs past T_PERF, the tables it finished are
+# in perf.log (it prints each section as it completes).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -29,7 +31,7 @@ DRY_RUN=${DRY_RUN:-0}
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $arg (use --dry-run)" >&2; exit 2 ;;
     esac
 done
@@ -38,10 +40,11 @@ OUT=${OUT:-runs/gpu_check_$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1   # a stage killed by its timeout still leaves everything it printed in its log
 PY=${PYTHON:-python}
-T_PYTEST=${T_PYTEST:-210}
-T_PERF=${T_PERF:-210}
-T_SMALL=${T_SMALL:-30}
+T_PYTEST=${T_PYTEST:-230}
+T_PERF=${T_PERF:-190}
+T_SMALL=${T_SMALL:-25}
 SUMMARY="$OUT/summary.txt"
 {
     echo "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) mode: $([ "$DRY_RUN" = 1 ] && echo dry-run || echo gpu)"
