@@ -315,12 +315,20 @@ def test_full_pipeline_matches_composition_of_single_ops():
 
 # ---------------------------------------------------------------- device
 @pytest.mark.gpu
-def test_cuda_no_host_sync_and_matches_cpu():
+@pytest.mark.parametrize("recipe", [dict(jitter=(0.8, 0.8, 0.8, 0.2)), dict(), dict(p=0.95)],
+                         ids=["with hue", "defaults (DVM)", "p=0.95 (GAAL's DVM recipe)"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_no_host_sync_and_matches_cpu(recipe, channels_last):
+    """On CUDA (also on a channels_last batch, as GAAL/IGM feed with --channels_last true): no host
+    sync, the same parameters applied on the CPU give the same images (within one uint8 level), and
+    the same device generator seed gives the same batch twice."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA")
     x = _images(32, 128, 128)
-    a = _aug(jitter=(0.8, 0.8, 0.8, 0.2), generator=torch.Generator(device="cuda").manual_seed(0))
+    a = _aug(**recipe, generator=torch.Generator(device="cuda").manual_seed(0))
     xc = x.cuda()
+    if channels_last:
+        xc = xc.contiguous(memory_format=torch.channels_last)
     a(xc)  # warm-up (cuDNN / kernel selection)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -333,6 +341,9 @@ def test_cuda_no_host_sync_and_matches_cpu():
     assert y.is_cuda and y.dtype == torch.uint8
     cpu = {k: v.cpu() for k, v in p.items()}
     assert _max_level_diff(y.cpu(), a.apply_params(x, cpu)) <= 1
+    again = _aug(**recipe, generator=torch.Generator(device="cuda").manual_seed(0))
+    first, second = _aug(**recipe, generator=torch.Generator(device="cuda").manual_seed(0))(xc), again(xc)
+    assert torch.equal(first, second)
 
 
 # ---------------------------------------------------------------- benchmark (prints only)
