@@ -16,6 +16,7 @@ The device augmentation on CUDA against its CPU result is tests/test_augment.py
 import argparse
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,8 +59,7 @@ def script_args(name, data, out, device="cuda", *extra):
     if device == "cuda":
         path = ["--mixed_precision", "bf16"] + (["--channels_last", "true"] if has_channels_last else [])
     else:
-        # quoted: the flag's value is read as YAML, where a bare `no` is the boolean false (refused)
-        path = ["--mixed_precision", "'no'", "--cpu", "true"]
+        path = ["--mixed_precision", "no", "--cpu", "true"]
         path += ["--channels_last", "false"] if has_channels_last else []
     return ["--data", str(data), "--out_dir", str(out), *COMMON, *own, *path, *extra]
 
@@ -105,7 +105,7 @@ def test_gpu_check_dry_run(tmp_path):
     """benchmarks/gpu_check.sh --dry-run: the same stages on CPU at tiny sizes (pytest collection of
     the gpu tests, perf.py's fastest CPU setting) into $OUT, with the summary file."""
     out = tmp_path / "check"
-    env = dict(os.environ, OUT=str(out), PYTHONPATH=str(REPO))
+    env = dict(os.environ, OUT=str(out), PYTHONPATH=str(REPO), PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
