@@ -4,10 +4,11 @@
     python benchmarks/perf.py --shapes full            # the issue's shapes (DVM ResNet-50, CREMA-D, MOSI)
     python benchmarks/perf.py --device cuda --shapes full --fast   # + the GPU path against fp32 eager
     python benchmarks/perf.py --markdown perf.md       # also write the tables as Markdown (README)
+    python benchmarks/perf.py --threads 2              # torch threads (default 1; pinned and printed)
 
 Sections
 1. Steps (benchmarks/step_time.py): for each method and its baseline on the same model and batch in
-   the same process (timed in alternation): ms/step, samples/s, peak memory (CUDA: max allocated;
+   the same process: ms/step (median), its spread, samples/s, peak memory (CUDA: max allocated;
    CPU: growth of the resident high-water mark over setup, each row built alone in a fresh process),
    the ratio to the baseline, the floor the algorithm imposes, the target and whether it is met.
 2. GPU path (--fast; benchmarks/step_time.bench_fast_path): GAAL official at the DVM shape and IGM
@@ -17,6 +18,18 @@ Sections
    chunking/compression sweep, and DataLoader samples/s per worker count against the step's.
 4. Scaling (benchmarks/scaling.py): bytes per sample, storage, read bandwidth and all-reduce bytes per
    step at 1, 8 and 64 GPUs for the full DVM and Kinetics-Sounds workloads.
+
+Timing (sections 1 and 2; step_time.time_runs). The thread count is pinned (--threads, default 1)
+and printed in the machine line and the section headers. After 2 untimed warm-up steps of every row,
+the rows are timed in alternating chunks of --steps steps, the order reversed every round (baseline
+first, then last, then first, ...: A B C, C B A, A B C, ...) for --repeats rounds; the whole
+measurement is done twice and the chunks of both pooled. Each row reports the MEDIAN per-step time of
+its 2 x --repeats chunks, the spread as their interquartile range (ms/step), and the ratio of the
+medians (section 2: its speed-up, the inverse; it uses chunks of 3 steps and 3 rounds,
+FAST_STEPS/FAST_REPEATS). On CUDA the device is synchronised before and after every chunk, and peak
+memory is the maximum over a row's chunks. A machine shared with other
+work (or one whose clock drifts) then slows every row alike instead of whichever row's fixed block it
+happened to overlap.
 """
 from __future__ import annotations
 
@@ -40,13 +53,14 @@ STEP_CASES = {
 TARGETS = {"gaal official": 1.40, "gaal paper": 1.40, "igm official": 1.10, "igm paper": 2.05,
            "cggm official": 1.20, "cggm paper": 1.20}
 BENCH = {"gaal": step_time.bench_gaal, "igm": step_time.bench_igm, "cggm": step_time.bench_cggm}
-STEP_HEADER = ["method", "shape", "step", "ms/step", "samples/s", "peak memory", "ratio", "floor", "target", "met"]
+STEP_HEADER = ["method", "shape", "step", "ms/step", "spread", "samples/s", "peak memory", "ratio", "floor", "target", "met"]
 
 
 def row_memory_in_fresh_process(method, shape, name, steps, device):
     """CPU peak memory of one row, measured in its own process so rows do not share an allocator."""
     out = subprocess.run([sys.executable, str(Path(step_time.__file__)), "--method", method, "--shape", shape,
-                          "--device", str(device), "--steps", str(steps), "--memory_row", name],
+                          "--device", str(device), "--steps", str(steps), "--memory_row", name,
+                          "--threads", str(torch.get_num_threads())],
                          capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -55,7 +69,7 @@ def step_section(device, shapes, steps, repeats):
     rows = []
     for method, shape in STEP_CASES[shapes]:
         args = argparse.Namespace(shape=shape, steps=steps, repeats=repeats)
-        for name, ms, sps, peak, ratio, floor in BENCH[method](args, device):
+        for name, ms, spread, sps, peak, ratio, floor in BENCH[method](args, device):
             if device.type != "cuda":
                 peak = f"{row_memory_in_fresh_process(method, shape, name, 2, device) / 2**20:.0f} MiB"
             r = float(ratio.rstrip("x"))
@@ -66,15 +80,20 @@ def step_section(device, shapes, steps, repeats):
                 met = "yes" if r <= target else ("no; <= floor" if r <= float(floor.rstrip("x")) else "no")
             else:
                 met = "yes" if r <= target else "no"
-            rows.append([method, shape, name, ms, sps, peak, ratio, floor, f"<= {target:.2f}x" if target else "", met])
+            rows.append([method, shape, name, ms, spread, sps, peak, ratio, floor,
+                         f"<= {target:.2f}x" if target else "", met])
     return rows
+
+
+FAST_STEPS, FAST_REPEATS = 3, 3   # GPU-path section: steps per chunk, rounds per repetition
 
 
 def fast_section(device, shapes, compile_encoders):
     cases = [("gaal", "dvm"), ("igm", "crema_d")] if shapes == "full" else [("gaal", "imgtab"), ("igm", "av")]
     rows = []
     for method, shape in cases:
-        for r in step_time.bench_fast_path(method, shape, device, compile_encoders=compile_encoders):
+        for r in step_time.bench_fast_path(method, shape, device, steps=FAST_STEPS, repeats=FAST_REPEATS,
+                                           compile_encoders=compile_encoders):
             rows.append([method, shape, *r])
     return rows
 
@@ -90,7 +109,7 @@ def step_samples_per_s(method, shape, row, device, step_rows):
     else measured here (one warm-up step, then the median of 3)."""
     for r in step_rows:
         if r[0] == method and r[1] == shape and r[2] == row:
-            return float(r[4])
+            return float(r[STEP_HEADER.index("samples/s")])
     args = argparse.Namespace(shape=shape, steps=1, repeats=1)
     step = BENCH[method](args, device, only=row)[row]["step"]
     step_time.timed(step, 1, device)
@@ -134,8 +153,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", choices=sorted(STEP_CASES), default="cpu")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed chunk")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help=f"rounds of alternating chunks per repetition ({step_time.REPETITIONS} repetitions)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (pinned, printed)")
     parser.add_argument("--sections", default="steps,data,scaling",
                         help="comma-separated: steps, fast, data, scaling (default: all but fast)")
     parser.add_argument("--fast", action="store_true", help="add the GPU-path section (bf16, channels_last, fused)")
@@ -144,6 +165,7 @@ def main(argv=None):
     parser.add_argument("--workers", default="0,1,2", help="data section: DataLoader worker counts")
     parser.add_argument("--markdown", default=None, help="also write the tables as Markdown to this file")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if args.fast and "fast" not in sections:
@@ -158,13 +180,15 @@ def main(argv=None):
     step_rows = []
     if "steps" in sections:
         step_rows = step_section(device, args.shapes, args.steps, args.repeats)
-        print(f"\n== steps: method vs baseline, same model and batch, median of {args.repeats} x {args.steps}\n")
+        print(f"\n== steps: method vs baseline, same model and batch, {torch.get_num_threads()} threads; "
+              f"{step_time.scheme_line(args.repeats, args.steps)}\n")
         print(data_path.table(STEP_HEADER, step_rows))
         md += ["", markdown(step_rows, STEP_HEADER)]
     if "fast" in sections:
         rows = fast_section(device, args.shapes, args.compile)
-        header = ["method", "shape", "step", "ms/step", "samples/s", "peak memory", "speed-up"]
-        print("\n== GPU path: bf16 autocast + channels_last + fused optimiser against fp32 eager (target >= 2x on H100)\n")
+        header = ["method", "shape", "step", "ms/step", "spread", "samples/s", "peak memory", "speed-up"]
+        print("\n== GPU path: bf16 autocast + channels_last + fused optimiser against fp32 eager (target >= 2x on H100); "
+              f"{torch.get_num_threads()} threads; {step_time.scheme_line(FAST_REPEATS, FAST_STEPS)}\n")
         print(data_path.table(header, rows))
         md += ["", markdown(rows, header)]
     if "data" in sections:

@@ -1,6 +1,7 @@
 """Step time of a method against its baseline, same model, same batch, same process.
 
     python benchmarks/step_time.py --method gaal                  # embedded-sized model, CPU
+    python benchmarks/step_time.py --method gaal --threads 2      # torch threads (default 1, printed)
     python benchmarks/step_time.py --method gaal --shape dvm --device cuda
     python benchmarks/step_time.py --method igm                   # embedded audio-visual shape
     python benchmarks/step_time.py --method igm --shape crema_d --device cuda
@@ -9,9 +10,21 @@
     python benchmarks/step_time.py --method cggm --memory_row "cggm official"   # one row's peak memory (bytes)
     python benchmarks/step_time.py --method cggm --shape mosi --profile --steps 4   # operator time per row
 
-Prints, per method and baseline: median step time, samples/s, peak memory (CUDA) and the ratio,
-beside the floor the algorithm itself imposes. The two are timed in alternation (baseline block,
-method block, repeated) so that a machine whose speed drifts affects both alike.
+Prints, per method and baseline: median step time, its spread, samples/s, peak memory (CUDA) and the
+ratio, beside the floor the algorithm itself imposes.
+
+Timing scheme (time_runs; also the GPU rows of bench_fast_path). The thread count is pinned
+(--threads, default 1: torch.set_num_threads) and printed in the header. Every row is built first and
+warmed up (2 untimed steps each). Then the rows are timed in CHUNKS of --steps steps, alternating
+between rows, and the order is reversed every round: with rows A (the baseline), B, C the chunks run
+A B C, C B A, A B C, ... for --repeats rounds. That whole measurement is done TWICE (REPETITIONS), so
+each row has 2 x --repeats chunk times (a chunk's wall time / its steps; on CUDA the device is
+synchronised before and after each chunk, and peak memory is the maximum over the chunks). The table
+gives each row's MEDIAN per-step time over those chunks, the spread as the interquartile range of the
+chunk times (25th-75th percentile, ms/step), and the ratio of the medians (row / baseline). Short
+chunks, taken in turn and in both orders, put a machine whose speed drifts or is shared with other
+work on every row alike; a few chunks that a burst of other work lands on barely move the median
+and the IQR.
 
 gaal: baseline = plain alternating training of the same encoders and shared head (two updates per
 batch, no reference gradient, no surgery). GAAL adds one no-grad forward of each encoder and a
@@ -105,15 +118,39 @@ def plain_alternating_step(encoders, head, optimizer, batch, order):
         optimizer.step()
 
 
-def timed(fn, steps, device):
+REPETITIONS = 2   # the whole alternating measurement is done this many times; chunks pooled
+
+
+def timed(fn, steps, device, clock=time.perf_counter):
+    """Seconds per step of `steps` calls of fn (one chunk), the device synchronised before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(steps):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return (clock() - start) / steps
+
+
+def round_orders(names, rounds):
+    """The order the rows' chunks run in, round by round: as listed, reversed, as listed, ..."""
+    names = list(names)
+    return [names if r % 2 == 0 else names[::-1] for r in range(rounds)]
+
+
+def percentile(values, q):
+    """q-th percentile (0..100) by linear interpolation between the order statistics."""
+    v = sorted(values)
+    pos = (len(v) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def summarise(chunk_times):
+    """(median, 25th percentile, 75th percentile) of a row's per-step chunk times."""
+    return statistics.median(chunk_times), percentile(chunk_times, 25), percentile(chunk_times, 75)
 
 
 def bench_igm(args, device, only=None):
@@ -197,28 +234,34 @@ def bench_cggm(args, device, only=None):
         return runs
     floors = {"joint": "1.000x", "joint + classifiers": "floor", "cggm official": "~floor", "cggm paper": "~floor"}
     rows = time_runs(runs, args, device, batch, floors, base_name="joint")
-    floor_ratio = float(rows[1][4].rstrip("x"))
-    rows[1][5] = f"{floor_ratio:.3f}x"
-    rows[2][5] = rows[3][5] = f"{floor_ratio:.3f}x"
+    floor_ratio = float(rows[1][5].rstrip("x"))
+    rows[1][6] = f"{floor_ratio:.3f}x"
+    rows[2][6] = rows[3][6] = f"{floor_ratio:.3f}x"
     print(f"classifier parameters: {clf_bytes / 2**20:.2f} MiB (plus their Adam state, 2x that)")
     return rows
 
 
-def time_runs(runs, args, device, batch, floors, base_name="plain alternating"):
+def time_runs(runs, args, device, batch, floors, base_name="plain alternating", repetitions=REPETITIONS,
+              clock=time.perf_counter):
+    """Time every run's step by the scheme of the module docstring (chunks of args.steps steps,
+    args.repeats rounds, order reversed every round, `repetitions` times) and return the table rows
+    [step, ms/step (median), spread (IQR, ms/step), samples/s, peak memory, ratio, floor]."""
     for run in runs.values():           # warm-up (allocations, cudnn autotune)
-        timed(run["step"], 2, device)
-    for _ in range(args.repeats):
-        for run in runs.values():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            run["times"].append(timed(run["step"], args.steps, device))
-            if device.type == "cuda":
-                run["peak"] = max(run["peak"], torch.cuda.max_memory_allocated())
+        timed(run["step"], 2, device, clock)
+    for _ in range(repetitions):
+        for order in round_orders(runs, args.repeats):
+            for name in order:
+                run = runs[name]
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                run["times"].append(timed(run["step"], args.steps, device, clock))
+                if device.type == "cuda":
+                    run["peak"] = max(run["peak"], torch.cuda.max_memory_allocated())
     base = statistics.median(runs[base_name]["times"])
     rows = []
     for name, run in runs.items():
-        t = statistics.median(run["times"])
-        rows.append([name, f"{t * 1e3:.1f}", f"{batch['label'].shape[0] / t:.0f}",
+        t, lo, hi = summarise(run["times"])
+        rows.append([name, f"{t * 1e3:.1f}", f"{lo * 1e3:.1f}–{hi * 1e3:.1f}", f"{batch['label'].shape[0] / t:.0f}",
                      f"{run['peak'] / 2**20:.0f} MiB" if device.type == "cuda" else "-",
                      f"{t / base:.3f}x", floors[name]])
     return rows
@@ -249,7 +292,9 @@ def bench_fast_path(method, shape, device, steps=3, repeats=3, compile_encoders=
     """The GPU path against an fp32 eager reference of the SAME step (GAAL official at an image-table
     shape, IGM official at an audio-visual shape): bf16 autocast, channels_last weights for the CNNs,
     the fused optimiser (CUDA; CPU since torch 2.4), optionally torch.compile of the encoders.
-    Returns rows [step, ms/step, samples/s, peak memory, speed-up]."""
+    Timed by time_runs' scheme (alternating chunks of `steps` steps, order reversed every round,
+    `repeats` rounds, twice; the device synchronised around every chunk).
+    Returns rows [step, ms/step, spread, samples/s, peak memory, speed-up]."""
     generator = torch.Generator().manual_seed(0)
     if method == "gaal":
         meta, batch, encoder_cfgs = synthetic_meta_and_batch(shape, device, generator)
@@ -288,8 +333,13 @@ def bench_fast_path(method, shape, device, steps=3, repeats=3, compile_encoders=
     args = argparse.Namespace(steps=steps, repeats=repeats)
     rows = time_runs(runs, args, device, batch, {k: "" for k in runs}, base_name="fp32 eager")
     for r in rows:   # ratio of times -> speed-up of the reference time
-        r[4] = f"{1 / float(r[4].rstrip('x')):.2f}x"
-    return [r[:5] for r in rows]
+        r[5] = f"{1 / float(r[5].rstrip('x')):.2f}x"
+    return [r[:6] for r in rows]
+
+
+def scheme_line(repeats, steps, repetitions=REPETITIONS):
+    return (f"median of {repetitions} x {repeats} alternating chunks of {steps} steps per row "
+            f"(order reversed every round); spread = IQR of the chunks, ms/step")
 
 
 def _proc_status_kib(field):
@@ -347,13 +397,17 @@ def main(argv=None):
     parser.add_argument("--shape", choices=sorted(SHAPE_BATCH), default=None,
                         help="gaal: imgtab (default) | dvm; igm: av (default) | crema_d; cggm: seq3 (default) | mosi")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed chunk")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="rounds of alternating chunks (one chunk per row, order reversed every round), "
+                             f"per repetition ({REPETITIONS} repetitions)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (pinned, printed)")
     parser.add_argument("--memory_row", default=None,
                         help="build only this row (e.g. 'gaal official'), run --steps steps, print its peak memory in bytes")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: each row's operator self time per step under torch.profiler")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shapes = {"gaal": SHAPES, "igm": IGM_SHAPES, "cggm": CGGM_SHAPES}[args.method]
     args.shape = args.shape or next(iter(shapes))
@@ -366,10 +420,10 @@ def main(argv=None):
         profile_rows(args.method, args.shape, args.steps, device)
         return
     rows = {"gaal": bench_gaal, "igm": bench_igm, "cggm": bench_cggm}[args.method](args, device)
-    header = ["step", "ms/step", "samples/s", "peak memory", "ratio", "floor"]
+    header = ["step", "ms/step", "spread", "samples/s", "peak memory", "ratio", "floor"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     print(f"{args.method}, shape {args.shape}, batch {SHAPE_BATCH[args.shape]}, device {device} "
-          f"({torch.get_num_threads()} threads), torch {torch.__version__}; median of {args.repeats} x {args.steps} steps")
+          f"({torch.get_num_threads()} threads), torch {torch.__version__}; {scheme_line(args.repeats, args.steps)}")
     for r in [header, ["-" * w for w in widths]] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
 

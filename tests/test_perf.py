@@ -99,3 +99,51 @@ def test_profile_mode_reports_every_row(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if "self CPU time" in line]
     assert [line.split(":")[0] for line in lines] == ["joint", "joint + classifiers", "cggm official", "cggm paper"]
     assert all(float(line.split("time ")[1].split(" ms")[0]) > 0 for line in lines)
+
+
+def test_round_orders_alternate_and_reverse():
+    assert step_time.round_orders(["a", "b"], 4) == [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
+    assert step_time.round_orders(["a", "b", "c"], 3) == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
+    assert step_time.round_orders({"a": 1, "b": 2}, 1) == [["a", "b"]]
+
+
+def test_percentile_and_summary():
+    assert step_time.percentile([4, 1, 3, 2], 50) == 2.5
+    assert step_time.percentile([10, 12, 14, 16, 18, 20], 25) == 12.5
+    assert step_time.percentile([10, 12, 14, 16, 18, 20], 75) == 17.5
+    assert step_time.percentile([7], 25) == step_time.percentile([7], 75) == 7
+    assert step_time.summarise([0.3, 0.1, 0.2, 9.0]) == pytest.approx((0.25, 0.175, 2.475))
+
+
+def test_time_runs_chunk_order_median_and_spread_with_a_fake_clock():
+    """Fake steps advance a fake clock by a scripted time: the chunks must run warm-up first, then in
+    alternation with the order reversed every round, the whole measurement twice, and the table must
+    give each row's median per-step time over its chunks, the IQR as spread and the ratio of medians."""
+    now, calls = [0.0], []
+    base_ms = [10, 10, 10, 50, 10, 10]       # per chunk (ms/step): one chunk hit by other work
+    method_ms = [10, 12, 14, 16, 18, 20]
+    steps, rounds = 2, 3
+
+    def fake_step(name, per_chunk_ms):
+        def step():
+            k = sum(c == name for c in calls)   # this row's call index; the first 2 are the warm-up
+            calls.append(name)
+            now[0] += 0.001 if k < 2 else per_chunk_ms[(k - 2) // steps] / 1e3
+        return step
+    runs = {"plain alternating": {"step": fake_step("plain alternating", base_ms), "times": [], "peak": 0},
+            "method": {"step": fake_step("method", method_ms), "times": [], "peak": 0},
+            "other": {"step": fake_step("other", [30] * 6), "times": [], "peak": 0}}
+    floors = {"plain alternating": "1.000x", "method": "~1.5x", "other": "~3x"}
+    rows = step_time.time_runs(runs, argparse.Namespace(steps=steps, repeats=rounds), torch.device("cpu"),
+                               {"label": torch.zeros(100)}, floors, clock=lambda: now[0])
+
+    chunks = [calls[i] for i in range(0, len(calls), 2)]   # every chunk (and the warm-up) is 2 calls of one row
+    assert all(calls[i] == calls[i + 1] for i in range(0, len(calls), 2))
+    A, B, C = "plain alternating", "method", "other"
+    one_measurement = [A, B, C, C, B, A, A, B, C]
+    assert chunks == [A, B, C] + one_measurement * step_time.REPETITIONS
+    assert len(runs[A]["times"]) == rounds * step_time.REPETITIONS
+
+    assert rows == [["plain alternating", "10.0", "10.0–10.0", "10000", "-", "1.000x", "1.000x"],
+                    ["method", "15.0", "12.5–17.5", "6667", "-", "1.500x", "~1.5x"],
+                    ["other", "30.0", "30.0–30.0", "3333", "-", "3.000x", "~3x"]]
