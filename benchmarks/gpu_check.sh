@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of a device session (issue 17), one command, under 8 minutes on one H100:
+# The GPU check of a device session, one command, under 8 minutes on one H100:
 #
 #     bash benchmarks/gpu_check.sh             # on the GPU machine, from the repository root
 #     bash benchmarks/gpu_check.sh --dry-run   # (or DRY_RUN=1) the same stages on CPU at tiny sizes (CI)
