@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from data_prep import shards
 from models.encoders import ModelConfigError
-from train import checkpoint, data, distributed, metrics, rundir
+from train import checkpoint, data, distributed, metrics, optim, rundir
 from train.checkpoint import CheckpointError
 from train.config import ConfigError, check_choice, load_config, resolve_encoders
 
@@ -270,16 +270,13 @@ def selection(cfg: dict, task: str) -> tuple[str, Callable[[float, float], bool]
     return key, (lambda new, best: new > best + delta) if higher else (lambda new, best: new < best - delta)
 
 
-SCHEDULERS = ("none", "step", "cosine", "warmup_cosine", "plateau")
-
-
 def check_config(cfg: dict) -> None:
     """Refuse a loop key that names no choice (select_on, select_metric, scheduler, optimizer),
     before any compute. Every script's own check_config calls this first; train() calls it too."""
     check_choice("select_on", cfg["select_on"], metrics.SELECT_ON)
     check_choice("select_metric", cfg["select_metric"], metrics.SELECT_METRIC)
-    check_choice("scheduler", cfg["scheduler"], SCHEDULERS)
-    check_choice("optimizer", cfg["optimizer"], ("adam", "adamw", "sgd"))
+    check_choice("scheduler", cfg["scheduler"], optim.SCHEDULERS)
+    check_choice("optimizer", cfg["optimizer"], optim.OPTIMIZERS)
 
 
 def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step: Callable | None = None,

@@ -5,12 +5,17 @@ import math
 
 import torch
 
-from train.config import ConfigError
+from train.config import check_choice
+
+#: The names `optimizer` and `scheduler` accept (train.loop.check_config refuses others before any compute).
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "step", "cosine", "warmup_cosine", "plateau")
 
 
 def build_optimizer(cfg, params):
     """Adam, AdamW or SGD; the fused (one kernel per step) implementation when every parameter is on a
     GPU — same update rule, no per-tensor launches; on CPU torch's default (foreach) path."""
+    check_choice("optimizer", cfg["optimizer"], OPTIMIZERS)
     params = list(params)
     betas = tuple(cfg.get("betas", (0.9, 0.999)))   # a script without a `betas` key gets torch's default
     fused = True if params and all(p.is_cuda for p in params) else None
@@ -18,10 +23,8 @@ def build_optimizer(cfg, params):
         return torch.optim.Adam(params, lr=cfg["lr"], betas=betas, weight_decay=cfg["weight_decay"], fused=fused)
     if cfg["optimizer"] == "adamw":
         return torch.optim.AdamW(params, lr=cfg["lr"], betas=betas, weight_decay=cfg["weight_decay"], fused=fused)
-    if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
-                               fused=fused)
-    raise ConfigError(f"optimizer='{cfg['optimizer']}': choose adam, adamw or sgd")
+    return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+                           fused=fused)
 
 
 def build_scheduler(cfg, optimizer):
@@ -30,6 +33,7 @@ def build_scheduler(cfg, optimizer):
     CGGM's BraTS recipe) | plateau (ReduceLROnPlateau on the validation loss, `plateau_patience`,
     factor `gamma`; step it with the loss)."""
     name = cfg["scheduler"]
+    check_choice("scheduler", name, SCHEDULERS)
     if name == "none":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
     if name == "step":
@@ -46,8 +50,5 @@ def build_scheduler(cfg, optimizer):
             progress = (epoch - warmup) / max(1, total - warmup)
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg["gamma"],
-                                                          patience=cfg["plateau_patience"])
-    raise ConfigError(f"scheduler='{name}': choose none, step, cosine"
-                      + (", warmup_cosine or plateau" if "plateau_patience" in cfg else ""))
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg["gamma"],   # plateau
+                                                      patience=cfg["plateau_patience"])
