@@ -384,7 +384,8 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
             stop = bool(cfg["stop_after_steps"] and position["step"] >= cfg["stop_after_steps"]) \
                 or preemption.requested(position["step"])
             if stop or (cfg["ckpt_every_steps"] and position["step"] % cfg["ckpt_every_steps"] == 0):
-                check_finite(nonfinite, position["step"], accelerator)
+                if not ctx.log_step:   # a log step has just checked the flag
+                    check_finite(nonfinite, position["step"], accelerator)
                 save()
             if stop:
                 bar.close()
