@@ -169,3 +169,37 @@ class CGGMModel(nn.Module):
     def model_parameters(self):
         """Everything but the classifiers (they have their own optimiser)."""
         return [p for name, p in self.named_parameters() if not name.startswith("classifiers.")]
+
+
+class ConcatFusionModel(nn.Module):
+    """encoders[m]: E_m; ONE Linear `fc` over the concatenated features [f_1 | ... | f_M] (OGM-GE's
+    released ConcatFusion, models/fusion_modules.py). forward -> {m: (f_m, out_m)} with
+
+        out_m = f_m W[:, cols_m]^T + b / M        (main.py's read-off for two modalities: b/2)
+
+    so the per-modality logits sum to the fused prediction fc([f_1 | ... | f_M]) exactly (`fuse`,
+    the sum of the logits, as LateFusionModel's). Initialised as the released `weight_init`:
+    xavier-normal weight, zero bias.
+    """
+
+    def __init__(self, meta: dict, encoder_cfgs: dict, modalities: list[str] | None = None):
+        super().__init__()
+        self.modalities, self.encoders = build_encoders(meta, encoder_cfgs, modalities)
+        self.widths = [self.encoders[m].out_dim for m in self.modalities]
+        self.fc = nn.Linear(sum(self.widths), meta["num_classes"])
+        nn.init.xavier_normal_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, batch: dict) -> dict:
+        out, start = {}, 0
+        bias = self.fc.bias / len(self.modalities)
+        for m, width in zip(self.modalities, self.widths):
+            features = self.encoders[m](batch[m])
+            weight = self.fc.weight[:, start:start + width]
+            out[m] = (features, features @ weight.t().to(features.dtype) + bias.to(features.dtype))
+            start += width
+        return out
+
+    @staticmethod
+    def fuse(outputs: dict) -> torch.Tensor:
+        return torch.stack([logits for _, logits in outputs.values()]).sum(0)
