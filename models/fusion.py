@@ -171,7 +171,7 @@ class CGGMModel(nn.Module):
         return [p for name, p in self.named_parameters() if not name.startswith("classifiers.")]
 
 
-class ConcatFusionModel(nn.Module):
+class ConcatAndUnimodalHeadsModel(nn.Module):
     """encoders[m]: E_m; head: Linear(sum_m D_m, C) on the concatenated features — the fused
     prediction; heads[m]: Linear(D_m, C) — modality m's own classifier (its unimodal loss and its
     per-modality metrics). forward -> {m: (features, heads[m](features))}; fuse(outputs) =
@@ -180,7 +180,8 @@ class ConcatFusionModel(nn.Module):
     GeWu-Lab's AVClassifier (MMPareto_ICML2024 code/models/models.py: `head` = Linear(1024, C) on
     cat(a, v), `head_audio`, `head_video` = Linear(512, C)) for any number of modalities. Not
     LateFusionModel: the fused head is trained by the multimodal loss alone, the unimodal heads by
-    their own losses alone, and it has one fused bias instead of a sum of per-modality biases.
+    their own losses alone, and it has one fused bias instead of a sum of per-modality biases. Not
+    ConcatFusionModel (OGM-GE's): there the per-modality logits are read off the fused layer itself.
     """
 
     def __init__(self, meta: dict, encoder_cfgs: dict, modalities: list[str] | None = None):

@@ -11,7 +11,7 @@ from torch import nn
 
 from data_prep import embedded
 from methods import mmpareto
-from models.fusion import ConcatFusionModel
+from models.fusion import ConcatAndUnimodalHeadsModel
 from tests.test_train import final_weights, run_script
 from train import mmpareto as script
 
@@ -98,8 +98,8 @@ def test_per_encoder_factor_never_shrinks():
 # ------------------------------------------------------------------------------------------------
 # The step against the released step
 
-class Toy(ConcatFusionModel):
-    """BatchNorm-free stand-in with ConcatFusionModel's layout (encoders, head on the concatenation,
+class Toy(ConcatAndUnimodalHeadsModel):
+    """BatchNorm-free stand-in with ConcatAndUnimodalHeadsModel's layout (encoders, head on the concatenation,
     unimodal heads), its forward and fuse."""
 
     def __init__(self, modalities=MODALITIES[:2], seed=0):
@@ -323,7 +323,7 @@ def test_configs_load_and_build_on_the_converted_shapes(dataset):
                                         "categorical": embedded.TABLE_CATEGORICAL}
     modalities = cfg["modalities"] or list(meta["modalities"])
     assert modalities == list(CONVERTED[dataset])
-    model = ConcatFusionModel(meta, resolve_encoders(cfg, meta, modalities), modalities)
+    model = ConcatAndUnimodalHeadsModel(meta, resolve_encoders(cfg, meta, modalities), modalities)
     assert model.head.in_features == sum(e.out_dim for e in model.encoders.values())
     if dataset in ("crema_d", "kinetics_sounds"):
         assert (cfg["optimizer"], cfg["lr"], cfg["batch_size"], cfg["epochs"], cfg["scheduler"]) == ("sgd", 2e-3, 64, 50, "none")

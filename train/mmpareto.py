@@ -6,7 +6,7 @@ integrated Pareto-style (a direction common to both, magnitude given back and en
     accelerate launch train/mmpareto.py --variant paper --magnitude_scale 1.0      # per-encoder magnitude, no boost
     accelerate launch --multi_gpu --num_processes 2 train/mmpareto.py              # 2-rank data parallel
 
-Model (models.fusion.ConcatFusionModel, the released AVClassifier): per modality an encoder E_m and a
+Model (models.fusion.ConcatAndUnimodalHeadsModel, the released AVClassifier): per modality an encoder E_m and a
 unimodal head H_m = Linear(D_m, C); the fused prediction is H(cat_m f_m), H = Linear(sum D_m, C).
 Losses: L_mm = CE(H(cat f), y), L_m = CE(H_m(f_m), y). Per training batch (docs/methods/mmpareto.md):
   for each encoder E_m, over all its parameters:
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from methods import mmpareto
-from models.fusion import ConcatFusionModel
+from models.fusion import ConcatAndUnimodalHeadsModel
 from train import loop, optim
 from train.config import ConfigError, check_choice
 from train.distributed import all_reduce_mean_
@@ -71,7 +71,7 @@ def check_config(cfg):
 
 def build(cfg: dict, ctx: loop.Context) -> loop.Setup:
     """The concat-fusion model with unimodal heads; one optimiser over everything (as released)."""
-    model = ConcatFusionModel(ctx.meta, cfg["encoders"], ctx.modalities).to(ctx.device)
+    model = ConcatAndUnimodalHeadsModel(ctx.meta, cfg["encoders"], ctx.modalities).to(ctx.device)
     optimizer = optim.build_optimizer(cfg, model.parameters())
     return loop.Setup(model, optimizer, optim.build_scheduler(cfg, optimizer),
                       result=dict(variant=cfg["variant"], magnitude_scale=cfg["magnitude_scale"]))
@@ -84,7 +84,7 @@ def gradients(loss, params, retain_graph=False):
 
 
 def mmpareto_step(model, optimizer, batch, cfg, world=1, autocast=contextlib.nullcontext):
-    """One MMPareto update of a ConcatFusionModel on a batch (see the module docstring).
+    """One MMPareto update of a ConcatAndUnimodalHeadsModel on a batch (see the module docstring).
 
     Both gradient sets are averaged over the `world` ranks before anything is decided from them.
     Returns device tensors to log: per modality its head's loss and batch accuracy, the cosine of
