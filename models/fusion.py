@@ -203,3 +203,34 @@ class ConcatFusionModel(nn.Module):
     @staticmethod
     def fuse(outputs: dict) -> torch.Tensor:
         return torch.stack([logits for _, logits in outputs.values()]).sum(0)
+
+
+class ConcatAndUnimodalHeadsModel(nn.Module):
+    """encoders[m]: E_m; head: Linear(sum_m D_m, C) on the concatenated features — the fused
+    prediction; heads[m]: Linear(D_m, C) — modality m's own classifier (its unimodal loss and its
+    per-modality metrics). forward -> {m: (features, heads[m](features))}; fuse(outputs) =
+    head(cat(f_m in `modalities` order)).
+
+    GeWu-Lab's AVClassifier (MMPareto_ICML2024 code/models/models.py: `head` = Linear(1024, C) on
+    cat(a, v), `head_audio`, `head_video` = Linear(512, C)) for any number of modalities. Not
+    LateFusionModel: the fused head is trained by the multimodal loss alone, the unimodal heads by
+    their own losses alone, and it has one fused bias instead of a sum of per-modality biases. Not
+    ConcatFusionModel (OGM-GE's): there the per-modality logits are read off the fused layer itself.
+    """
+
+    def __init__(self, meta: dict, encoder_cfgs: dict, modalities: list[str] | None = None):
+        super().__init__()
+        self.modalities, self.encoders = build_encoders(meta, encoder_cfgs, modalities)
+        classes = meta["num_classes"]
+        self.head = nn.Linear(sum(e.out_dim for e in self.encoders.values()), classes)
+        self.heads = nn.ModuleDict({m: nn.Linear(e.out_dim, classes) for m, e in self.encoders.items()})
+
+    def forward(self, batch: dict) -> dict:
+        out = {}
+        for m in self.modalities:
+            features = self.encoders[m](batch[m])
+            out[m] = (features, self.heads[m](features))
+        return out
+
+    def fuse(self, outputs: dict) -> torch.Tensor:
+        return self.head(torch.cat([outputs[m][0] for m in self.modalities], dim=1))

@@ -1,0 +1,148 @@
+"""MMPareto: the multimodal loss plus one unimodal loss per modality, with each encoder's two gradients
+integrated Pareto-style (a direction common to both, magnitude given back and enhanced).
+
+    accelerate launch train/mmpareto.py                                            # embedded audio-visual benchmark
+    accelerate launch train/mmpareto.py --config train/configs/mmpareto_crema_d.yaml --data /data/shards/crema_d
+    accelerate launch train/mmpareto.py --variant paper --magnitude_scale 1.0      # per-encoder magnitude, no boost
+    accelerate launch --multi_gpu --num_processes 2 train/mmpareto.py              # 2-rank data parallel
+
+Model (models.fusion.ConcatAndUnimodalHeadsModel, the released AVClassifier): per modality an encoder E_m and a
+unimodal head H_m = Linear(D_m, C); the fused prediction is H(cat_m f_m), H = Linear(sum D_m, C).
+Losses: L_mm = CE(H(cat f), y), L_m = CE(H_m(f_m), y). Per training batch (docs/methods/mmpareto.md):
+  for each encoder E_m, over all its parameters:
+    g_mm = grad_{E_m} L_mm,  g_u = grad_{E_m} L_m
+    cos = cos(g_mm, g_u);  (a_mm, a_u) = (1/2, 1/2) if cos > 0, else the two-task min-norm (MGDA)
+      weights (c, 1 - c), c = argmin_c |c g_mm + (1 - c) g_u|^2 (methods.mmpareto.min_norm_weight)
+    h = 2 (a_mm g_mm + a_u g_u)
+    grad E_m <- magnitude_scale * max(1, |g_mm + g_u| / |h|) * h
+  grad H <- grad_H L_mm, grad H_m <- grad_{H_m} L_m (the heads are not integrated), optimizer step.
+  variant official (the released code): the cosine and the weights per encoder, the magnitude
+    factor per parameter TENSOR of the encoder; magnitude_scale = 1.5 (the released gamma);
+  variant paper: the magnitude factor over the whole encoder's gradient, as the paper's algorithm
+    writes it per encoder (there the max(1, .) never binds: the min-norm element is the shortest).
+
+Two backward passes per batch (L_mm, then sum_m L_m: each L_m reaches only E_m and H_m), where the
+released step runs one per loss plus one of their sum: the same gradients.
+
+Data parallelism without a DDP wrapper: torch.autograd.grad bypasses DDP, so both gradient sets are
+all-reduced by hand in one bucket before the cosines, the weights and the norms are computed — on
+the global-batch gradients, so N ranks x B/N = 1 rank x B (models without BatchNorm).
+
+TensorBoard per modality: train loss/acc of its head, the cosine of g_mm and g_u on its encoder,
+whether they conflicted, a_mm, the mean magnitude factor, |g_mm| and |g_u|; fused train loss/acc.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from methods import mmpareto
+from models.fusion import ConcatAndUnimodalHeadsModel
+from train import loop, optim
+from train.config import ConfigError, check_choice
+from train.distributed import all_reduce_mean_
+
+# ------------------------------------------------------------------------------------------------
+DEFAULTS = loop.DEFAULTS | dict(   # + the loop's keys (data, optimiser, selection, ...): train/loop.py
+    data="data/embedded_av",       # a shard directory; a missing embedded_<flavour> is generated
+    modalities=[],                 # the modalities, in the fused head's concatenation order ([] = the dataset's)
+    out_dir="runs/mmpareto_av",
+    variant="official",            # official: magnitude factor per parameter tensor | paper: per encoder
+    magnitude_scale=1.5,           # gamma: the final encoder gradient's extra scale (released: 1.5)
+    epochs=15,                     # the joint baseline's on the embedded sets (released CREMA-D: 50)
+    batch_size=128,                # global batch (split across ranks); released: 64
+    optimizer="adam",              # adam | adamw | sgd; released: SGD momentum 0.9
+    lr=1e-3,                       # released: 0.002, constant (its StepLR is never stepped)
+    weight_decay=1e-4,             # coupled L2, added by the optimiser to the integrated gradient (released: 1e-4)
+    mixed_precision="no",          # no | bf16 (the forward; losses and the integration in float32)
+)
+DEFAULT_CONFIG = "train/configs/mmpareto_av.yaml"
+
+
+def check_config(cfg):
+    loop.check_config(cfg)
+    check_choice("variant", cfg["variant"], ("official", "paper"))
+    check_choice("mixed_precision", cfg["mixed_precision"], ("no", "bf16"))   # fp16 would need a scaler
+    if not cfg["magnitude_scale"] > 0:
+        raise ConfigError(f"magnitude_scale={cfg['magnitude_scale']}: must be > 0 (released: 1.5)")
+
+
+def build(cfg: dict, ctx: loop.Context) -> loop.Setup:
+    """The concat-fusion model with unimodal heads; one optimiser over everything (as released)."""
+    model = ConcatAndUnimodalHeadsModel(ctx.meta, cfg["encoders"], ctx.modalities).to(ctx.device)
+    optimizer = optim.build_optimizer(cfg, model.parameters())
+    return loop.Setup(model, optimizer, optim.build_scheduler(cfg, optimizer),
+                      result=dict(variant=cfg["variant"], magnitude_scale=cfg["magnitude_scale"]))
+
+
+def gradients(loss, params, retain_graph=False):
+    """d loss / d params, zeros for a parameter the loss does not reach."""
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def mmpareto_step(model, optimizer, batch, cfg, world=1, autocast=contextlib.nullcontext):
+    """One MMPareto update of a ConcatAndUnimodalHeadsModel on a batch (see the module docstring).
+
+    Both gradient sets are averaged over the `world` ranks before anything is decided from them.
+    Returns device tensors to log: per modality its head's loss and batch accuracy, the cosine of
+    g_mm and g_u on its encoder, the conflict flag, a_mm, the mean magnitude factor, |g_mm|, |g_u|;
+    the fused loss and accuracy and the total loss L_mm + sum_m L_m."""
+    labels = batch["label"]
+    with autocast():
+        out = model(batch)
+        fused = model.fuse(out)
+    loss_mm = F.cross_entropy(fused.float(), labels)
+    losses = {m: F.cross_entropy(logits.float(), labels) for m, (_, logits) in out.items()}
+    modalities = list(out)
+    encoder_params = {m: list(model.encoders[m].parameters()) for m in modalities}
+    encoders = [p for m in modalities for p in encoder_params[m]]
+    fused_head = list(model.head.parameters())
+    unimodal_heads = [p for m in modalities for p in model.heads[m].parameters()]
+    grads_mm = gradients(loss_mm, encoders + fused_head, retain_graph=True)
+    grads_u = gradients(sum(losses.values()), encoders + unimodal_heads)   # L_m reaches only E_m, H_m
+    all_reduce_mean_(grads_mm + grads_u, world)
+
+    optimizer.zero_grad(set_to_none=True)
+    n = len(encoders)
+    for p, g in zip(fused_head, grads_mm[n:]):
+        p.grad = g
+    for p, g in zip(unimodal_heads, grads_u[n:]):
+        p.grad = g
+    stats, offset = {}, 0
+    for m in modalities:
+        k = len(encoder_params[m])
+        g_mm, g_u = grads_mm[offset:offset + k], grads_u[offset:offset + k]
+        offset += k
+        weights = mmpareto.pareto_weights(g_mm, g_u)
+        final, factor = mmpareto.integrate(g_mm, g_u, weights, cfg["magnitude_scale"],
+                                           per_tensor=cfg["variant"] == "official")
+        for p, g in zip(encoder_params[m], final):
+            p.grad = g
+        logits = out[m][1].detach()
+        stats |= {f"{m}/loss": losses[m].detach(), f"{m}/acc": (logits.argmax(1) == labels).float().mean(),
+                  f"{m}/cos_mm_uni": weights.cos, f"{m}/conflict": weights.conflict.float(),
+                  f"{m}/alpha_mm": weights.alpha_m, f"{m}/magnitude_factor": factor,
+                  f"{m}/grad_norm_mm": torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g_mm])),
+                  f"{m}/grad_norm_uni": torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g_u]))}
+    optimizer.step()
+    total = loss_mm.detach() + sum(loss.detach() for loss in losses.values())
+    return stats | {"fused/loss": loss_mm.detach(), "fused/acc": (fused.detach().argmax(1) == labels).float().mean(),
+                    "train/loss": total}
+
+
+def step(setup: loop.Setup, batch: dict, ctx: loop.Context) -> dict:
+    return mmpareto_step(setup.model, setup.optimizer, batch, ctx.cfg, ctx.world, ctx.autocast)
+
+
+def main(cfg: dict) -> dict:
+    check_config(cfg)
+    return loop.train(cfg, method="MMPareto", build=build, step=step, min_modalities=2,
+                      deepspeed="it replaces each encoder's reduced gradient by a Pareto integration of the "
+                                "multimodal and the unimodal gradients")
+
+
+if __name__ == "__main__":
+    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)
