@@ -105,7 +105,7 @@ def test_sbatch_scripts_parse_and_name_existing_configs():
 def test_sbatch_wrappers_are_thin():
     """Each slurm/<name>.sh: its resources and the protocol's #SBATCH lines (what a cluster user edits
     first, partition and account included), the data path, SCRIPT/CONFIG/DATASET, and `. train.sbatch`."""
-    assert len(SBATCH_SCRIPTS) == 21
+    assert len(SBATCH_SCRIPTS) >= 21   # the glob found the shipped wrappers (a test over nothing passes)
     for path in SBATCH_SCRIPTS:
         lines = path.read_text().splitlines()
         commands = [l for l in lines if l.strip() and not l.lstrip().startswith("#")]
