@@ -113,7 +113,12 @@ def read_records(run_dir: Path) -> list:
 # --------------------------------------------------------------------------------------------------
 # Figures
 
-def plot_band(ax, xs: list, series: list, label: str) -> None:
+def colour(groups: dict, group: str) -> str:
+    """One colour per group in every figure (a group absent from a subplot does not shift the others)."""
+    return f"C{list(groups).index(group) % 10}"
+
+
+def plot_band(ax, xs: list, series: list, label: str, color: str) -> None:
     """Mean over the series (aligned by x; a shorter series, e.g. stopped early, counts where it
     has values) and a band of ± one standard deviation."""
     points = []
@@ -124,10 +129,10 @@ def plot_band(ax, xs: list, series: list, label: str) -> None:
     if not points:
         return
     x, mean, std = zip(*points)
-    line, = ax.plot(x, mean, marker="o", markersize=3, label=label)
+    ax.plot(x, mean, marker="o", markersize=3, label=label, color=color)
     if len(series) > 1:
         ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                        color=line.get_color(), alpha=0.2)
+                        color=color, alpha=0.2)
 
 
 def subplot_grid(n: int, title: str):
@@ -148,9 +153,13 @@ def save(fig, out: Path, name: str) -> str:
 
 
 def legend_once(fig, axes) -> None:
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        axes[0].legend(handles, labels, fontsize=8)
+    """One legend (in the first subplot) naming every group drawn in any subplot."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        axes[0].legend(list(entries.values()), list(entries), fontsize=8)
 
 
 def val_curves(groups: dict, metric: str, out: Path) -> str | None:
@@ -169,7 +178,7 @@ def val_curves(groups: dict, metric: str, out: Path) -> str | None:
                       for _, run, _ in runs]
             epochs = sorted({e for s in series for e in s})
             if epochs:
-                plot_band(ax, epochs, [[s.get(e) for e in epochs] for s in series], group)
+                plot_band(ax, epochs, [[s.get(e) for e in epochs] for s in series], group, colour(groups, group))
         ax.set(title=name, xlabel="epoch", ylabel=f"validation {metric}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -195,7 +204,7 @@ def diagnostics(groups: dict, out: Path) -> list[tuple[str, str]]:
                 series = [dict(scalars[run].get(tag, [])) for _, run, _ in runs]
                 steps = sorted({s for d in series for s in d})
                 if steps:
-                    plot_band(ax, steps, [[d.get(s) for s in steps] for d in series], group)
+                    plot_band(ax, steps, [[d.get(s) for s in steps] for d in series], group, colour(groups, group))
             ax.set(title=tag, xlabel="training step", ylabel=ylabel)
             ax.grid(alpha=0.3)
         legend_once(fig, axes)
@@ -240,7 +249,7 @@ def missing_figure(groups: dict, evaluations: dict, key: str, out: Path) -> str:
             means.append(mean)
             stds.append(std)
         ax.bar([i + (j - (len(groups) - 1) / 2) * width for i in range(len(labels))], means, width, yerr=stds,
-               capsize=2, label=group)
+               capsize=2, label=group, color=colour(groups, group))
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set(title=f"Fused {key} with only these modalities present (mean ± std over seeds)",
            xlabel="modalities present (the others absent)", ylabel=f"fused test {key}")
@@ -256,7 +265,7 @@ def noise_figure(groups: dict, evaluations: dict, key: str, out: Path) -> str:
             curves = [{p["level"]: p["fused"][key] for p in evaluations[run]["noise"].get(m, [])} for _, run, _ in runs]
             levels = sorted({lv for c in curves for lv in c})
             if levels:
-                plot_band(ax, levels, [[c.get(lv) for lv in levels] for c in curves], group)
+                plot_band(ax, levels, [[c.get(lv) for lv in levels] for c in curves], group, colour(groups, group))
         ax.set(title=f"noise on {m}", xlabel=f"noise std / training std of {m} (per element)",
                ylabel=f"fused {key}")
         ax.grid(alpha=0.3)
