@@ -259,7 +259,8 @@ def missing_figure(groups: dict, evaluations: dict, key: str, out: Path) -> str:
 
 def noise_figure(groups: dict, evaluations: dict, key: str, out: Path) -> str:
     modalities = list(dict.fromkeys(m for e in evaluations.values() for m in e["noise"]))
-    fig, axes = subplot_grid(len(modalities), f"Fused {key} with Gaussian noise on one modality (mean ± std over seeds)")
+    fig, axes = subplot_grid(len(modalities),
+                             f"Fused {key} with Gaussian noise on one modality (mean ± std over seeds)")
     for ax, m in zip(axes, modalities):
         for group, runs in groups.items():
             curves = [{p["level"]: p["fused"][key] for p in evaluations[run]["noise"].get(m, [])} for _, run, _ in runs]
@@ -348,7 +349,8 @@ def write_report(paths: list, out: Path, split: str = "test") -> Path:
         md += ["", f"## Validation {metric} over epochs", "", f"![validation curves]({curves})"]
     md += ["", "## Modality contribution (Shapley)", "",
            f"Exact Shapley values of the fused {split} {key} over every subset of modalities (absent modalities: "
-           f"{rules['absent_rule']}). They add up to v(all) − v(none).", "", f"![Shapley values]({shapley_figure(groups, evaluations, out)})",
+           f"{rules['absent_rule']}). They add up to v(all) − v(none).", "",
+           f"![Shapley values]({shapley_figure(groups, evaluations, out)})",
            "", *shapley_table(groups, evaluations),
            "", "## Missing modalities", "", f"Fused {split} {key} with only the modalities named present.", "",
            f"![missing modalities]({missing_figure(groups, evaluations, key, out)})",

@@ -66,7 +66,8 @@ def test_input_rules_on_uint8_pixels_and_tabular_codes():
     absent = evaluate.absent_input(image[:4], stats["image"], SPECS["image"], "mean")
     assert absent.dtype == torch.float32 and absent.shape == (4, 3, 2, 2)
     torch.testing.assert_close(absent[3], pixels.mean(0).float())
-    assert torch.equal(evaluate.absent_input(image[:4], stats["image"], SPECS["image"], "zero"), torch.zeros(4, 3, 2, 2))
+    zeros = evaluate.absent_input(image[:4], stats["image"], SPECS["image"], "zero")
+    assert torch.equal(zeros, torch.zeros(4, 3, 2, 2))
     filled = evaluate.absent_input(table[:4], stats["table"], SPECS["table"], "mean")
     torch.testing.assert_close(filled[:, :2], table[:, :2].double().mean(0).float().expand(4, 2))
     assert filled[:, 2:].tolist() == [[2.0, 1.0]] * 4
@@ -95,8 +96,9 @@ def joint_run(tmp_path_factory):
 
 
 def run_evaluate(*args):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "train.evaluate", *map(str, args), "--device", "cpu"], cwd=REPO,
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+                          capture_output=True, text=True, env=env)
 
 
 def test_evaluation_of_a_real_run(joint_run):

@@ -46,8 +46,9 @@ def rows(markdown: str, heading: str) -> dict:
 
 def test_report_renders_from_two_runs(ablation, tmp_path):
     out = tmp_path / "report"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "scripts/report.py", str(ablation), "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert f"report: {out / 'report.md'}" in proc.stdout
     md = (out / "report.md").read_text()
@@ -81,4 +82,5 @@ def test_report_renders_from_two_runs(ablation, tmp_path):
 def test_report_refuses_a_directory_without_runs(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/report.py", str(tmp_path), "--out", str(tmp_path / "r")],
                           cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path}: no result.json in it or in a directory under it"
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path}: no result.json in it or in a directory under it"

@@ -265,10 +265,13 @@ def evaluate_split(ctx, model, fuse, split: str, absent: str, noise_levels: list
 
 
 def evaluate_run(run_dir: Path, split: str = "test", absent: str = "mean", noise_levels=DEFAULT_NOISE_LEVELS,
-                 noise_seed: int = 0, device: str = "cpu", script: str | None = None, force: bool = False) -> dict:
+                 noise_seed: int = 0, device: str | None = None, script: str | None = None,
+                 force: bool = False) -> dict:
     """Evaluate one finished run and write <run_dir>/evaluation.json[split]; returns that entry.
-    Skips (returns the stored entry) when it holds the same rules for the same best.pt."""
+    Skips (returns the stored entry) when it holds the same rules for the same best.pt.
+    device: cpu | cuda (default: cuda where available)."""
     run_dir = Path(run_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = check_run_dir(run_dir)
     module = run_script(run_dir, result, script)
     rules = {"absent": absent, "absent_rule": ABSENT_RULES[absent], "noise_rule": NOISE_RULE,
