@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A method's ablation on the embedded benchmark, 3 seeds, then the README table (mean ± std over
-# seeds of test accuracy). The runs are listed in scripts/ablations/<method>.jobs. Resumable:
-# finished runs are skipped.
+# seeds of test accuracy), the evaluation of each finished run (train.evaluate: Shapley modality
+# contributions, missing and noisy modalities -> <run>/evaluation.json) and the report with figures
+# (scripts/report.py -> <OUT>/report/report.md, whose path is printed last). The runs are listed in
+# scripts/ablations/<method>.jobs. Resumable: finished runs (and their evaluations) are skipped.
 # Usage: bash scripts/ablation.sh <jobs> [OUT=runs/<jobs>_ablation] [PARALLEL=2]
 #   <jobs>: gaal|igm|cggm|cggm_av|... (a file scripts/ablations/<jobs>.jobs)
 #   env SEEDS="0 1 2 3 4" (default "0 1 2"): the seeds each row runs with
@@ -41,3 +43,7 @@ run_one() {
 export -f run_one; export OUT="$out" PARALLEL="$parallel"
 xargs -P "$parallel" -L 1 bash -c 'run_one "$@"' _ < "$jobs"
 python scripts/summarize.py --ablation "$out"
+finished=(); for dir in "$out"/*_s*/; do [ -e "$dir.done" ] && finished+=("${dir%/}"); done
+[ ${#finished[@]} -gt 0 ] || { echo "no finished run under $out: no report" >&2; exit 2; }
+python -m train.evaluate "${finished[@]}"
+python scripts/report.py "$out" --out "$out/report"   # prints "report: <OUT>/report/report.md"

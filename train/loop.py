@@ -44,7 +44,7 @@ from data_prep import shards
 from models.encoders import ModelConfigError
 from train import checkpoint, data, distributed, metrics, optim, rundir
 from train.checkpoint import CheckpointError
-from train.config import ConfigError, check_choice, load_config, resolve_encoders
+from train.config import ConfigError, check_choice, load_config, main_script, resolve_encoders
 
 #: The keys every script has (its DEFAULTS extend and override them): data, run directory, the
 #: optimiser and scheduler, evaluation and model selection, logging, checkpoints and preemption.
@@ -279,6 +279,64 @@ def check_config(cfg: dict) -> None:
     check_choice("optimizer", cfg["optimizer"], optim.OPTIMIZERS)
 
 
+def prepare(cfg: dict, accelerator, *, method: str, build: Callable, tasks=("classification",),
+            min_modalities: int = 1, max_modalities: int | None = None,
+            feature_dim: int | None = None) -> tuple[dict, Context, Setup]:
+    """Everything of a run before its run directory: the validated data and its refusals (task,
+    modalities, encoders fitted to the dataset, the selection metric, a batch larger than the
+    training split), the loaders, the Context and the method's Setup from `build(cfg, ctx)`.
+    Returns (cfg with its encoders resolved, ctx, setup). train() runs it; train.evaluate rebuilds
+    a finished run's model with it (tasks=None: any task). Nothing is written."""
+    meta = data.prepare_data(cfg, accelerator)            # validates every shard before any compute
+    task = meta["task"]
+    if tasks is not None and task not in tasks:
+        raise ConfigError(f"data={cfg['data']}: its task is {task}; {method} supports {', '.join(tasks)}")
+    modalities = list(cfg["modalities"] or meta["modalities"])
+    unknown = [m for m in modalities if m not in meta["modalities"]]
+    if unknown or len(set(modalities)) != len(modalities):
+        raise ConfigError(f"modalities={modalities}: " + (f"{unknown} not in {cfg['data']}" if unknown else
+                                                         "a modality is named twice")
+                          + f" (it has {', '.join(meta['modalities'])})")
+    if len(modalities) < min_modalities or (max_modalities and len(modalities) > max_modalities):
+        need = (f"exactly {min_modalities}" if min_modalities == max_modalities else
+                f"{min_modalities} or more" if not max_modalities else f"{min_modalities} to {max_modalities}")
+        raise ConfigError(f"modalities={modalities}: {method} trains {need} modalities "
+                          f"(set --modalities to {need} of {list(meta['modalities'])})")
+    if task != "segmentation":   # BraTS's model reads `segmentation`, not `encoders`
+        # entries for modalities this dataset lacks dropped (from a YAML) or refused (from the
+        # command line); a default encoder for each modality without one
+        cfg = dict(cfg, encoders=resolve_encoders(cfg, meta, modalities, feature_dim=feature_dim))
+    selection(cfg, task)   # refuses a select_metric the task lacks
+    loaders, samplers = {}, {}
+    for split in ("train", "val", "test"):
+        loaders[split], samplers[split] = data.make_loader(cfg, meta, split, accelerator, modalities,
+                                                           train=split == "train")
+    if len(samplers["train"]) == 0:
+        raise ConfigError(f"batch_size={cfg['batch_size']} exceeds the {meta['splits']['train']['num_samples']} "
+                          f"training samples of {cfg['data']} (the last partial batch is dropped)")
+    position = dict(epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1, bad_evals=0, stopped_early=False)
+    ctx = Context(cfg, accelerator, meta, task, modalities, loaders, samplers["train"], position)
+    try:
+        setup = build(cfg, ctx)
+    except ModelConfigError as err:
+        raise ConfigError(f"model: {err}") from None
+    return cfg, ctx, setup
+
+
+def script_module(build: Callable) -> str:
+    """The importable module whose `build` made a run ("train.gaal"), recorded in result.json
+    (`script`) so that train.evaluate rebuilds the model the same way. A script started as
+    `python train/gaal.py` (or `-m train.gaal`) is `__main__`: named from its path."""
+    name = build.__module__
+    path = main_script() if name == "__main__" else None
+    if path is not None:
+        try:
+            name = ".".join(path.relative_to(Path(__file__).resolve().parent.parent).with_suffix("").parts)
+        except ValueError:   # a script outside this repository
+            name = path.stem
+    return name
+
+
 def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step: Callable | None = None,
           epoch_end: Callable | None = None, tasks=("classification",), min_modalities: int = 1,
           max_modalities: int | None = None, deepspeed: bool | str = False, feature_dim: int | None = None) -> dict:
@@ -296,40 +354,11 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
         distributed.refuse_deepspeed(accelerator, method, deepspeed or "its script does not declare DeepSpeed support "
                                      "(loop.train(..., deepspeed=True))")
     preemption = Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
-    meta = data.prepare_data(cfg, accelerator)            # validates every shard before any compute
-    task = meta["task"]
-    if task not in tasks:
-        raise ConfigError(f"data={cfg['data']}: its task is {task}; {method} supports {', '.join(tasks)}")
-    modalities = list(cfg["modalities"] or meta["modalities"])
-    unknown = [m for m in modalities if m not in meta["modalities"]]
-    if unknown or len(set(modalities)) != len(modalities):
-        raise ConfigError(f"modalities={modalities}: " + (f"{unknown} not in {cfg['data']}" if unknown else
-                                                         "a modality is named twice")
-                          + f" (it has {', '.join(meta['modalities'])})")
-    if len(modalities) < min_modalities or (max_modalities and len(modalities) > max_modalities):
-        need = (f"exactly {min_modalities}" if min_modalities == max_modalities else
-                f"{min_modalities} or more" if not max_modalities else f"{min_modalities} to {max_modalities}")
-        raise ConfigError(f"modalities={modalities}: {method} trains {need} modalities "
-                          f"(set --modalities to {need} of {list(meta['modalities'])})")
-    if task != "segmentation":   # BraTS's model reads `segmentation`, not `encoders`
-        # entries for modalities this dataset lacks dropped (from a YAML) or refused (from the
-        # command line); a default encoder for each modality without one
-        cfg = dict(cfg, encoders=resolve_encoders(cfg, meta, modalities, feature_dim=feature_dim))
+    cfg, ctx, setup = prepare(cfg, accelerator, method=method, build=build, tasks=tasks, min_modalities=min_modalities,
+                              max_modalities=max_modalities, feature_dim=feature_dim)
+    meta, task, loaders, position = ctx.meta, ctx.task, ctx.loaders, ctx.position
     select_key, better = selection(cfg, task)
-    loaders, samplers = {}, {}
-    for split in ("train", "val", "test"):
-        loaders[split], samplers[split] = data.make_loader(cfg, meta, split, accelerator, modalities,
-                                                           train=split == "train")
-    steps_per_epoch = len(samplers["train"])
-    if steps_per_epoch == 0:
-        raise ConfigError(f"batch_size={cfg['batch_size']} exceeds the {meta['splits']['train']['num_samples']} "
-                          f"training samples of {cfg['data']} (the last partial batch is dropped)")
-    position = dict(epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1, bad_evals=0, stopped_early=False)
-    ctx = Context(cfg, accelerator, meta, task, modalities, loaders, samplers["train"], position)
-    try:
-        setup = build(cfg, ctx)
-    except ModelConfigError as err:
-        raise ConfigError(f"model: {err}") from None
+    steps_per_epoch = len(ctx.train_sampler)
     fuse = setup.fuse or accelerator.unwrap_model(setup.model).fuse
     epochs = setup.epochs or cfg["epochs"]
     plateau = isinstance(setup.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
@@ -432,8 +461,9 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
     accelerator.unwrap_model(setup.model).load_state_dict(checkpoint.load_trusted(run_dir / "best.pt"))
     test = metrics.evaluate(setup.model, loaders["test"], accelerator, task, fuse)
     val = metrics.evaluate(setup.model, loaders["val"], accelerator, task, fuse)
-    result = {"run_dir": str(run_dir), "method": method, "best_epoch": position["best_epoch"], "val": val,
-              "test": test, "bayes_accuracy": meta.get("source", {}).get("bayes_accuracy"),
+    result = {"run_dir": str(run_dir), "method": method, "script": script_module(build),
+              "best_epoch": position["best_epoch"], "val": val, "test": test,
+              "bayes_accuracy": meta.get("source", {}).get("bayes_accuracy"),
               "select_on": cfg["select_on"], "select_metric": select_key, **setup.result}
     if accelerator.is_main_process:
         rundir.write_result(run_dir, result)

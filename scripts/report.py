@@ -1,0 +1,385 @@
+"""A Markdown report with PNG figures from several runs (e.g. an ablation directory: rows x seeds).
+
+    python scripts/report.py runs/gaal_ablation --out runs/gaal_ablation/report
+    python scripts/report.py runs/ab/joint_s0 runs/ab/gaal_s0 runs/ab/gaal_s1 --out /tmp/report --split val
+
+Each argument is a run directory (it holds result.json) or a directory of them (<dir>/*/result.json,
+in the order of <dir>/jobs.txt when there is one). Runs are grouped by their name without the
+`_s<seed>` suffix; a group named `joint` is the baseline of the paired differences (same seed).
+Writes <out>/report.md and beside it:
+  val_curves.png     per-modality and fused validation metric over epochs (metrics.jsonl), mean and
+                     a band of ± one standard deviation over seeds, one line per group;
+  diag_<name>.png    the method diagnostics over training steps (TensorBoard scalars of tb/, the
+                     families of DIAGNOSTICS: GAAL conflict rate and projection coefficient v, CGGM
+                     c_i, IGM's T statistics and plasticity cosine, joint's gradient cosines);
+  shapley.png        the Shapley contribution of each modality (train.evaluate), mean ± std over seeds;
+  missing.png        the fused metric with each subset of modalities present, the others absent;
+  noise.png          the fused metric against the noise level added to one modality;
+and the summary table: test metrics mean ± std over seeds and the paired difference against joint.
+The Shapley, missing and noise parts read <run>/evaluation.json; a run without an entry for the
+split is evaluated first (train.evaluate with its default rules, written to its evaluation.json).
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")   # files only, no display
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+
+import summarize
+from train import evaluate
+from train.config import ConfigError
+
+#: (file name, title, TensorBoard tag pattern, y label): the method diagnostics plotted over training
+#: steps, one subplot per matching tag. Tags no pattern matches are not plotted.
+DIAGNOSTICS = [
+    ("gaal_conflict", "GAAL: head-gradient conflict rate", "*/conflict", "share of steps in conflict"),
+    ("gaal_v", "GAAL: projection coefficient v", "*/v", "v (0 when no conflict)"),
+    ("cggm_coeff", "CGGM: gradient coefficient c_i per modality", "*/coeff", "c_i"),
+    ("igm_effective_rank", "IGM: effective rank of the moments Y behind T", "T/*/effective_rank", "effective rank"),
+    ("igm_damped_share", "IGM: share of directions T damps by more than half", "T/*/damped_share", "share"),
+    ("igm_top_energy", "IGM: energy share of the top direction of Y", "T/*/top_energy_share", "share"),
+    ("igm_plasticity", "IGM: plasticity (cosine of consecutive stages' head gradients)", "plasticity/*", "cosine"),
+    ("joint_cos", "Joint: cosine of a head's own-loss and fused-loss gradients", "*/cos_head_grad_own_vs_fused",
+     "cosine"),
+]
+MAX_SUBPLOTS = 12
+SEED_NAME = re.compile(r"^(?P<group>.+)_s(?P<seed>\d+)$")
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs
+
+def find_runs(paths: list) -> list[Path]:
+    """The run directories named, or found one level under the directories named."""
+    runs = []
+    for path in map(Path, paths):
+        if (path / "result.json").is_file():
+            found = [path]
+        else:
+            found = sorted(p.parent for p in path.glob("*/result.json"))
+            jobs = path / "jobs.txt"
+            if jobs.is_file():   # the ablation's own order of rows
+                listed = [line.split()[0] for line in jobs.read_text().splitlines() if line.strip()]
+                found.sort(key=lambda p: listed.index(p.name) if p.name in listed else len(listed))
+        if not found:
+            raise ConfigError(f"{path}: no result.json in it or in a directory under it")
+        runs += [p for p in found if p not in runs]
+    return runs
+
+
+def group_runs(runs: list[Path]) -> dict:
+    """{group: [(seed or None, run_dir, result)]} in first-seen order; group = name without _s<seed>."""
+    groups = defaultdict(list)
+    for run in runs:
+        match = SEED_NAME.match(run.name)
+        group, seed = (match["group"], int(match["seed"])) if match else (run.name, None)
+        groups[group].append((seed, run, json.loads((run / "result.json").read_text())))
+    return dict(groups)
+
+
+def metric_of(result: dict) -> str:
+    """The metric the report shows: accuracy; regression: MAE; segmentation: mean Dice."""
+    fused = result["test"]["fused"]
+    return "acc" if "acc" in fused else "mae" if "mae" in fused else "dice_mean"
+
+
+def mean_std(values: list) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cell(values: list) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def read_records(run_dir: Path) -> list:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+
+def colour(groups: dict, group: str) -> str:
+    """One colour per group in every figure (a group absent from a subplot does not shift the others)."""
+    return f"C{list(groups).index(group) % 10}"
+
+
+def plot_band(ax, xs: list, series: list, label: str, color: str) -> None:
+    """Mean over the series (aligned by x; a shorter series, e.g. stopped early, counts where it
+    has values) and a band of ± one standard deviation."""
+    points = []
+    for i, x in enumerate(xs):
+        values = [s[i] for s in series if i < len(s) and s[i] is not None]
+        if values:
+            points.append((x, *mean_std(values)))
+    if not points:
+        return
+    x, mean, std = zip(*points)
+    ax.plot(x, mean, marker="o", markersize=3, label=label, color=color)
+    if len(series) > 1:
+        ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=color, alpha=0.2)
+
+
+def subplot_grid(n: int, title: str):
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig, list(axes.flat[:n])
+
+
+def save(fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def legend_once(fig, axes) -> None:
+    """One legend (in the first subplot) naming every group drawn in any subplot."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        axes[0].legend(list(entries.values()), list(entries), fontsize=8)
+
+
+def val_curves(groups: dict, metric: str, out: Path) -> str | None:
+    names = []
+    for runs in groups.values():
+        for _, run, _ in runs:
+            for rec in read_records(run)[:1]:
+                names += [n for n in rec["val"] if n not in names]
+    if not names:
+        return None
+    names = [n for n in names if n != "fused"] + ["fused"]
+    fig, axes = subplot_grid(len(names), f"Validation {metric} per epoch (mean ± std over seeds)")
+    for ax, name in zip(axes, names):
+        for group, runs in groups.items():
+            series = [{rec["epoch"]: rec["val"][name][metric] for rec in read_records(run) if name in rec["val"]}
+                      for _, run, _ in runs]
+            epochs = sorted({e for s in series for e in s})
+            if epochs:
+                plot_band(ax, epochs, [[s.get(e) for e in epochs] for s in series], group, colour(groups, group))
+        ax.set(title=name, xlabel="epoch", ylabel=f"validation {metric}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    legend_once(fig, axes)
+    return save(fig, out, "val_curves.png")
+
+
+def diagnostics(groups: dict, out: Path) -> list[tuple[str, str]]:
+    """[(title, file)] of the diagnostic families found in the runs' TensorBoard scalars."""
+    scalars = {}   # run_dir -> {tag: [(step, value)]}
+    for runs in groups.values():
+        for _, run, _ in runs:
+            tb = run / "tb"
+            scalars[run] = summarize.read_scalars(tb, lambda tag: True) if tb.is_dir() else {}
+    figures = []
+    for name, title, pattern, ylabel in DIAGNOSTICS:
+        tags = sorted({t for s in scalars.values() for t in s if fnmatch.fnmatchcase(t, pattern)})[:MAX_SUBPLOTS]
+        if not tags:
+            continue
+        fig, axes = subplot_grid(len(tags), f"{title} (mean ± std over seeds)")
+        for ax, tag in zip(axes, tags):
+            for group, runs in groups.items():
+                series = [dict(scalars[run].get(tag, [])) for _, run, _ in runs]
+                steps = sorted({s for d in series for s in d})
+                if steps:
+                    plot_band(ax, steps, [[d.get(s) for s in steps] for d in series], group, colour(groups, group))
+            ax.set(title=tag, xlabel="training step", ylabel=ylabel)
+            ax.grid(alpha=0.3)
+        legend_once(fig, axes)
+        figures.append((title, save(fig, out, f"diag_{name}.png")))
+    return figures
+
+
+def shapley_figure(groups: dict, evaluations: dict, out: Path) -> str:
+    modalities = list(dict.fromkeys(m for e in evaluations.values() for m in e["shapley"]["values"]))
+    metric = next(iter(evaluations.values()))["shapley"]["metric"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) * len(modalities)), 3.8))
+    width = 0.8 / max(1, len(modalities))
+    for j, m in enumerate(modalities):
+        means, stds = [], []
+        for runs in groups.values():
+            values = [evaluations[run]["shapley"]["values"][m] for _, run, _ in runs
+                      if m in evaluations[run]["shapley"]["values"]]
+            mean, std = mean_std(values) if values else (float("nan"), 0.0)
+            means.append(mean)
+            stds.append(std)
+        ax.bar([i + (j - (len(modalities) - 1) / 2) * width for i in range(len(groups))], means, width,
+               yerr=stds, capsize=3, label=m)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set(title=f"Shapley contribution of each modality to the fused {metric} (mean ± std over seeds)",
+           xlabel="run", ylabel=f"contribution to fused {metric}")
+    ax.legend(title="modality", fontsize=8)
+    return save(fig, out, "shapley.png")
+
+
+def missing_figure(groups: dict, evaluations: dict, key: str, out: Path) -> str:
+    labels = list(dict.fromkeys("+".join(row["present"]) or "none" for e in evaluations.values()
+                                for row in e["subsets"]))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) * max(1, len(groups)) * 0.6), 3.8))
+    width = 0.8 / max(1, len(groups))
+    for j, (group, runs) in enumerate(groups.items()):
+        means, stds = [], []
+        for label in labels:
+            values = [row["fused"][key] for _, run, _ in runs for row in evaluations[run]["subsets"]
+                      if ("+".join(row["present"]) or "none") == label]
+            mean, std = mean_std(values) if values else (float("nan"), 0.0)
+            means.append(mean)
+            stds.append(std)
+        ax.bar([i + (j - (len(groups) - 1) / 2) * width for i in range(len(labels))], means, width, yerr=stds,
+               capsize=2, label=group, color=colour(groups, group))
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set(title=f"Fused {key} with only these modalities present (mean ± std over seeds)",
+           xlabel="modalities present (the others absent)", ylabel=f"fused test {key}")
+    ax.legend(fontsize=8)
+    return save(fig, out, "missing.png")
+
+
+def noise_figure(groups: dict, evaluations: dict, key: str, out: Path) -> str:
+    modalities = list(dict.fromkeys(m for e in evaluations.values() for m in e["noise"]))
+    fig, axes = subplot_grid(len(modalities),
+                             f"Fused {key} with Gaussian noise on one modality (mean ± std over seeds)")
+    for ax, m in zip(axes, modalities):
+        for group, runs in groups.items():
+            curves = [{p["level"]: p["fused"][key] for p in evaluations[run]["noise"].get(m, [])} for _, run, _ in runs]
+            levels = sorted({lv for c in curves for lv in c})
+            if levels:
+                plot_band(ax, levels, [[c.get(lv) for lv in levels] for c in curves], group, colour(groups, group))
+        ax.set(title=f"noise on {m}", xlabel=f"noise std / training std of {m} (per element)",
+               ylabel=f"fused {key}")
+        ax.grid(alpha=0.3)
+    legend_once(fig, axes)
+    return save(fig, out, "noise.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+
+def summary_table(groups: dict, metric: str, split: str) -> list[str]:
+    names = list(dict.fromkeys(n for runs in groups.values() for _, _, r in runs for n in r[split]))
+    names = [n for n in names if n != "fused"] + ["fused"]
+    lines = [f"| run | seeds | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for group, runs in groups.items():
+        cells = [cell([r[split][n][metric] for _, _, r in runs if n in r[split]]) for n in names]
+        lines.append(f"| {group} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired_table(groups: dict, metric: str, split: str, baseline: str = "joint") -> list[str]:
+    """Per group and column: mean ± std (n pairs) of group − baseline over the seeds both finished."""
+    if baseline not in groups:
+        return [f"No `{baseline}` group among the runs: no paired differences."]
+    base = {seed: r for seed, _, r in groups[baseline] if seed is not None}
+    names = list(dict.fromkeys(n for runs in groups.values() for _, _, r in runs for n in r[split]))
+    names = [n for n in names if n != "fused"] + ["fused"]
+    lines = [f"| run − {baseline} | pairs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for group, runs in groups.items():
+        if group == baseline:
+            continue
+        pairs = [(r, base[seed]) for seed, _, r in runs if seed in base]
+        cells = []
+        for n in names:
+            diffs = [a[split][n][metric] - b[split][n][metric] for a, b in pairs if n in a[split] and n in b[split]]
+            if diffs:
+                stats = summarize.paired_stats(diffs)
+                cells.append(f"{stats['mean']:+.4f} ± {stats['std']:.4f}")
+            else:
+                cells.append("-")
+        lines.append(f"| {group} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def shapley_table(groups: dict, evaluations: dict) -> list[str]:
+    modalities = list(dict.fromkeys(m for e in evaluations.values() for m in e["shapley"]["values"]))
+    lines = ["| run | " + " | ".join(modalities) + " | v(all) | v(none) |", "|---|" + "---|" * (len(modalities) + 2)]
+    for group, runs in groups.items():
+        entries = [evaluations[run]["shapley"] for _, run, _ in runs]
+        cells = [cell([e["values"][m] for e in entries if m in e["values"]]) for m in modalities]
+        lines.append(f"| {group} | " + " | ".join(cells) + f" | {cell([e['v_all'] for e in entries])} "
+                     f"| {cell([e['v_empty'] for e in entries])} |")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+
+def write_report(paths: list, out: Path, split: str = "test") -> Path:
+    runs = find_runs(paths)
+    groups = group_runs(runs)
+    metric = metric_of(next(iter(groups.values()))[0][2])
+    out.mkdir(parents=True, exist_ok=True)
+    evaluations = {}
+    for run in runs:
+        stored = run / evaluate.EVALUATION_FILE
+        entry = json.loads(stored.read_text()).get(split) if stored.is_file() else None
+        evaluations[run] = entry or evaluate.evaluate_run(run, split)
+    rules = next(iter(evaluations.values()))["rules"]
+    key = next(iter(evaluations.values()))["shapley"]["metric"].lstrip("-")
+    md = ["# Report", "", f"Runs ({len(runs)}), grouped by name without `_s<seed>`:", "",
+          "| run | seeds | directories |", "|---|---|---|"]
+    md += [f"| {g} | {', '.join(str(s) for s, _, _ in rs)} | {', '.join(f'`{r}`' for _, r, _ in rs)} |"
+           for g, rs in groups.items()]
+    md += ["", f"## Summary: {split} {metric} (mean ± std over seeds)", "",
+           "The model each run selected on validation (best.pt).", "", *summary_table(groups, metric, split),
+           "", f"### Paired difference against joint ({split} {metric}, same seed; mean ± std over pairs)", "",
+           *paired_table(groups, metric, split)]
+    curves = val_curves(groups, metric, out)
+    if curves:
+        md += ["", f"## Validation {metric} over epochs", "", f"![validation curves]({curves})"]
+    md += ["", "## Modality contribution (Shapley)", "",
+           f"Exact Shapley values of the fused {split} {key} over every subset of modalities (absent modalities: "
+           f"{rules['absent_rule']}). They add up to v(all) − v(none).", "",
+           f"![Shapley values]({shapley_figure(groups, evaluations, out)})",
+           "", *shapley_table(groups, evaluations),
+           "", "## Missing modalities", "", f"Fused {split} {key} with only the modalities named present.", "",
+           f"![missing modalities]({missing_figure(groups, evaluations, key, out)})",
+           "", "## Noisy modalities", "", f"Noise rule: {rules['noise_rule']}.", "",
+           f"![noise robustness]({noise_figure(groups, evaluations, key, out)})"]
+    figures = diagnostics(groups, out)
+    if figures:
+        md += ["", "## Method diagnostics over training", "",
+               "TensorBoard scalars (each value is the mean over the run's `log_every` steps)."]
+        for title, name in figures:
+            md += ["", f"### {title}", "", f"![{title}]({name})"]
+    report = out / "report.md"
+    report.write_text("\n".join(md) + "\n")
+    return report
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="run directories, or directories holding them (an ablation)")
+    parser.add_argument("--out", required=True, help="directory for report.md and its PNG figures")
+    parser.add_argument("--split", choices=evaluate.SPLITS, default="test")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.runs, Path(args.out), args.split)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(f"report: {report}")
+
+
+if __name__ == "__main__":
+    main()
