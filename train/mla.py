@@ -185,14 +185,16 @@ def build(cfg: dict, ctx: loop.Context) -> loop.Setup:
     d = model.head.in_features
     state = dict(P=torch.eye(d, device=ctx.device), turns=0, prev_mean=None, prev_grad=None)
     switches = {k: cfg[k] for k in VARIANT_SWITCHES} | {"variant": cfg["variant"], "fusion": cfg["fusion"]}
+    # alpha's L: the full epoch's batches (len(train_sampler) counts only those left after a resume)
+    batches_per_epoch = ctx.train_sampler.num_samples // ctx.train_sampler.global_batch_size
     return loop.Setup(model, optimizer, optim.build_scheduler(cfg, optimizer), fuse=make_fuse(cfg, len(ctx.modalities)),
-                      state=state, result=switches)
+                      state=state, result=switches, parts=dict(batches_per_epoch=batches_per_epoch))
 
 
 def step(setup: loop.Setup, batch: dict, ctx: loop.Context) -> dict:
     model = setup.model
     return mla_step(model.encoders, model.head, setup.optimizer, batch, ctx.modalities, setup.state, ctx.cfg,
-                    ctx.position["batch_in_epoch"], len(ctx.train_sampler), ctx.world, ctx.autocast, ctx.log_step)
+                    ctx.position["batch_in_epoch"], setup.parts["batches_per_epoch"], ctx.world, ctx.autocast, ctx.log_step)
 
 
 def ignored_keys(cfg: dict) -> dict:
