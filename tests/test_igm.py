@@ -191,6 +191,29 @@ def test_projection_multiplies_head_weight_gradients_by_T(variant):
     assert not torch.equal(after["heads.video.linears.0.weight"], after_plain["heads.video.linears.0.weight"])
 
 
+def test_orthogonal_projector_removes_the_previous_inputs_span():
+    """projector: orthogonal, hand case: one batch mean r of the previous modality's layer-0 input
+    (alpha = 0.1 at b = 0): P = I - r r^T / (0.1 + r.r); the projected weight gradient keeps its
+    component orthogonal to r and keeps only 0.1 / (0.1 + r.r) of the one along r."""
+    r = torch.randn(8, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 2
+    P = igm.orthogonal_projections({0: r[None]})[0]
+    want = torch.eye(8, dtype=torch.float64) - torch.outer(r, r) / (0.1 + r @ r)
+    torch.testing.assert_close(P.double(), want, rtol=1e-6, atol=1e-6)
+    batch, lr = toy_batches(1)[0], 0.1
+    cfg = dict(STEP_CFG, mixup_alpha=0.0, sam=False)
+    model, plain = Toy(), Toy()
+    before = params_of(model)["heads.video.linears.0.weight"]
+    igm.igm_step(model, "video", batch, sgd(model, lr), {0: P}, cfg)
+    igm.igm_step(plain, "video", batch, sgd(plain, lr), {}, cfg)
+    got = (before - params_of(model)["heads.video.linears.0.weight"]).double() / lr
+    grad = (before - params_of(plain)["heads.video.linears.0.weight"]).double() / lr
+    unit = r / r.norm()
+    along_got, along = got @ unit, grad @ unit
+    torch.testing.assert_close(along_got, along * 0.1 / (0.1 + r @ r), rtol=1e-3, atol=1e-5)
+    assert along.abs().max() > 1e-3   # there was something to remove
+    torch.testing.assert_close(got - torch.outer(along_got, unit), grad - torch.outer(along, unit), rtol=1e-3, atol=1e-5)
+
+
 def test_moments_from_hooks_match_the_definition():
     model, batches = Toy(), toy_batches(3)
     hooks = igm.HeadInputSums(model.heads["audio"], [0, 1, 2])
@@ -324,6 +347,15 @@ def test_switches(av, tmp_path):
     epochs = [e for e in epochs if "val" in e]
     means = [(e["val"]["audio"]["acc"] + e["val"]["video"]["acc"]) / 2 for e in epochs]
     assert result["best_epoch"] == epochs[means.index(max(means))]["epoch"]   # select_on: modality_mean
+    orth = tmp_path / "orthogonal"   # MLA's projector in place of T, same schedule
+    run_script("train/igm.py", igm_args(av, orth, "--stage_epochs", "[1, 1]", "--projector", "orthogonal"))
+    assert "P/video_from_audio/layer0/mean_scale" in tb_tags(orth)
+    assert json.loads((orth / "result.json").read_text())["projector"] == "orthogonal"
+    state = torch.load(orth / "checkpoints" / (orth / "checkpoints" / "latest").read_text().strip() / "state.pt",
+                       weights_only=False)
+    for P in state["trainer"]["method"]["T"]["video"].values():   # a contraction: eigenvalues in [0, 1]
+        sigma = torch.linalg.eigvalsh(P.double())
+        assert sigma.min() > -1e-4 and sigma.max() < 1 + 1e-4 and sigma.min() < 0.5
     off = tmp_path / "no_projection"
     run_script("train/igm.py", igm_args(av, off, "--stage_epochs", "[1, 1]", "--projection", "false"))
     assert not any(t.startswith("T/") for t in tb_tags(off))
@@ -369,9 +401,12 @@ def test_resume_is_exact(av, tmp_path, args, stop):
         assert torch.equal(a[key], b[key]), key
     ra, rb = (json.loads((d / "result.json").read_text()) for d in (whole, split))
     assert ra["test"] == rb["test"]
+    assert "plasticity/cos_consecutive_stages" in tb_tags(whole)   # both variants log it (paper: per turn)
 
 
 @pytest.mark.parametrize("override, message", [
+    (dict(projector="owm"), "projector='owm'"),
+    (dict(variant="paper", projector="orthogonal"), "projector=orthogonal"),
     (dict(rho=1e-3), "sam_impl: exact"),
     (dict(stage_epochs=[]), "stage_epochs"),
     (dict(project_layers=[3]), "project_layers"),

@@ -43,7 +43,14 @@ TensorBoard: per-modality train loss/acc, val per-modality and fused metrics, th
 projection does (T/<active>_from_<previous>/layer<i>/: effective rank and top-direction energy share
 of the moments Y, share of directions T damps by more than half, T's mean scale), and `plasticity/cos_consecutive_stages`: the cosine between the summed
 weight gradients of the head's 2nd and 3rd Linear (same shapes in every modality) over a stage and over
-the stage before it.
+the stage before it (official); in the paper variant a stage is one modality turn, as in train/mla.py:
+the step's mean cosine between a turn's projected gradients of those layers and the turn's before.
+
+`projector: orthogonal` (official variant): MLA's OWM projector (methods/mla.py) in place of T — per
+layer P from the identity, one recursion P <- P - k k^T/(alpha + r^T k), k = P r, per training-batch
+mean r of the previous stage's head-layer input (the same pass that builds Y), alpha = 0.1^(1 + b/L);
+weight.grad <- weight.grad @ P. Same model, schedule, SAM and mixup: IGM and IGM-orthogonal differ only
+by the projector.
 """
 from __future__ import annotations
 
@@ -54,7 +61,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from methods import flat_sam
+from methods import flat_sam, mla
 from models.fusion import IGMModel
 from train import loop, optim
 from train.checkpoint import load_trusted
@@ -71,6 +78,7 @@ DEFAULTS = loop.DEFAULTS | dict(   # + the loop's keys (data, optimiser, selecti
     stage_epochs=[25, 50, 25, 50, 25, 50, 25, 50, 25, 50, 25, 50],   # official: epochs per stage
     epochs=100,                    # paper: total epochs (official: the sum of stage_epochs)
     projection=True,               # flat gradient projection T
+    projector="flat",              # flat (IGM's T) | orthogonal (MLA's OWM projector P; official variant)
     tau=0.4,
     project_layers=[0, 1, 2],      # which of the head's three Linear layers are projected
     moment_decay=0.99,             # paper: EMA of the head-input moments Y
@@ -105,11 +113,15 @@ REWEIGHTED_MAX_RHO = 1e-8   # above this the released move is visible in float32
 def check_config(cfg):
     loop.check_config(cfg)
     for key, allowed in (("variant", ("official", "paper")), ("sam_impl", ("reweighted", "exact")),
+                         ("projector", ("flat", "orthogonal")),
                          ("fusion", ("mean", "entropy")), ("mixed_precision", ("no", "bf16"))):
         check_choice(key, cfg[key], allowed)
     if cfg["variant"] == "official" and (not cfg["stage_epochs"] or any(
             not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in cfg["stage_epochs"])):
         raise ConfigError(f"stage_epochs={cfg['stage_epochs']}: a non-empty list of positive integers")
+    if cfg["projector"] == "orthogonal" and cfg["variant"] != "official":
+        raise ConfigError("projector=orthogonal: built from a pass over the previous stage's inputs, so "
+                          "variant official only (the paper variant keeps moving moments, not inputs)")
     if not set(cfg["project_layers"]) <= {0, 1, 2} or not cfg["project_layers"] and cfg["projection"]:
         raise ConfigError(f"project_layers={cfg['project_layers']}: a non-empty subset of [0, 1, 2]")
     if cfg["tau"] <= 0 or cfg["rho"] < 0 or not 0 <= cfg["sam_weight"] <= 1 or not 0 <= cfg["moment_decay"] < 1:
@@ -184,9 +196,9 @@ def paired_layers(model, active, previous, layers):
 
 
 @torch.no_grad()
-def moments_from_loader(model, modality, layers, loader, device, world, autocast):
-    """Official: Y_i = sum over training batches of outer(mean a_i, mean a_i), a_i = input of the
-    i-th Linear of H_modality; one no-grad pass in eval mode, global batch means under DDP."""
+def batch_means_from_loader(model, modality, layers, loader, device, world, autocast):
+    """{i: (n_batches, d)}: the global batch mean of the input of the i-th Linear of H_modality for
+    every training batch — one no-grad pass in eval mode (all-reduced sums and counts under DDP)."""
     was_training = model.training
     model.eval()
     hooks = HeadInputSums(model.heads[modality], layers)
@@ -200,11 +212,20 @@ def moments_from_loader(model, modality, layers, loader, device, world, autocast
     finally:
         hooks.close()
         model.train(was_training)
-    Y = {}
-    for i in layers:
-        means = sums[i] / counts.unsqueeze(1).to(sums[i].dtype)
-        Y[i] = means.double().T @ means.double()          # = sum_b outer(mean_b, mean_b)
-    return Y
+    return {i: sums[i].double() / counts.unsqueeze(1).double() for i in layers}
+
+
+def orthogonal_projections(means):
+    """`projector: orthogonal`: per layer MLA's OWM projector P from the identity, one recursion per
+    training batch mean r_b of the pass (alpha = 0.1 ** (1 + b/L), MLA's schedule over an epoch; no
+    Frobenius normalisation, the paper's form) — methods.mla. P is symmetric, so weight.grad @ P
+    (project_weight_grad) is MLA's weight.grad @ P^T: the gradient loses its component in the span
+    of the previous modality's head-layer inputs."""
+    out = {}
+    for i, m in means.items():
+        alphas = [mla.projector_alpha(b, len(m)) for b in range(len(m))]
+        out[i] = mla.orthogonal_projector(m, alphas, m.shape[1], device=m.device).float()
+    return out
 
 
 def projections_from_moments(Y, tau):
@@ -324,6 +345,12 @@ def stage_gradient(head):
     return torch.cat([head.linears[i].weight.grad.flatten() for i in (1, 2)])
 
 
+def orthogonal_scalars(active, previous, P):
+    """P/<active>_from_<previous>/layer<i>/mean_scale: trace(P)/d (1 = no projection; each
+    direction of the previous inputs' span removed lowers it by 1/d)."""
+    return {f"P/{active}_from_{previous}/layer{i}/mean_scale": torch.diagonal(p).mean() for i, p in P.items()}
+
+
 def projection_scalars(active, previous, Y, tau):
     """TensorBoard scalars of the projection that `active`'s head gradients get, built from
     `previous`'s head-input moments Y {layer: (d, d)}: T/<active>_from_<previous>/layer<i>/<name>,
@@ -354,7 +381,8 @@ def build(cfg: dict, ctx: loop.Context) -> loop.Setup:
         model = model.to(memory_format=torch.channels_last)
     optimizer = optim.build_optimizer(cfg, model.parameters())
     official = cfg["variant"] == "official"
-    state = dict(stage=0, T={m: {} for m in order}, Y={m: {} for m in order}, stage_grad=None, prev_stage_grad=None)
+    state = dict(stage=0, T={m: {} for m in order}, Y={m: {} for m in order}, stage_grad=None, prev_stage_grad=None,
+                 prev_turn_grad=None)
     stages = stage_modalities(cfg, order)
 
     def describe():
@@ -367,7 +395,7 @@ def build(cfg: dict, ctx: loop.Context) -> loop.Setup:
                       epochs=sum(cfg["stage_epochs"]) if official else cfg["epochs"],
                       scheduler_before_epoch=official,   # the released scripts step it before each epoch
                       describe=describe if official else None, record=lambda: {"stage": state["stage"]},
-                      result=dict(variant=cfg["variant"], projection=cfg["projection"], sam=cfg["sam"],
+                      result=dict(variant=cfg["variant"], projection=cfg["projection"], projector=cfg["projector"], sam=cfg["sam"],
                                   rho=cfg["rho"], tau=cfg["tau"]))
 
 
@@ -377,7 +405,7 @@ def step(setup: loop.Setup, batch: dict, ctx: loop.Context) -> dict:
     cfg, state, model = ctx.cfg, setup.state, setup.model
     official = cfg["variant"] == "official"
     active = [stage_modalities(cfg, ctx.modalities)[state["stage"]]] if official else ctx.modalities
-    stats = {}
+    stats, cosines = {}, []
     for m in active:
         hooks = HeadInputSums(model.heads[m], cfg["project_layers"]) if not official and cfg["projection"] else None
         try:
@@ -393,9 +421,15 @@ def step(setup: loop.Setup, batch: dict, ctx: loop.Context) -> dict:
                 moment = flat_sam.accumulate_input_moment_from_sum(None, s[0], n[0])
                 prev = state["Y"][m].get(i)
                 state["Y"][m][i] = moment if prev is None else cfg["moment_decay"] * prev + moment
+        g = stage_gradient(model.heads[m])
         if official:
-            g = stage_gradient(model.heads[m])
             state["stage_grad"] = g.clone() if state["stage_grad"] is None else state["stage_grad"] + g
+        else:   # a stage is one modality turn (MLA's definition): the cosine with the turn before
+            if state["prev_turn_grad"] is not None:
+                cosines.append(F.cosine_similarity(g, state["prev_turn_grad"], dim=0))
+            state["prev_turn_grad"] = g.clone()
+    if cosines:
+        stats["plasticity/cos_consecutive_stages"] = torch.stack(cosines).mean()
     return stats
 
 
@@ -444,9 +478,15 @@ def next_stage(setup: loop.Setup, ctx: loop.Context, val) -> None:
     if cfg["projection"] and active != previous:
         layers = paired_layers(model, active, previous, cfg["project_layers"])
         ctx.train_sampler.set_epoch(ctx.position["epoch"])
-        Y = moments_from_loader(model, previous, layers, ctx.loaders["train"], ctx.device, ctx.world, ctx.autocast)
-        state["T"][active] = projections_from_moments(Y, cfg["tau"])
-        ctx.log(projection_scalars(active, previous, Y, cfg["tau"]))
+        means = batch_means_from_loader(model, previous, layers, ctx.loaders["train"], ctx.device, ctx.world,
+                                        ctx.autocast)
+        if cfg["projector"] == "orthogonal":   # MLA's projector in place of T, nothing else changed
+            state["T"][active] = orthogonal_projections(means)
+            ctx.log(orthogonal_scalars(active, previous, state["T"][active]))
+        else:
+            Y = {i: m.T @ m for i, m in means.items()}          # = sum_b outer(mean_b, mean_b)
+            state["T"][active] = projections_from_moments(Y, cfg["tau"])
+            ctx.log(projection_scalars(active, previous, Y, cfg["tau"]))
     state["prev_stage_grad"], state["stage_grad"] = state["stage_grad"], None
     ctx.log({"train/stage": s})
     ctx.print(f"stage {s + 1}/{len(stages)}: {active} for {cfg['stage_epochs'][s]} epochs"

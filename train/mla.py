@@ -1,0 +1,221 @@
+"""MLA: alternating unimodal adaptation through a shared head, with orthogonal gradient modification
+(any number of modalities; classification).
+
+    accelerate launch train/mla.py                                      # embedded audio-visual benchmark
+    accelerate launch train/mla.py --config train/configs/mla_crema_d.yaml
+    accelerate launch train/mla.py --variant paper                      # the projection as the paper describes it
+    accelerate launch train/mla.py --projection true --fusion fixed     # switches, one divergence each
+    accelerate launch --multi_gpu --num_processes 2 train/mla.py        # 2-rank data parallel
+
+Model (models.fusion.SharedHeadModel): per modality an encoder E_m, ONE Linear head H shared by every
+modality (the released ConcatFusion.fc_out used on one modality's features at a time).
+Per training batch (docs/methods/mla.md), every encoder forwarded once, then a turn per modality m
+in `modalities` order (one optimiser step each):
+    f_m = E_m(x_m);  loss_m = CE(H(f_m), y);  backward;  r = batch mean of f_m
+    projection (`projection`): alpha = alpha_base ** (1 + b/L)  (b: batch in the epoch, L: batches per epoch)
+        P <- P - k k^T / (alpha + r'^T k),  k = P r'   with r' = r (`projector_features: current`,
+        released: skipped at the very first turn of the run) or r' = the previous turn's r
+        (`previous`, the paper); P <- P / ||P||_F (`normalize_projector`, released)
+        H.weight.grad <- H.weight.grad @ P^T     (P starts at the identity; the bias is not projected)
+    optimizer step;  gradients zero-filled (`zero_grad_echo`: the released torch 1.8 zero_grad, so
+    the encoders of earlier turns of this batch are stepped again by later turns — weight decay and
+    momentum) or dropped; all dropped at the batch end (released `del p.grad`).
+variant official = the released main.py --gs_flag: its name check ("module.weight" against an
+nn.Linear's "weight") never matches, so the projection never runs (`projection: false`); echo on;
+fusion entropy over the evaluation BATCH axis. variant paper: projection with the previous turn's
+features, no Frobenius normalisation, no echo, per-sample entropy. Each is a switch (null = the variant's).
+Test-time fusion: sum_m w_m H(f_m), w = softmax_m(-entropy_m) (`fusion: entropy`, the README's
+"dynamic fusion") or fixed weights (`fusion: fixed`, `fusion_weights`).
+
+Data parallelism without a DDP wrapper (a turn uses one encoder and the head): each turn's gradients
+and the batch mean r of the head input are all-reduced by hand in one bucket, and P and the
+projection act on the reduced quantities, so N ranks x B/N = 1 rank x B.
+
+TensorBoard: per-modality train loss/acc; <m>/grad_kept = |g P^T| / |g| of the head weight gradient
+(1 without projection); plasticity/cos_consecutive_stages = the mean over the step's turns of the
+cosine between the head weight gradient a turn applies and the one the turn before applied (a "stage"
+is one modality turn of the shared head; IGM's definition: docs/methods/igm.md); on log steps
+projector/mean_scale = trace(P)/d and projector/fro_norm.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from methods import mla
+from models.fusion import SharedHeadModel
+from train import loop, optim
+from train.config import ConfigError, check_choice
+from train.distributed import all_reduce_mean_
+
+# ------------------------------------------------------------------------------------------------
+DEFAULTS = loop.DEFAULTS | dict(   # + the loop's keys (data, optimiser, selection, ...): train/loop.py
+    data="data/embedded_av",       # a shard directory; a missing embedded_<flavour> is generated
+    modalities=[],                 # turn order within a batch ([] = the dataset's order)
+    out_dir="runs/mla_av",
+    variant="official",            # official (released main.py --gs_flag) | paper
+    projection=None,               # project the head weight gradient with P (null: official false — the
+                                   # released name check never matches —, paper true)
+    projector_features=None,       # current | previous: whose batch-mean head input updates P before a
+                                   # turn's gradient is projected (null: official current, paper previous)
+    normalize_projector=None,      # P <- P / ||P||_F after each update (null: official true, paper false)
+    alpha_base=0.1,                # OWM alpha = alpha_base ** (1 + batch_in_epoch / batches_per_epoch)
+    zero_grad_echo=None,           # earlier turns' encoders keep zero gradients and are stepped again by
+                                   # later turns of the batch (null: official true, paper false)
+    fusion="entropy",              # entropy (the README's dynamic fusion, the paper) | fixed
+    fusion_entropy=None,           # batch | sample: entropy over the eval batch axis (released) or per
+                                   # sample over classes (paper) (null: the variant's)
+    fusion_weights=[],             # fusion fixed: one weight per modality ([] = equal: released av_alpha 0.5)
+    epochs=100,
+    batch_size=64,
+    optimizer="sgd",               # released: SGD momentum 0.9, weight decay 1e-4
+    lr=1e-3,
+    weight_decay=1e-4,
+    momentum=0.9,
+    scheduler="step",              # released: StepLR(70, 0.1) per epoch
+    step_size=70,
+    gamma=0.1,
+    mixed_precision="no",          # no | bf16
+)
+DEFAULT_CONFIG = "train/configs/mla_av.yaml"
+
+#: The switches a variant decides when left null: (official, paper).
+VARIANT_SWITCHES = dict(projection=(False, True), projector_features=("current", "previous"),
+                        normalize_projector=(True, False), zero_grad_echo=(True, False),
+                        fusion_entropy=("batch", "sample"))
+SWITCH_CHOICES = dict(projection=(True, False), projector_features=("current", "previous"),
+                      normalize_projector=(True, False), zero_grad_echo=(True, False),
+                      fusion_entropy=("batch", "sample"))
+
+
+def resolve_switches(cfg: dict) -> dict:
+    """cfg with every null switch set to its variant's value (recorded so in the run's config.yaml)."""
+    column = 0 if cfg["variant"] == "official" else 1
+    return dict(cfg, **{k: v[column] for k, v in VARIANT_SWITCHES.items() if cfg[k] is None})
+
+
+def check_config(cfg):
+    loop.check_config(cfg)
+    check_choice("variant", cfg["variant"], ("official", "paper"))
+    check_choice("fusion", cfg["fusion"], ("entropy", "fixed"))
+    check_choice("mixed_precision", cfg["mixed_precision"], ("no", "bf16"))
+    for key, allowed in SWITCH_CHOICES.items():
+        if cfg[key] is not None and (cfg[key] not in allowed or type(cfg[key]) is not type(allowed[0])):
+            raise ConfigError(f"{key}={cfg[key]!r}: choose {' or '.join(str(a).lower() for a in allowed)} "
+                              "(or null: the variant's)")
+    if not 0 < cfg["alpha_base"] < 1:
+        raise ConfigError(f"alpha_base={cfg['alpha_base']}: must be in (0, 1)")
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in cfg["fusion_weights"]):
+        raise ConfigError(f"fusion_weights={cfg['fusion_weights']}: numbers >= 0, one per modality")
+
+
+# ------------------------------------------------------------------------------------------------
+# The update
+
+def mla_step(encoders, head, optimizer, batch, order, state, cfg, batch_in_epoch=0, batches_per_epoch=1,
+             world=1, autocast=contextlib.nullcontext, log_step=False):
+    """One training batch of MLA: a turn per modality in `order`, each one optimiser step.
+
+    state: {"P": (d, d) projector, "turns": turns so far (the released exp_count), "prev_mean": the
+    previous turn's batch-mean head input or None, "prev_grad": the head weight gradient the previous
+    turn applied or None} — updated in place. cfg: the resolved switches. Returns device tensors to log."""
+    labels = batch["label"]
+    with autocast():   # every encoder once, in training mode, before any turn (released forward)
+        features = {m: encoders[m](batch[m]) for m in order}
+    optimizer.zero_grad(set_to_none=True)
+    alpha = mla.projector_alpha(batch_in_epoch, batches_per_epoch, cfg["alpha_base"])
+    stats, cosines = {}, []
+    for m in order:
+        f = features[m].float()
+        logits = head(f)
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        mean = f.detach().mean(0)   # equal rank slices: the mean of the rank means is the global mean
+        active = [p for p in list(encoders[m].parameters()) + list(head.parameters()) if p.grad is not None]
+        all_reduce_mean_([p.grad for p in active] + [mean], world)
+        grad = head.weight.grad
+        raw = grad.clone() if cfg["projection"] else grad
+        if cfg["projection"]:
+            r = mean if cfg["projector_features"] == "current" else state["prev_mean"]
+            first = state["turns"] == 0 if cfg["projector_features"] == "current" else r is None
+            if not first:   # released: no update and no projection at the run's very first turn
+                state["P"] = mla.owm_update(state["P"], r, alpha, cfg["normalize_projector"])
+                grad.copy_(mla.project_weight_grad(grad, state["P"]))
+        stats[f"{m}/grad_kept"] = torch.linalg.vector_norm(grad) / torch.linalg.vector_norm(raw).clamp_min(1e-30)
+        if state["prev_grad"] is not None:
+            cosines.append(F.cosine_similarity(grad.flatten(), state["prev_grad"].flatten(), dim=0))
+        state["prev_grad"], state["prev_mean"] = grad.detach().clone(), mean
+        optimizer.step()
+        state["turns"] += 1
+        # released (torch 1.8): zero_grad() zero-fills, so this turn's encoder is stepped again by the
+        # later turns of the batch (weight decay, momentum); the paper's alternation leaves it alone
+        optimizer.zero_grad(set_to_none=not cfg["zero_grad_echo"])
+        stats[f"{m}/loss"] = loss.detach()
+        stats[f"{m}/acc"] = (logits.detach().argmax(1) == labels).float().mean()
+    optimizer.zero_grad(set_to_none=True)   # released: `del p.grad` for every parameter at the batch end
+    if cosines:
+        stats["plasticity/cos_consecutive_stages"] = torch.stack(cosines).mean()
+    if log_step and cfg["projection"]:
+        P = state["P"]
+        stats["projector/mean_scale"] = torch.diagonal(P).mean()
+        stats["projector/fro_norm"] = torch.linalg.matrix_norm(P)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------
+# The method on the shared loop
+
+def make_fuse(cfg, n_modalities):
+    """outputs {m: (features, logits)} -> fused logits: entropy-weighted or fixed-weight sum."""
+    if cfg["fusion"] == "entropy":
+        axis = cfg["fusion_entropy"]
+        return lambda outputs: mla.entropy_fusion(torch.stack([o for _, o in outputs.values()]), axis)
+    weights = cfg["fusion_weights"] or [1.0 / n_modalities] * n_modalities
+    return lambda outputs: mla.fixed_fusion(torch.stack([o for _, o in outputs.values()]), weights)
+
+
+def build(cfg: dict, ctx: loop.Context) -> loop.Setup:
+    """The shared-head model, one optimiser over everything (released), P = I and the turn state."""
+    if cfg["fusion"] == "fixed" and cfg["fusion_weights"] and len(cfg["fusion_weights"]) != len(ctx.modalities):
+        raise ConfigError(f"fusion_weights={cfg['fusion_weights']}: one weight per modality of {ctx.modalities}")
+    model = SharedHeadModel(ctx.meta, cfg["encoders"], ctx.modalities).to(ctx.device)
+    optimizer = optim.build_optimizer(cfg, model.parameters())
+    d = model.head.in_features
+    state = dict(P=torch.eye(d, device=ctx.device), turns=0, prev_mean=None, prev_grad=None)
+    switches = {k: cfg[k] for k in VARIANT_SWITCHES} | {"variant": cfg["variant"], "fusion": cfg["fusion"]}
+    # alpha's L: the full epoch's batches (len(train_sampler) counts only those left after a resume)
+    batches_per_epoch = ctx.train_sampler.num_samples // ctx.train_sampler.global_batch_size
+    return loop.Setup(model, optimizer, optim.build_scheduler(cfg, optimizer), fuse=make_fuse(cfg, len(ctx.modalities)),
+                      state=state, result=switches, parts=dict(batches_per_epoch=batches_per_epoch))
+
+
+def step(setup: loop.Setup, batch: dict, ctx: loop.Context) -> dict:
+    model = setup.model
+    return mla_step(model.encoders, model.head, setup.optimizer, batch, ctx.modalities, setup.state, ctx.cfg,
+                    ctx.position["batch_in_epoch"], setup.parts["batches_per_epoch"], ctx.world, ctx.autocast, ctx.log_step)
+
+
+def ignored_keys(cfg: dict) -> dict:
+    """Keys the resolved config does not read: refused on the command line, warned in a YAML."""
+    cfg = resolve_switches(cfg) if cfg["variant"] in ("official", "paper") else cfg
+    out = {}
+    if cfg["fusion"] != "fixed":
+        out["fusion_weights"] = "by fusion=entropy (set --fusion fixed)"
+    if cfg["fusion"] != "entropy":
+        out["fusion_entropy"] = "by fusion=fixed"
+    if cfg["projection"] is False:
+        for key in ("projector_features", "normalize_projector", "alpha_base"):
+            out[key] = "without the projection (set --projection true)"
+    return out
+
+
+def main(cfg: dict) -> dict:
+    check_config(cfg)
+    return loop.train(resolve_switches(cfg), method="MLA", build=build, step=step, min_modalities=2,
+                      deepspeed="it replaces the shared head's reduced weight gradient by its projection with P")
+
+
+if __name__ == "__main__":
+    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG, ignored=ignored_keys)
