@@ -7,6 +7,7 @@
     python benchmarks/step_time.py --method igm --shape crema_d --device cuda
     python benchmarks/step_time.py --method cggm                  # embedded three-sequence shape
     python benchmarks/step_time.py --method cggm --shape mosi
+    python benchmarks/step_time.py --method ogm_ge                # embedded audio-visual shape (also mmpareto)
     python benchmarks/step_time.py --method cggm --memory_row "cggm official"   # one row's peak memory (bytes)
     python benchmarks/step_time.py --method cggm --shape mosi --profile --steps 4   # operator time per row
 
@@ -42,6 +43,21 @@ forward, fused loss, backward, clipping, step). CGGM adds the per-modality class
 backward on detached features, their optimiser step) and cheap bookkeeping (batch metrics,
 coefficients, the direction loss on one weight matrix): its floor is "joint + classifiers", printed as
 its own row, and the classifiers' parameter bytes are printed below the table.
+
+ogm_ge (audio-visual shapes): baseline = joint training of the same concat-fusion model (fused CE,
+backward, step). OGM-GE adds the per-modality scores and, on each modulated gradient tensor, its
+standard deviation, one Gaussian draw of its size and a multiply-add: floor ~1.0x (official: the
+Conv2d weights; paper: every encoder parameter).
+
+mla (audio-visual shapes): baseline = plain alternating training of the same encoders and shared head
+(one update per modality per batch). MLA official adds nothing that costs (its released projection
+never runs; the zero-filled gradients step the earlier turns' encoders again: an optimiser pass);
+MLA paper adds the projector update and one (out, d) x (d, d) product per turn: floor ~1.0x.
+
+mmpareto (audio-visual shapes): baseline = joint training of the same model with the multimodal and
+the unimodal losses summed (one backward). MMPareto needs the two gradients of each encoder apart:
+a backward of L_mm and one of sum_m L_m, each through every encoder, so with a backward costing about
+two forwards the floor is (1 + 2 + 2) / (1 + 2) ≈ 1.67x; the integration itself is a few norms.
 """
 from __future__ import annotations
 
@@ -54,8 +70,8 @@ import torch
 import torch.nn.functional as F
 
 from methods import flat_sam
-from models.fusion import CGGMModel, IGMModel, SharedHeadModel
-from train import cggm
+from models.fusion import CGGMModel, ConcatAndUnimodalHeadsModel, ConcatFusionModel, IGMModel, SharedHeadModel
+from train import cggm, mla, mmpareto, ogm_ge
 from train.gaal import DEFAULTS as GAAL_DEFAULTS
 from train.gaal import gaal_step
 from train import igm
@@ -288,6 +304,96 @@ def bench_gaal(args, device, only=None):
     return runs if only else time_runs(runs, args, device, batch, floors)
 
 
+def bench_ogm_ge(args, device, only=None):
+    generator = torch.Generator().manual_seed(0)
+    meta, batch, encoder_cfgs = igm_meta_and_batch(args.shape, device, generator)
+    order = ["audio", "video"]
+    runs = {}
+    for name in ("joint", "ogm_ge official", "ogm_ge paper"):
+        if only not in (None, name):
+            continue
+        torch.manual_seed(0)
+        model = ConcatFusionModel(meta, encoder_cfgs, order).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        if name == "joint":
+            def step(m=model, o=optimizer):
+                loss = F.cross_entropy(m.fuse(m(batch)), batch["label"])
+                o.zero_grad(set_to_none=True)
+                loss.backward()
+                o.step()
+        else:
+            cfg = dict(ogm_ge.DEFAULTS, variant=name.split()[1])
+            params = {m: ogm_ge.modulated_parameters(model.encoders[m], "conv" if cfg["variant"] == "official" else "all")
+                      for m in order}
+            noise = torch.Generator(device).manual_seed(0)
+            step = lambda m=model, o=optimizer, c=cfg, p=params, g=noise: ogm_ge.ogm_ge_step(  # noqa: E731
+                m, o, batch, c, 0, p, generator=g)
+        runs[name] = {"step": step, "times": [], "peak": 0}
+    floors = {"joint": "1.000x", "ogm_ge official": "~1.0x", "ogm_ge paper": "~1.0x"}
+    return runs if only else time_runs(runs, args, device, batch, floors, base_name="joint")
+
+
+def bench_mla(args, device, only=None):
+    generator = torch.Generator().manual_seed(0)
+    meta, batch, encoder_cfgs = igm_meta_and_batch(args.shape, device, generator)
+    order = ["audio", "video"]
+    runs = {}
+    for name in ("plain alternating", "mla official", "mla paper"):
+        if only not in (None, name):
+            continue
+        torch.manual_seed(0)
+        model = SharedHeadModel(meta, encoder_cfgs, order).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        if name == "plain alternating":
+            step = lambda m=model, o=optimizer: plain_alternating_step(m.encoders, m.head, o, batch, order)  # noqa: E731
+        else:
+            cfg = mla.resolve_switches(dict(mla.DEFAULTS, variant=name.split()[1]))
+            state = dict(P=torch.eye(model.head.in_features, device=device), turns=0, prev_mean=None, prev_grad=None)
+            step = lambda m=model, o=optimizer, c=cfg, s=state: mla.mla_step(  # noqa: E731
+                m.encoders, m.head, o, batch, order, s, c, batch_in_epoch=0, batches_per_epoch=10)
+        runs[name] = {"step": step, "times": [], "peak": 0}
+    floors = {"plain alternating": "1.000x", "mla official": "~1.0x", "mla paper": "~1.0x"}
+    return runs if only else time_runs(runs, args, device, batch, floors)
+
+
+def bench_mmpareto(args, device, only=None):
+    generator = torch.Generator().manual_seed(0)
+    meta, batch, encoder_cfgs = igm_meta_and_batch(args.shape, device, generator)
+    order = ["audio", "video"]
+    runs = {}
+    for name in ("joint + unimodal losses", "mmpareto official", "mmpareto paper"):
+        if only not in (None, name):
+            continue
+        torch.manual_seed(0)
+        model = ConcatAndUnimodalHeadsModel(meta, encoder_cfgs, order).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=2e-3, momentum=0.9, weight_decay=1e-4)
+        if name.startswith("joint"):
+            def step(m=model, o=optimizer):
+                out = m(batch)
+                loss = F.cross_entropy(m.fuse(out), batch["label"]) + sum(
+                    F.cross_entropy(logits, batch["label"]) for _, logits in out.values())
+                o.zero_grad(set_to_none=True)
+                loss.backward()
+                o.step()
+        else:
+            cfg = dict(mmpareto.DEFAULTS, variant=name.split()[1])
+            step = lambda m=model, o=optimizer, c=cfg: mmpareto.mmpareto_step(m, o, batch, c)  # noqa: E731
+        runs[name] = {"step": step, "times": [], "peak": 0}
+    floors = {"joint + unimodal losses": "1.000x", "mmpareto official": "~1.67x", "mmpareto paper": "~1.67x"}
+    return runs if only else time_runs(runs, args, device, batch, floors, base_name="joint + unimodal losses")
+
+
+#: method -> (its bench function, its shapes, its rows in order; the first is the baseline)
+BENCHES = {
+    "gaal": (bench_gaal, SHAPES, ("plain alternating", "gaal official", "gaal paper")),
+    "igm": (bench_igm, IGM_SHAPES, ("plain alternating", "igm official", "igm paper")),
+    "cggm": (bench_cggm, CGGM_SHAPES, ("joint", "joint + classifiers", "cggm official", "cggm paper")),
+    "ogm_ge": (bench_ogm_ge, IGM_SHAPES, ("joint", "ogm_ge official", "ogm_ge paper")),
+    "mla": (bench_mla, IGM_SHAPES, ("plain alternating", "mla official", "mla paper")),
+    "mmpareto": (bench_mmpareto, IGM_SHAPES, ("joint + unimodal losses", "mmpareto official", "mmpareto paper")),
+}
+
+
 def bench_fast_path(method, shape, device, steps=3, repeats=3, compile_encoders=False):
     """The GPU path against an fp32 eager reference of the SAME step (GAAL official at an image-table
     shape, IGM official at an audio-visual shape): bf16 autocast, channels_last weights for the CNNs,
@@ -354,7 +460,7 @@ def measure_row_memory(method, shape, name, steps, device):
     step's peak activations. Returns bytes. On CPU it is meaningful in a fresh process only (perf.py
     runs each row in its own): a process that already freed memory reuses resident pages."""
     args = argparse.Namespace(shape=shape, steps=steps, repeats=1)
-    runs = {"gaal": bench_gaal, "igm": bench_igm, "cggm": bench_cggm}[method](args, device, only=name)
+    runs = BENCHES[method][0](args, device, only=name)
     step = runs[name]["step"]
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -374,10 +480,7 @@ def profile_rows(method, shape, steps, device, top=5):
     total self time per step (what a wall-clock gap between two rows is made of, or is not) and the
     `top` operators by self time."""
     from torch.profiler import ProfilerActivity, profile
-    bench = {"gaal": bench_gaal, "igm": bench_igm, "cggm": bench_cggm}[method]
-    names = {"gaal": ("plain alternating", "gaal official", "gaal paper"),
-             "igm": ("plain alternating", "igm official", "igm paper"),
-             "cggm": ("joint", "joint + classifiers", "cggm official", "cggm paper")}[method]
+    bench, _, names = BENCHES[method]
     args = argparse.Namespace(shape=shape, steps=steps, repeats=1)
     for name in names:
         step = bench(args, device, only=name)[name]["step"]
@@ -393,9 +496,10 @@ def profile_rows(method, shape, steps, device, top=5):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", choices=["gaal", "igm", "cggm"], default="gaal")
+    parser.add_argument("--method", choices=list(BENCHES), default="gaal")
     parser.add_argument("--shape", choices=sorted(SHAPE_BATCH), default=None,
-                        help="gaal: imgtab (default) | dvm; igm: av (default) | crema_d; cggm: seq3 (default) | mosi")
+                        help="gaal: imgtab (default) | dvm; igm, ogm_ge, mla, mmpareto: av (default) | crema_d; "
+                             "cggm: seq3 (default) | mosi")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed chunk")
     parser.add_argument("--repeats", type=int, default=5,
@@ -409,7 +513,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    shapes = {"gaal": SHAPES, "igm": IGM_SHAPES, "cggm": CGGM_SHAPES}[args.method]
+    shapes = BENCHES[args.method][1]
     args.shape = args.shape or next(iter(shapes))
     if args.shape not in shapes:
         parser.error(f"--shape {args.shape} is not a {args.method} shape (choose from {', '.join(shapes)})")
@@ -419,7 +523,7 @@ def main(argv=None):
     if args.profile:
         profile_rows(args.method, args.shape, args.steps, device)
         return
-    rows = {"gaal": bench_gaal, "igm": bench_igm, "cggm": bench_cggm}[args.method](args, device)
+    rows = BENCHES[args.method][0](args, device)
     header = ["step", "ms/step", "spread", "samples/s", "peak memory", "ratio", "floor"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     print(f"{args.method}, shape {args.shape}, batch {SHAPE_BATCH[args.shape]}, device {device} "

@@ -41,6 +41,7 @@ SCRIPTS = {
     "igm": NO_DROPOUT + ["--mixup_alpha", "0", "--stage_epochs", "[1, 1]", "--scheduler", "none"],
     "ogm_ge": NO_DROPOUT + ["--epochs", "2", "--modulated_params", "all", "--modulation_ends", "1"],
     "mmpareto": NO_DROPOUT + ["--epochs", "2"],
+    "mla": NO_DROPOUT + ["--epochs", "2", "--variant", "paper"],   # with the OWM projection
     "cggm": ["--epochs", "2", "--d_model", "16", "--fusion", "{n_layers: 1, dropout: 0.0}", "--classifier", "{dropout: 0.0}",
              "--head_dropout", "0.0"] + [
         "--encoders", "{text: {d_model: 16, n_layers: 1, dropout: 0.0}, audio: {d_model: 16, "

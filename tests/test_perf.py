@@ -55,10 +55,12 @@ def test_the_probe_sees_a_host_sync():
     ("gaal", "imgtab", "gaal official"), ("gaal", "imgtab", "gaal paper"),
     ("igm", "av", "igm official"), ("igm", "av", "igm paper"),
     ("cggm", "seq3", "cggm official"), ("cggm", "seq3", "cggm paper"),
+    ("ogm_ge", "av", "ogm_ge official"), ("ogm_ge", "av", "ogm_ge paper"), ("mla", "av", "mla official"),
+    ("mla", "av", "mla paper"), ("mmpareto", "av", "mmpareto official"), ("mmpareto", "av", "mmpareto paper"),
 ])
 def test_method_steps_never_synchronise_with_the_host(method, shape, row):
     torch.set_num_threads(1)
-    bench = {"gaal": step_time.bench_gaal, "igm": step_time.bench_igm, "cggm": step_time.bench_cggm}[method]
+    bench = step_time.BENCHES[method][0]
     step = bench(argparse.Namespace(shape=shape, steps=1, repeats=1), torch.device("cpu"), only=row)[row]["step"]
     with host_conversions_from_our_code() as calls:
         step()
