@@ -11,7 +11,9 @@ Writes <out>/report.md and beside it:
                      a band of ± one standard deviation over seeds, one line per group;
   diag_<name>.png    the method diagnostics over training steps (TensorBoard scalars of tb/, the
                      families of DIAGNOSTICS: GAAL conflict rate and projection coefficient v, CGGM
-                     c_i, IGM's T statistics and plasticity cosine, joint's gradient cosines);
+                     c_i, IGM's T statistics, the plasticity cosine of IGM and MLA, joint's gradient
+                     cosines, OGM-GE's coefficients and ratios, MLA's kept gradient share,
+                     MMPareto's conflict rate and cosines);
   shapley.png        the Shapley contribution of each modality (train.evaluate), mean ± std over seeds;
   missing.png        the fused metric with each subset of modalities present, the others absent;
   noise.png          the fused metric against the noise level added to one modality;
@@ -42,16 +44,26 @@ from train.config import ConfigError
 
 #: (file name, title, TensorBoard tag pattern, y label): the method diagnostics plotted over training
 #: steps, one subplot per matching tag. Tags no pattern matches are not plotted.
+#: (file name, title, the method that logs it (result.json "method"; None: any), tag pattern, y label): a
+#: family is drawn from the runs of its method only (several methods log e.g. <m>/conflict or <m>/coeff)
 DIAGNOSTICS = [
-    ("gaal_conflict", "GAAL: head-gradient conflict rate", "*/conflict", "share of steps in conflict"),
-    ("gaal_v", "GAAL: projection coefficient v", "*/v", "v (0 when no conflict)"),
-    ("cggm_coeff", "CGGM: gradient coefficient c_i per modality", "*/coeff", "c_i"),
-    ("igm_effective_rank", "IGM: effective rank of the moments Y behind T", "T/*/effective_rank", "effective rank"),
-    ("igm_damped_share", "IGM: share of directions T damps by more than half", "T/*/damped_share", "share"),
-    ("igm_top_energy", "IGM: energy share of the top direction of Y", "T/*/top_energy_share", "share"),
-    ("igm_plasticity", "IGM: plasticity (cosine of consecutive stages' head gradients)", "plasticity/*", "cosine"),
-    ("joint_cos", "Joint: cosine of a head's own-loss and fused-loss gradients", "*/cos_head_grad_own_vs_fused",
-     "cosine"),
+    ("gaal_conflict", "GAAL: head-gradient conflict rate", "GAAL", "*/conflict", "share of steps in conflict"),
+    ("gaal_v", "GAAL: projection coefficient v", "GAAL", "*/v", "v (0 when no conflict)"),
+    ("cggm_coeff", "CGGM: gradient coefficient c_i per modality", "CGGM", "*/coeff", "c_i"),
+    ("igm_effective_rank", "IGM: effective rank of the moments Y behind T", "IGM", "T/*/effective_rank", "effective rank"),
+    ("igm_damped_share", "IGM: share of directions T damps by more than half", "IGM", "T/*/damped_share", "share"),
+    ("igm_top_energy", "IGM: energy share of the top direction of Y", "IGM", "T/*/top_energy_share", "share"),
+    ("plasticity", "Plasticity: cosine of consecutive stages' head gradients (IGM: stages; MLA, IGM paper: turns)",
+     None, "plasticity/*", "cosine"),
+    ("joint_cos", "Joint: cosine of a head's own-loss and fused-loss gradients", "joint",
+     "*/cos_head_grad_own_vs_fused", "cosine"),
+    ("ogm_ge_coeff", "OGM-GE: modulation coefficient k per modality", "OGM-GE", "*/coeff", "k (1 = not damped)"),
+    ("ogm_ge_ratio", "OGM-GE: discrepancy ratio per modality", "OGM-GE", "*/ratio", "ratio of scores"),
+    ("mla_grad_kept", "MLA: share of the head gradient the projection keeps", "MLA", "*/grad_kept", "|g P^T| / |g|"),
+    ("mmpareto_conflict", "MMPareto: multimodal vs unimodal gradient conflict rate", "MMPareto", "*/conflict",
+     "share of steps in conflict"),
+    ("mmpareto_cos", "MMPareto: cosine of the multimodal and unimodal encoder gradients", "MMPareto",
+     "*/cos_mm_uni", "cosine"),
 ]
 MAX_SUBPLOTS = 12
 SEED_NAME = re.compile(r"^(?P<group>.+)_s(?P<seed>\d+)$")
@@ -194,13 +206,16 @@ def diagnostics(groups: dict, out: Path) -> list[tuple[str, str]]:
             tb = run / "tb"
             scalars[run] = summarize.read_scalars(tb, lambda tag: True) if tb.is_dir() else {}
     figures = []
-    for name, title, pattern, ylabel in DIAGNOSTICS:
-        tags = sorted({t for s in scalars.values() for t in s if fnmatch.fnmatchcase(t, pattern)})[:MAX_SUBPLOTS]
+    for name, title, method, pattern, ylabel in DIAGNOSTICS:
+        runs_of = {group: [r for r in runs if method in (None, r[2].get("method"))] for group, runs in groups.items()}
+        runs_of = {group: runs for group, runs in runs_of.items() if runs}
+        tags = sorted({t for runs in runs_of.values() for _, run, _ in runs for t in scalars[run]
+                       if fnmatch.fnmatchcase(t, pattern)})[:MAX_SUBPLOTS]
         if not tags:
             continue
         fig, axes = subplot_grid(len(tags), f"{title} (mean ± std over seeds)")
         for ax, tag in zip(axes, tags):
-            for group, runs in groups.items():
+            for group, runs in runs_of.items():
                 series = [dict(scalars[run].get(tag, [])) for _, run, _ in runs]
                 steps = sorted({s for d in series for s in d})
                 if steps:
