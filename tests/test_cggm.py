@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from data_prep import embedded
-from methods import modulation
 from models.fusion import CGGMModel
-from tests.test_train import final_weights, run_script
+from tests.test_train import final_weights, run_script, tb_tags
 from train import cggm
 
 META = {"num_classes": 5, "task": "classification", "modalities": {
@@ -229,13 +228,6 @@ def cggm_args(data, out, *extra):
         small += [f"--encoders.{m}.n_layers", "1"]
     return ["--data", str(data), "--out_dir", str(out), "--epochs", "2", "--batch_size", "64", "--log_every", "2",
             "--d_model", "32", "--progress", "false", *small, *extra]
-
-
-def tb_tags(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(Path(run_dir) / "tb"))
-    acc.Reload()
-    return set(acc.Tags()["scalars"])
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from torch import nn
 from data_prep import embedded
 from methods import flat_sam
 from models.heads import IGMHead
-from tests.test_train import final_weights, run_script
+from tests.test_train import final_weights, run_script, tb_tags
 from train import igm
 
 STEP_CFG = dict(variant="official", mixup_alpha=1.0, mixup_alpha_by_modality={}, sam=True,
@@ -282,13 +282,6 @@ def av(tmp_path_factory):
 def igm_args(data, out, *extra):
     return ["--data", str(data), "--out_dir", str(out), "--batch_size", "64", "--log_every", "2",
             "--progress", "false", "--encoders.audio.base_width", "8", "--encoders.video.base_width", "8", *extra]
-
-
-def tb_tags(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(Path(run_dir) / "tb"))
-    acc.Reload()
-    return set(acc.Tags()["scalars"])
 
 
 def checkpoint(run_dir, step):

@@ -6,23 +6,14 @@ import json
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_train import final_weights, run_script
+from tests.test_train import final_weights, run_script, tb_scalars
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def tb_scalars(run_dir: Path) -> dict:
-    """{tag: {step: value}} of a run's TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")

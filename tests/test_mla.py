@@ -3,16 +3,14 @@ re-implementation of the released step, N ranks == 1 rank, and train/mla.py end 
 embedded audio-visual set (switches, exact resume, refusals, the shipped configs)."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data_prep import embedded
 from methods import mla as mla_maths
-from tests.test_train import final_weights, run_script
+from tests.test_train import final_weights, run_script, tb_tags
 from train import mla
 
 OFFICIAL = mla.resolve_switches(dict(mla.DEFAULTS))
@@ -210,13 +208,6 @@ def mla_args(data, out, *extra):
     return ["--data", str(data), "--out_dir", str(out), "--batch_size", "64", "--log_every", "2",
             "--progress", "false", "--encoders.audio.base_width", "8", "--encoders.video.base_width", "8",
             "--epochs", "2", *extra]
-
-
-def tb_tags(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(Path(run_dir) / "tb"))
-    acc.Reload()
-    return set(acc.Tags()["scalars"])
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@ of the released step, N ranks == 1 rank, and train/mmpareto.py end to end on a t
 audio-visual set (result, TensorBoard, exact resume, refusals, the shipped configs)."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 from data_prep import embedded
 from methods import mmpareto
 from models.fusion import ConcatAndUnimodalHeadsModel
-from tests.test_train import final_weights, run_script
+from tests.test_train import final_weights, run_script, tb_tags
 from train import mmpareto as script
 
 MODALITIES = ("audio", "video", "text")
@@ -249,13 +248,6 @@ def av(tmp_path_factory):
 def args(data, out, *extra):
     return ["--data", str(data), "--out_dir", str(out), "--batch_size", "64", "--epochs", "2", "--log_every", "2",
             "--progress", "false", "--encoders.audio.base_width", "8", "--encoders.video.base_width", "8", *extra]
-
-
-def tb_tags(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(Path(run_dir) / "tb"))
-    acc.Reload()
-    return set(acc.Tags()["scalars"])
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@ train/ogm_ge.py end to end on a tiny embedded audio-visual set (result, TensorBo
 refusals, the shipped configs)."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 from data_prep import embedded
 from methods import ogm_ge as maths
 from models.fusion import ConcatFusionModel
-from tests.test_train import final_weights, run_script
+from tests.test_train import final_weights, run_script, tb_tags
 from train import ogm_ge
 
 STEP_CFG = dict(variant="official", modulation="ogm_ge", alpha=0.5, modulation_starts=0, modulation_ends=50,
@@ -241,13 +240,6 @@ def ogm_args(data, out, *extra):
     return ["--data", str(data), "--out_dir", str(out), "--batch_size", "64", "--epochs", "2", "--log_every", "2",
             "--progress", "false", "--encoders.audio.base_width", "8", "--encoders.video.base_width", "8",
             "--optimizer", "sgd", "--lr", "0.05", *extra]
-
-
-def tb_tags(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(Path(run_dir) / "tb"))
-    acc.Reload()
-    return set(acc.Tags()["scalars"])
 
 
 @pytest.mark.slow

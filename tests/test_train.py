@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_prep import embedded
-from train import checkpoint, distributed
+from train import checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ_ENCODER = {"d_model": 16, "n_layers": 1, "n_heads": 2, "dropout": 0.1}
@@ -74,6 +74,19 @@ def final_weights(run_dir):
 
 
 @pytest.mark.slow
+def tb_scalars(run_dir: Path) -> dict:
+    """{tag: {step: value}} of a run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def tb_tags(run_dir) -> set:
+    """The scalar tags of a run's TensorBoard events."""
+    return set(tb_scalars(run_dir))
+
+
 def test_joint_trains_and_reports(seq3_data, tmp_path):
     out = tmp_path / "run"
     proc = run_script("train/joint.py", seq3_args(seq3_data, out))
