@@ -49,6 +49,12 @@ SCRIPTS = {
                                                        *SMALL_SEQ]),
     "cggm paper": ("train/cggm.py", "seq3", False, ["--variant", "paper", "--epochs", "2", "--d_model", "32",
                                                     *SMALL_SEQ]),
+    # the papers' comparison baselines: official rows (and MLA's paper row: the official projection never
+    # runs, so only the paper row carries a projector P through the checkpoint)
+    "ogm_ge official": ("train/ogm_ge.py", "av", False, ["--variant", "official", "--epochs", "2", *SMALL_AV]),
+    "mla official": ("train/mla.py", "av", False, ["--variant", "official", "--epochs", "2", *SMALL_AV]),
+    "mla paper": ("train/mla.py", "av", False, ["--variant", "paper", "--epochs", "2", *SMALL_AV]),
+    "mmpareto official": ("train/mmpareto.py", "av", False, ["--variant", "official", "--epochs", "2", *SMALL_AV]),
 }
 
 
@@ -134,7 +140,7 @@ def test_script_on_gpu_resumes_where_an_uninterrupted_run_ends(name, data, tmp_p
     are not run-to-run deterministic (the scripts do not call torch.use_deterministic_algorithms):
     cuDNN convolution backward (weight and data gradients; the algorithm cuDNN picks may accumulate
     with atomics, and its choice can differ between processes) in the ResNets of joint / unimodal /
-    GAAL / IGM, adaptive average pooling backward (atomicAdd), index/scatter-add backward (embedding
+    GAAL / IGM / OGM-GE / MLA / MMPareto, adaptive average pooling backward (atomicAdd), index/scatter-add backward (embedding
     and gather gradients in the sequence encoders of CGGM), and cuBLAS split-K reductions whose order
     depends on the heuristics. Each reorders fp32 sums (last-bit differences); under bf16 autocast such a
     difference can flip the rounding of an operand to bf16 (resolution 2^-8 ~ 0.4 %), so gradients of
@@ -143,8 +149,9 @@ def test_script_on_gpu_resumes_where_an_uninterrupted_run_ends(name, data, tmp_p
     gradient perturbation of ~1 % moves a weight by far less than one update (LR): atol=LR. rtol is
     torch's bf16 default (1.6e-2). A broken resume (lost optimiser moments, a wrong batch order or RNG
     state, a missed scheduler step) changes whole updates of every weight and fails this.
-    Bit-exactness is checked on CPU (tests/test_train.py, test_gaal.py, test_igm.py, test_cggm.py and
-    test_argument_lists_are_valid_on_cpu above), where these kernels are deterministic."""
+    OGM-GE's GE noise comes from its own checkpointed generator, so the resumed run draws the same noise.
+    Bit-exactness is checked on CPU (tests/test_train.py, test_gaal.py, test_igm.py, test_cggm.py,
+    test_ogm_ge.py, test_mla.py, test_mmpareto.py and test_argument_lists_are_valid_on_cpu above), where these kernels are deterministic."""
     a, b = whole_and_resumed(name, data, tmp_path, "cuda")
     for key in a:
         if a[key].is_floating_point():
@@ -159,7 +166,10 @@ def test_script_on_gpu_resumes_where_an_uninterrupted_run_ends(name, data, tmp_p
 # a CUDA tensor used in a Python `if`, a non-pinned copy to the host, nonzero / masked_select shapes).
 PROBE_ROWS = [("gaal", "imgtab", "gaal official"), ("gaal", "imgtab", "gaal paper"),
               ("igm", "av", "igm official"), ("igm", "av", "igm paper"),
-              ("cggm", "seq3", "cggm official"), ("cggm", "seq3", "cggm paper")]
+              ("cggm", "seq3", "cggm official"), ("cggm", "seq3", "cggm paper"),
+              ("ogm_ge", "av", "ogm_ge official"), ("ogm_ge", "av", "ogm_ge paper"),
+              ("mla", "av", "mla official"), ("mla", "av", "mla paper"),
+              ("mmpareto", "av", "mmpareto official"), ("mmpareto", "av", "mmpareto paper")]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -168,7 +178,7 @@ PROBE_ROWS = [("gaal", "imgtab", "gaal official"), ("gaal", "imgtab", "gaal pape
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_method_steps_never_synchronise_with_the_host_on_cuda(method, shape, row, precision):
     from benchmarks import step_time
-    bench = {"gaal": step_time.bench_gaal, "igm": step_time.bench_igm, "cggm": step_time.bench_cggm}[method]
+    bench = step_time.BENCHES[method][0]
     step = bench(argparse.Namespace(shape=shape, steps=1, repeats=1), torch.device("cuda"), only=row)[row]["step"]
 
     def run():
