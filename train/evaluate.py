@@ -212,7 +212,8 @@ def rebuild(run_dir: Path, module, device: str):
                           "the run was trained from)")
     cfg = dict(cfg, cpu=device == "cpu", mixed_precision="no", resume=False)
     accelerator = distributed.setup_accelerator(cfg)
-    cfg, ctx, setup = loop.prepare(cfg, accelerator, method=str(module.__name__), build=module.build, tasks=None)
+    cfg, ctx, setup = loop.prepare(cfg, accelerator, method=str(module.__name__), build=module.build, tasks=None,
+                                    quiet=True)   # a method's build-time lines (IGM's stage 1) are training's
     model = accelerator.unwrap_model(setup.model)
     try:
         model.load_state_dict(checkpoint.load_trusted(run_dir / "best.pt"))

@@ -124,6 +124,7 @@ class Context:
     log_step: bool = False                 # this step's window is logged: compute costly diagnostics
     run_dir: Path | None = None
     writer: rundir.TensorBoardLog | None = None
+    quiet: bool = False                    # print() says nothing (train.evaluate rebuilding a finished run)
 
     @property
     def device(self):
@@ -147,7 +148,7 @@ class Context:
 
     def print(self, text: str) -> None:
         """A line on the main process's stdout that does not break the progress bar."""
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and not self.quiet:
             tqdm.write(text)
             sys.stdout.flush()
 
@@ -281,12 +282,12 @@ def check_config(cfg: dict) -> None:
 
 def prepare(cfg: dict, accelerator, *, method: str, build: Callable, tasks=("classification",),
             min_modalities: int = 1, max_modalities: int | None = None,
-            feature_dim: int | None = None) -> tuple[dict, Context, Setup]:
+            feature_dim: int | None = None, quiet: bool = False) -> tuple[dict, Context, Setup]:
     """Everything of a run before its run directory: the validated data and its refusals (task,
     modalities, encoders fitted to the dataset, the selection metric, a batch larger than the
     training split), the loaders, the Context and the method's Setup from `build(cfg, ctx)`.
     Returns (cfg with its encoders resolved, ctx, setup). train() runs it; train.evaluate rebuilds
-    a finished run's model with it (tasks=None: any task). Nothing is written."""
+    a finished run's model with it (tasks=None: any task; quiet: ctx.print silent). Nothing is written."""
     meta = data.prepare_data(cfg, accelerator)            # validates every shard before any compute
     task = meta["task"]
     if tasks is not None and task not in tasks:
@@ -315,7 +316,7 @@ def prepare(cfg: dict, accelerator, *, method: str, build: Callable, tasks=("cla
         raise ConfigError(f"batch_size={cfg['batch_size']} exceeds the {meta['splits']['train']['num_samples']} "
                           f"training samples of {cfg['data']} (the last partial batch is dropped)")
     position = dict(epoch=0, batch_in_epoch=0, step=0, best=None, best_epoch=-1, bad_evals=0, stopped_early=False)
-    ctx = Context(cfg, accelerator, meta, task, modalities, loaders, samplers["train"], position)
+    ctx = Context(cfg, accelerator, meta, task, modalities, loaders, samplers["train"], position, quiet=quiet)
     try:
         setup = build(cfg, ctx)
     except ModelConfigError as err:
