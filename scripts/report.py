@@ -29,6 +29,7 @@ import json
 import re
 import statistics
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def subplot_grid(n: int, title: str):
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, width=int(11 * 4.2 * cols)))   # a one-plot figure is narrow
     return fig, list(axes.flat[:n])
 
 
@@ -295,7 +296,7 @@ def noise_figure(groups: dict, evaluations: dict, key: str, out: Path) -> str:
 def summary_table(groups: dict, metric: str, split: str) -> list[str]:
     names = list(dict.fromkeys(n for runs in groups.values() for _, _, r in runs for n in r[split]))
     names = [n for n in names if n != "fused"] + ["fused"]
-    lines = [f"| run | seeds | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    lines = ["| run | seeds | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for group, runs in groups.items():
         cells = [cell([r[split][n][metric] for _, _, r in runs if n in r[split]]) for n in names]
         lines.append(f"| {group} | {len(runs)} | " + " | ".join(cells) + " |")
@@ -342,6 +343,9 @@ def shapley_table(groups: dict, evaluations: dict) -> list[str]:
 def write_report(paths: list, out: Path, split: str = "test") -> Path:
     runs = find_runs(paths)
     groups = group_runs(runs)
+    parents = {run.parent for run in runs}
+    if len(parents) == 1:   # one ablation directory: its rows in the order its jobs list gives them
+        groups = summarize.in_listed_order(groups, str(parents.pop()))
     metric = metric_of(next(iter(groups.values()))[0][2])
     out.mkdir(parents=True, exist_ok=True)
     evaluations = {}
