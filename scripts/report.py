@@ -127,8 +127,10 @@ def read_records(run_dir: Path) -> list:
 # Figures
 
 def colour(groups: dict, group: str) -> str:
-    """One colour per group in every figure (a group absent from a subplot does not shift the others)."""
-    return f"C{list(groups).index(group) % 10}"
+    """One colour per group in every figure (a group absent from a subplot does not shift the others);
+    tab10 up to 10 groups, tab20 beyond (an ablation with 11 rows would repeat a colour)."""
+    i = list(groups).index(group)
+    return f"C{i}" if len(groups) <= 10 else plt.get_cmap("tab20")(i % 20)
 
 
 def plot_band(ax, xs: list, series: list, label: str, color: str) -> None:
@@ -252,24 +254,26 @@ def shapley_figure(groups: dict, evaluations: dict, out: Path) -> str:
 
 
 def missing_figure(groups: dict, evaluations: dict, key: str, out: Path) -> str:
-    labels = list(dict.fromkeys("+".join(row["present"]) or "none" for e in evaluations.values()
-                                for row in e["subsets"]))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) * max(1, len(groups)) * 0.6), 3.8))
-    width = 0.8 / max(1, len(groups))
-    for j, (group, runs) in enumerate(groups.items()):
-        means, stds = [], []
-        for label in labels:
-            values = [row["fused"][key] for _, run, _ in runs for row in evaluations[run]["subsets"]
-                      if ("+".join(row["present"]) or "none") == label]
-            mean, std = mean_std(values) if values else (float("nan"), 0.0)
-            means.append(mean)
-            stds.append(std)
-        ax.bar([i + (j - (len(groups) - 1) / 2) * width for i in range(len(labels))], means, width, yerr=stds,
-               capsize=2, label=group, color=colour(groups, group))
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-    ax.set(title=f"Fused {key} with only these modalities present (mean ± std over seeds)",
-           xlabel="modalities present (the others absent)", ylabel=f"fused test {key}")
-    ax.legend(fontsize=8)
+    """One subplot per subset of modalities present (the others absent), a bar per group. Subsets are
+    named in one modality order whatever order a run listed its modalities in (GAAL: weak first)."""
+    order = list(dict.fromkeys(m for e in evaluations.values() for m in e["modalities"]))
+
+    def label(row):
+        return "+".join(sorted(row["present"], key=order.index)) or "none"
+    labels = list(dict.fromkeys(label(row) for e in evaluations.values() for row in e["subsets"]))
+    labels.sort(key=lambda lb: (0 if lb == "none" else lb.count("+") + 1, lb))
+    fig, axes = subplot_grid(len(labels), f"Fused {key} with only the named modalities present, the others "
+                                          "absent (mean ± std over seeds)")
+    names = list(groups)
+    for ax, lb in zip(axes, labels):
+        for i, (group, runs) in enumerate(groups.items()):
+            values = [row["fused"][key] for _, run, _ in runs for row in evaluations[run]["subsets"] if label(row) == lb]
+            if values:
+                mean, std = mean_std(values)
+                ax.bar(i, mean, 0.8, yerr=std, capsize=2, color=colour(groups, group), label=group)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set(title=f"present: {lb}", ylabel=f"fused test {key}", ylim=(0, 1) if key != "mae" else None)
+        ax.grid(axis="y", alpha=0.3)
     return save(fig, out, "missing.png")
 
 
