@@ -21,7 +21,6 @@ Imports: torch only.
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 

@@ -1,7 +1,6 @@
 """train.evaluate: the Shapley maths on games whose contributions are known, the input rules (uint8
 pixels, tabular codes), and the command on a real tiny run (metrics equal result.json, efficiency,
 a modality the model ignores contributes 0, missing/noise entries, re-runs, refusals)."""
-import itertools
 import json
 import os
 import random
