@@ -7,23 +7,30 @@
 # Stages, each under its own time limit (timeout; rc 124 = the stage ran past it):
 #   versions    python / torch / CUDA / cuDNN versions and the device          -> versions.txt
 #   nvidia-smi  `nvidia-smi` (and its per-GPU query)                            -> nvidia-smi.txt
-#   pytest      `pytest -m gpu -q`: tests/test_gpu.py and every other gpu-marked test
-#                                                                                -> pytest.log, pytest-junit.xml
-#   perf        `python benchmarks/perf.py --device cuda --shapes full --fast`  -> perf.log, perf.md (tables)
+#   pytest      `pytest -m gpu` over the test files that hold gpu-marked tests (tests/test_gpu.py,
+#               test_models.py, test_augment.py: found by grep, so a machine without the converters'
+#               packages does not fail collecting the other files), in parallel with pytest-xdist
+#               (-n $PYTEST_WORKERS, default 8) when it is installed      -> pytest.log, pytest-junit.xml
+#   perf        `python benchmarks/perf.py --device cuda --shapes full --fast --profile_fast --steps 3
+#               --repeats 3`: steps, GPU path (+ its torch.profiler tables), data path, scaling
+#                                                                            -> perf.log, perf.md (tables)
+#   compile     the GPU-path section again with torch.compile of the encoders (its own stage: compiling
+#               ResNet-50 can take minutes, and a stage that runs past its limit loses only itself)
+#                                                                            -> compile.log, compile.md
 # Everything goes to one folder: $OUT if set, else runs/gpu_check_<UTC date-time>; summary.txt lists
 # each stage's exit code and duration (`<stage> rc=<code> seconds=<s>`), and the script exits non-zero
-# when a stage failed.
+# when a stage failed. The interpreter is $PYTHON, else `python`, else `python3`.
 #
 # Dry run: versions and nvidia-smi as above (nvidia-smi absent is recorded, not an error), pytest only
-# collects the gpu tests (--collect-only: they need CUDA), and perf.py runs on the CPU with
-# `--device cpu --shapes cpu --steps 1 --repeats 1 --sections scaling`: its steps and data sections take
+# collects the gpu tests (--collect-only: they need CUDA), perf.py runs on the CPU with
+# `--device cpu --shapes cpu --steps 1 --repeats 1 --sections scaling` (its steps and data sections take
 # minutes on a CPU even at one step, so the dry run exercises the entry point and the Markdown output
-# through the scaling section only.
+# through the scaling section only), and the compile stage is left out.
 #
-# Time limits (seconds; override with the environment): T_PYTEST=290, T_PERF=230, T_SMALL=25
-# (versions, nvidia-smi each): worst case 290 + 230 + 2 x 25 = 570 s (the smoke tests start 33
-# processes). PERF_ARGS replaces perf.py's arguments. perf.py writes perf.md only at its end: if it runs past T_PERF, the tables it finished are
-# in perf.log (it prints each section as it completes).
+# Time limits (seconds; override with the environment): T_PYTEST=180, T_PERF=200, T_COMPILE=110,
+# T_SMALL=25 (versions, nvidia-smi each): worst case 180 + 200 + 110 + 2 x 25 = 540 s. PERF_ARGS
+# replaces perf.py's arguments. perf.py writes its Markdown only at its end: if it runs past its limit,
+# the tables it finished are in its log (it prints each section as it completes).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -31,7 +38,7 @@ DRY_RUN=${DRY_RUN:-0}
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $arg (use --dry-run)" >&2; exit 2 ;;
     esac
 done
@@ -41,9 +48,10 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1   # a stage killed by its timeout still leaves everything it printed in its log
-PY=${PYTHON:-python}
-T_PYTEST=${T_PYTEST:-290}
-T_PERF=${T_PERF:-230}
+PY=${PYTHON:-$(command -v python || command -v python3)}
+T_PYTEST=${T_PYTEST:-180}
+T_PERF=${T_PERF:-200}
+T_COMPILE=${T_COMPILE:-110}
 T_SMALL=${T_SMALL:-25}
 SUMMARY="$OUT/summary.txt"
 {
@@ -84,17 +92,25 @@ else
     [ "$DRY_RUN" = 1 ] || FAILED=1
 fi
 
+# only the files that hold gpu-marked tests: collecting the others imports the converters' packages
+mapfile -t GPU_TEST_FILES < <(grep -l "mark.gpu" tests/test_*.py)
 if [ "$DRY_RUN" = 1 ]; then
     stage pytest "$T_PYTEST" "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider --collect-only \
-        --junitxml="$OUT/pytest-junit.xml" || FAILED=1
+        --junitxml="$OUT/pytest-junit.xml" "${GPU_TEST_FILES[@]}" || FAILED=1
     PERF_ARGS=${PERF_ARGS:---device cpu --shapes cpu --steps 1 --repeats 1 --sections scaling}
 else
-    stage pytest "$T_PYTEST" "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs \
-        --junitxml="$OUT/pytest-junit.xml" || FAILED=1
-    PERF_ARGS=${PERF_ARGS:---device cuda --shapes full --fast}
+    XDIST=()
+    "$PY" -c "import xdist" 2> /dev/null && XDIST=(-n "${PYTEST_WORKERS:-8}")
+    stage pytest "$T_PYTEST" "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs "${XDIST[@]}" \
+        --junitxml="$OUT/pytest-junit.xml" "${GPU_TEST_FILES[@]}" || FAILED=1
+    PERF_ARGS=${PERF_ARGS:---device cuda --shapes full --fast --profile_fast --steps 3 --repeats 3}
 fi
 # shellcheck disable=SC2086  # PERF_ARGS is a list of words
 stage perf "$T_PERF" "$OUT/perf.log" "$PY" benchmarks/perf.py $PERF_ARGS --markdown "$OUT/perf.md" || FAILED=1
+if [ "$DRY_RUN" != 1 ]; then
+    stage compile "$T_COMPILE" "$OUT/compile.log" "$PY" benchmarks/perf.py --device cuda --shapes full \
+        --sections fast --compile --markdown "$OUT/compile.md" || FAILED=1
+fi
 
 echo "failed: $FAILED" >> "$SUMMARY"
 echo "[gpu_check] summary: $SUMMARY"

@@ -88,10 +88,13 @@ def step_section(device, shapes, steps, repeats):
 FAST_STEPS, FAST_REPEATS = 3, 3   # GPU-path section: steps per chunk, rounds per repetition
 
 
+def fast_cases(shapes):
+    return [("gaal", "dvm"), ("igm", "crema_d")] if shapes == "full" else [("gaal", "imgtab"), ("igm", "av")]
+
+
 def fast_section(device, shapes, compile_encoders):
-    cases = [("gaal", "dvm"), ("igm", "crema_d")] if shapes == "full" else [("gaal", "imgtab"), ("igm", "av")]
     rows = []
-    for method, shape in cases:
+    for method, shape in fast_cases(shapes):
         for r in step_time.bench_fast_path(method, shape, device, steps=FAST_STEPS, repeats=FAST_REPEATS,
                                            compile_encoders=compile_encoders):
             rows.append([method, shape, *r])
@@ -161,6 +164,9 @@ def main(argv=None):
                         help="comma-separated: steps, fast, data, scaling (default: all but fast)")
     parser.add_argument("--fast", action="store_true", help="add the GPU-path section (bf16, channels_last, fused)")
     parser.add_argument("--compile", action="store_true", help="GPU-path section: also torch.compile the encoders")
+    parser.add_argument("--profile_fast", action="store_true",
+                        help="GPU-path section: also profile each of its steps (torch.profiler: CPU and kernel "
+                             "time per step, top kernels), to say why a speed-up target is missed")
     parser.add_argument("--data_samples", type=int, default=None, help="data section: samples per synthetic dataset")
     parser.add_argument("--workers", default="0,1,2", help="data section: DataLoader worker counts")
     parser.add_argument("--markdown", default=None, help="also write the tables as Markdown to this file")
@@ -191,6 +197,13 @@ def main(argv=None):
               f"{torch.get_num_threads()} threads; {step_time.scheme_line(FAST_REPEATS, FAST_STEPS)}\n")
         print(data_path.table(header, rows))
         md += ["", markdown(rows, header)]
+        if args.profile_fast:
+            for method, shape in fast_cases(args.shapes):
+                runs, _ = step_time.fast_path_runs(method, shape, device, args.compile)
+                lines = [f"Profile, {method} official at {shape} (torch.profiler, {FAST_STEPS} steps after 2 warm-up):"]
+                lines += step_time.profile_table({k: r["step"] for k, r in runs.items()}, FAST_STEPS, device)
+                print("\n" + "\n".join(lines))
+                md += ["", *lines]
     if "data" in sections:
         print("\n== data path (benchmarks/data_path.py)")
         results = data_path.main(["--workers", args.workers] + (["--samples", str(args.data_samples)]

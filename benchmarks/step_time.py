@@ -394,13 +394,11 @@ BENCHES = {
 }
 
 
-def bench_fast_path(method, shape, device, steps=3, repeats=3, compile_encoders=False):
-    """The GPU path against an fp32 eager reference of the SAME step (GAAL official at an image-table
-    shape, IGM official at an audio-visual shape): bf16 autocast, channels_last weights for the CNNs,
-    the fused optimiser (CUDA; CPU since torch 2.4), optionally torch.compile of the encoders.
-    Timed by time_runs' scheme (alternating chunks of `steps` steps, order reversed every round,
-    `repeats` rounds, twice; the device synchronised around every chunk).
-    Returns rows [step, ms/step, spread, samples/s, peak memory, speed-up]."""
+def fast_path_runs(method, shape, device, compile_encoders=False):
+    """The steps the GPU-path rows time: GAAL official at an image-table shape, IGM official at an
+    audio-visual shape, as an fp32 eager reference and with bf16 autocast + channels_last weights for
+    the CNNs + the fused optimiser (CUDA; CPU since torch 2.4), optionally also torch.compile of the
+    encoders. Returns ({setting: {"step", "times", "peak"}}, batch)."""
     generator = torch.Generator().manual_seed(0)
     if method == "gaal":
         meta, batch, encoder_cfgs = synthetic_meta_and_batch(shape, device, generator)
@@ -436,6 +434,15 @@ def bench_fast_path(method, shape, device, steps=3, repeats=3, compile_encoders=
                 for mod in order:
                     igm.igm_step(m, mod, batch, o, p[mod], c, autocast=a)
         runs[name] = {"step": step, "times": [], "peak": 0}
+    return runs, batch
+
+
+def bench_fast_path(method, shape, device, steps=3, repeats=3, compile_encoders=False):
+    """The GPU path against an fp32 eager reference of the SAME step (fast_path_runs), timed by
+    time_runs' scheme (alternating chunks of `steps` steps, order reversed every round, `repeats`
+    rounds, twice; the device synchronised around every chunk).
+    Returns rows [step, ms/step, spread, samples/s, peak memory, speed-up]."""
+    runs, batch = fast_path_runs(method, shape, device, compile_encoders)
     args = argparse.Namespace(steps=steps, repeats=repeats)
     rows = time_runs(runs, args, device, batch, {k: "" for k in runs}, base_name="fp32 eager")
     for r in rows:   # ratio of times -> speed-up of the reference time
@@ -473,6 +480,34 @@ def measure_row_memory(method, shape, name, steps, device):
         f.write("5")
     timed(step, steps, device)
     return max(0, _proc_status_kib("VmHWM") - before) * 1024
+
+
+def profile_table(steps_by_name, steps, device, top=8):
+    """Each step: 2 warm-up calls, then `steps` calls under torch.profiler. Returns Markdown lines: the
+    wall time per step, the operators' total self CPU time per step (near the wall time = the host
+    launching kernels is the bound) and, on CUDA, the kernels' total self device time per step (near
+    the wall time = the GPU is busy) and the `top` kernels by device time (by CPU time on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    lines = []
+    for name, step in steps_by_name.items():
+        timed(step, 2, device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            wall = timed(step, steps, device)
+        events = prof.key_averages()
+        cpu_ms = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+
+        def device_us(e):   # named self_cuda_time_total before torch 2.4
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+        key = device_us if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+        ranked = sorted(events, key=key, reverse=True)
+        dev = f", kernels' self device time {sum(device_us(e) for e in events) / steps / 1e3:.1f} ms/step" \
+            if device.type == "cuda" else ""
+        lines.append(f"- **{name}**: wall {wall * 1e3:.1f} ms/step, operators' self CPU time {cpu_ms:.1f} ms/step{dev}")
+        lines += [f"  - `{e.key[:90]}` {key(e) / steps / 1e3:.2f} ms/step ({e.count // steps} calls)"
+                  for e in ranked[:top] if key(e) > 0]
+    return lines
 
 
 def profile_rows(method, shape, steps, device, top=5):
