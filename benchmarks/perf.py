@@ -98,6 +98,7 @@ def fast_section(device, shapes, compile_encoders):
         for r in step_time.bench_fast_path(method, shape, device, steps=FAST_STEPS, repeats=FAST_REPEATS,
                                            compile_encoders=compile_encoders):
             rows.append([method, shape, *r])
+            print("  " + " | ".join(str(c) for c in rows[-1]), flush=True)   # kept if a later case runs past a limit
     return rows
 
 

@@ -485,8 +485,10 @@ def measure_row_memory(method, shape, name, steps, device):
 def profile_table(steps_by_name, steps, device, top=8):
     """Each step: 2 warm-up calls, then `steps` calls under torch.profiler. Returns Markdown lines: the
     wall time per step, the operators' total self CPU time per step (near the wall time = the host
-    launching kernels is the bound) and, on CUDA, the kernels' total self device time per step (near
-    the wall time = the GPU is busy) and the `top` kernels by device time (by CPU time on a CPU)."""
+    launching kernels is the bound) and, on CUDA, the kernels' total device time and count per step
+    (near the wall time = the GPU is busy; far below it = the GPU waits for the host) and the `top`
+    kernels by device time (operators by CPU time on a CPU). The wall time is under the profiler,
+    which adds host overhead per operator."""
     from torch.profiler import ProfilerActivity, profile
     lines = []
     for name, step in steps_by_name.items():
@@ -495,15 +497,18 @@ def profile_table(steps_by_name, steps, device, top=8):
         with profile(activities=activities) as prof:
             wall = timed(step, steps, device)
         events = prof.key_averages()
-        cpu_ms = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+        cpu_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+        cpu_ms = sum(e.self_cpu_time_total for e in cpu_events) / steps / 1e3
 
         def device_us(e):   # named self_cuda_time_total before torch 2.4
             return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
 
+        # the kernels themselves (an operator's own device time repeats its kernels': counted once)
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
         key = device_us if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
-        ranked = sorted(events, key=key, reverse=True)
-        dev = f", kernels' self device time {sum(device_us(e) for e in events) / steps / 1e3:.1f} ms/step" \
-            if device.type == "cuda" else ""
+        ranked = sorted(kernels if device.type == "cuda" else cpu_events, key=key, reverse=True)
+        dev = (f", kernels' device time {sum(device_us(e) for e in kernels) / steps / 1e3:.1f} ms/step "
+               f"({sum(e.count for e in kernels) // steps} kernels)") if device.type == "cuda" else ""
         lines.append(f"- **{name}**: wall {wall * 1e3:.1f} ms/step, operators' self CPU time {cpu_ms:.1f} ms/step{dev}")
         lines += [f"  - `{e.key[:90]}` {key(e) / steps / 1e3:.2f} ms/step ({e.count // steps} calls)"
                   for e in ranked[:top] if key(e) > 0]

@@ -110,9 +110,10 @@ def batch_metric_counts(task, logits, labels, zero_labels_count=True):
     else:
         pred, target = logits.reshape(-1), labels.reshape(-1)
         counted = torch.ones_like(target, dtype=torch.bool) if zero_labels_count else target != 0
-        hits, count = ((pred > 0) == (target > 0))[counted].sum(), counted.sum()
-    return torch.as_tensor(hits, dtype=torch.float64, device=labels.device), \
-        torch.as_tensor(count, dtype=torch.float64, device=labels.device)
+        hits, count = (((pred > 0) == (target > 0)) & counted).sum(), counted.sum()
+    if isinstance(count, int):   # filled on the device: copying a Python number there syncs with the host
+        count = torch.full((), count, dtype=torch.float64, device=labels.device)
+    return hits.to(torch.float64), count.to(torch.float64)
 
 
 def out_weight_grad(loss, weight, world):

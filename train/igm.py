@@ -257,7 +257,8 @@ def igm_step(model, m, batch, optimizer, projections, cfg, world=1, autocast=con
     lam, perm = 1.0, None
     if alpha > 0:   # drawn from the global CPU RNG: seeded alike on every rank, checkpointed per rank
         lam = float(torch.distributions.Beta(alpha, alpha).sample())
-        perm = torch.randperm(y.shape[0]).to(y.device)
+        # pinned + non_blocking: a pageable host-to-device copy would wait for the GPU's queue to drain
+        perm = torch.randperm(y.shape[0], pin_memory=y.is_cuda).to(y.device, non_blocking=True)
         x = flat_sam.mix_inputs(as_float(x), lam, perm)
 
     def forward():
