@@ -165,7 +165,9 @@ class HeadInputSums:
     def reduced(self, world):
         """{layer: (n_forwards, d) sums}, (n_forwards,) counts — summed over ranks in one all-reduce."""
         sums = {i: torch.stack(v) for i, v in self.sums.items()}
-        counts = torch.tensor(self.count, dtype=torch.float64, device=next(iter(sums.values())).device)
+        device = next(iter(sums.values())).device   # pinned + non_blocking: no wait for the GPU's queue
+        counts = torch.tensor(self.count, dtype=torch.float64, pin_memory=device.type == "cuda")
+        counts = counts.to(device, non_blocking=True)
         if world > 1:
             flat = torch.cat([s.flatten().double() for s in sums.values()] + [counts])
             dist.all_reduce(flat)
