@@ -26,6 +26,7 @@ from .encoders import (
     resnet50,
     resnet101,
     resolve_encoder_configs,
+    to_float,
 )
 from .heads import (
     FusionTransformer,
@@ -42,7 +43,7 @@ __all__ = [
     "SpectrogramEncoder", "TabularMLP", "VolumeEncoder", "build_encoder", "load_pretrained",
     "resnet10", "resnet18", "resnet34", "resnet50", "resnet101",
     "ModelConfigError", "AUTO_ENCODERS", "AUTO_WIDTH", "auto_encoder_config", "encoder_out_dim",
-    "resolve_encoder_configs",
+    "resolve_encoder_configs", "to_float",
     "FusionTransformer", "IGMHead", "LateFusionHeads", "LinearHead", "ModalityClassifier",
     "ResidualHead",
 ]

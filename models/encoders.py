@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 __all__ = [
+    "to_float",
     "BasicBlock",
     "Bottleneck",
     "ResNet",
@@ -66,7 +67,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _to_float(x: torch.Tensor) -> torch.Tensor:
+def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 -> float32 in [0, 1]; float16/bfloat16 (half-size shards) and integers -> float32;
     float32/float64 unchanged. Autocast, where on, lowers the precision inside the layers."""
     if x.dtype == torch.uint8:
@@ -343,7 +344,7 @@ class _PixelPrep(nn.Module):
                                  persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _to_float(x)
+        x = to_float(x)
         if self.normalize == "imagenet":
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         return x
@@ -382,7 +383,7 @@ class SpectrogramEncoder(nn.Module):
         self.out_dim: int = self.backbone.out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _to_float(x)
+        x = to_float(x)
         if x.dim() == 3:
             x = x.unsqueeze(1)
         return self.backbone(x)
@@ -456,7 +457,7 @@ class SequenceEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, return_sequence: bool = False,
                 padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.core(self.proj(_to_float(x)), padding_mask)
+        h = self.core(self.proj(to_float(x)), padding_mask)
         return h if return_sequence else _masked_mean(h, padding_mask)
 
 
@@ -482,7 +483,7 @@ class FeatureMLP(nn.Module):
         self.out_dim: int = int(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(_to_float(x).flatten(1))
+        return self.net(to_float(x).flatten(1))
 
 
 class TabularMLP(nn.Module):
@@ -533,7 +534,7 @@ class TabularMLP(nn.Module):
 
     def one_hot(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, n_continuous + n_categorical)`` -> ``(B, d_tab)`` float."""
-        x = _to_float(x)
+        x = to_float(x)
         if x.dim() != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"TabularMLP expects (B, {self.d_in}) = {self.n_continuous} "
                              f"continuous + {self.n_categorical} categorical codes, "
@@ -589,7 +590,7 @@ class VolumeEncoder(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _to_float(x)
+        x = to_float(x)
         if x.dim() == 4:
             x = x.unsqueeze(1)
         return torch.flatten(self.pool(self.net(x)), 1)

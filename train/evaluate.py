@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from data_prep import shards
-from models.encoders import _to_float   # the encoders' own uint8 -> [0, 1] conversion
+from models.encoders import to_float   # the encoders' own uint8 -> [0, 1] conversion
 from train import checkpoint, distributed, loop, metrics
 from train.checkpoint import CheckpointError
 from train.config import ConfigError, load_config
@@ -117,7 +117,7 @@ def input_stats(loader, meta: dict, modalities: list, device) -> dict:
         batch = to_device(batch, device)
         n += batch["label"].shape[0]
         for m in modalities:
-            x = _to_float(batch[m]).double()
+            x = to_float(batch[m]).double()
             sums[m] = sums.get(m, 0) + x.sum(0)
             squares[m] = squares.get(m, 0) + (x * x).sum(0)
             start, num = categorical_columns(meta["modalities"][m])
@@ -150,7 +150,7 @@ def noisy_input(x: torch.Tensor, stats: dict, spec: dict, level: float, generato
     start, num = categorical_columns(spec)
     if num:
         noise[:, start:start + num] = 0
-    return _to_float(x) + noise
+    return to_float(x) + noise
 
 
 class EditedLoader:

@@ -62,6 +62,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from methods import flat_sam, mla
+from models.encoders import to_float
 from models.fusion import IGMModel
 from train import loop, optim
 from train.checkpoint import load_trusted
@@ -138,11 +139,6 @@ def check_config(cfg):
 
 # ------------------------------------------------------------------------------------------------
 # Pieces of the step (pure functions of their arguments; the loop below decides when to call them)
-
-def as_float(x):
-    """Mixup needs floats: uint8 pixels become [0, 1] (what the image encoders do with uint8)."""
-    return x.float() / 255 if x.dtype == torch.uint8 else x
-
 
 class HeadInputSums:
     """Forward pre-hooks on chosen Linear layers of a head: per forward, the sum over the batch of
@@ -261,7 +257,7 @@ def igm_step(model, m, batch, optimizer, projections, cfg, world=1, autocast=con
         lam = float(torch.distributions.Beta(alpha, alpha).sample())
         # pinned + non_blocking: a pageable host-to-device copy would wait for the GPU's queue to drain
         perm = torch.randperm(y.shape[0], pin_memory=y.is_cuda).to(y.device, non_blocking=True)
-        x = flat_sam.mix_inputs(as_float(x), lam, perm)
+        x = flat_sam.mix_inputs(to_float(x), lam, perm)   # mixup needs floats
 
     def forward():
         with autocast():
