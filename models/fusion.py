@@ -225,12 +225,9 @@ class ConcatAndUnimodalHeadsModel(nn.Module):
         self.head = nn.Linear(sum(e.out_dim for e in self.encoders.values()), classes)
         self.heads = nn.ModuleDict({m: nn.Linear(e.out_dim, classes) for m, e in self.encoders.items()})
 
-    def forward(self, batch: dict) -> dict:
-        out = {}
-        for m in self.modalities:
-            features = self.encoders[m](batch[m])
-            out[m] = (features, self.heads[m](features))
-        return out
+    # the same per-modality pass (each encoder, then its own head); not a subclass, so that the
+    # parameters are created, and initialised from the RNG, in the order above (fused head first)
+    forward = LateFusionModel.forward
 
     def fuse(self, outputs: dict) -> torch.Tensor:
         return self.head(torch.cat([outputs[m][0] for m in self.modalities], dim=1))
