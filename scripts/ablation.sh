@@ -10,7 +10,8 @@
 #   env ROWS="official no_surgery" (default: every row): run only these rows of the jobs file
 #   env THREADS=1 (default: nproc / PARALLEL): OMP threads of each run
 # A second invocation with the same arguments while the first runs shares its queue: each run is
-# claimed with a lock (flock on <OUT>/<run>.lock), so two invocations never run the same one.
+# claimed with a lock (flock on <OUT>/<run>.lock), so two invocations never run the same one; they
+# evaluate one after the other (flock on <OUT>/.evaluate.lock).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 method="${1:?usage: bash scripts/ablation.sh gaal|igm|cggm|... [OUT] [PARALLEL]}"
@@ -43,6 +44,10 @@ run_one() {
 export -f run_one; export OUT="$out" PARALLEL="$parallel"
 xargs -P "$parallel" -L 1 bash -c 'run_one "$@"' _ < "$jobs"
 python scripts/summarize.py --ablation "$out"
+# two invocations sharing the queue evaluate one after the other: the second then finds the runs
+# evaluated (train.evaluate skips a run whose evaluation.json matches its best.pt) and adds only
+# the runs that finished since
+exec 8>"$out/.evaluate.lock"; flock 8
 finished=(); for dir in "$out"/*_s*/; do [ -e "$dir.done" ] && finished+=("${dir%/}"); done
 [ ${#finished[@]} -gt 0 ] || { echo "no finished run under $out: no report" >&2; exit 2; }
 python -m train.evaluate "${finished[@]}"
