@@ -11,7 +11,7 @@ Sections
    the same process: ms/step (median), its spread, samples/s, peak memory (CUDA: max allocated;
    CPU: growth of the resident high-water mark over setup, each row built alone in a fresh process),
    the ratio to the baseline, the floor the algorithm imposes, the target and whether it is met.
-2. GPU path (--fast; benchmarks/step_time.bench_fast_path): GAAL official at the DVM shape and IGM
+2. GPU path (--fast; benchmarks/step_time.fast_path_runs, time_fast_path): GAAL official at the DVM shape and IGM
    official at the CREMA-D shape, bf16 + channels_last + fused optimiser (+ torch.compile with
    --compile) against the fp32 eager reference of the same step. Target >= 2x on an H100.
 3. Data path (benchmarks/data_path.py): shard reads against raw h5py reads of the same bytes, the
@@ -88,18 +88,19 @@ def step_section(device, shapes, steps, repeats):
 FAST_STEPS, FAST_REPEATS = 3, 3   # GPU-path section: steps per chunk, rounds per repetition
 
 
-def fast_cases(shapes):
-    return [("gaal", "dvm"), ("igm", "crema_d")] if shapes == "full" else [("gaal", "imgtab"), ("igm", "av")]
-
-
-def fast_section(device, shapes, compile_encoders):
-    rows = []
-    for method, shape in fast_cases(shapes):
-        for r in step_time.bench_fast_path(method, shape, device, steps=FAST_STEPS, repeats=FAST_REPEATS,
-                                           compile_encoders=compile_encoders):
+def fast_section(device, shapes, compile_encoders, profile=False):
+    """The GPU-path rows of each case and, with `profile`, torch.profiler lines of the same steps."""
+    cases = [("gaal", "dvm"), ("igm", "crema_d")] if shapes == "full" else [("gaal", "imgtab"), ("igm", "av")]
+    rows, profiles = [], []
+    for method, shape in cases:
+        runs, batch = step_time.fast_path_runs(method, shape, device, compile_encoders)
+        for r in step_time.time_fast_path(runs, batch, device, steps=FAST_STEPS, repeats=FAST_REPEATS):
             rows.append([method, shape, *r])
             print("  " + " | ".join(str(c) for c in rows[-1]), flush=True)   # kept if a later case runs past a limit
-    return rows
+        if profile:
+            profiles += ["", f"Profile, {method} official at {shape} (torch.profiler, {FAST_STEPS} steps after 2 warm-up):",
+                         *step_time.profile_table({k: r["step"] for k, r in runs.items()}, FAST_STEPS, device)]
+    return rows, profiles
 
 
 # the training step each data shape feeds: (method, step_time shape, row)
@@ -192,19 +193,16 @@ def main(argv=None):
         print(data_path.table(STEP_HEADER, step_rows))
         md += ["", markdown(step_rows, STEP_HEADER)]
     if "fast" in sections:
-        rows = fast_section(device, args.shapes, args.compile)
+        rows, profiles = fast_section(device, args.shapes, args.compile, args.profile_fast)
         header = ["method", "shape", "step", "ms/step", "spread", "samples/s", "peak memory", "speed-up"]
         print("\n== GPU path: bf16 autocast + channels_last + fused optimiser against fp32 eager (target >= 2x on H100); "
               f"{torch.get_num_threads()} threads; {step_time.scheme_line(FAST_REPEATS, FAST_STEPS)}\n")
         print(data_path.table(header, rows))
         md += ["", markdown(rows, header)]
-        if args.profile_fast:
-            for method, shape in fast_cases(args.shapes):
-                runs, _ = step_time.fast_path_runs(method, shape, device, args.compile)
-                lines = [f"Profile, {method} official at {shape} (torch.profiler, {FAST_STEPS} steps after 2 warm-up):"]
-                lines += step_time.profile_table({k: r["step"] for k, r in runs.items()}, FAST_STEPS, device)
-                print("\n" + "\n".join(lines))
-                md += ["", *lines]
+        if profiles:
+            print("\n".join(profiles))
+            # Markdown: each step's headline a list item, its kernels the indented items under it
+            md += [line if not line or line.startswith((" ", "Profile")) else f"- {line}" for line in profiles]
     if "data" in sections:
         print("\n== data path (benchmarks/data_path.py)")
         results = data_path.main(["--workers", args.workers] + (["--samples", str(args.data_samples)]

@@ -14,7 +14,7 @@
 Prints, per method and baseline: median step time, its spread, samples/s, peak memory (CUDA) and the
 ratio, beside the floor the algorithm itself imposes.
 
-Timing scheme (time_runs; also the GPU rows of bench_fast_path). The thread count is pinned
+Timing scheme (time_runs; also the GPU rows of time_fast_path). The thread count is pinned
 (--threads, default 1: torch.set_num_threads) and printed in the header. Every row is built first and
 warmed up (2 untimed steps each). Then the rows are timed in CHUNKS of --steps steps, alternating
 between rows, and the order is reversed every round: with rows A (the baseline), B, C the chunks run
@@ -437,12 +437,11 @@ def fast_path_runs(method, shape, device, compile_encoders=False):
     return runs, batch
 
 
-def bench_fast_path(method, shape, device, steps=3, repeats=3, compile_encoders=False):
-    """The GPU path against an fp32 eager reference of the SAME step (fast_path_runs), timed by
-    time_runs' scheme (alternating chunks of `steps` steps, order reversed every round, `repeats`
-    rounds, twice; the device synchronised around every chunk).
-    Returns rows [step, ms/step, spread, samples/s, peak memory, speed-up]."""
-    runs, batch = fast_path_runs(method, shape, device, compile_encoders)
+def time_fast_path(runs, batch, device, steps=3, repeats=3):
+    """fast_path_runs' steps against their fp32 eager reference, timed by time_runs' scheme
+    (alternating chunks of `steps` steps, order reversed every round, `repeats` rounds, twice; the
+    device synchronised around every chunk). Returns rows [step, ms/step, spread, samples/s, peak
+    memory, speed-up]."""
     args = argparse.Namespace(steps=steps, repeats=repeats)
     rows = time_runs(runs, args, device, batch, {k: "" for k in runs}, base_name="fp32 eager")
     for r in rows:   # ratio of times -> speed-up of the reference time
@@ -483,8 +482,8 @@ def measure_row_memory(method, shape, name, steps, device):
 
 
 def profile_table(steps_by_name, steps, device, top=8):
-    """Each step: 2 warm-up calls, then `steps` calls under torch.profiler. Returns Markdown lines: the
-    wall time per step, the operators' total self CPU time per step (near the wall time = the host
+    """Each step: 2 warm-up calls, then `steps` calls under torch.profiler. Returns lines, per step a
+    headline `<name>: ...` and indented `  - ` items: the wall time per step, the operators' total self CPU time per step (near the wall time = the host
     launching kernels is the bound) and, on CUDA, the kernels' total device time and count per step
     (near the wall time = the GPU is busy; far below it = the GPU waits for the host) and the `top`
     kernels by device time (operators by CPU time on a CPU). The wall time is under the profiler,
@@ -509,29 +508,20 @@ def profile_table(steps_by_name, steps, device, top=8):
         ranked = sorted(kernels if device.type == "cuda" else cpu_events, key=key, reverse=True)
         dev = (f", kernels' device time {sum(device_us(e) for e in kernels) / steps / 1e3:.1f} ms/step "
                f"({sum(e.count for e in kernels) // steps} kernels)") if device.type == "cuda" else ""
-        lines.append(f"- **{name}**: wall {wall * 1e3:.1f} ms/step, operators' self CPU time {cpu_ms:.1f} ms/step{dev}")
+        lines.append(f"{name}: wall {wall * 1e3:.1f} ms/step, operators' self CPU time {cpu_ms:.1f} ms/step{dev}")
         lines += [f"  - `{e.key[:90]}` {key(e) / steps / 1e3:.2f} ms/step ({e.count // steps} calls)"
                   for e in ranked[:top] if key(e) > 0]
     return lines
 
 
 def profile_rows(method, shape, steps, device, top=5):
-    """Each row built alone, 2 warm-up steps, then `steps` steps under torch.profiler: the operators'
-    total self time per step (what a wall-clock gap between two rows is made of, or is not) and the
-    `top` operators by self time."""
-    from torch.profiler import ProfilerActivity, profile
+    """Each row built alone, then profile_table: its wall time, the operators' total self time per
+    step (what a wall-clock gap between two rows is made of, or is not) and the `top` operators (on
+    CUDA: kernels) by self time."""
     bench, _, names = BENCHES[method]
     args = argparse.Namespace(shape=shape, steps=steps, repeats=1)
     for name in names:
-        step = bench(args, device, only=name)[name]["step"]
-        timed(step, 2, device)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            timed(step, steps, device)
-        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
-        print(f"{name}: operators' self CPU time {total:.1f} ms/step; top: "
-              + ", ".join(f"{e.key} {e.self_cpu_time_total / steps / 1e3:.1f}" for e in events[:top]))
+        print("\n".join(profile_table({name: bench(args, device, only=name)[name]["step"]}, steps, device, top)))
 
 
 def main(argv=None):
