@@ -57,7 +57,8 @@ __all__ = [
 
 class ModelConfigError(ValueError):
     """A model config that cannot work with the data at hand: an unknown or invalid encoder key, a
-    modality kind without an encoder, encoder widths a model cannot combine. Raised by
+    modality kind without an encoder, encoder widths a model cannot combine, an encoder whose
+    training state cannot fit this host's memory. Raised by
     build_encoder, resolve_encoder_configs and the models of models.fusion, before any compute;
     the message is one line naming the modality and the key (a ValueError, so older handlers
     still catch it)."""
@@ -603,7 +604,8 @@ _IMAGE_DEFAULTS = {"arch": "resnet18", "base_width": 64, "small_input": False,
                    "normalize": "none", "pretrained": None}
 
 #: Allowed encoder config keys per modality kind, with their defaults (``None`` for sequence
-#: ``max_len`` means "the stored T"; for ``dim_feedforward`` "4 * d_model").
+#: ``max_len`` means "the stored T", the only length build_encoder accepts; for
+#: ``dim_feedforward`` "4 * d_model").
 ENCODER_DEFAULTS: dict[str, dict] = {
     "image": dict(_IMAGE_DEFAULTS),
     "frames": dict(_IMAGE_DEFAULTS),
@@ -627,6 +629,11 @@ def build_encoder(name: str, spec: Mapping, cfg: Mapping | None = None) -> nn.Mo
     Allowed config keys per kind and their defaults: :data:`ENCODER_DEFAULTS`. Unknown keys (the
     closest allowed one suggested), a kind without an encoder, or a spec / config value that cannot
     work raise :class:`ModelConfigError` (a ``ValueError``) naming the modality and the key.
+
+    The encoder is first built on the meta device (milliseconds, no memory, no random numbers
+    drawn, no pretrained weights) to count its parameters: one whose float32 weights, gradients
+    and two Adam moments (16 bytes a parameter) exceed the memory available on this host
+    (``MemAvailable``) is refused, naming the sizes that make it big, before it is built for real.
     """
     if cfg is not None and not isinstance(cfg, Mapping):
         raise ModelConfigError(f"encoders.{name}: must be a mapping of encoder config keys, got "
@@ -663,32 +670,31 @@ def build_encoder(name: str, spec: Mapping, cfg: Mapping | None = None) -> nn.Mo
             raise ModelConfigError(f"modality {name!r} (kind {kind!r}): config key {key!r} = "
                              f"{c[key]!r} is invalid; expected {what}")
 
-    try:
+    def construct() -> nn.Module:
+        """The encoder, on the current default device, without its pretrained weights."""
         if kind in ("image", "frames", "spectrogram"):
             check("arch", c["arch"] in RESNET_ARCHS, f"one of {sorted(RESNET_ARCHS)}")
             check("base_width", isinstance(c["base_width"], int) and c["base_width"] > 0,
                   "a positive int")
             if kind == "spectrogram":
-                enc = SpectrogramEncoder(c["arch"], c["base_width"], bool(c["small_input"]))
-            else:
-                check("normalize", c["normalize"] in ("none", "imagenet"), "'none' or 'imagenet'")
-                ch = shape[0] if kind == "image" else shape[1]
-                check("normalize", c["normalize"] == "none" or ch == 3,
-                      f"'none' for {ch}-channel input")
-                cls = ImageEncoder if kind == "image" else FramesEncoder
-                enc = cls(c["arch"], ch, c["base_width"], bool(c["small_input"]), c["normalize"])
-            if c["pretrained"] is not None:
-                check("pretrained", isinstance(c["pretrained"], (str, os.PathLike)),
-                      "null or a local checkpoint path")
-                load_pretrained(enc, c["pretrained"])
-            return enc
+                return SpectrogramEncoder(c["arch"], c["base_width"], bool(c["small_input"]))
+            check("normalize", c["normalize"] in ("none", "imagenet"), "'none' or 'imagenet'")
+            ch = shape[0] if kind == "image" else shape[1]
+            check("normalize", c["normalize"] == "none" or ch == 3,
+                  f"'none' for {ch}-channel input")
+            cls = ImageEncoder if kind == "image" else FramesEncoder
+            return cls(c["arch"], ch, c["base_width"], bool(c["small_input"]), c["normalize"])
         if kind == "sequence":
-            max_len = shape[0] if c["max_len"] is None else int(c["max_len"])
-            check("max_len", max_len >= shape[0], f">= the stored length {shape[0]}")
+            # every sequence of the shard is stored padded to T = shape[0]: a longer table only
+            # adds position embeddings no step ever trains, a shorter one cannot hold the data
+            check("max_len", c["max_len"] is None or (not isinstance(c["max_len"], bool)
+                                                      and c["max_len"] == shape[0]),
+                  f"the stored length {shape[0]} (every sequence of {name!r} is stored padded to "
+                  f"{shape[0]} steps); leave max_len unset")
             check("n_heads", c["d_model"] % c["n_heads"] == 0,
                   f"a divisor of d_model={c['d_model']}")
             return SequenceEncoder(shape[1], c["d_model"], c["n_layers"], c["n_heads"],
-                                   max_len, c["dropout"], c["dim_feedforward"])
+                                   shape[0], c["dropout"], c["dim_feedforward"])
         if kind == "features":
             return FeatureMLP(math.prod(shape), c["hidden"], c["out_dim"], c["n_layers"],
                               c["dropout"])
@@ -704,9 +710,27 @@ def build_encoder(name: str, spec: Mapping, cfg: Mapping | None = None) -> nn.Mo
                                  f"but spec lists {n_cont} continuous + {len(cats)} categorical "
                                  f"columns")
             return TabularMLP(n_cont, cats, c["hidden"], c["out_dim"], bool(c["validate_codes"]))
-        if kind == "volume":
-            in_ch = 1 if len(shape) == 3 else shape[0]
-            return VolumeEncoder(in_ch, c["widths"])
+        in_ch = 1 if len(shape) == 3 else shape[0]   # volume
+        return VolumeEncoder(in_ch, c["widths"])
+
+    try:
+        # sized first on the meta device (no memory, no random numbers drawn): an encoder whose
+        # training state cannot fit this host is refused before anything big is allocated
+        try:
+            with torch.device("meta"):
+                n_params = sum(p.numel() for p in construct().parameters())
+        except RuntimeError as e:   # a negative or overflowing size
+            raise ModelConfigError(f"modality {name!r} (kind {kind!r}): cannot build the encoder "
+                                   f"({_encoder_sizes(kind, c, shape, spec)}): "
+                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                                   ) from None
+        _refuse_too_big(name, kind, n_params, _encoder_sizes(kind, c, shape, spec))
+        enc = construct()
+        if kind in ("image", "frames", "spectrogram") and c["pretrained"] is not None:
+            check("pretrained", isinstance(c["pretrained"], (str, os.PathLike)),
+                  "null or a local checkpoint path")
+            load_pretrained(enc, c["pretrained"])
+        return enc
     except ModelConfigError:
         raise
     except FileNotFoundError as e:   # pretrained: a path that is not there
@@ -714,7 +738,69 @@ def build_encoder(name: str, spec: Mapping, cfg: Mapping | None = None) -> nn.Mo
     except (ValueError, TypeError) as e:
         raise ModelConfigError(str(e) if repr(name) in str(e) else
                                f"modality {name!r} (kind {kind!r}): {e}") from e
-    raise AssertionError(kind)  # unreachable
+
+
+#: Bytes a trained parameter costs: float32 weight + gradient + Adam's two moments.
+TRAIN_BYTES_PER_PARAM = 16
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory this host has available now: MemAvailable of /proc/meminfo, else the free
+    physical pages (os.sysconf), else None (not known: nothing is refused)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _encoder_sizes(kind: str, c: Mapping, shape: Sequence[int], spec: Mapping) -> str:
+    """The config keys (and input sizes) that set an encoder's parameter count, as 'k=v, ...'."""
+    if kind in ("image", "frames", "spectrogram"):
+        sizes = {"arch": c["arch"], "base_width": c["base_width"]}
+    elif kind == "sequence":
+        sizes = {"d_model": c["d_model"], "n_layers": c["n_layers"],
+                 "dim_feedforward": c["dim_feedforward"] or "4*d_model",
+                 "max_len": shape[0] if c["max_len"] is None else c["max_len"], "input width": shape[1]}
+    elif kind == "features":
+        width = "*".join(map(str, shape)) + (f"={math.prod(shape)}" if len(shape) > 1 else "")
+        sizes = {"input width": width, "hidden": c["hidden"],
+                 "out_dim": c["out_dim"], "n_layers": c["n_layers"]}
+    elif kind == "tabular":
+        try:
+            d_tab = len(spec["continuous"]) + sum(int(v) for v in dict(spec["categorical"]).values())
+        except (KeyError, TypeError, ValueError):
+            d_tab = "?"
+        sizes = {"one-hot input width": d_tab, "hidden": c["hidden"], "out_dim": c["out_dim"]}
+    else:
+        sizes = {"widths": list(c["widths"])}
+    return ", ".join(f"{k}={v}" for k, v in sizes.items())
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError(n)  # unreachable
+
+
+def _refuse_too_big(name: str, kind: str, n_params: int, sizes: str) -> None:
+    """ModelConfigError (one line) when training ``n_params`` parameters (float32 weights,
+    gradients and two Adam moments) needs more memory than this host has available."""
+    need, have = TRAIN_BYTES_PER_PARAM * n_params, _available_memory()
+    if have is not None and need > have:
+        raise ModelConfigError(
+            f"modality {name!r} (kind {kind!r}): the encoder has {n_params:,} parameters ({sizes}): "
+            f"{_bytes(need)} for its float32 weights, gradients and Adam moments "
+            f"({TRAIN_BYTES_PER_PARAM} bytes a parameter), more than the {_bytes(have)} of memory "
+            f"available on this host; lower those sizes")
 
 
 # ------------------------------------------------------------------------------------------------

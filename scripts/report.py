@@ -20,12 +20,18 @@ Writes <out>/report.md and beside it:
 and the summary table: test metrics mean ± std over seeds and the paired difference against joint.
 The Shapley, missing and noise parts read <run>/evaluation.json; a run without an entry for the
 split is evaluated first (train.evaluate with its default rules, written to its evaluation.json).
+
+Every file is read before any evaluation or figure: jobs.txt, result.json and metrics.jsonl through
+summarize's readers (summarize.read_json, read_jsonl, jobs_listed), evaluation.json through
+train.evaluate.stored_evaluation. A file that is not UTF-8, not JSON, or not of the layout's type
+(a truncated result.json, a corrupt evaluation.json, a cut metrics.jsonl line that is not the last)
+ends the program with ONE line, `error: <file>: <what is wrong>`, and exit status 2; a cut LAST line
+of metrics.jsonl (a run killed while writing it) is skipped with a warning (summarize.read_jsonl).
 """
 from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import re
 import statistics
 import sys
@@ -40,7 +46,9 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 import summarize
+from data_prep.shards import ShardFormatError
 from train import evaluate
+from train.checkpoint import CheckpointError
 from train.config import ConfigError
 
 #: (file name, title, TensorBoard tag pattern, y label): the method diagnostics plotted over training
@@ -81,9 +89,8 @@ def find_runs(paths: list) -> list[Path]:
             found = [path]
         else:
             found = sorted(p.parent for p in path.glob("*/result.json"))
-            jobs = path / "jobs.txt"
-            if jobs.is_file():   # the ablation's own order of rows
-                listed = [line.split()[0] for line in jobs.read_text().splitlines() if line.strip()]
+            listed = summarize.jobs_listed(path)
+            if listed is not None:   # the ablation's own order of rows
                 found.sort(key=lambda p: listed.index(p.name) if p.name in listed else len(listed))
         if not found:
             raise ConfigError(f"{path}: no result.json in it or in a directory under it")
@@ -97,7 +104,7 @@ def group_runs(runs: list[Path]) -> dict:
     for run in runs:
         match = SEED_NAME.match(run.name)
         group, seed = (match["group"], int(match["seed"])) if match else (run.name, None)
-        groups[group].append((seed, run, json.loads((run / "result.json").read_text())))
+        groups[group].append((seed, run, summarize.read_json(run / "result.json")))
     return dict(groups)
 
 
@@ -119,8 +126,10 @@ def cell(values: list) -> str:
 
 
 def read_records(run_dir: Path) -> list:
+    """metrics.jsonl's records ([] without one); summarize.read_jsonl: a cut last line is skipped with
+    a warning, any other line that is not a JSON object is refused (ConfigError naming file and line)."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return summarize.read_jsonl(path) if path.is_file() else []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,11 +186,12 @@ def legend_once(fig, axes) -> None:
         axes[0].legend(list(entries.values()), list(entries), fontsize=8)
 
 
-def val_curves(groups: dict, metric: str, out: Path) -> str | None:
+def val_curves(groups: dict, records: dict, metric: str, out: Path) -> str | None:
+    """records: {run_dir: its metrics.jsonl records (read_records)}."""
     names = []
     for runs in groups.values():
         for _, run, _ in runs:
-            for rec in read_records(run)[:1]:
+            for rec in records[run][:1]:
                 names += [n for n in rec["val"] if n not in names]
     if not names:
         return None
@@ -189,7 +199,7 @@ def val_curves(groups: dict, metric: str, out: Path) -> str | None:
     fig, axes = subplot_grid(len(names), f"Validation {metric} per epoch (mean ± std over seeds)")
     for ax, name in zip(axes, names):
         for group, runs in groups.items():
-            series = [{rec["epoch"]: rec["val"][name][metric] for rec in read_records(run) if name in rec["val"]}
+            series = [{rec["epoch"]: rec["val"][name][metric] for rec in records[run] if name in rec["val"]}
                       for _, run, _ in runs]
             epochs = sorted({e for s in series for e in s})
             if epochs:
@@ -351,12 +361,13 @@ def write_report(paths: list, out: Path, split: str = "test") -> Path:
     if len(parents) == 1:   # one ablation directory: its rows in the order its jobs list gives them
         groups = summarize.in_listed_order(groups, str(parents.pop()))
     metric = metric_of(next(iter(groups.values()))[0][2])
+    records = {run: read_records(run) for run in runs}   # every file read before any compute
+    stored = {run: evaluate.stored_evaluation(run).get(split) for run in runs}
+    for run in runs:   # as train.evaluate: every run still to evaluate is checked before any is
+        if not stored[run]:
+            evaluate.run_script(run, evaluate.check_run_dir(run))
     out.mkdir(parents=True, exist_ok=True)
-    evaluations = {}
-    for run in runs:
-        stored = run / evaluate.EVALUATION_FILE
-        entry = json.loads(stored.read_text()).get(split) if stored.is_file() else None
-        evaluations[run] = entry or evaluate.evaluate_run(run, split)
+    evaluations = {run: stored[run] or evaluate.evaluate_run(run, split) for run in runs}
     rules = next(iter(evaluations.values()))["rules"]
     key = next(iter(evaluations.values()))["shapley"]["metric"].lstrip("-")
     md = ["# Report", "", f"Runs ({len(runs)}), grouped by name without `_s<seed>`:", "",
@@ -367,7 +378,7 @@ def write_report(paths: list, out: Path, split: str = "test") -> Path:
            "The model each run selected on validation (best.pt).", "", *summary_table(groups, metric, split),
            "", f"### Paired difference against joint ({split} {metric}, same seed; mean ± std over pairs)", "",
            *paired_table(groups, metric, split)]
-    curves = val_curves(groups, metric, out)
+    curves = val_curves(groups, records, metric, out)
     if curves:
         md += ["", f"## Validation {metric} over epochs", "", f"![validation curves]({curves})"]
     md += ["", "## Modality contribution (Shapley)", "",
@@ -398,7 +409,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         report = write_report(args.runs, Path(args.out), args.split)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError, ShardFormatError) as err:   # bad input: one line, as train.evaluate
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     print(f"report: {report}")

@@ -24,12 +24,121 @@ modalities c_1 = d_2 / S, which is 0 up to the 1e-8 in S when the other classifi
 did not change) and rho·c_i < 1 (its gradient shrunk), the classifier's mean batch accuracy and the
 standard deviation of its step-to-step change d_i, and the classifier's validation accuracy at the
 end of the epoch (metrics.jsonl); a last row `all` covers the whole run.
+
+Every file it reads (result.json, metrics.jsonl, config.yaml, jobs.txt) goes through read_json,
+read_jsonl, read_yaml or jobs_listed (scripts/report.py reads them through the same functions): a
+file that is not UTF-8, not JSON/YAML, or of the wrong top-level type ends the program with ONE line
+on stderr, `error: <file>: <what is wrong>` (metrics.jsonl: with the line number), and exit status
+2, as train/loop.py refuses bad input. A metrics.jsonl whose LAST line is cut short (a run killed
+while writing it) is read without that line, with one warning (read_jsonl says why). The imports stay
+the standard library and train.config (no torch): train.evaluate has the same readers for its files.
 """
 import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from train.config import ConfigError
+
+RESULT = "a result.json of train/loop.py"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading run files: one error line naming the file instead of a traceback
+
+def json_type(value) -> str:
+    """The JSON name of a parsed value's type."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def read_text(path) -> str:
+    """`path` as UTF-8 text, or ConfigError naming it (unreadable, not UTF-8)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+
+
+def read_json(path, what: str = RESULT, keys: tuple = ("test",)) -> dict:
+    """The JSON object in `path` (by default a result.json, which must hold `test`), or ConfigError
+    naming the file: unreadable, not UTF-8, not JSON (cut short), not an object, or without `keys`.
+    result.json and evaluation.json are written whole (atomically), so a cut one is corruption."""
+    try:
+        value = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: its top level is a JSON {json_type(value)}, not an object (not {what})")
+    missing = [key for key in keys if key not in value]
+    if missing:
+        raise ConfigError(f"{path}: no {' or '.join(missing)} (not {what})")
+    return value
+
+
+def read_jsonl(path) -> list:
+    """The records of a JSON-lines file (a run's metrics.jsonl), one JSON object a line; blank lines
+    are skipped.
+
+    A cut LAST line is skipped, with one warning line on stderr (`warning: <file>: line N is cut
+    short ...`): the training loop appends one whole line per epoch (record and newline in one
+    write), so a run killed while writing leaves a last line that is not valid JSON (or UTF-8) and
+    has no newline after it. That is a normal state of a run directory (train.checkpoint drops such a
+    line when the run resumes), and every line before it is whole, so the report and the tables use
+    them. Any other line that is not a JSON object — one in the middle, or a last line that ends in a
+    newline (written whole, so not cut by a kill) — is corruption: ConfigError naming the file and
+    the line number."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+    lines = data.split(b"\n")   # a newline after the last line leaves b"" last
+    records = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            if number == len(lines):   # the last line, no newline after it: cut short by a kill
+                print(f"warning: {path}: line {number} is cut short (a run killed while writing it); skipped",
+                      file=sys.stderr, flush=True)
+                break
+            what = (f"not UTF-8 ({err.reason} at byte {err.start})" if isinstance(err, UnicodeDecodeError)
+                    else f"not valid JSON ({err.msg}: column {err.colno})")
+            raise ConfigError(f"{path}: line {number}: {what}") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path}: line {number}: a JSON {json_type(record)}, not an object (a record)")
+        records.append(record)
+    return records
+
+
+def read_yaml(path) -> dict:
+    """The mapping in a YAML file (a run's config.yaml), or ConfigError naming the file: unreadable,
+    not UTF-8, not YAML, a top level that is not a mapping."""
+    import yaml
+    try:
+        value = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{path}: its top level is a {type(value).__name__}, not a mapping of config keys")
+    return value or {}
+
+
+def jobs_listed(root) -> list | None:
+    """The run names <root>/jobs.txt lists (the first word of each line), in its order; None
+    without a jobs.txt; ConfigError naming it when it is not UTF-8 text."""
+    jobs = Path(root) / "jobs.txt"
+    if not jobs.is_file():
+        return None
+    return [line.split()[0] for line in read_text(jobs).splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def bayes_limit(result: dict, name: str):
@@ -45,11 +154,11 @@ def main(root: str) -> None:
     print("|---|---|---|---|---|---|")
     for joint_dir in sorted(root.glob("joint_*")):
         flavour = joint_dir.name[len("joint_"):]
-        joint = json.loads((joint_dir / "result.json").read_text())
+        joint = read_json(joint_dir / "result.json")
         for name, metrics in joint["test"].items():
             limit = bayes_limit(joint, name)
             alone_file = root / f"unimodal_{flavour}" / name / "result.json"
-            alone = json.loads(alone_file.read_text())["test"][name]["acc"] if alone_file.exists() else None
+            alone = read_json(alone_file)["test"][name]["acc"] if alone_file.exists() else None
             gap = "-" if limit is None else f"{limit - metrics['acc']:+.3f}"
             print(f"| {flavour} | {name} | {'-' if limit is None else f'{limit:.3f}'} | {metrics['acc']:.3f} | "
                   f"{'-' if alone is None else f'{alone:.3f}'} | {gap} |")
@@ -57,10 +166,10 @@ def main(root: str) -> None:
 
 def in_listed_order(groups: dict, root: str) -> dict:
     """Keep the order the runs were listed in (<root>/jobs.txt), when known."""
-    jobs = Path(root) / "jobs.txt"
-    if not jobs.exists():
+    listed = jobs_listed(root)
+    if listed is None:
         return groups
-    listed = [line.split()[0].rsplit("_s", 1)[0] for line in jobs.read_text().splitlines() if line.strip()]
+    listed = [name.rsplit("_s", 1)[0] for name in listed]
     return dict(sorted(groups.items(), key=lambda kv: listed.index(kv[0]) if kv[0] in listed else len(listed)))
 
 
@@ -68,7 +177,7 @@ def ablation(root: str) -> None:
     groups = defaultdict(list)
     for result_file in sorted(Path(root).glob("*_s*/result.json")):
         config = result_file.parent.name.rsplit("_s", 1)[0]
-        groups[config].append(json.loads(result_file.read_text()))
+        groups[config].append(read_json(result_file))
     if not groups:
         raise SystemExit(f"no <config>_s<seed>/result.json under {root}")
     groups = in_listed_order(groups, root)
@@ -79,12 +188,11 @@ def ablation(root: str) -> None:
     def heading(n):
         limit = bayes_limit(first, n)
         return n if limit is None else f"{n} (Bayes {limit:.3f})"
-    print("| run | seeds | " + " | ".join(heading(n) for n in names) + f" | {weak}: best val, any epoch |")
-    print("|---|---|" + "---|" * (len(names) + 1))
 
     def cell(values):
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.3f} ± {std:.3f}"
+    rows = []   # every metrics.jsonl read before the table is printed (a corrupt one: no half table)
     for config, results in groups.items():
         # a run without some modality (a unimodal reference row) shows "-" there
         cells = [cell([r["test"][n]["acc"] for r in results]) if all(n in r["test"] for r in results) else "-"
@@ -93,7 +201,11 @@ def ablation(root: str) -> None:
         for r in results:
             if weak in r["test"]:
                 best_val.append(best_val_any_epoch(Path(r["run_dir"]), weak))
-        print(f"| {config} | {len(results)} | " + " | ".join(cells) + f" | {cell(best_val) if best_val else '-'} |")
+        rows.append(f"| {config} | {len(results)} | " + " | ".join(cells)
+                    + f" | {cell(best_val) if best_val else '-'} |")
+    print("| run | seeds | " + " | ".join(heading(n) for n in names) + f" | {weak}: best val, any epoch |")
+    print("|---|---|" + "---|" * (len(names) + 1))
+    print("\n".join(rows))
 
 
 def weakest_modality(result: dict, runs: list | None = None) -> str:
@@ -111,7 +223,7 @@ def weakest_modality(result: dict, runs: list | None = None) -> str:
 
 
 def best_val_any_epoch(run_dir: Path, modality: str) -> float:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_jsonl(run_dir / "metrics.jsonl")
     return max(rec["val"][modality]["acc"] for rec in records)
 
 
@@ -125,7 +237,7 @@ def paired_rows(root: str, a: str, b: str, modality: str | None = None) -> tuple
         for result_file in root.glob(f"{config}_s*/result.json"):
             seed = result_file.parent.name[len(config) + 2:]
             if seed.isdigit():
-                runs[int(seed)] = (result_file.parent, json.loads(result_file.read_text()))
+                runs[int(seed)] = (result_file.parent, read_json(result_file))
         return runs
     runs_a, runs_b = finished(a), finished(b)
     seeds = sorted(set(runs_a) & set(runs_b))
@@ -179,12 +291,11 @@ def read_scalars(tb_dir: Path, keep) -> dict:
 def trace_rows(run_dir: Path) -> tuple[list, list]:
     """Per epoch (from metrics.jsonl's step boundaries) and modality: the statistics that
     `--trace` prints, as dicts. Returns (modalities, rows)."""
-    import yaml
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = read_yaml(run_dir / "config.yaml")
     rho = float(cfg.get("rho", 1.3))
     scalars = read_scalars(run_dir / "tb", lambda t: t.endswith(("/coeff", "/clf_metric")))
     names = sorted(t.split("/")[0] for t in scalars if t.endswith("/coeff"))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_jsonl(run_dir / "metrics.jsonl")
 
     def stats(start, end, val):
         row = {}
@@ -210,9 +321,8 @@ def trace_rows(run_dir: Path) -> tuple[list, list]:
 
 
 def trace(run_dirs: list) -> None:
-    import yaml
     for run_dir in map(Path, run_dirs):
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        cfg = read_yaml(run_dir / "config.yaml")
         names, rows = trace_rows(run_dir)
         note = "" if int(cfg.get("log_every", 25)) == 1 else f" — values are {cfg['log_every']}-step means"
         print(f"\n{run_dir} (modulation {cfg.get('modulation')}, direction {cfg.get('direction')}, "
@@ -257,14 +367,22 @@ def coefficients(root: str) -> None:
         print(f"| {config} | {len(dirs)} | " + " | ".join(cells) + f" | {degenerate:.1%} |")
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--ablation":
-        ablation(sys.argv[2])
-    elif len(sys.argv) > 2 and sys.argv[1] == "--trace":
-        trace(sys.argv[2:])
-    elif len(sys.argv) > 2 and sys.argv[1] == "--paired":
-        paired(sys.argv[2], sys.argv[3:])
-    elif len(sys.argv) > 2 and sys.argv[1] == "--coefficients":
-        coefficients(sys.argv[2])
+def cli(argv: list) -> None:
+    if len(argv) > 1 and argv[0] == "--ablation":
+        ablation(argv[1])
+    elif len(argv) > 1 and argv[0] == "--trace":
+        trace(argv[1:])
+    elif len(argv) > 1 and argv[0] == "--paired":
+        paired(argv[1], argv[2:])
+    elif len(argv) > 1 and argv[0] == "--coefficients":
+        coefficients(argv[1])
     else:
-        main(sys.argv[1] if len(sys.argv) > 1 else "runs/baselines")
+        main(argv[0] if argv else "runs/baselines")
+
+
+if __name__ == "__main__":
+    try:
+        cli(sys.argv[1:])
+    except ConfigError as err:   # bad input: one line naming the file, exit status 2
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -103,8 +103,11 @@ def pid_file(paths, job_id, rank) -> Path:
 
 
 def has_checkpoint(out_dir: str | Path) -> bool:
+    """A checkpoint to resume from: `latest`, or a complete ckpt-* directory (train.checkpoint's
+    rule, by file names: this module imports nothing of train/ before the checkout check)."""
     out = Path(out_dir)
-    return (out / "checkpoints" / "latest").exists() or any(out.glob("*/checkpoints/latest"))  # unimodal: per modality
+    return any(any(run.glob("checkpoints/latest")) or any(run.glob("checkpoints/ckpt-*/state.pt"))
+               for run in (out, *out.glob("*/")))  # unimodal: one run per modality
 
 
 def was_stopped(result) -> bool:

@@ -341,3 +341,20 @@ def test_yes_no_on_off_stay_strings(tmp_path):
     assert cfg["mixed_precision"] == "no" and cfg["projection"] is False
     cfg = config.load_config(igm.DEFAULTS, ["--mixed_precision", "no", "--sam", "False", "--projection", "TRUE"])
     assert cfg["mixed_precision"] == "no" and cfg["sam"] is False and cfg["projection"] is True
+
+
+# ------------------------------------------------------------------------ check_ranges: non-finite values
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", float("inf"), "lr=inf: must be finite"),
+    ("lr", float("-inf"), "lr=-inf: must be finite"),
+    ("lr", float("nan"), "lr=nan: must be finite"),
+    ("weight_decay", float("inf"), "weight_decay=inf: must be finite"),
+    ("weight_decay", float("nan"), "weight_decay=nan: must be finite"),
+    ("lr", -1.0, "lr=-1.0: must be > 0"),               # finite values keep their range message
+    ("weight_decay", -0.5, "weight_decay=-0.5: must be >= 0"),
+])
+def test_check_ranges_says_finite_for_inf_and_nan(key, value, message):
+    with pytest.raises(config.ConfigError) as err:
+        config.check_ranges({key: value})
+    assert str(err.value) == message
+    config.check_ranges({"lr": 1e-3, "weight_decay": 0.0, "epochs": 3})   # in range: nothing raised

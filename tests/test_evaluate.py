@@ -168,3 +168,44 @@ def test_bad_run_directories_are_refused_in_one_line(joint_run, tmp_path):
     (wrong / "result.json").write_text(json.dumps(dict(result, script="train.unimodal")))
     proc = run_evaluate(wrong)
     assert proc.returncode == 2 and "train.unimodal has no build(cfg, ctx)" in proc.stderr
+
+
+def assert_one_error_line(proc, path) -> str:
+    """The project's refusal of bad input: exit status 2 and ONE line on stderr, `error: <path>: ...`,
+    no traceback. Returns that line."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b'{"run_dir": "x", "test": {"rules": {"absent": "me', "not valid JSON"),   # cut short
+    (b'[{"test": {}}]', "top level is a JSON array"),                            # valid JSON, wrong type
+    (b'{"test": [1, 2]}', "its 'test' entry is a JSON array"),                    # an entry of the wrong type
+    (b'{"test": {"rules": "\xff\xfe"}}', "not UTF-8"),
+])
+def test_a_corrupt_evaluation_json_is_refused_before_any_compute(joint_run, tmp_path, content, expected):
+    """Every directory's evaluation.json is read in the check before any compute: the first run (not
+    evaluated yet) is left alone when the second's evaluation.json is corrupt."""
+    fresh, corrupt = tmp_path / "fresh_s0", tmp_path / "corrupt_s0"
+    for run in (fresh, corrupt):
+        shutil.copytree(joint_run, run, ignore=shutil.ignore_patterns("evaluation.json"))
+    (corrupt / "evaluation.json").write_bytes(content)
+    line = assert_one_error_line(run_evaluate(fresh, corrupt), corrupt / "evaluation.json")
+    assert expected in line
+    assert not (fresh / "evaluation.json").exists()
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("config.yaml", b"epochs: 3\nlr: \xff\n", "not UTF-8"),
+    ("config.yaml", b"epochs: [3\nlr: 0.1\n", "not valid YAML"),
+    ("config.yaml", b"- epochs\n- 3\n", "top level is a list"),
+    ("result.json", b'["method", "test"]', "top level is a JSON array"),
+])
+def test_a_corrupt_config_or_result_is_refused_in_one_line(joint_run, tmp_path, name, content, expected):
+    run = tmp_path / "corrupt_s0"
+    shutil.copytree(joint_run, run, ignore=shutil.ignore_patterns("evaluation.json"))
+    (run / name).write_bytes(content)
+    assert expected in assert_one_error_line(run_evaluate(run), run / name)

@@ -1,5 +1,7 @@
 """Tests for models/ (encoders, heads). CPU, fast."""
 
+import resource
+
 import pytest
 import torch
 import torch.nn as nn
@@ -15,6 +17,7 @@ from models import (
     LateFusionHeads,
     LinearHead,
     ModalityClassifier,
+    ModelConfigError,
     ResidualHead,
     ResNet,
     SequenceEncoder,
@@ -26,6 +29,7 @@ from models import (
     resnet18,
     resnet50,
 )
+from models import encoders
 
 torch.set_num_threads(2)
 
@@ -358,6 +362,96 @@ def test_build_encoder_types_and_defaults():
     img = build_encoder("i", {"kind": "image", "shape": [3, 64, 64], "dtype": "uint8"}, None)
     assert isinstance(img.backbone, ResNet) and img.backbone.base_width == 64
     assert not img.backbone.small_input
+
+
+# ------------------------------------------------- sizes that cannot fit the data or the memory
+def test_build_encoder_sequence_max_len_is_the_stored_length():
+    spec, cfg = SPECS["sequence"]   # stored padded to T = 10 steps
+    assert build_encoder("text", spec, cfg).core.max_len == 10
+    assert build_encoder("text", spec, {**cfg, "max_len": None}).core.max_len == 10
+    assert build_encoder("text", spec, {**cfg, "max_len": 10}).core.max_len == 10
+    for bad in (11, 9, 40_000_000):
+        with pytest.raises(ModelConfigError) as err:
+            build_encoder("text", spec, {**cfg, "max_len": bad})
+        assert str(err.value) == (f"modality 'text' (kind 'sequence'): config key 'max_len' = {bad} is invalid; "
+                                  "expected the stored length 10 (every sequence of 'text' is stored padded to 10 "
+                                  "steps); leave max_len unset")
+
+
+BIG = {   # encoders whose float32 weights + gradients + Adam moments exceed 8 GiB
+    "features": ("clip", {"kind": "features", "shape": [1000, 1000], "dtype": "float32"},
+                 {"hidden": 100_000}, ("input width=1000*1000=1000000", "hidden=100000")),
+    "tabular": ("table", SPECS["tabular"][0], {"hidden": 1_000_000}, ("hidden=1000000", "input width=10")),
+    "sequence": ("text", SPECS["sequence"][0], {"d_model": 100_000}, ("d_model=100000", "max_len=10")),
+    "image": ("cam", SPECS["image"][0], {"base_width": 4096}, ("arch=resnet18", "base_width=4096")),
+}
+
+
+@pytest.mark.parametrize("kind", list(BIG))
+def test_build_encoder_refuses_an_encoder_too_big_for_memory(monkeypatch, kind):
+    name, spec, cfg, sizes = BIG[kind]
+    monkeypatch.setattr(encoders, "_available_memory", lambda: 8 * 2 ** 30)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelConfigError) as err:
+        build_encoder(name, spec, cfg)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 2 ** 20   # KiB: nothing big allocated
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"modality {name!r} (kind {kind!r}): the encoder has ")
+    assert "more than the 8.59 GB of memory available on this host" in message, message
+    for size in sizes:
+        assert size in message, (size, message)
+
+
+def test_build_encoder_memory_limit_is_16_bytes_a_parameter(monkeypatch):
+    spec, cfg = SPECS["sequence"]
+    n = sum(p.numel() for p in build_encoder("text", spec, cfg).parameters())
+    monkeypatch.setattr(encoders, "_available_memory", lambda: 16 * n)
+    build_encoder("text", spec, cfg)                                    # fits exactly
+    monkeypatch.setattr(encoders, "_available_memory", lambda: 16 * n - 1)
+    with pytest.raises(ModelConfigError, match=rf"'text'.*has {n:,} parameters \(d_model=16, n_layers=2"):
+        build_encoder("text", spec, cfg)
+    monkeypatch.setattr(encoders, "_available_memory", lambda: None)   # not known: nothing refused
+    build_encoder("text", spec, cfg)
+
+
+def test_build_encoder_too_big_for_this_host_and_impossible_sizes():
+    with pytest.raises(ModelConfigError, match=r"'text' \(kind 'sequence'\): the encoder has .*d_model=100000"):
+        build_encoder("text", SPECS["sequence"][0], {"d_model": 100_000})   # ~2.4e11 parameters, ~3.8 TB
+    with pytest.raises(ModelConfigError, match=r"'text' \(kind 'sequence'\): cannot build the encoder \(d_model=-4"):
+        build_encoder("text", SPECS["sequence"][0], {"d_model": -4, "n_heads": 2})
+    with pytest.raises(ModelConfigError, match=r"'clip' \(kind 'features'\): cannot build the encoder .*overflow"):
+        build_encoder("clip", {"kind": "features", "shape": [10 ** 6]}, {"hidden": 10 ** 14})
+
+
+def test_available_memory_reads_meminfo_then_sysconf(monkeypatch):
+    have = encoders._available_memory()
+    assert isinstance(have, int) and have > 0
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    assert abs(have - kib * 1024) < 2 ** 30
+
+    def no_meminfo(*args, **kwargs):
+        raise FileNotFoundError("/proc/meminfo")
+    monkeypatch.setattr(encoders, "open", no_meminfo, raising=False)
+    fallback = encoders._available_memory()
+    assert isinstance(fallback, int) and fallback > 0
+
+
+@pytest.mark.parametrize("name", ["sequence", "image", "tabular"])
+def test_sizing_on_the_meta_device_draws_no_random_numbers(name):
+    spec, cfg = SPECS[name]
+    direct = {"sequence": lambda: SequenceEncoder(12, 16, 2, 4, 10),
+              "image": lambda: ImageEncoder(cfg["arch"], 3, cfg["base_width"], cfg["small_input"]),
+              "tabular": lambda: TabularMLP(3, spec["categorical"], 32, 16)}[name]
+    torch.manual_seed(0)
+    built = build_encoder(name, spec, cfg).state_dict()
+    after = torch.randn(3)
+    torch.manual_seed(0)
+    expected = direct().state_dict()
+    assert torch.equal(after, torch.randn(3))
+    assert list(built) == list(expected)
+    for key in expected:
+        assert built[key].device.type == "cpu" and torch.equal(built[key], expected[key]), key
 
 
 # ----------------------------------------------------------------------------------- heads

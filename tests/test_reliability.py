@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from data_prep import embedded
 from tests.test_train import REPO, final_weights, run_script, seq3_args
@@ -155,17 +156,25 @@ def test_fresh_run_refuses_a_previous_runs_directory(seq3, stopped_run, tmp_path
 def test_rejected_resume_says_what_differs_and_changes_nothing(seq3, stopped_run, tmp_path):
     run = copy_run(stopped_run, tmp_path / "run")
     config_before = (run / "config.yaml").read_bytes()
-    files_before = sorted(str(f.relative_to(run)) for f in run.rglob("*"))
-    # a changed model: the parameter whose shape differs and the config key that changed
+    files_before = sorted(str(f.relative_to(run)) for f in run.rglob("*") if f.name != ".lock")
+    # a flag that changes the run: refused before anything, naming the key, the run's value and the flag's
     proc = run_script("train/joint.py", seq3_args(seq3, run, "--resume", "--encoders.text.d_model", "32"), check=False)
-    line = one_line_error(proc, "does not fit this run's model", "shapes differ", "encoders.text.d_model 16 -> 32")
+    one_line_error(proc, "--encoders.text.d_model 32 (the run has 16", str(run / "config.yaml"))
+    # a config.yaml edited by hand: the checkpoint does not fit the model it describes
+    edited = yaml.safe_load(config_before)
+    edited["encoders"]["text"]["d_model"] = 32
+    (run / "config.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    proc = run_script("train/joint.py", seq3_args(seq3, run, "--resume", "--encoders.text.d_model", "32"), check=False)
+    line = one_line_error(proc, "does not fit this run's model", "shapes differ")
     assert "[16]" in line and "[32]" in line
+    (run / "config.yaml").write_bytes(config_before)
     # another script's checkpoint
     proc = run_script("train/cggm.py", ["--data", str(seq3), "--out_dir", str(run), "--resume", "--progress", "false"],
                       check=False)
-    one_line_error(proc, "holds a LateFusionModel as 'model', this script builds a CGGMModel")
+    one_line_error(proc, str(run / "config.yaml"), "keys aux_weight are not keys of this script",
+                   "trained by another script")
     assert (run / "config.yaml").read_bytes() == config_before
-    assert sorted(str(f.relative_to(run)) for f in run.rglob("*")) == files_before   # no new TensorBoard file
+    assert sorted(str(f.relative_to(run)) for f in run.rglob("*") if f.name != ".lock") == files_before   # no new TensorBoard file
 
 
 @pytest.mark.slow
@@ -195,6 +204,8 @@ def test_kill_between_metrics_line_and_checkpoint_leaves_no_duplicate_epoch(seq3
     ("--epochs", "-2", "epochs=-2: must be > 0"),
     ("--epochs", "0", "epochs=0: must be > 0"),
     ("--batch_size", "0", "batch_size=0: must be > 0"),
+    ("--lr", "inf", "lr=inf: must be finite"),
+    ("--lr", "nan", "lr=nan: must be finite"),
 ])
 def test_bad_numbers_are_refused_before_the_run_directory(seq3, tmp_path, flag, value, message):
     out = tmp_path / "never"
@@ -258,3 +269,39 @@ def test_ignore_stop_signals_in_a_worker():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == 0 and proc.stdout.strip() == "alive", proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# sizes that cannot fit the data or this host's memory are refused before the model is built
+# (issue 23, item 8): one `error: model:` line naming the key, nothing written
+
+@pytest.mark.parametrize("key, value, fragments", [
+    # seq3's text is stored as (16, 32): a 4e7-step position table would never be trained
+    ("max_len", "40000000", ("'max_len' = 40000000", "stored length 16", "leave max_len unset")),
+    # one 1e5-wide transformer layer: ~1.2e11 parameters, ~1.9 TB with gradients and Adam moments
+    ("d_model", "100000", ("d_model=100000", "memory available")),
+])
+def test_sizes_that_cannot_fit_are_refused_before_the_model(seq3, tmp_path, key, value, fragments):
+    out = tmp_path / "never"
+    proc = run_script("train/joint.py", seq3_args(seq3, out, f"--encoders.text.{key}", value), check=False,
+                      timeout=300)
+    line = one_line_error(proc, "error: model: ", "'text'", "'sequence'", *fragments)
+    assert [ln for ln in proc.stderr.splitlines() if "error: " in ln] == [line]
+    assert not out.exists()
+
+
+def test_a_missing_checkpoint_file_is_reported_missing(tmp_path):
+    missing = tmp_path / "run" / "best.pt"
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.load_trusted(missing)
+    message = str(err.value)
+    assert message.startswith(f"{missing}: missing (") and "\n" not in message, message
+    assert "not a checkpoint file" not in message and "Errno" not in message, message
+    with pytest.raises(checkpoint.CheckpointError, match=r"rng-rank0\.pt: missing \("):
+        checkpoint.load_trusted(tmp_path / "rng-rank0.pt", checkpoint.RNG_STATE_GLOBALS, mmap=True)
+    # any other failure keeps its wording
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(checkpoint.CheckpointError, match="garbage.pt: refused: not a checkpoint file this code writes"):
+        checkpoint.load_trusted(tmp_path / "garbage.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="refused: not a checkpoint file this code writes"):
+        checkpoint.load_trusted(tmp_path)   # a directory, not a missing file

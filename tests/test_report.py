@@ -3,6 +3,7 @@ the report and its figures exist, the images decode, the tables hold the runs' n
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from data_prep import embedded
+from tests.test_evaluate import assert_one_error_line
 from tests.test_train import REPO, SEQ_ENCODER, run_script
 
 MODALITIES = ["text", "audio"]
@@ -84,3 +86,60 @@ def test_report_refuses_a_directory_without_runs(tmp_path):
                           cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path}: no result.json in it or in a directory under it"
+
+
+def run_report(*args):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "scripts/report.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, env=env)
+
+
+def cut(text: str) -> str:
+    """A line cut short as by a kill while it was written: its first half, no newline."""
+    return text[:len(text) // 2]
+
+
+@pytest.mark.parametrize("run, name, corrupt", [
+    ("gaal_s0", "evaluation.json", lambda text: cut(text) if text else '{"test": {"rules": {"ab'),
+    ("gaal_s0", "evaluation.json", lambda text: "[]"),
+    ("gaal_s0", "result.json", cut),                                                # truncated
+    ("joint_s0", "result.json", lambda text: '{"method": "joint"}'),                 # valid JSON, no test
+    ("joint_s0", "metrics.jsonl", lambda text: cut(text.splitlines()[0]) + "\n" + text.split("\n", 1)[1]),
+    ("joint_s0", "metrics.jsonl", lambda text: text.replace("\n", "\n[1, 2]\n", 1)),   # a line not an object
+])
+def test_report_refuses_a_corrupt_run_file_in_one_line(ablation, tmp_path, run, name, corrupt):
+    """A corrupt evaluation.json, a truncated result.json, a cut metrics.jsonl line that is not the
+    last: exit 2, one `error:` line naming the file (and the line), no traceback, no report."""
+    runs = tmp_path / "runs"
+    shutil.copytree(ablation, runs)
+    path = runs / run / name
+    path.write_text(corrupt(path.read_text() if path.is_file() else ""))
+    proc = run_report(runs, "--out", tmp_path / "report")
+    line = assert_one_error_line(proc, path)
+    if name == "metrics.jsonl":
+        assert "line 1:" in line or "line 2:" in line
+    assert not (tmp_path / "report" / "report.md").exists()
+
+
+def test_report_refuses_a_jobs_list_that_is_not_text(ablation, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(ablation, runs)
+    (runs / "jobs.txt").write_bytes(b"joint_s0 train/joint.py\n\xffgaal_s0 train/gaal.py\n")
+    assert "not UTF-8" in assert_one_error_line(run_report(runs, "--out", tmp_path / "report"), runs / "jobs.txt")
+
+
+def test_report_skips_a_cut_last_metrics_line_with_a_warning(ablation, tmp_path):
+    """A run killed while it wrote its last metrics.jsonl line (a normal state of a run directory):
+    the report is written from the whole lines, with one warning naming the file and the line."""
+    runs = tmp_path / "runs"
+    shutil.copytree(ablation, runs)
+    path = runs / "joint_s0" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2
+    path.write_text(lines[0] + "\n" + cut(lines[1]))
+    proc = run_report(runs, "--out", tmp_path / "report")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {path}: line 2 is cut short (a run killed while writing it); "
+                        "skipped"], proc.stderr
+    assert (tmp_path / "report" / "val_curves.png").is_file()

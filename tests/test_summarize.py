@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_evaluate import assert_one_error_line
+
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("summarize", ROOT / "scripts" / "summarize.py")   # a script, not a package
 summarize = importlib.util.module_from_spec(_spec)
@@ -126,3 +128,67 @@ def test_ablation_and_baselines_without_bayes_limits(tmp_path, capsys):
     (joint / "result.json").write_text(json.dumps({"bayes_accuracy": None, "test": {"image": {"acc": 0.5}}}))
     summarize.main(str(tmp_path / "base"))
     assert "| mine | image | - | 0.500 | - | - |" in capsys.readouterr().out
+
+
+def run_summarize(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), *map(str, args)],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("mode, run, name, corrupt", [
+    ("--ablation", "A_s1", "result.json", lambda text: text[:len(text) // 2]),           # truncated
+    ("--ablation", "A_s1", "result.json", lambda text: "[]"),
+    ("--paired", "A_s1", "result.json", lambda text: text.replace('"test"', '"tset"')),  # no test
+    ("--paired", "B_s0", "metrics.jsonl", lambda text: text.replace("}\n", "\n", 1)),   # line 1 cut, line 2 whole
+    ("--ablation", "A_s2", "metrics.jsonl", lambda text: text.replace("\n", "\n\"a\"\n", 1)),
+    ("--ablation", ".", "jobs.txt", lambda text: "A_s0\n\udcff\n"),
+])
+def test_a_corrupt_run_file_is_refused_in_one_line(runs, mode, run, name, corrupt):
+    """summarize.py on a truncated result.json, a cut metrics.jsonl line that is not the last, a jobs
+    list that is not text: exit 2, one `error:` line naming the file, no traceback."""
+    path = runs / run / name
+    text = path.read_text() if path.is_file() else ""
+    path.write_bytes(corrupt(text).encode("utf-8", "surrogateescape"))
+    args = [mode, runs] + (["A", "B"] if mode == "--paired" else [])
+    line = assert_one_error_line(run_summarize(*args), path)
+    if name == "metrics.jsonl":
+        assert " line 1: " in line or " line 2: " in line
+
+
+def test_trace_refuses_a_config_yaml_that_is_not_yaml(tmp_path):
+    run = tmp_path / "official_s0"
+    run.mkdir()
+    (run / "config.yaml").write_text("rho: [2.0\nlog_every: 1\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 4, "val": {}}) + "\n")
+    assert "not valid YAML" in assert_one_error_line(run_summarize("--trace", run), run / "config.yaml")
+
+
+def test_a_cut_last_metrics_line_is_skipped_with_a_warning(runs):
+    """A run killed while writing its last metrics.jsonl line: that line is skipped with one warning
+    naming the file and the line, the whole lines count (A_s0's best validation: 0.50, not 0.60)."""
+    path = runs / "A_s0" / "metrics.jsonl"
+    first, second = path.read_text().splitlines()
+    path.write_text(first + "\n" + second[:20])
+    proc = run_summarize("--paired", runs, "A", "B")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [f"warning: {path}: line 2 is cut short (a run killed while writing it); "
+                                        "skipped"]
+    assert "| 0 | 0.5600 | 0.5400 | +0.0200 | 0.5000 | 0.5700 | -0.0700 |" in proc.stdout
+
+
+def test_read_jsonl_skips_only_a_cut_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    whole = json.dumps({"epoch": 1}) + "\n" + json.dumps({"epoch": 2}) + "\n"
+    path.write_text(whole)
+    assert summarize.read_jsonl(path) == [{"epoch": 1}, {"epoch": 2}]
+    path.write_bytes(whole.encode() + b'{"epoch": 3, "name": "\xc3')   # cut inside a UTF-8 character
+    assert summarize.read_jsonl(path) == [{"epoch": 1}, {"epoch": 2}]
+    path.write_text(whole + '{"epoch": 3, "val\n')   # ends with a newline: written whole, so corrupt
+    with pytest.raises(summarize.ConfigError, match=f"{path}: line 3: not valid JSON"):
+        summarize.read_jsonl(path)
+    path.write_text('{"epoch": 1, "val\n' + whole)
+    with pytest.raises(summarize.ConfigError, match=f"{path}: line 1: not valid JSON"):
+        summarize.read_jsonl(path)
+    path.write_text(whole + "[3]\n")
+    with pytest.raises(summarize.ConfigError, match=f"{path}: line 3: a JSON array, not an object"):
+        summarize.read_jsonl(path)

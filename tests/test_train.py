@@ -107,7 +107,10 @@ def test_joint_trains_and_reports(seq3_data, tmp_path):
     # a fresh run refuses to overwrite a run directory that holds checkpoints
     again = run_script("train/joint.py", seq3_args(seq3_data, out), check=False)
     assert again.returncode == 2 and "holds a previous run's files (checkpoints, config.yaml" in again.stderr
-    assert "pass --resume to continue that run" in again.stderr and "Traceback" not in again.stderr
+    assert "it is finished (result.json): choose another --out_dir" in again.stderr and "Traceback" not in again.stderr
+    assert "--resume" not in again.stderr   # a finished run is not continued: no invitation to
+    again = run_script("train/joint.py", seq3_args(seq3_data, out, "--resume"), check=False)
+    assert again.returncode == 2 and "finished: result.json holds its result" in again.stderr
 
 
 @pytest.mark.slow

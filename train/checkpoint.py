@@ -1,6 +1,11 @@
-"""Checkpoints: <run>/checkpoints/ckpt-<step>/{state.pt, rng-rank<r>.pt[, deepspeed/]} and
+"""Checkpoints: <run>/checkpoints/ckpt-<step>[-<n>]/{state.pt, rng-rank<r>.pt[, deepspeed/]} and
 <run>/checkpoints/latest. Written into a temporary directory, renamed when complete, then `latest` is
-replaced atomically: a process killed at any point leaves `latest` naming a complete checkpoint.
+replaced atomically. A complete checkpoint is never deleted before its successor is in place: a
+second save at the same step (a step checkpoint, then the epoch end; a stop at an epoch's last
+step, then the resumed epoch end) gets its own name (`-1`, `-2`, ...), and an old checkpoint is
+renamed out of the `ckpt-*` namespace before it is removed. So a process killed at any point leaves
+only complete `ckpt-*` directories, and `latest` names one of them — or, killed between the first
+rename and the first `latest`, none: resume then takes the newest complete one (resume_checkpoint).
 Every file is read back with torch.load(weights_only=True) (load_trusted): nothing in a checkpoint
 can run code."""
 from __future__ import annotations
@@ -16,7 +21,6 @@ import numpy as np
 import torch
 import yaml
 
-from train.config import load_yaml
 from train.distributed import (deepspeed_checkpoint_globals, deepspeed_engine, deepspeed_stage,
                                deepspeed_state_dict, is_deepspeed_optimizer)
 
@@ -80,12 +84,25 @@ def _set_rng_state(state: dict, generators: dict | None = None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _modules(accelerator, objects: dict, engine) -> dict:
+    """{key: the bare nn.Module} of the checkpointed objects that are models."""
+    return {key: engine.module if engine is not None and obj is engine else accelerator.unwrap_model(obj)
+            for key, obj in objects.items() if isinstance(obj, torch.nn.Module)}
+
+
+def _rank_buffers(accelerator, objects: dict, engine) -> dict:
+    """This rank's own buffers (BatchNorm running statistics), saved beside its RNG state: between
+    validations each rank's follow its own batches (and a method may read them in eval mode)."""
+    return {key: {name: b.detach().cpu().clone() for name, b in module.named_buffers()}
+            for key, module in _modules(accelerator, objects, engine).items()}
+
+
 def save_checkpoint(run_dir: Path, accelerator, objects: dict, trainer_state: dict, keep: int = 2,
                     generators: dict | None = None) -> Path:
     """Save `objects` (name -> thing with state_dict(); models are unwrapped) and `trainer_state`.
 
     Collective: every rank calls it. Each rank stores its own RNG states (the global ones and the
-    script's own `generators`, e.g. an augmentation's); rank 0 stores the rest.
+    script's own `generators`, e.g. an augmentation's) and its own buffers; rank 0 stores the rest.
     Under DeepSpeed the engine writes its own checkpoint into <ckpt>/deepspeed (every rank its
     optimizer partition); state.pt then holds the model's full float32 weights (for readers of
     the checkpoint; resume uses the engine's files) and the other objects, not the optimizer.
@@ -100,12 +117,13 @@ def save_checkpoint(run_dir: Path, accelerator, objects: dict, trainer_state: di
             shutil.rmtree(tmp)
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    _fsync_save(_rng_state(generators), tmp / f"rng-rank{accelerator.process_index}.pt")
+    rank_state = _rng_state(generators) | {"buffers": _rank_buffers(accelerator, objects, engine)}
+    _fsync_save(rank_state, tmp / f"rng-rank{accelerator.process_index}.pt")
     if engine is not None:   # collectives: every rank writes its ZeRO partition
         engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
         engine_weights = deepspeed_state_dict(engine.module)
     accelerator.wait_for_everyone()
-    final = ckpt_root / name
+    final = None
     if accelerator.is_main_process:
         state = {"trainer": trainer_state, "world_size": accelerator.num_processes}
         if engine is not None:
@@ -120,24 +138,89 @@ def save_checkpoint(run_dir: Path, accelerator, objects: dict, trainer_state: di
                 state.setdefault("model_classes", {})[key] = type(obj).__name__
             state[key] = obj.state_dict()
         _fsync_save(state, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
+        final = _unused_name(ckpt_root, name)   # never replace (and so never delete) a complete checkpoint
         os.replace(tmp, final)
-        atomic_write_text(ckpt_root / "latest", name + "\n")
-        older = sorted(p for p in ckpt_root.glob("ckpt-*") if p.name != name)
-        for stale in older[:max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(stale, ignore_errors=True)
+        atomic_write_text(ckpt_root / "latest", final.name + "\n")
+        _remove_stale(ckpt_root, keep=final, n_keep=keep)
     accelerator.wait_for_everyone()
     return final
 
 
-def checkpoint_step(latest: Path) -> int:
-    """The step of the checkpoint that `checkpoints/latest` names (ckpt-<step>), checked to exist."""
-    text = latest.read_text().strip() if latest.is_file() else ""
-    match = re.fullmatch(r"ckpt-(\d+)", text)
-    if match is None or not (latest.parent / text).is_dir():
-        raise CheckpointError(f"{latest}: names {text!r}, not a checkpoint directory in {latest.parent}")
-    return int(match.group(1))
+#: A checkpoint directory's name: ckpt-<step, 9 digits>, then -<n> for the n-th re-save of that step.
+CKPT_NAME = re.compile(r"ckpt-(\d{9,})(?:-(\d+))?")
+
+
+def _order(path: Path) -> tuple[int, int] | None:
+    """(step, n) of a checkpoint directory's name, None for anything else."""
+    match = CKPT_NAME.fullmatch(path.name)
+    return (int(match.group(1)), int(match.group(2) or 0)) if match else None
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """The complete checkpoints under `ckpt_root`, oldest first: the `ckpt-*` directories holding a
+    state.pt (a directory gets its name only when complete; one being deleted was renamed first)."""
+    found = [p for p in ckpt_root.glob("ckpt-*") if _order(p) is not None and (p / "state.pt").is_file()]
+    return sorted(found, key=_order)
+
+
+def _unused_name(ckpt_root: Path, name: str) -> Path:
+    final, n = ckpt_root / name, 0
+    while final.exists():
+        n += 1
+        final = ckpt_root / f"{name}-{n}"
+    return final
+
+
+def _remove_stale(ckpt_root: Path, keep: Path, n_keep: int) -> None:
+    """Remove all but the newest `n_keep` complete checkpoints (`keep`, just written, among them),
+    and what killed processes left behind (other steps' temporary directories, half-removed
+    checkpoints). A checkpoint is first renamed out of the `ckpt-*` namespace, atomically, then
+    deleted: a kill during the deletion leaves a `.stale-*` directory, never a half-deleted `ckpt-*`."""
+    def leftovers():
+        return [p for p in ckpt_root.glob(".*") if p.is_dir() and p.name.startswith((".stale-", ".tmp-"))]
+    for leftover in leftovers():
+        shutil.rmtree(leftover, ignore_errors=True)
+    older = [p for p in complete_checkpoints(ckpt_root) if p != keep]
+    for old in older[:max(0, len(older) - (n_keep - 1))]:
+        os.replace(old, ckpt_root / f".stale-{old.name}")
+    for leftover in leftovers():
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """The run directory holds a checkpoint a --resume can start from (`latest`, or a complete one)."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    return (ckpt_root / "latest").is_file() or bool(complete_checkpoints(ckpt_root))
+
+
+def resume_checkpoint(ckpt_root: Path) -> tuple[Path, str | None]:
+    """(the checkpoint to resume from, a note when it is not the one `latest` names).
+
+    `latest` is trusted when it names a complete checkpoint. When it is missing, unreadable or names
+    a directory that is missing or incomplete (a kill at the wrong moment, a file system that lost
+    the last write), the newest complete checkpoint is taken and the note says so. CheckpointError
+    when there is none."""
+    latest = ckpt_root / "latest"
+    try:
+        text = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        text, why = None, f"is unreadable ({err.strerror or type(err).__name__})" if latest.exists() else "is missing"
+    if text is not None:
+        named = ckpt_root / text
+        if CKPT_NAME.fullmatch(text) and (named / "state.pt").is_file():
+            return named, None
+        why = (f"names {text!r}, " + ("which is incomplete (no state.pt)" if named.is_dir() else
+                                      "which does not exist" if CKPT_NAME.fullmatch(text) else "not a checkpoint"))
+    complete = complete_checkpoints(ckpt_root)
+    if not complete:
+        raise CheckpointError(f"{latest}: {why}, and {ckpt_root} holds no complete checkpoint (ckpt-*/state.pt) "
+                              "to resume from")
+    return complete[-1], f"{latest} {why}: resuming from the newest complete checkpoint, {complete[-1].name}"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint directory (ckpt-<step>[-<n>])."""
+    return _order(path)[0]
 
 
 #: Beyond torch's weights-only set (tensors, containers, numbers, strings), exactly what a rank's
@@ -148,10 +231,14 @@ RNG_STATE_GLOBALS = (np.ndarray, np.dtype, np._core.multiarray._reconstruct, np.
 def load_trusted(path: Path, allowed_globals=(), mmap: bool = False):
     """torch.load(weights_only=True) onto the CPU: nothing in the file can run code. Accepted:
     tensors, containers, numbers, strings and exactly `allowed_globals`. Anything else — a crafted
-    pickle, a truncated or garbage file — raises CheckpointError naming the file."""
+    pickle, a truncated or garbage file — raises CheckpointError naming the file; a file that is not
+    there raises CheckpointError '<path>: missing (...)'."""
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (there is no such file: it was never written, or it was moved "
+                              "or deleted)") from None
     except Exception as err:  # noqa: BLE001 - every failure becomes one line naming the file
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         reason = next((ln for ln in lines if ln.startswith(("Trying to load", "Unsupported", "Can only build"))),
@@ -173,32 +260,6 @@ def _module_mismatch(key: str, written: dict, module: torch.nn.Module) -> str | 
         if items:
             parts.append(f"{what}: {', '.join(items[:3])}" + (f" (+{len(items) - 3} more)" if len(items) > 3 else ""))
     return f"'{key}' does not fit this run's model: " + "; ".join(parts) if parts else None
-
-
-#: Keys that may change between a run and its resumption without changing the model or the state.
-RESUME_FREE_KEYS = ("resume", "progress", "stop_after_steps", "num_workers", "config_file", "eval_batch_size",
-                    "log_every", "ckpt_every_steps", "keep_checkpoints", "preempt_check_every")
-
-
-def _config_changes(run_dir: Path, cfg: dict) -> str:
-    """'; changed since that run (config.yaml): a.b 8 -> 16, ...' or '' (nothing readable, or no change)."""
-    try:
-        before = load_yaml((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return ""
-    if not isinstance(before, dict):
-        return ""
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k: v})
-        return out
-
-    old, new = flat(before), flat(cfg)
-    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if k.split(".")[0] not in RESUME_FREE_KEYS and old.get(k) != new.get(k)]
-    return f"; changed since that run (its config.yaml): {', '.join(changed[:4])}" if changed else ""
 
 
 def _trim_metrics(run_dir: Path, epoch: int) -> None:
@@ -224,19 +285,21 @@ def load_checkpoint(run_dir: Path, accelerator, objects: dict, generators: dict 
                     cfg: dict | None = None) -> dict:
     """Restore `objects` and this rank's RNG states from the latest checkpoint; return trainer state.
 
-    Every file is loaded with weights_only=True (load_trusted); DeepSpeed's own files are checked
-    the same way before the engine reads them. A checkpoint of another script or another model is
-    refused in one line (CheckpointError) that says what differs — with `cfg` (a resumed run), also
-    which config keys changed since the run's config.yaml. With `cfg`, once every rank has restored
-    its state: metrics.jsonl loses the records after the checkpoint's epoch, and config.yaml becomes
-    `cfg`. Nothing is written before that point, so a refused resume leaves the run as it was.
+    The checkpoint is the one `latest` names, or the newest complete one when `latest` is broken
+    (resume_checkpoint; the main process says so). Every file is loaded with weights_only=True
+    (load_trusted); DeepSpeed's own files are checked the same way before the engine reads them. A
+    checkpoint of another script or another model is refused in one line (CheckpointError) that says
+    what differs. With `cfg` (a resumed run, its config already reconciled with its config.yaml by
+    train.rundir.resumed_config), once every rank has restored its state: metrics.jsonl loses the
+    records after the checkpoint's epoch, and config.yaml becomes `cfg`. Nothing is written before
+    that point, so a refused resume leaves the run as it was.
     """
-    ckpt_root = run_dir / "checkpoints"
-    path = ckpt_root / f"ckpt-{checkpoint_step(ckpt_root / 'latest'):09d}"
+    path, note = resume_checkpoint(run_dir / "checkpoints")
+    if note and accelerator.is_main_process:
+        print(f"[resume] {note}", flush=True)
     state = load_trusted(path / "state.pt")
     if not isinstance(state, dict) or "trainer" not in state or "world_size" not in state:
         raise CheckpointError(f"{path / 'state.pt'}: not a training checkpoint (no trainer state)")
-    changes = _config_changes(run_dir, cfg) if cfg is not None else ""
     engine = deepspeed_engine(accelerator, objects)
     written, running = state.get("deepspeed_stage"), deepspeed_stage(accelerator)
     if written != running:
@@ -250,7 +313,7 @@ def load_checkpoint(run_dir: Path, accelerator, objects: dict, generators: dict 
             continue   # in DeepSpeed's own files (<ckpt>/deepspeed), not in state.pt
         if key not in state:
             raise CheckpointError(f"checkpoint {path} has no '{key}' (it holds {sorted(state)}): it was "
-                                  f"written by another training script{changes}")
+                                  f"written by another training script")
         if isinstance(obj, torch.nn.Module):
             module = accelerator.unwrap_model(obj)
             if engine is not None and obj is engine:
@@ -262,7 +325,7 @@ def load_checkpoint(run_dir: Path, accelerator, objects: dict, generators: dict 
                                       f"(see {run_dir / 'config.yaml'}); resume with that script")
             mismatch = _module_mismatch(key, state[key], module)
             if mismatch:
-                raise CheckpointError(f"checkpoint {path}: {mismatch}{changes}")
+                raise CheckpointError(f"checkpoint {path}: {mismatch}")
     if engine is not None:
         if state["world_size"] != accelerator.num_processes:
             raise CheckpointError(f"checkpoint {path}: DeepSpeed optimizer partitions were written by "
@@ -284,13 +347,18 @@ def load_checkpoint(run_dir: Path, accelerator, objects: dict, generators: dict 
         except (RuntimeError, ValueError, KeyError, TypeError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"checkpoint {path}: '{key}' does not fit this run's "
-                                  f"{type(obj).__name__}: {first}{changes}") from None
+                                  f"{type(obj).__name__}: {first}") from None
     rng_file = path / f"rng-rank{accelerator.process_index}.pt"
     if state["world_size"] == accelerator.num_processes and rng_file.exists():
         rng = load_trusted(rng_file, RNG_STATE_GLOBALS)
         try:
             _set_rng_state(rng, generators)
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            for key, module in _modules(accelerator, objects, engine).items():   # this rank's own buffers
+                saved = rng.get("buffers", {}).get(key, {})
+                for name, buffer in module.named_buffers():
+                    if name in saved:
+                        buffer.copy_(saved[name])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
             raise CheckpointError(f"{rng_file}: not this run's RNG state ({type(err).__name__}: {err})") from None
     elif accelerator.is_main_process:
         print(f"[resume] world size changed ({state['world_size']} -> {accelerator.num_processes}): "

@@ -339,7 +339,7 @@ def check_ranges(cfg: dict) -> None:
             value = cfg.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and \
                     not (math.isfinite(value) and ok(value)):
-                raise ConfigError(f"{key}={value}: must be {what}")
+                raise ConfigError(f"{key}={value}: must be {what if math.isfinite(value) else 'finite'}")
 
 
 def check_choice(key: str, value, allowed) -> None:

@@ -10,9 +10,9 @@ import torch
 from data_prep import shards
 from train.config import ConfigError
 
-#: What SLURM sends before a time limit or a preemption (and scancel): the training process
-#: checkpoints at the next step boundary (train.loop.Preemption); DataLoader workers ignore them.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+#: What SLURM sends before a time limit or a preemption (and scancel), and Ctrl-C: the training
+#: process checkpoints at the next step boundary (train.loop.Preemption); DataLoader workers ignore them.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def prepare_data(cfg: dict, accelerator) -> dict:
@@ -71,9 +71,10 @@ def make_loader(cfg: dict, meta: dict, split: str, accelerator, modalities=None,
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker start: ignore SIGTERM/SIGUSR1. SLURM signals every process of a job step,
-    workers included; a worker killed by it makes the training process fail ("DataLoader worker
-    killed by signal") before it can checkpoint. The training process alone handles the signal
+    """DataLoader worker start: ignore SIGTERM/SIGUSR1/SIGINT. SLURM signals every process of a job
+    step, and Ctrl-C every process of the terminal's foreground group, workers included; a worker
+    killed by it makes the training process fail ("DataLoader worker killed by signal") before it
+    can checkpoint. The training process alone handles the signal
     (train.loop.Preemption); the workers stop when it shuts the loader down, or on their own when it dies."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

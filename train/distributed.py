@@ -349,6 +349,31 @@ def gather_by_index(accelerator, index: torch.Tensor, tensors: dict) -> dict:
     return {k: v[order] for k, v in out.items()}
 
 
+def main_process_flag(flag: bool, accelerator) -> bool:
+    """The main process's `flag`, on every rank (one tiny broadcast; free with one process): a
+    decision only the main process can make (it holds the run directory's lock) taken by all."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    value = torch.tensor([int(bool(flag))], dtype=torch.int32, device=accelerator.device)
+    dist.broadcast(value, 0)
+    return bool(value.item())
+
+
+def sync_buffers(modules, accelerator) -> None:
+    """Every rank takes the main process's buffers (BatchNorm's running statistics and counters).
+
+    Each rank's running statistics follow its own batches, and methods whose passes bypass DDP's
+    forward never get rank 0's broadcast; the checkpoint and best.pt hold rank 0's. The loop calls
+    this before every validation and checkpoint, so a validation reads the same statistics on every
+    rank, before and after a resume. Training is unchanged: in train mode BatchNorm normalises with
+    the batch's statistics, and rank 0's own buffers are never overwritten."""
+    if accelerator.num_processes == 1:
+        return
+    for module in modules:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def finish() -> None:
     """Leave the process group cleanly at the end of a script."""
     if dist.is_available() and dist.is_initialized():

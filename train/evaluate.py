@@ -25,7 +25,9 @@ Both rules act on the INPUT, so they work for every model without knowing its in
 Results go to <run>/evaluation.json, keyed by split, with the rules used and best.pt's SHA-256: a
 second call with the same rules on the same best.pt skips the run (--force recomputes). The layout:
 docs/evaluation.md. Bad input (a directory without result.json, best.pt or config.yaml, a script
-that has no build) is refused in one line naming the path, exit status 2, before any compute.
+that has no build, a result.json, config.yaml or evaluation.json that is not UTF-8, not JSON/YAML or
+not a mapping: read_json, read_yaml) is refused in one line naming the path, exit status 2, before
+any compute.
 """
 from __future__ import annotations
 
@@ -40,12 +42,13 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from data_prep import shards
 from models.encoders import to_float   # the encoders' own uint8 -> [0, 1] conversion
 from train import checkpoint, distributed, loop, metrics
 from train.checkpoint import CheckpointError
-from train.config import ConfigError, load_config
+from train.config import ConfigError, load_config, load_yaml
 from train.data import make_loader, to_device
 
 SPLITS = ("test", "val")
@@ -165,19 +168,81 @@ class EditedLoader:
 
 
 # --------------------------------------------------------------------------------------------------
+# Reading a run's files: every JSON and YAML file this program (and scripts/report.py, for
+# evaluation.json) reads goes through read_json / read_yaml, which turn an unreadable file into ONE
+# ConfigError naming it (main: `error: <file>: ...`, exit status 2), never a traceback.
+
+def json_type(value) -> str:
+    """The JSON name of a parsed value's type (for 'top level is a JSON array, not an object')."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def read_text(path: Path) -> str:
+    """`path` as UTF-8 text, or ConfigError naming it (unreadable, not UTF-8)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+
+
+def read_json(path: Path, what: str, keys: tuple = ()) -> dict:
+    """The JSON object in `path`, or ConfigError naming the file: unreadable, not UTF-8, not JSON (a
+    file cut short), a top level that is not an object, or an object without one of `keys` (`what`
+    says what the file should have been, e.g. "a result.json of train/loop.py")."""
+    try:
+        value = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: its top level is a JSON {json_type(value)}, not an object (not {what})")
+    missing = [key for key in keys if key not in value]
+    if missing:
+        raise ConfigError(f"{path}: no {' or '.join(missing)} (not {what})")
+    return value
+
+
+def read_yaml(path: Path) -> dict:
+    """The mapping in a YAML file (a run's config.yaml), read as train.config reads it, or
+    ConfigError naming the file: unreadable, not UTF-8, not YAML, a top level that is not a mapping."""
+    try:
+        value = load_yaml(read_text(path))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{path}: its top level is a {type(value).__name__}, not a mapping of config keys")
+    return value or {}
+
+
+def stored_evaluation(run_dir: Path) -> dict:
+    """<run_dir>/evaluation.json ({} when there is none), its split entries checked to be objects,
+    or ConfigError naming the file."""
+    path = Path(run_dir) / EVALUATION_FILE
+    if not path.exists():
+        return {}
+    stored = read_json(path, "an evaluation.json of train.evaluate")
+    for split in SPLITS:
+        if split in stored and not isinstance(stored[split], dict):
+            raise ConfigError(f"{path}: its {split!r} entry is a JSON {json_type(stored[split])}, not an object "
+                              "(not an evaluation.json of train.evaluate)")
+    return stored
+
+
+# --------------------------------------------------------------------------------------------------
 # One run
 
 def check_run_dir(run_dir: Path) -> dict:
-    """result.json of a finished run directory, or ConfigError naming what is missing."""
+    """result.json of a finished run directory, or ConfigError naming what is missing or unreadable:
+    result.json, best.pt and config.yaml must be there, result.json and config.yaml readable, and
+    evaluation.json, when there is one, too (checked here, before any compute)."""
     for name in ("result.json", "best.pt", "config.yaml"):
         if not (run_dir / name).is_file():
             raise ConfigError(f"{run_dir}: no {name} (not a finished run directory)")
-    try:
-        result = json.loads((run_dir / "result.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{run_dir / 'result.json'}: not JSON ({err})") from None
-    if not isinstance(result, dict) or "method" not in result or "test" not in result:
-        raise ConfigError(f"{run_dir / 'result.json'}: not a result.json of train/loop.py (no method or test)")
+    result = read_json(run_dir / "result.json", "a result.json of train/loop.py", keys=("method", "test"))
+    read_yaml(run_dir / "config.yaml")
+    stored_evaluation(run_dir)
     return result
 
 
@@ -279,7 +344,7 @@ def evaluate_run(run_dir: Path, split: str = "test", absent: str = "mean", noise
              "noise_levels": [float(x) for x in noise_levels], "noise_seed": noise_seed,
              "model": "best.pt (selected on validation)", "precision": "float32"}
     path = run_dir / EVALUATION_FILE
-    stored = json.loads(path.read_text()) if path.is_file() else {}
+    stored = stored_evaluation(run_dir)
     digest = sha256(run_dir / "best.pt")
     entry = stored.get(split)
     if not force and entry and entry.get("rules") == rules and entry.get("best_pt_sha256") == digest:

@@ -174,8 +174,12 @@ def check_finite(loss_flag: torch.Tensor, step: int, accelerator=None) -> None:
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or a preemption) request a stop: the
-    loop checkpoints at the next step boundary and exits cleanly (exit code 0), ready for --resume.
+    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or a preemption) and SIGINT (Ctrl-C)
+    request a stop: the loop checkpoints at the next step boundary and exits cleanly (exit code 0),
+    ready for --resume. A second Ctrl-C stops at once, without a checkpoint (KeyboardInterrupt; one
+    line, exit 130). Once the stop checkpoint is written (`done`), every further stop signal is
+    ignored until the process exits: SLURM and train.sbatch repeat theirs, and a signal arriving
+    during the exit would otherwise turn a clean stop (and its requeue) into a failure.
 
     Ranks must agree on the step at which they stop (the checkpoint is a collective), so with
     several processes the flag is all-reduced (MAX) every `check_every` steps: one tiny collective
@@ -188,7 +192,14 @@ class Preemption:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            if self.received == name:
+                raise KeyboardInterrupt   # the second Ctrl-C
+            if self.accelerator.is_main_process:   # os.write: print() may be interrupted mid-line here
+                os.write(sys.stderr.fileno(), b"\n[stop] Ctrl-C: checkpointing at the next step, then exiting "
+                                              b"(Ctrl-C again stops at once, without a checkpoint)\n")
+        self.received = self.received or name
 
     def requested(self, step: int) -> bool:
         if self.accelerator.num_processes == 1:
@@ -198,6 +209,12 @@ class Preemption:
         flag = torch.tensor([self.received is not None], dtype=torch.int32, device=self.accelerator.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    @staticmethod
+    def done() -> None:
+        """The stop checkpoint is written: ignore every stop signal until the process exits."""
+        for sig in data.STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,12 +366,15 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
     it, refused before any compute. feature_dim: the width every encoder entry that leaves it unset
     gives (CGGM: d_model); see train.config.resolve_encoders."""
     # refusals before any compute, then before anything is written ---------------------------------
+    resume_changes = []
+    if cfg["resume"]:   # the run's own config.yaml is the config; flags that would change it are refused
+        cfg, resume_changes = rundir.resumed_config(cfg)
     check_config(cfg)
     accelerator = distributed.setup_accelerator(cfg)
     if deepspeed is not True:
         distributed.refuse_deepspeed(accelerator, method, deepspeed or "its script does not declare DeepSpeed support "
                                      "(loop.train(..., deepspeed=True))")
-    preemption = Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1 -> checkpoint, exit
+    preemption = Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1/SIGINT -> checkpoint, exit
     cfg, ctx, setup = prepare(cfg, accelerator, method=method, build=build, tasks=tasks, min_modalities=min_modalities,
                               max_modalities=max_modalities, feature_dim=feature_dim)
     meta, task, loaders, position = ctx.meta, ctx.task, ctx.loaders, ctx.position
@@ -376,6 +396,11 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
         position.update(saved)
         accelerator.print(f"[resume] from step {position['step']} (epoch {position['epoch']}, "
                           f"batch {position['batch_in_epoch']})")
+        for change in resume_changes:   # recorded in the checkpoints and result.json
+            accelerator.print(f"[resume] {change['key']}: {change['from']!r} -> {change['to']!r} (recorded in result.json)")
+        if resume_changes:
+            position["config_changes"] = position.get("config_changes", []) + \
+                [change | {"step": position["step"]} for change in resume_changes]
 
     def save():
         checkpoint.save_checkpoint(run_dir, accelerator, checkpointed(setup), position | {"method": setup.state},
@@ -418,10 +443,12 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
                     check_finite(nonfinite, position["step"], accelerator)
                 save()
             if stop:
+                preemption.done()
                 bar.close()
                 reason = preemption.received or f"stop_after_steps={cfg['stop_after_steps']}"
                 accelerator.print(f"[stop] {reason} at step {position['step']}: checkpoint written, "
                                   "exiting (resume with --resume)")
+                rundir.unlock_run_dir(run_dir)
                 return {"stopped_at_step": position["step"], "run_dir": str(run_dir)}
 
         # end of epoch: scheduler, validation, selection, early stopping, the method's hook, checkpoint
@@ -432,6 +459,9 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
         position["batch_in_epoch"] = 0
         val = None
         if position["epoch"] % cfg["eval_every"] == 0 or position["epoch"] == epochs:
+            # every rank validates (and best.pt, the checkpoint hold) the main process's BatchNorm statistics
+            distributed.sync_buffers([o for o in checkpointed(setup).values() if isinstance(o, torch.nn.Module)],
+                                     accelerator)
             val = metrics.evaluate(setup.model, loaders["val"], accelerator, task, fuse)
             if plateau:
                 setup.scheduler.step(val["fused"]["loss"])
@@ -466,11 +496,18 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
               "best_epoch": position["best_epoch"], "val": val, "test": test,
               "bayes_accuracy": meta.get("source", {}).get("bayes_accuracy"),
               "select_on": cfg["select_on"], "select_metric": select_key, **setup.result}
+    if position.get("config_changes"):
+        result["config_changes"] = position["config_changes"]
     if accelerator.is_main_process:
         rundir.write_result(run_dir, result)
         rundir.print_result_table(result, select_key)
         ctx.writer.close()
+        rundir.unlock_run_dir(run_dir)
     return result
+
+
+def _rank_prefix() -> str:
+    return f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 def run_entry_point(main: Callable[[dict], dict], defaults: dict, default_config: str | None,
@@ -488,9 +525,11 @@ def run_entry_point(main: Callable[[dict], dict], defaults: dict, default_config
             return   # scripts/bin/accelerate: the config checked once, before N processes start
         main(cfg)
     except (ConfigError, CheckpointError, shards.ShardFormatError, NonFiniteLossError) as err:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        prefix = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
-        print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
+        print(f"{_rank_prefix()}error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:   # a second Ctrl-C (the first asks for a checkpoint), or one before training
+        print(f"\n{_rank_prefix()}interrupted: stopped at once, without a checkpoint (--resume continues from the "
+              "last one written)", file=sys.stderr, flush=True)
+        sys.exit(130)
     distributed.finish()
 

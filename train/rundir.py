@@ -1,17 +1,35 @@
-"""The run directory: checked before anything is written, the resolved config, TensorBoard,
-metrics.jsonl, result.json and the closing table."""
+"""The run directory: checked before anything is written, locked for the whole run, the resolved
+config (and, on --resume, its reconciliation with the config the run was started with),
+TensorBoard, metrics.jsonl, result.json and the closing table."""
 from __future__ import annotations
 
+import copy
+import fcntl
 import json
+import os
+import socket
+import time
 from pathlib import Path
 
-from train.checkpoint import atomic_write_text, checkpoint_step, write_run_config
-from train.config import ConfigError
+import yaml
+
+from train import distributed
+from train.checkpoint import (atomic_write_text, checkpoint_step, has_checkpoint, resume_checkpoint,
+                              write_run_config)
+from train.config import COMMAND_LINE, ConfigError, load_yaml, source_of
 
 
 #: What a run writes into its out_dir. A fresh run refuses a directory holding any of them (the
-#: launchers' own files, slurm_jobs.log, submit.txt, submitit/, do not count).
+#: launchers' own files, slurm_jobs.log, submit.txt, submitit/, and the lock, .lock, do not count).
 RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "best.pt", "result.json", "tb")
+
+#: Keys a resumed run may set to another value than its config.yaml has, from the command line or
+#: its YAML: how the run is fed, watched, logged and checkpointed, never what it computes.
+RESUME_FREE_KEYS = ("resume", "out_dir", "config_file", "progress", "stop_after_steps", "num_workers",
+                    "eval_batch_size", "log_every", "ckpt_every_steps", "keep_checkpoints", "preempt_check_every")
+#: Keys a flag may change on --resume under a condition (resumed_config): a longer `epochs` (the
+#: scheduler must not span the run's length), and `data` moved (the same meta.json). Recorded.
+RESUME_CHANGEABLE_KEYS = ("epochs", "data")
 
 
 def previous_run_files(run_dir: Path) -> list[str]:
@@ -19,33 +37,163 @@ def previous_run_files(run_dir: Path) -> list[str]:
     return [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
 
 
-def setup_run_dir(cfg: dict, accelerator):
-    """Check the run directory, then create it, write the resolved config and open TensorBoard.
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {prefix + key: value})
+    return out
 
-    Every rank checks before any rank writes (the directory is on a shared file system), so all
-    refuse together. A fresh run refuses a directory that holds any file of a previous run
-    (RUN_FILES): nothing already written is lost; --resume needs checkpoints/latest. A resumed run
-    leaves config.yaml alone here: resume_from_checkpoint rewrites it once the checkpoint has been
-    accepted, so a rejected --resume changes nothing. TensorBoard events logged after the
-    checkpoint (by the run that was stopped) are purged: they are logged again.
+
+def _read_meta(data_dir) -> dict | None:
+    try:
+        return json.loads((Path(data_dir) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _why_not(key: str, old, new, saved: dict) -> str | None:
+    """None when a flag may change `key` from `old` to `new` on --resume, else why it may not."""
+    if key == "epochs" and isinstance(old, int) and isinstance(new, int):
+        if new < old:
+            return "epochs can only grow on --resume"
+        if saved.get("scheduler") in ("cosine", "warmup_cosine"):
+            return f"scheduler={saved['scheduler']} spans the run's epochs"
+        return None
+    if key == "data":
+        before = _read_meta(old)
+        if before is not None and before != _read_meta(new):
+            return f"{new}/meta.json differs from {old}/meta.json: not the data set the run trained on"
+        return None
+    return "a resumed run continues the run that was started"
+
+
+def resumed_config(cfg: dict) -> tuple[dict, list[dict]]:
+    """The config of the run in cfg["out_dir"] that --resume continues, and the changes it records.
+
+    The run's config.yaml is the config: the script's defaults and YAML do not reach a resumed run
+    (a longer default `epochs` does not lengthen it). A command-line flag that sets a key to another
+    value is refused in one line naming the key, the run's value and the flag's — except the keys of
+    RESUME_FREE_KEYS (taken as given) and RESUME_CHANGEABLE_KEYS under their condition (taken, and
+    returned as {"key", "from", "to"} for the run to record). A finished run (result.json) is refused.
+    Reads files only: nothing is written."""
+    run_dir = Path(cfg["out_dir"])
+    if (run_dir / "result.json").exists():
+        raise ConfigError(f"out_dir={run_dir}: finished: result.json holds its result; --resume continues an "
+                          "interrupted run only: choose another out_dir to train again")
+    path = run_dir / "config.yaml"
+    if not path.exists() and not has_checkpoint(run_dir):
+        return cfg, []   # nothing to resume: setup_run_dir says so
+    try:
+        saved = load_yaml(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())[:200]
+        raise ConfigError(f"{path}: cannot read the config of the run to resume ({reason})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: not a run config (its top level is not a mapping)")
+    foreign = sorted(set(saved) - set(cfg))
+    if foreign:
+        raise ConfigError(f"{path}: keys {', '.join(foreign[:3])} are not keys of this script: the run was "
+                          "trained by another script; resume it with that one")
+    old_flat, new_flat = _flat(saved), _flat(cfg)
+    refused, changes = [], []
+    for key in sorted(set(old_flat) & set(new_flat)):
+        old, new = old_flat[key], new_flat[key]
+        top = key.split(".")[0]
+        if old == new or top in RESUME_FREE_KEYS or source_of(cfg, key) != COMMAND_LINE:
+            continue
+        if top == "data" and Path(str(old)).resolve() == Path(str(new)).resolve():
+            continue
+        why = _why_not(top, old, new, saved) if top in RESUME_CHANGEABLE_KEYS else \
+            "a resumed run continues the run that was started"
+        if why is None:
+            changes.append({"key": key, "from": old, "to": new})
+        else:
+            refused.append(f"--{key} {new!r} (the run has {old!r}: {why})")
+    if refused:
+        raise ConfigError(f"--resume: {'; '.join(refused[:3])}; the run's config is {path}: drop the flag "
+                          "or start a new run in another out_dir")
+    resumed = copy.deepcopy(cfg)
+    for key, value in saved.items():
+        if key not in RESUME_FREE_KEYS:
+            resumed[key] = copy.deepcopy(value)
+    for change in changes:
+        resumed[change["key"]] = change["to"]   # top-level keys only (RESUME_CHANGEABLE_KEYS)
+    return resumed, changes
+
+
+def lock_run_dir(run_dir: Path) -> str | None:
+    """Take the run directory's exclusive lock (flock on <run>/.lock) for as long as this process
+    holds it (unlock_run_dir, or its exit: a crashed run leaves no stale lock). None when taken;
+    when another process holds it, that process as it described itself (pid, host, SLURM job, since)."""
+    key = str(Path(run_dir).resolve())
+    if key in _HELD:
+        return None
+    handle = open(Path(run_dir) / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        return holder
+    handle.seek(0)
+    handle.truncate()
+    job = os.environ.get("SLURM_JOB_ID")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}" + (f", SLURM job {job}" if job else "")
+                 + time.strftime(", since %Y-%m-%d %H:%M:%S") + "\n")
+    handle.flush()
+    _HELD[key] = handle
+    return None
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    handle = _HELD.pop(str(Path(run_dir).resolve()), None)
+    if handle is not None:
+        handle.close()
+
+
+_HELD: dict[str, object] = {}
+
+
+def setup_run_dir(cfg: dict, accelerator):
+    """Check the run directory, lock it, then write the resolved config and open TensorBoard.
+
+    The main process takes the directory's lock (lock_run_dir) before the checks: a second run on
+    the same directory — simultaneous resumes, a fresh run into a running one — is refused in one
+    line naming the holder, on every rank. Every rank checks before any rank writes (the directory
+    is on a shared file system), so all refuse together. A fresh run refuses a directory that holds
+    any file of a previous run (RUN_FILES): nothing already written is lost; --resume needs a
+    checkpoint. A resumed run leaves config.yaml alone here: load_checkpoint rewrites it once the
+    checkpoint has been accepted, so a rejected --resume changes nothing. TensorBoard events logged
+    after the checkpoint (by the run that was stopped) are purged: they are logged again.
     """
     run_dir = Path(cfg["out_dir"])
-    latest = run_dir / "checkpoints" / "latest"
     if cfg["resume"]:
-        if not latest.exists():
+        if not has_checkpoint(run_dir):
             raise ConfigError(f"--resume: no checkpoint under {run_dir / 'checkpoints'} "
                               "(drop --resume to start a run there)")
-        purge_step = checkpoint_step(latest) + 1
-    else:
+        purge_step = checkpoint_step(resume_checkpoint(run_dir / "checkpoints")[0]) + 1
+    holder = None
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)   # a fresh run's (no check below can refuse a new one)
+        holder = lock_run_dir(run_dir)
+    if distributed.main_process_flag(holder is not None, accelerator):
+        if holder is None:   # another rank: the main process's holder, as the lock file says
+            holder = (run_dir / ".lock").read_text().strip() if (run_dir / ".lock").is_file() else "another process"
+        raise ConfigError(f"out_dir={run_dir}: in use by another run ({holder}): one run per directory; wait "
+                          "for it to end, or choose another out_dir")
+    if not cfg["resume"]:
         previous = previous_run_files(run_dir)
         if previous:
-            what = ("pass --resume to continue that run, or choose another --out_dir" if latest.exists() else
+            what = ("it is finished (result.json): choose another --out_dir" if "result.json" in previous else
+                    "pass --resume to continue that run, or choose another --out_dir" if has_checkpoint(run_dir) else
                     "it has no checkpoint to resume from; choose another --out_dir, or delete those files")
+            if accelerator.is_main_process:
+                unlock_run_dir(run_dir)
             raise ConfigError(f"out_dir={run_dir} holds a previous run's files ({', '.join(previous)}): {what}")
     accelerator.wait_for_everyone()
     writer = None
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         if not cfg["resume"]:
             write_run_config(run_dir, cfg)
         writer = TensorBoardLog(run_dir / "tb", purge_step=purge_step if cfg["resume"] else None)

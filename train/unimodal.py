@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from train import data, distributed, joint, loop
+from train import checkpoint, data, distributed, joint, loop
 from train.config import ConfigError
 
 DEFAULTS = dict(joint.DEFAULTS, out_dir="runs/unimodal_imgtab")
@@ -28,8 +28,13 @@ def main(cfg: dict) -> dict:
     results = {}
     for m in modalities:
         out_dir = Path(cfg["out_dir"]) / m
-        # --resume continues the modality that was interrupted; those not started yet start fresh
-        resume = cfg["resume"] and (out_dir / "checkpoints" / "latest").exists()
+        # --resume continues the modality that was interrupted, skips those finished before it, and
+        # starts those not started yet
+        if cfg["resume"] and (out_dir / "result.json").is_file():
+            print(f"[resume] {m}: finished before ({out_dir / 'result.json'}), skipped", flush=True)
+            results[m] = {"run_dir": str(out_dir), "finished_before": True}
+            continue
+        resume = cfg["resume"] and checkpoint.has_checkpoint(out_dir)
         results[m] = joint.main(dict(cfg, modalities=[m], out_dir=str(out_dir), resume=resume), method="unimodal")
         if "stopped_at_step" in results[m]:   # preempted: stop here, --resume picks up from this modality
             break
