@@ -227,10 +227,12 @@ def test_method_scripts_check_the_same_numbers():
 # preemption with DataLoader workers: SLURM signals the whole process group
 
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_with_workers_checkpoints(seq3, tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_to_the_process_group_with_workers_checkpoints(seq3, tmp_path, stop_signal):
     """SIGTERM to every process of the job (training process AND its DataLoader workers), as SLURM
-    sends it: the workers ignore it, the training process checkpoints at the next step boundary and
-    exits 0, and the resumed run ends bit-identical to an uninterrupted one."""
+    sends it, or SIGINT, as Ctrl-C in a terminal sends it to the foreground group: the workers ignore
+    it, the training process checkpoints at the next step boundary and exits 0 with one line (no
+    traceback), and the resumed run ends bit-identical to an uninterrupted one."""
     whole, split = tmp_path / "whole", tmp_path / "split"
     workers = ["--num_workers", "2", "--epochs", "6"]   # long enough to be stopped inside the training
     run_script("train/joint.py", seq3_args(seq3, whole, *workers))
@@ -246,13 +248,15 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints(seq3, tmp_path):
             group = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(group) >= 3, "the training process and its 2 workers"
         time.sleep(0.3)   # a few steps in
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, stop_signal)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "[stop] SIGTERM at step" in stdout and (split / "checkpoints" / "latest").exists()
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert f"[stop] {stop_signal.name} at step" in stdout and (split / "checkpoints" / "latest").exists()
+    if stop_signal == signal.SIGINT:
+        assert "[stop] Ctrl-C: checkpointing at the next step" in stderr
     run_script("train/joint.py", seq3_args(seq3, split, *workers, "--resume"))
     a, b = final_weights(whole), final_weights(split)
     for key in a:
@@ -305,3 +309,261 @@ def test_a_missing_checkpoint_file_is_reported_missing(tmp_path):
         checkpoint.load_trusted(tmp_path / "garbage.pt")
     with pytest.raises(checkpoint.CheckpointError, match="refused: not a checkpoint file this code writes"):
         checkpoint.load_trusted(tmp_path)   # a directory, not a missing file
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints: a step saved twice never strands a run; a broken `latest` falls back (issue 23, item 1)
+
+def checkpoint_saver(run):
+    """(save(step, fill), load() -> trainer state) over a real one-process Accelerator: each save
+    fills the weights with `fill`, each load checks that the weights it restored are that fill."""
+    from accelerate import Accelerator
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters())
+
+    def save(step, fill):
+        with torch.no_grad():
+            model.weight.fill_(fill)
+        return checkpoint.save_checkpoint(run, acc, {"model": model, "optimizer": opt}, {"step": step, "fill": fill})
+
+    def load():
+        fresh = torch.nn.Linear(4, 3)
+        state = checkpoint.load_checkpoint(run, acc, {"model": fresh, "optimizer": torch.optim.Adam(fresh.parameters())})
+        assert torch.all(fresh.weight == state["fill"])
+        return state
+    return save, load
+
+
+def test_a_step_saved_twice_keeps_its_complete_checkpoint_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """The step checkpoint at an epoch's last step, then the epoch end's at the same step: a kill
+    just before the second one's rename used to find the first deleted while `latest` named it."""
+    save, load = checkpoint_saver(tmp_path)
+    save(8, 1.0)
+    real_replace = os.replace
+
+    def killed_before_the_rename(src, dst):
+        if Path(src).name.startswith(".tmp-ckpt-"):
+            raise KeyboardInterrupt("SIGKILL here")
+        return real_replace(src, dst)
+    monkeypatch.setattr(checkpoint.os, "replace", killed_before_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save(8, 2.0)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    assert load()["fill"] == 1.0   # `latest` still names the complete step checkpoint
+    assert save(8, 2.0).name == "ckpt-000000008-1"   # the save again (the resumed run): a name of its own
+    assert load()["fill"] == 2.0
+    save(9, 3.0)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt-000000008-1", "ckpt-000000009",
+                                                                            "latest"]   # keep=2, leftovers gone
+
+
+@pytest.mark.parametrize("breakage", ["missing", "garbage", "names a removed one", "names an incomplete one"])
+def test_a_broken_latest_resumes_from_the_newest_complete_checkpoint(tmp_path, breakage, capsys):
+    save, load = checkpoint_saver(tmp_path)
+    save(4, 1.0)
+    save(8, 2.0)
+    root = tmp_path / "checkpoints"
+    if breakage == "missing":
+        (root / "latest").unlink()
+    elif breakage == "garbage":
+        (root / "latest").write_bytes(b"\xff\x00\x13")
+    elif breakage == "names a removed one":
+        (root / "latest").write_text("ckpt-000000012\n")
+    else:
+        (root / "ckpt-000000012").mkdir()   # a directory without state.pt
+        (root / "latest").write_text("ckpt-000000012\n")
+    capsys.readouterr()
+    assert load()["fill"] == 2.0
+    assert "resuming from the newest complete checkpoint, ckpt-000000008" in capsys.readouterr().out
+    for done in root.glob("ckpt-*"):
+        (done / "state.pt").unlink(missing_ok=True)
+    with pytest.raises(checkpoint.CheckpointError, match="holds no complete checkpoint"):
+        load()
+
+
+@pytest.mark.slow
+def test_resume_without_latest_says_so_and_is_exact(seq3, stopped_run, tmp_path):
+    """What a kill between a checkpoint's rename and `latest` leaves at the first checkpoint:
+    `--resume` (and train.sbatch / submit.py, which add it) takes the newest complete checkpoint."""
+    whole = tmp_path / "whole"
+    run_script("train/joint.py", seq3_args(seq3, whole))
+    run = copy_run(stopped_run, tmp_path / "run")
+    (run / "checkpoints" / "latest").unlink()
+    from tests.test_slurm import load_submit
+    assert load_submit().has_checkpoint(run) and checkpoint.has_checkpoint(run)
+    proc = run_script("train/joint.py", seq3_args(seq3, run, "--resume"))
+    assert "is missing: resuming from the newest complete checkpoint, ckpt-000000003" in proc.stdout
+    a, b = final_weights(whole), final_weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (run / "metrics.jsonl").read_bytes() == (whole / "metrics.jsonl").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# --resume continues the run that was started (issue 23, item 2)
+
+def without(args, flag):
+    i = args.index(flag)
+    return args[:i] + args[i + 2:]
+
+
+@pytest.mark.slow
+def test_resume_continues_the_run_that_was_started(seq3, stopped_run, tmp_path):
+    """The run's config.yaml is the config: the YAML's 15 epochs do not lengthen a 2-epoch run; a flag
+    that changes what the run computes is refused, naming the key and both values; a longer `epochs`
+    is allowed and recorded; a finished run is refused."""
+    whole = tmp_path / "whole"
+    run_script("train/joint.py", seq3_args(seq3, whole))
+    run = copy_run(stopped_run, tmp_path / "run")
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file() and f.name != ".lock"}
+    for flag, value, fragment in (("--lr", "0.5", "--lr 0.5 (the run has 0.001"),
+                                  ("--epochs", "1", "--epochs 1 (the run has 2: epochs can only grow"),
+                                  ("--batch_size", "32", "--batch_size 32 (the run has 64")):
+        proc = run_script("train/joint.py", seq3_args(seq3, run, "--resume", flag, value), check=False)
+        one_line_error(proc, fragment, str(run / "config.yaml"), "start a new run in another out_dir")
+        assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file() and f.name != ".lock"} == before
+    proc = run_script("train/joint.py", without(seq3_args(seq3, run), "--epochs") + ["--resume"])   # YAML: 15
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    a, b = final_weights(whole), final_weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "config_changes" not in json.loads((run / "result.json").read_text())
+    # finished: refused, whatever the flags
+    proc = run_script("train/joint.py", seq3_args(seq3, run, "--resume", "--epochs", "4"), check=False)
+    one_line_error(proc, f"out_dir={run}: finished: result.json", "choose another out_dir")
+    # a longer run: allowed, printed, recorded in result.json with the step where it changed
+    longer = copy_run(stopped_run, tmp_path / "longer")
+    proc = run_script("train/joint.py", seq3_args(seq3, longer, "--resume", "--epochs", "3"))
+    assert "[resume] epochs: 2 -> 3" in proc.stdout
+    assert json.loads((longer / "result.json").read_text())["config_changes"] == [
+        {"key": "epochs", "from": 2, "to": 3, "step": 3}]
+    assert yaml.safe_load((longer / "config.yaml").read_text())["epochs"] == 3
+    assert len((longer / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_longer_epochs_is_refused_under_a_schedule_that_spans_the_run(seq3, stopped_run, tmp_path):
+    run = copy_run(stopped_run, tmp_path / "run")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump(dict(saved, scheduler="cosine"), sort_keys=False))
+    proc = run_script("train/joint.py", seq3_args(seq3, run, "--resume", "--epochs", "3"), check=False)
+    one_line_error(proc, "--epochs 3 (the run has 2: scheduler=cosine spans the run's epochs")
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C checkpoints like SIGTERM; a second one stops at once; stop signals during the exit are
+# ignored (issue 23, items 3 and 4)
+
+def test_a_second_ctrl_c_stops_at_once(monkeypatch):
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        preemption = loop.Preemption(SimpleNamespace(num_processes=1, is_main_process=False))
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.received == "SIGINT" and preemption.requested(1)
+        os.kill(os.getpid(), signal.SIGTERM)   # a SIGTERM now changes nothing
+        assert preemption.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        loop.Preemption.done()
+        for sig in previous:
+            assert signal.getsignal(sig) is signal.SIG_IGN
+            os.kill(os.getpid(), sig)   # ignored
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_an_interrupt_ends_the_script_in_one_line(monkeypatch, capsys):
+    """What the second Ctrl-C (or one before the training loop) gives: exit 130, one line, no traceback."""
+    def main(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sys, "argv", ["train/joint.py"])
+    with pytest.raises(SystemExit) as stopped:
+        loop.run_entry_point(main, {"lr": 0.1}, None)
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["interrupted: stopped at once, without a checkpoint (--resume continues from the last one written)"]
+
+
+@pytest.mark.slow
+def test_stop_signals_repeated_during_the_exit_keep_it_clean(seq3, tmp_path):
+    """SIGTERM every few milliseconds from the first one until the process has exited (train.sbatch
+    repeats SIGUSR1 every 10 s, SLURM signals every process): one checkpoint, exit 0. Python resets
+    its own handlers to the default at shutdown, so a signal there used to kill the process (-15)."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "train/joint.py"),
+                             *seq3_args(seq3, out, "--epochs", "6", "--ckpt_every_steps", "2")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "latest").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        while proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            time.sleep(0.002)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, (proc.returncode, stderr[-3000:])
+    assert stdout.count("[stop] SIGTERM at step") == 1 and "Traceback" not in stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm on several ranks (issue 23, item 5)
+
+@pytest.mark.slow
+def test_two_process_resume_with_batchnorm_validates_as_uninterrupted(tmp_path_factory, tmp_path):
+    """The image encoder's BatchNorm statistics differ per rank between validations (GAAL's passes
+    bypass DDP's forward, so DDP never broadcasts rank 0's). Each rank's own buffers are
+    checkpointed, and every rank validates with the main process's: a 2-process run stopped
+    mid-epoch and resumed logs the same validations, and ends with the same weights and buffers, as
+    the uninterrupted 2-process run. (It used to resume with rank 0's buffers on every rank.)"""
+    data = embedded.generate(tmp_path_factory.mktemp("imgtab"), "imgtab", seed=3, n_train=256, n_val=64, n_test=64)
+    args = ["--data", str(data), "--epochs", "2", "--batch_size", "32", "--eval_batch_size", "32", "--log_every", "4",
+            "--progress", "false", "--encoders.image.base_width", "4", "--encoders.table.out_dim", "32"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_script("train/gaal.py", args + ["--out_dir", str(whole)], nproc=2, timeout=300)
+    run_script("train/gaal.py", args + ["--out_dir", str(split), "--stop_after_steps", "5"], nproc=2, timeout=300)
+    run_script("train/gaal.py", args + ["--out_dir", str(split), "--resume"], nproc=2, timeout=300)
+    assert (split / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+    a, b = final_weights(whole), final_weights(split)
+    assert any("running_mean" in k for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (whole, split))
+    assert ra["val"] == rb["val"] and ra["test"] == rb["test"]
+
+
+# ------------------------------------------------------------------------------------------------
+# one run per directory (issue 23, item 6)
+
+@pytest.mark.slow
+def test_a_second_run_on_a_running_directory_is_refused(seq3, tmp_path):
+    """Two `--resume` on one directory used to both train (metrics.jsonl: epochs 1,1,2,2,...). The
+    first holds the directory's lock; the second is refused in one line naming it; once the first is
+    killed (SIGKILL: no clean-up), the lock is gone with it and a resume works."""
+    out = tmp_path / "run"
+    run_script("train/joint.py", seq3_args(seq3, out, "--stop_after_steps", "2"))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, str(REPO / "train/joint.py"),
+                              *seq3_args(seq3, out, "--resume", "--epochs", "40", "--ckpt_every_steps", "1")],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while int((out / "checkpoints" / "latest").read_text()[5:14]) < 4 and time.time() < deadline:
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            time.sleep(0.05)
+        for extra in (["--resume", "--epochs", "40"], []):   # a second resume; a fresh run
+            proc = run_script("train/joint.py", seq3_args(seq3, out, *extra), check=False)
+            line = one_line_error(proc, f"out_dir={out}: in use by another run (pid {first.pid} on ")
+            assert "one run per directory" in line
+        assert first.poll() is None, "the first run ended before the test was done with it"
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+    run_script("train/joint.py", seq3_args(seq3, out, "--resume", "--epochs", "40", "--stop_after_steps", "12"))
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == sorted(set(epochs))

@@ -98,8 +98,9 @@ def _rank_buffers(accelerator, objects: dict, engine) -> dict:
 
 
 def save_checkpoint(run_dir: Path, accelerator, objects: dict, trainer_state: dict, keep: int = 2,
-                    generators: dict | None = None) -> Path:
-    """Save `objects` (name -> thing with state_dict(); models are unwrapped) and `trainer_state`.
+                    generators: dict | None = None) -> Path | None:
+    """Save `objects` (name -> thing with state_dict(); models are unwrapped) and `trainer_state`;
+    return the checkpoint's directory on the main process (None on the others).
 
     Collective: every rank calls it. Each rank stores its own RNG states (the global ones and the
     script's own `generators`, e.g. an augmentation's) and its own buffers; rank 0 stores the rest.
@@ -204,7 +205,8 @@ def resume_checkpoint(ckpt_root: Path) -> tuple[Path, str | None]:
     try:
         text = latest.read_text().strip()
     except (OSError, UnicodeDecodeError) as err:
-        text, why = None, f"is unreadable ({err.strerror or type(err).__name__})" if latest.exists() else "is missing"
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        text, why = None, f"is unreadable ({reason})" if latest.exists() else "is missing"
     if text is not None:
         named = ckpt_root / text
         if CKPT_NAME.fullmatch(text) and (named / "state.pt").is_file():
