@@ -18,18 +18,34 @@
 #     starting ignores both (inherited) until it installs its handler. Under SLURM (scancel,
 #     requeue, preemption, srun's forwarding) every process of the step gets the signal anyway;
 #     for SIGTERM, KillWait bounds the time they get.
-#   - SIGINT (Ctrl-C) is left to the agent: it stops the training processes without a checkpoint.
+#   - SIGINT (Ctrl-C in a terminal) reaches the training processes too (the foreground group): they
+#     checkpoint at the next step; the agent handles it as well and stops them.
+#
+# Rendezvous. Every node but the first waits, before its launcher starts, until the first node
+# (MASTER_ADDR:MASTER_PORT) answers, at most RDZV_TIMEOUT seconds (default 300), and otherwise ends
+# with one line naming the address and port (train.distributed.wait_for_rendezvous); the launcher's
+# own rendezvous gets the same timeout (--rdzv_conf timeout=...) instead of torch's 600 s.
 set -euo pipefail
 trap '' USR1
 if [ "$NUM_PROCESSES" -le 1 ]; then
   exec "$PYTHON" "$@"   # one process (CPU or one GPU): no launcher needed
+fi
+RDZV_TIMEOUT="${RDZV_TIMEOUT:-300}"
+if [ "${SLURM_NODEID:-0}" != 0 ]; then
+  "$PYTHON" -c 'import sys
+from train.config import ConfigError
+from train.distributed import wait_for_rendezvous
+try:
+    wait_for_rendezvous(sys.argv[1], sys.argv[2], float(sys.argv[3]))
+except ConfigError as err:
+    sys.exit(f"[node {sys.argv[4]}] error: {err}")' "$MASTER_ADDR" "$MASTER_PORT" "$RDZV_TIMEOUT" "$(hostname)"
 fi
 
 trap '' TERM   # inherited by the launcher (and its children until their handler is installed)
 PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT \
 "$PYTHON" -m accelerate.commands.launch --multi_gpu \
   --num_machines "$NNODES" --num_processes "$NUM_PROCESSES" --machine_rank "${SLURM_NODEID:-0}" \
-  --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
+  --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" --rdzv_conf "timeout=$RDZV_TIMEOUT" \
   --mixed_precision no --dynamo_backend no "$@" &
 LAUNCHER=$!
 

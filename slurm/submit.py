@@ -165,7 +165,10 @@ class TrainRun:
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
             # one task per process; GPUs stay all visible, Accelerate takes cuda:LOCAL_RANK
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+            dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                                              overwrite=True)
+            if dist_env.rank != 0:   # one line after RDZV_TIMEOUT s, not the process group's 30-minute wait
+                distributed.wait_for_rendezvous(dist_env.master_addr, dist_env.master_port)
         print(f"[submit] {env}: {shlex.join(['train/' + self.script + '.py', *argv])}", flush=True)
         requeue_sig = requeue_signal()
         self._submitit_handler = signal.getsignal(requeue_sig)   # submitit's: checkpoint() and requeue

@@ -295,3 +295,25 @@ def test_a_lost_node_fails_the_job_naming_it_and_a_resubmission_resumes(two_node
     a, b = final_weights(reference), final_weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (run / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
+
+
+# --------------------------------------------------------------------------------------------------
+# a rendezvous that cannot be reached: one line naming the address and port, after RDZV_TIMEOUT
+# (no cluster needed: slurm/node.sh as the second node of a job whose first node never started)
+
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1", "rendezvous: nothing answered at 127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT) within 3 s "
+                  "(RDZV_TIMEOUT)"),
+    ("no-such-node.invalid", "rendezvous: no-such-node.invalid (MASTER_ADDR) does not resolve on "),
+])
+def test_an_unreachable_rendezvous_is_one_line_within_the_timeout(address, message, tmp_path):
+    from tests.test_train import free_port
+    port = free_port()   # nothing listens there
+    env = dict(os.environ, PYTHON=sys.executable, NNODES="2", NPROC_PER_NODE="1", NUM_PROCESSES="2", SLURM_NODEID="1",
+               MASTER_ADDR=address, MASTER_PORT=str(port), RDZV_TIMEOUT="3", PYTHONPATH=str(REPO))
+    proc = subprocess.run(["bash", "slurm/node.sh", "train/joint.py", "--out_dir", str(tmp_path / "never")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[node ") and message.format(port=port) in lines[0], proc.stderr
+    assert not (tmp_path / "never").exists()

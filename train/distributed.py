@@ -349,6 +349,38 @@ def gather_by_index(accelerator, index: torch.Tensor, tensors: dict) -> dict:
     return {k: v[order] for k, v in out.items()}
 
 
+#: Seconds a node waits for the rendezvous (the first node's address and port) before it gives up in
+#: one line: slurm/node.sh and slurm/submit.py read RDZV_TIMEOUT (default 300), and node.sh passes it
+#: to torch's launcher (`--rdzv_conf timeout=...`), whose own default would be 600 s and then a traceback.
+RDZV_TIMEOUT_DEFAULT = 300
+
+
+def wait_for_rendezvous(address: str, port: int, timeout: float | None = None) -> None:
+    """Return once `address:port` (the first node's rendezvous) accepts a TCP connection; raise
+    ConfigError in one line naming them when the name does not resolve here, or when nothing answers
+    within `timeout` seconds (RDZV_TIMEOUT). Run on every node but the first, before the launcher: a
+    first node that is down, or a port closed between nodes, is then one line, not a long hang
+    ending in a C++ traceback. (A bare connect and close does not disturb torch's TCPStore.)"""
+    import socket
+    import time
+    timeout = float(os.environ.get("RDZV_TIMEOUT", RDZV_TIMEOUT_DEFAULT) if timeout is None else timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((address, int(port)), timeout=5).close()
+            return
+        except socket.gaierror as err:
+            raise ConfigError(f"rendezvous: {address} (MASTER_ADDR) does not resolve on {socket.gethostname()} "
+                              f"({err.strerror})") from None
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"rendezvous: nothing answered at {address}:{port} (MASTER_ADDR:MASTER_PORT) "
+                                  f"within {timeout:.0f} s (RDZV_TIMEOUT) from {socket.gethostname()} "
+                                  f"({err.strerror or err}): is the first node's training started, and is the "
+                                  "port open between the nodes?") from None
+            time.sleep(1)
+
+
 def main_process_flag(flag: bool, accelerator) -> bool:
     """The main process's `flag`, on every rank (one tiny broadcast; free with one process): a
     decision only the main process can make (it holds the run directory's lock) taken by all."""
