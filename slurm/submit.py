@@ -9,7 +9,8 @@ Options of this launcher are listed by --help; every other argument is the train
 (`--config`, `--key value` overrides, `--out_dir`, `--resume`; see train/config.py load_config) and
 is checked against the script's config before anything is submitted.
 
-Run directories: `--out_dir` (else `runs/<name>`, name = `<script>_<config>`) holds one run, or
+Run directories: `--out_dir` (else `runs/<name>`, name = `<script>_<config>`, and `_on_<data set>`
+(meta.json's name) when `--data` names another data set than the config's) holds one run, or
 with --sweep one sub-directory per point of the product, `seed0_lr0.001` style. Each gets
 `submit.txt`: the submit command, the resolved training command, the executor parameters and the
 job id. submitit's own logs go to `<out_dir>/submitit/`.
@@ -54,7 +55,18 @@ import cloudpickle
 import submitit
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ("gaal", "igm", "cggm", "joint", "unimodal")
+
+
+def training_scripts(repo: Path = REPO) -> tuple:
+    """train.SCRIPTS of this checkout, read from train/__init__.py without importing it (the checkout
+    check comes first: see import_script)."""
+    import ast
+    tree = ast.parse((repo / "train" / "__init__.py").read_text())
+    return next(ast.literal_eval(node.value) for node in tree.body
+                if isinstance(node, ast.Assign) and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["SCRIPTS"])
+
+
+SCRIPTS = training_scripts()
 
 
 def _pickle_by_value() -> None:
@@ -311,6 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def dataset_name(data) -> str | None:
+    """The `name` in a shard directory's meta.json (None when unreadable: the script refuses it later)."""
+    try:
+        name = json.loads((Path(data) / "meta.json").read_text()).get("name")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)) if name else None
+
+
 def resolve_runs(args, script_argv: list[str]):
     """[(out_dir, argv)] per sweep point; argv with absolute --data and --out_dir, checked by load_config."""
     try:
@@ -324,7 +345,11 @@ def resolve_runs(args, script_argv: list[str]):
     except config.ConfigError as err:
         raise SystemExit(f"train/{args.script}.py: {err}") from None
     config_name = Path(base_cfg.get("config_file") or module.DEFAULT_CONFIG).stem
-    name = args.name or (config_name if config_name.startswith(args.script) else f"{args.script}_{config_name}")
+    name = config_name if config_name.startswith(args.script) else f"{args.script}_{config_name}"
+    dataset = dataset_name(base_cfg.get("data")) if "data" in {a[2:].split("=")[0] for a in script_argv} else None
+    if dataset and dataset.removeprefix("embedded_") not in name:   # --data elsewhere than the config's data set
+        name = f"{name}_on_{dataset}"
+    name = args.name or name
     cli_keys = {a[2:].split("=")[0].replace("-", "_") for a in script_argv if a.startswith("--")}
     base_out = Path(base_cfg["out_dir"] if "out_dir" in cli_keys else Path(args.run_root) / name).resolve()
     data = str(Path(base_cfg["data"]).resolve()) if "data" in base_cfg else None

@@ -14,10 +14,9 @@ import yaml
 from data_prep import embedded
 from models.encoders import AUTO_WIDTH, ModelConfigError, encoder_out_dim, resolve_encoder_configs
 from models.fusion import CGGMModel, IGMModel, LateFusionModel, SharedHeadModel
-from train import config
+from train import SCRIPTS, config   # SCRIPTS: every training script
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ("joint", "unimodal", "gaal", "igm", "cggm")
 DEFAULTS = dict(data="d", lr=1e-3, min_lr=0.0, epochs=3, variant="official", resume=False, modalities=[],
                 encoders={}, fusion={}, nested=dict(a=1, b="x"), maybe=None)
 REASON = "by variant=official (its length is the sum of stage_epochs); drop it or set --variant paper"
@@ -358,3 +357,12 @@ def test_check_ranges_says_finite_for_inf_and_nan(key, value, message):
         config.check_ranges({key: value})
     assert str(err.value) == message
     config.check_ranges({"lr": 1e-3, "weight_decay": 0.0, "epochs": 3})   # in range: nothing raised
+
+
+def test_a_config_of_another_script_says_whose_it_is():
+    proc = run("gaal", "--config", "train/configs/igm_av.yaml", "--progress", "false")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "unknown config key 'stage_epochs'" in line and "igm_av.yaml is a config of train/igm.py" in line, line
+    proc = run("igm", "--epochs", "3")
+    assert proc.returncode == 2 and "--stage_epochs '[2, 4]'" in proc.stderr and "--variant paper" in proc.stderr

@@ -2,6 +2,7 @@
 no file edits sys.path (the editable install makes the packages importable)."""
 import ast
 import importlib.metadata
+import os
 import re
 import subprocess
 import sys
@@ -103,3 +104,17 @@ def test_no_file_edits_sys_path():
         if rel.name != "test_package.py" and ("sys.path" in text or "noqa: E402" in text):
             offenders.append(str(rel))
     assert not offenders, f"sys.path edits (use the editable install / PYTHONPATH for child processes): {offenders}"
+
+
+def test_one_list_of_training_scripts():
+    """train.SCRIPTS names exactly the files of train/ that run a training entry point, and the
+    launchers take it: slurm/submit.py (read without importing) and slurm/train.sbatch."""
+    import train
+    from tests.test_slurm import load_submit
+    with_entry_point = {p.stem for p in (REPO / "train").glob("*.py") if "loop.run_entry_point(" in p.read_text()}
+    assert set(train.SCRIPTS) == with_entry_point and len(train.SCRIPTS) == len(set(train.SCRIPTS))
+    assert load_submit().SCRIPTS == train.SCRIPTS
+    proc = subprocess.run(["bash", "slurm/train.sbatch", "loop", "train/configs/joint_seq3.yaml"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
+    assert proc.returncode != 0 and "train/loop.py is not a training script" in proc.stderr, proc.stderr

@@ -165,6 +165,19 @@ def test_submit_help_and_dry_run_sweep(tmp_path):
         submit.submit(["--script", "gaal", "--dry_run", "--bogus", "1"])
 
 
+def test_submit_takes_every_script_and_names_runs_after_the_data_set(tmp_path, monkeypatch):
+    """--script mla (a baseline) is accepted; a run whose --data is another data set than its
+    config's is named after both (`mla_av_on_embedded_seq3`), the config's own is not."""
+    data = embedded.generate(tmp_path / "data", "seq3", seed=3, n_train=64, n_val=32, n_test=32)
+    monkeypatch.chdir(tmp_path)
+    submit = load_submit()
+    _, runs = submit.submit(["--script", "mla", "--dry_run", "--run_root", str(tmp_path / "runs"), "--data", str(data)])
+    assert [Path(out).name for out, _ in runs] == ["mla_av_on_embedded_seq3"]
+    _, runs = submit.submit(["--script", "ogm_ge", "--dry_run", "--run_root", str(tmp_path / "runs"),
+                             "--config", "train/configs/ogm_ge_seq3.yaml", "--data", str(data)])
+    assert [Path(out).name for out, _ in runs] == ["ogm_ge_seq3"]
+
+
 # --------------------------------------------------------------------------------------------------
 # the launcher without SLURM (runs anywhere): automatic --resume, finished runs left alone
 

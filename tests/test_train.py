@@ -279,3 +279,12 @@ def test_sigterm_checkpoints_and_resume_is_exact(seq3_data, tmp_path):
     a, b = final_weights(whole), final_weights(split)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_no_progress_bar_off_a_terminal_and_a_warning_for_few_log_points(seq3_data, tmp_path):
+    """stderr piped (a SLURM log): no tqdm redraws even with progress on; a run that would log its
+    training diagnostics fewer than 10 times says so, with a log_every that gives ~20 points."""
+    proc = run_script("train/joint.py", seq3_args(seq3_data, tmp_path / "run", "--epochs", "1", "--progress", "true"))
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr, proc.stderr[-2000:]
+    assert "warning: log_every=3: this run logs its training diagnostics 2 time(s) over its 8 steps; " \
+           "--log_every 1 gives ~20 points" in proc.stderr, proc.stderr

@@ -296,7 +296,10 @@ def load_config(defaults: dict, argv: list[str] | None = None, default_config: s
         if not isinstance(from_file, dict):
             raise ConfigError(f"{path}: top level must be a mapping of config keys")
         from_file.pop("config_file", None)  # a run directory's config.yaml records where it came from
-        cfg = _check_and_merge(cfg, from_file, str(path), schema=defaults)
+        try:
+            cfg = _check_and_merge(cfg, from_file, str(path), schema=defaults)
+        except ConfigError as err:
+            raise ConfigError(f"{err}{_owner_hint(path)}") from None
         cfg["config_file"] = file_name = str(path)
     cfg = _check_and_merge(cfg, cli, COMMAND_LINE, schema=defaults)
     check_ranges(cfg)
@@ -309,6 +312,19 @@ def load_config(defaults: dict, argv: list[str] | None = None, default_config: s
             if file_name is not None and _overlaps(key, file_paths):
                 warn(f"{file_name}: '{key}' is ignored {reason}")
     return cfg
+
+
+def _owner_hint(path: Path) -> str:
+    """'; <file> is a config of train/<script>.py: ...' when the file's name says it belongs to another
+    training script than the one running (configs are named <script>_<data set>.yaml), else ''."""
+    from train import SCRIPTS
+    owners = [s for s in SCRIPTS if path.stem.startswith(s + "_")]
+    owner = max(owners, key=len) if owners else None
+    running = main_script()
+    if owner is None or (running is not None and running.stem == owner):
+        return ""
+    return (f"; {path.name} is a config of train/{owner}.py (configs are named <script>_<data set>.yaml): run "
+            f"train/{owner}.py with it" + (f", or give train/{running.stem}.py one of its own" if running else ""))
 
 
 def _find_config(config_path: str) -> Path:

@@ -495,7 +495,8 @@ def next_stage(setup: loop.Setup, ctx: loop.Context, val) -> None:
 def ignored_keys(cfg: dict) -> dict:
     """Keys the chosen variant does not read: refused on the command line, warned in a YAML."""
     if cfg["variant"] == "official":
-        return {"epochs": "by variant=official (a run lasts sum(stage_epochs) epochs)",
+        return {"epochs": "by variant=official (a run lasts sum(stage_epochs) epochs): set the stages' lengths "
+                          "instead, e.g. --stage_epochs '[2, 4]', or --variant paper to use --epochs",
                 "moment_decay": "by variant=official (T comes from one pass over the training set)",
                 "refresh_every": "by variant=official (T is rebuilt at each stage start)"}
     return {key: "by variant=paper (no stages; the released re-weighted SAM is official only)"

@@ -44,7 +44,7 @@ from data_prep import shards
 from models.encoders import ModelConfigError
 from train import checkpoint, data, distributed, metrics, optim, rundir
 from train.checkpoint import CheckpointError
-from train.config import ConfigError, check_choice, load_config, main_script, resolve_encoders
+from train.config import ConfigError, check_choice, load_config, main_script, resolve_encoders, warn
 
 #: The keys every script has (its DEFAULTS extend and override them): data, run directory, the
 #: optimiser and scheduler, evaluation and model selection, logging, checkpoints and preemption.
@@ -84,7 +84,7 @@ DEFAULTS = dict(
     keep_checkpoints=2,
     preempt_check_every=10,        # steps between checks for SIGTERM/SIGUSR1 across ranks (one all-reduce each)
     stop_after_steps=0,            # checkpoint and exit at this step, as a preempted job would (0 = off)
-    progress=True,                 # tqdm bar on rank 0
+    progress=True,                 # tqdm bar on rank 0, when its stderr is a terminal (not in SLURM logs)
 )
 
 
@@ -407,8 +407,13 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
                                    cfg["keep_checkpoints"], setup.generators)
 
     window, nonfinite = Window(), torch.zeros((), dtype=torch.bool, device=accelerator.device)
+    points = epochs * steps_per_epoch // cfg["log_every"]
+    if points < 10 and not cfg["resume"]:
+        warn(f"log_every={cfg['log_every']}: this run logs its training diagnostics {points} time(s) over its "
+             f"{epochs * steps_per_epoch} steps; --log_every {max(1, epochs * steps_per_epoch // 20)} gives ~20 points")
     bar = tqdm(total=epochs * steps_per_epoch, initial=min(position["step"], epochs * steps_per_epoch),
-               disable=not (cfg["progress"] and accelerator.is_main_process), dynamic_ncols=True)
+               disable=not (cfg["progress"] and accelerator.is_main_process and sys.stderr.isatty()),
+               dynamic_ncols=True)
     setup.model.train()
     while position["epoch"] < epochs and not position["stopped_early"]:
         if setup.scheduler_before_epoch and position["batch_in_epoch"] == 0:
