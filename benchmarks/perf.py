@@ -5,6 +5,7 @@
     python benchmarks/perf.py --device cuda --shapes full --fast   # + the GPU path against fp32 eager
     python benchmarks/perf.py --markdown perf.md       # also write the tables as Markdown (README)
     python benchmarks/perf.py --threads 2              # torch threads (default 1; pinned and printed)
+    python benchmarks/perf.py --sections ops           # host overhead only: ATen operators per step
 
 Sections
 1. Steps (benchmarks/step_time.py): for each method and its baseline on the same model and batch in
@@ -18,6 +19,13 @@ Sections
    chunking/compression sweep, and DataLoader samples/s per worker count against the step's.
 4. Scaling (benchmarks/scaling.py): bytes per sample, storage, read bandwidth and all-reduce bytes per
    step at 1, 8 and 64 GPUs for the full DVM and Kinetics-Sounds workloads.
+5. Host overhead (--sections ops; benchmarks/ops.py; not in the default sections): for every row of
+   the steps section's benches (each method's variants and the plain baseline they are compared with)
+   at step_time's "tiny" shape (batch 2, narrowest encoders), the ATen operators one step dispatches
+   (forward, backward and optimiser step, counted with a TorchDispatchMode after 2 warm-up steps;
+   also those inside optimizer.step()), the tiny-shape ms/step (alternating chunks of
+   ops.OPS_STEPS steps, ops.OPS_REPEATS rounds, twice), and the ratio method / baseline of both.
+   Target <= 1.5x for both.
 
 Timing (sections 1 and 2; step_time.time_runs). The thread count is pinned (--threads, default 1)
 and printed in the machine line and the section headers. After 2 untimed warm-up steps of every row,
@@ -43,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import data_path, scaling, step_time
+from benchmarks import data_path, ops, scaling, step_time
 
 STEP_CASES = {
     # --shapes: [(method, shape)]; "cpu" keeps every step under a second on two cores
@@ -163,7 +171,7 @@ def main(argv=None):
                         help=f"rounds of alternating chunks per repetition ({step_time.REPETITIONS} repetitions)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (pinned, printed)")
     parser.add_argument("--sections", default="steps,data,scaling",
-                        help="comma-separated: steps, fast, data, scaling (default: all but fast)")
+                        help="comma-separated: steps, fast, data, scaling, ops (default: steps, data, scaling)")
     parser.add_argument("--fast", action="store_true", help="add the GPU-path section (bf16, channels_last, fused)")
     parser.add_argument("--compile", action="store_true", help="GPU-path section: also torch.compile the encoders")
     parser.add_argument("--profile_fast", action="store_true",
@@ -178,9 +186,9 @@ def main(argv=None):
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if args.fast and "fast" not in sections:
         sections.insert(1, "fast")
-    unknown = set(sections) - {"steps", "fast", "data", "scaling"}
+    unknown = set(sections) - {"steps", "fast", "data", "scaling", "ops"}
     if unknown:
-        parser.error(f"--sections: unknown {sorted(unknown)} (choose from steps, fast, data, scaling)")
+        parser.error(f"--sections: unknown {sorted(unknown)} (choose from steps, fast, data, scaling, ops)")
     command = "python benchmarks/perf.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = [f"Machine: {machine_line(device)}. Command: `{command.strip()}`."]
     print(md[0])
@@ -218,6 +226,16 @@ def main(argv=None):
         print("\n== scaling\n")
         print(text)
         md += ["", md_text]
+    if "ops" in sections:
+        print(f"\n== host overhead: ATen operators per step and step time at the tiny shape (batch "
+              f"{step_time.SHAPE_BATCH[ops.SHAPE]}, narrowest encoders), method / plain baseline, target <= "
+              f"{ops.TARGET:.2f}x for both; {torch.get_num_threads()} threads; load average "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start; "
+              f"{step_time.scheme_line(ops.OPS_REPEATS, ops.OPS_STEPS)}\n", flush=True)
+        rows = ops.ops_section(device, ops.OPS_STEPS, ops.OPS_REPEATS)
+        print()
+        print(data_path.table(ops.HEADER, rows))
+        md += ["", markdown(rows, ops.HEADER)]
     if args.markdown:
         Path(args.markdown).write_text("\n".join(md) + "\n")
         print(f"\nMarkdown written to {args.markdown}")

@@ -10,6 +10,7 @@
     python benchmarks/step_time.py --method ogm_ge                # embedded audio-visual shape (also mmpareto)
     python benchmarks/step_time.py --method cggm --memory_row "cggm official"   # one row's peak memory (bytes)
     python benchmarks/step_time.py --method cggm --shape mosi --profile --steps 4   # operator time per row
+    python benchmarks/step_time.py --method gaal --shape tiny     # batch 2, narrowest encoders: host overhead
 
 Prints, per method and baseline: median step time, its spread, samples/s, peak memory (CUDA) and the
 ratio, beside the floor the algorithm itself imposes.
@@ -26,6 +27,11 @@ chunk times (25th-75th percentile, ms/step), and the ratio of the medians (row /
 chunks, taken in turn and in both orders, put a machine whose speed drifts or is shared with other
 work on every row alike; a few chunks that a burst of other work lands on barely move the median
 and the IQR.
+
+Shape "tiny" (every method): the default shape's modalities, depths and heads at batch 2 with the
+narrowest encoder widths (ResNet base width 4, tabular MLP width 32, sequence width 8), so a step costs
+what the host spends issuing its operators: the shape benchmarks/ops.py counts and times (perf.py
+--sections ops).
 
 gaal: baseline = plain alternating training of the same encoders and shared head (two updates per
 batch, no reference gradient, no surgery). GAAL adds one no-grad forward of each encoder and a
@@ -82,6 +88,9 @@ SHAPES = {
                {"arch": "resnet10", "base_width": 16, "small_input": True}, {"hidden": 256, "out_dim": 128}),
     "dvm": ([3, 128, 128], 13, {"Color": 22, "Bodytype": 13, "Gearbox": 3, "Fuel_type": 12}, 286, 256,
             {"arch": "resnet50"}, {"hidden": 2048, "out_dim": 2048}),
+    # host overhead (benchmarks/ops.py): imgtab's modalities and depths, batch 2, the narrowest widths
+    "tiny": ([3, 16, 16], 8, {"colour": 5, "body": 4}, 8, 2,
+             {"arch": "resnet10", "base_width": 4, "small_input": True}, {"hidden": 32, "out_dim": 32}),
 }
 
 
@@ -103,11 +112,14 @@ IGM_SHAPES = {
     "av": ([64, 48], [2, 3, 32, 32], 8, 128, {"arch": "resnet10", "base_width": 16},
            {"arch": "resnet10", "base_width": 16, "small_input": True}),
     "crema_d": ([257, 188], [1, 3, 224, 224], 6, 64, {"arch": "resnet18"}, {"arch": "resnet18"}),
+    "tiny": ([32, 32], [2, 3, 16, 16], 8, 2, {"arch": "resnet10", "base_width": 4},
+             {"arch": "resnet10", "base_width": 4, "small_input": True}),
 }
 CGGM_SHAPES = {
     # name: ({modality: (T, d)}, classes, batch, d_model, encoder layers)
     "seq3": ({"text": (16, 32), "audio": (20, 16), "vision": (12, 24)}, 8, 64, 64, 2),
     "mosi": ({"text": (50, 300), "audio": (50, 5), "vision": (50, 20)}, 1, 64, 64, 2),
+    "tiny": ({"text": (4, 8), "audio": (4, 4), "vision": (4, 6)}, 8, 2, 8, 2),
 }
 SHAPE_BATCH = {**{k: v[4] for k, v in SHAPES.items()}, **{k: v[3] for k, v in IGM_SHAPES.items()},
                **{k: v[2] for k, v in CGGM_SHAPES.items()}}
@@ -529,7 +541,8 @@ def main(argv=None):
     parser.add_argument("--method", choices=list(BENCHES), default="gaal")
     parser.add_argument("--shape", choices=sorted(SHAPE_BATCH), default=None,
                         help="gaal: imgtab (default) | dvm; igm, ogm_ge, mla, mmpareto: av (default) | crema_d; "
-                             "cggm: seq3 (default) | mosi")
+                             "cggm: seq3 (default) | mosi; every method: tiny (batch 2, the narrowest encoders "
+                             "of the default shape's depth: host overhead, benchmarks/ops.py)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed chunk")
     parser.add_argument("--repeats", type=int, default=5,

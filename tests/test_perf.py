@@ -149,3 +149,64 @@ def test_time_runs_chunk_order_median_and_spread_with_a_fake_clock():
     assert rows == [["plain alternating", "10.0", "10.0–10.0", "10000", "-", "1.000x", "1.000x"],
                     ["method", "15.0", "12.5–17.5", "6667", "-", "1.500x", "~1.5x"],
                     ["other", "30.0", "30.0–30.0", "3333", "-", "3.000x", "~3x"]]
+
+
+def test_op_counter_counts_forward_backward_and_optimiser_step():
+    """Linear-ReLU-Linear + cross-entropy + Adam: the forward's two addmm, autograd's backward (three
+    mm: both weight gradients and the input gradient of the second layer) and Adam's update ops inside
+    optimizer.step() must all be counted, once per step."""
+    from benchmarks import ops
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.Adam(model.parameters())
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    counts = ops.count_ops(step)
+    fwd_bwd, opt = counts["model"], counts["optimizer"]
+    assert fwd_bwd["aten::addmm"] == 2 and fwd_bwd["aten::mm"] >= 3
+    assert fwd_bwd["aten::nll_loss_backward"] == 1 and fwd_bwd["aten::threshold_backward"] == 1
+    assert sum(n for op, n in opt.items() if "addcdiv" in op) >= 1          # Adam's update
+    assert not any("backward" in op for op in opt)                          # phases kept apart
+    assert ops.total(counts) == ops.aten_ops(fwd_bwd) + ops.aten_ops(opt) > 30
+    assert ops.count_ops(step, warmup=0, steps=3) == counts                 # per step, deterministic
+
+
+@pytest.mark.parametrize("method", list(step_time.BENCHES))
+def test_operator_counts_stay_within_budget(method):
+    """Each row's ATen operators per step at the tiny shape (CPU) at or below ops.OPS_BUDGET: the host
+    overhead of a step cannot creep back up (lower the budget when a change cuts a count)."""
+    from benchmarks import ops
+    torch.set_num_threads(1)
+    counts = {key: ops.total(c) for key, c in ops.count_all(methods=[method]).items()}
+    assert len(counts) == len(step_time.BENCHES[method][2]) and set(counts) <= set(ops.OPS_BUDGET)
+    over = {key: f"{n} > budget {ops.OPS_BUDGET[key]}" for key, n in counts.items() if n > ops.OPS_BUDGET[key]}
+    assert not over, over
+
+
+def test_perf_entry_point_prints_the_ops_section(tmp_path, capsys, monkeypatch):
+    """`perf.py --sections ops` runs that section only and prints and writes its table (one method,
+    one chunk per row here, to keep it short)."""
+    from benchmarks import ops, perf
+    monkeypatch.setattr(step_time, "BENCHES", {"mla": step_time.BENCHES["mla"]})
+    monkeypatch.setattr(ops, "OPS_STEPS", 1)
+    monkeypatch.setattr(ops, "OPS_REPEATS", 1)
+    torch.set_num_threads(1)
+    perf.main(["--sections", "ops", "--markdown", str(tmp_path / "perf.md")])
+    out = capsys.readouterr().out
+    assert "== host overhead" in out and "== steps" not in out and "== scaling" not in out
+    table = [line.split() for line in out.splitlines() if line.startswith("mla ")]
+    counts = {key: ops.total(c) for key, c in ops.count_all(methods=["mla"]).items()}
+    assert [(" ".join(r[1:3]), int(r[3])) for r in table] == [
+        ("plain alternating", counts["mla plain alternating"]), ("mla official", counts["mla official"]),
+        ("mla paper", counts["mla paper"])]
+    assert table[0][5] == "1.00x" and table[1][5] == f"{counts['mla official'] / counts['mla plain alternating']:.2f}x"
+    lines = [line for line in out.splitlines() if line.startswith("mla ")]
+    assert all(line.endswith(("yes", "no (ops)", "no (time)", "no (ops, time)")) for line in lines[1:])
+    assert "<= 1.50x" in lines[1] and "<=" not in lines[0]   # the target is the methods', not the baseline's
+    text = (tmp_path / "perf.md").read_text()
+    assert "| method | step | ops/step |" in text and "| mla | mla paper |" in text and "<= 1.50×" in text
