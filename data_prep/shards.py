@@ -833,6 +833,55 @@ def write_dataset(out_dir, name, task, num_classes, modalities, splits: dict, **
 
 # ------------------------------------------------------------------------------------ reading
 
+#: Kinds whose float values the reader standardises on request, ``(x - mean) / std`` with the
+#: statistics a converter stored in ``meta["modalities"][m]["standardize"] = {"mean": [...],
+#: "std": [...]}`` (data_prep.from_arrays fits them on the training split), and the axis of a
+#: sample the statistics run along: features and sequence per feature (the last axis),
+#: spectrogram per frequency bin (axis 0), tabular per continuous column (the first
+#: len(continuous) columns; the categorical codes are left alone). Images are never standardised.
+STANDARDIZE_AXIS = {"features": -1, "sequence": -1, "spectrogram": 0, "tabular": 0}
+
+
+def standardize_plan(meta, modalities=None, root=".") -> dict:
+    """``{modality: (index, mean, std)}`` to apply ``x[index] = (x[index] - mean) / std`` to a
+    batch ``x`` (N, *shape) of each of ``modalities`` (default: all) of a kind in STANDARDIZE_AXIS
+    and a float dtype; ``mean`` / ``std`` are in the stored dtype, shaped to broadcast.
+    ShardFormatError naming ``<root>/meta.json`` and the field when such a modality has no
+    statistics or malformed ones (a length that does not fit the shape, a non-finite value, a
+    std <= 0), or when none of ``modalities`` is of such a kind (nothing would be standardised)."""
+    path = pathlib.Path(root) / META_NAME
+    names = list(meta["modalities"]) if modalities is None else list(modalities)
+    plan = {}
+    for name in names:
+        spec = meta["modalities"][name]
+        kind, shape = spec["kind"], spec["shape"]
+        if kind not in STANDARDIZE_AXIS or spec["dtype"] not in FLOAT_DTYPES:
+            continue
+        field = f"modalities.{name}.standardize"
+        stats = spec.get("standardize")
+        if stats is None:
+            _fail(path, field, f"missing: no standardisation statistics for modality {name!r} (kind {kind}); "
+                  "data_prep.from_arrays writes them, fitted on the training split")
+        axis = STANDARDIZE_AXIS[kind] % len(shape)
+        size = len(spec.get("continuous", [])) if kind == "tabular" else shape[axis]
+        if not isinstance(stats, dict) or any(
+                not isinstance(stats.get(k), list) or len(stats[k]) != size
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in stats[k]) for k in ("mean", "std")) \
+                or any(v <= 0 for v in stats["std"]):
+            _fail(path, field, f"expected {{mean: [{size} finite numbers], std: [{size} positive numbers]}}")
+        if size == 0:
+            continue
+        dtype = np.dtype(spec["dtype"])
+        bshape = (size,) + (1,) * (len(shape) - axis - 1)
+        index = (slice(None),) * (axis + 1) + (slice(0, size),)
+        plan[name] = (index, np.asarray(stats["mean"], dtype=dtype).reshape(bshape),
+                      np.asarray(stats["std"], dtype=dtype).reshape(bshape))
+    if not plan and not any(meta["modalities"][n].get("standardize") for n in names):
+        _fail(path, "modalities", f"none of {names} is a float modality of a kind "
+              f"standardisation applies to ({', '.join(STANDARDIZE_AXIS)})")
+    return plan
+
 
 class ShardDataset(torch.utils.data.Dataset):
     """One split of a prepared dataset. ``ds[i]`` -> dict of tensors of one sample; ``ds[list]``
@@ -843,9 +892,11 @@ class ShardDataset(torch.utils.data.Dataset):
     h5py.File per shard per process, so each DataLoader worker gets its own handles; nothing is
     opened at construction when meta.json records shard sizes, and the dataset pickles without
     h5py state. ``meta``: an already validated meta dict (skips validating the split's shards).
+    ``standardize``: apply the training-split statistics of meta.json to the float modalities
+    (:func:`standardize_plan`, which refuses data without them); the stored dtype is kept.
     """
 
-    def __init__(self, root, split, modalities=None, meta=None):
+    def __init__(self, root, split, modalities=None, meta=None, standardize=False):
         self.root = pathlib.Path(root)
         self.meta = validate(self.root, [split]) if meta is None else meta
         if split not in self.meta["splits"]:
@@ -858,6 +909,7 @@ class ShardDataset(torch.utils.data.Dataset):
         if unknown:
             raise KeyError(f"{self.root}: unknown modalities {unknown} (have {all_names})")
         self.modalities = [m for m in all_names if m in modalities]   # canonical order
+        self.standardize = standardize_plan(self.meta, self.modalities, self.root) if standardize else {}
         info = self.meta["splits"][split]
         self.shard_paths = [str(self.root / s) for s in info["shards"]]
         sizes = info.get("shard_sizes")
@@ -932,6 +984,10 @@ class ShardDataset(torch.utils.data.Dataset):
                     self._read_into(ds, plan, out[key])
                 except Exception as e:
                     raise ShardFormatError(f"{self.shard_paths[shard]}: field '{key}': read failed ({e})") from e
+        for key, (where, mean, std) in self.standardize.items():   # in place: `out` owns its arrays
+            x = out[key]
+            x[where] -= mean
+            x[where] /= std
         out["index"] = idx
         return {k: torch.from_numpy(v) for k, v in out.items()}
 

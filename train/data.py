@@ -53,8 +53,16 @@ def prepare_data(cfg: dict, accelerator) -> dict:
 
 
 def make_loader(cfg: dict, meta: dict, split: str, accelerator, modalities=None, train: bool = False):
-    """DataLoader over one split, this rank's part of each global batch (see ShardBatchSampler)."""
-    dataset = shards.ShardDataset(cfg["data"], split, modalities=modalities, meta=meta)
+    """DataLoader over one split, this rank's part of each global batch (see ShardBatchSampler).
+    `standardize: true` standardises the float modalities with the training-split statistics of
+    meta.json (shards.standardize_plan); data without them is refused (ConfigError, one line)."""
+    standardize = bool(cfg.get("standardize", False))
+    if standardize:
+        try:
+            shards.standardize_plan(meta, modalities, cfg["data"])
+        except shards.ShardFormatError as err:
+            raise ConfigError(f"standardize: true: {err} (or set standardize: false)") from None
+    dataset = shards.ShardDataset(cfg["data"], split, modalities=modalities, meta=meta, standardize=standardize)
     sampler = shards.ShardBatchSampler(
         len(dataset), cfg["batch_size"] if train else cfg["eval_batch_size"],
         rank=accelerator.process_index, world_size=accelerator.num_processes,

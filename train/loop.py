@@ -53,6 +53,7 @@ DEFAULTS = dict(
     data_seed=0,                   # seed of the embedded generator
     modalities=[],                 # the modalities to train, in the method's order ([] = the dataset's)
     encoders={},                   # per-modality encoder config (models.encoders.build_encoder)
+    standardize=False,             # float modalities as (x - mean) / std, meta.json's train statistics (data_prep.from_arrays)
     out_dir="runs/run",            # the run directory: config.yaml, checkpoints/, tb/, best.pt, result.json
     seed=0,
     resume=False,                  # continue the run in out_dir from its latest checkpoint
