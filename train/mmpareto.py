@@ -22,7 +22,9 @@ Losses: L_mm = CE(H(cat f), y), L_m = CE(H_m(f_m), y). Per training batch (docs/
     writes it per encoder (there the max(1, .) never binds: the min-norm element is the shortest).
 
 Two backward passes per batch (L_mm, then sum_m L_m: each L_m reaches only E_m and H_m), where the
-released step runs one per loss plus one of their sum: the same gradients.
+released step runs one per loss plus one of their sum: the same gradients. Per encoder the two
+gradient sets are each copied into one flat buffer and integrated there (methods.mmpareto.
+integrate_flat); the encoder's final .grad are views of the integrated buffer.
 
 Data parallelism without a DDP wrapper: torch.autograd.grad bypasses DDP, so both gradient sets are
 all-reduced by hand in one bucket before the cosines, the weights and the norms are computed — on
@@ -34,6 +36,8 @@ whether they conflicted, a_mm, the mean magnitude factor, |g_mm| and |g_u|; fuse
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +89,23 @@ def gradients(loss, params, retain_graph=False):
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
+def _sum(tensors):
+    """Python's sum without its leading 0 + (one operator fewer; the same value)."""
+    return functools.reduce(operator.add, tensors)
+
+
+_SEGMENT_IDS: dict = {}
+
+
+def _segments(sizes, device):
+    """methods.mmpareto.segment_ids for an encoder's layout, built once per (layout, device): its
+    host-to-device copy happens on the first step only, never again inside a step."""
+    key = (tuple(sizes), device)
+    if key not in _SEGMENT_IDS:
+        _SEGMENT_IDS[key] = mmpareto.segment_ids(sizes, device)
+    return _SEGMENT_IDS[key]
+
+
 def mmpareto_step(model, optimizer, batch, cfg, world=1, autocast=contextlib.nullcontext):
     """One MMPareto update of a ConcatAndUnimodalHeadsModel on a batch (see the module docstring).
 
@@ -104,7 +125,7 @@ def mmpareto_step(model, optimizer, batch, cfg, world=1, autocast=contextlib.nul
     fused_head = list(model.head.parameters())
     unimodal_heads = [p for m in modalities for p in model.heads[m].parameters()]
     grads_mm = gradients(loss_mm, encoders + fused_head, retain_graph=True)
-    grads_u = gradients(sum(losses.values()), encoders + unimodal_heads)   # L_m reaches only E_m, H_m
+    grads_u = gradients(_sum(losses.values()), encoders + unimodal_heads)   # L_m reaches only E_m, H_m
     all_reduce_mean_(grads_mm + grads_u, world)
 
     optimizer.zero_grad(set_to_none=True)
@@ -114,23 +135,30 @@ def mmpareto_step(model, optimizer, batch, cfg, world=1, autocast=contextlib.nul
     for p, g in zip(unimodal_heads, grads_u[n:]):
         p.grad = g
     stats, offset = {}, 0
+    per_tensor = cfg["variant"] == "official"
     for m in modalities:
-        k = len(encoder_params[m])
+        params = encoder_params[m]
+        k = len(params)
         g_mm, g_u = grads_mm[offset:offset + k], grads_u[offset:offset + k]
         offset += k
-        weights = mmpareto.pareto_weights(g_mm, g_u)
-        final, factor = mmpareto.integrate(g_mm, g_u, weights, cfg["magnitude_scale"],
-                                           per_tensor=cfg["variant"] == "official")
-        for p, g in zip(encoder_params[m], final):
-            p.grad = g
+        # one flat buffer per encoder and gradient set: the cosine, the dot products, h and the final
+        # gradient are a few operators on it, the per-tensor norms one foreach norm over its segments
+        sizes = [p.numel() for p in params]
+        flat_mm, flat_u = mmpareto.flatten(g_mm), mmpareto.flatten(g_u)
+        weights = mmpareto.pareto_weights_flat(flat_mm, flat_u)
+        final, factor = mmpareto.integrate_flat(flat_mm, flat_u, weights, sizes, cfg["magnitude_scale"],
+                                                per_tensor=per_tensor,
+                                                segments=_segments(sizes, flat_mm.device) if per_tensor else None)
+        for p, g in zip(params, final.split(sizes)):
+            p.grad = g if g.dim() == p.dim() else g.view(p.shape)   # views of one buffer (a 1-d one as is)
         logits = out[m][1].detach()
         stats |= {f"{m}/loss": losses[m].detach(), f"{m}/acc": (logits.argmax(1) == labels).float().mean(),
                   f"{m}/cos_mm_uni": weights.cos, f"{m}/conflict": weights.conflict.float(),
                   f"{m}/alpha_mm": weights.alpha_m, f"{m}/magnitude_factor": factor,
-                  f"{m}/grad_norm_mm": torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g_mm])),
-                  f"{m}/grad_norm_uni": torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g_u]))}
+                  f"{m}/grad_norm_mm": torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g_mm))),
+                  f"{m}/grad_norm_uni": torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g_u)))}
     optimizer.step()
-    total = loss_mm.detach() + sum(loss.detach() for loss in losses.values())
+    total = loss_mm.detach() + _sum(loss.detach() for loss in losses.values())
     return stats | {"fused/loss": loss_mm.detach(), "fused/acc": (fused.detach().argmax(1) == labels).float().mean(),
                     "train/loss": total}
 
