@@ -5,7 +5,9 @@
 
 Each argument is a run directory (it holds result.json) or a directory of them (<dir>/*/result.json,
 in the order of <dir>/jobs.txt when there is one). Runs are grouped by their name without the
-`_s<seed>` suffix; a group named `joint` is the baseline of the paired differences (same seed).
+`_s<seed>` suffix; the group named by --reference (default `joint`) is the baseline of the paired
+differences (same seed). Runs of different data sets (their config.yaml's `data`, named by its
+meta.json) are refused: report each data set on its own.
 Writes <out>/report.md and beside it:
   val_curves.png     per-modality and fused validation metric over epochs (metrics.jsonl), mean and
                      a band of ± one standard deviation over seeds, one line per group;
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import re
 import statistics
 import sys
@@ -354,12 +357,37 @@ def shapley_table(groups: dict, evaluations: dict) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------
 
-def write_report(paths: list, out: Path, split: str = "test") -> Path:
+def data_set_of(run: Path) -> str:
+    """The data set a run trained on: its meta.json's name, else the data path of its config.yaml."""
+    data = summarize.read_yaml(run / "config.yaml").get("data")
+    try:
+        return str(json.loads((Path(str(data)) / "meta.json").read_text())["name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(data)
+
+
+def check_one_data_set(groups: dict) -> None:
+    """Refuse (one line) runs of different data sets in one report: their tables and panels would
+    mix numbers that do not compare."""
+    by_data = defaultdict(list)
+    for group, runs in groups.items():
+        for _, run, _ in runs:
+            by_data[data_set_of(run)].append(run.name)
+    if len(by_data) > 1:
+        parts = "; ".join(f"{data}: {', '.join(names[:3])}" + (" ..." if len(names) > 3 else "")
+                          for data, names in by_data.items())
+        raise ConfigError(f"runs of {len(by_data)} data sets in one report ({parts}): report each data set on its own")
+
+
+def write_report(paths: list, out: Path, split: str = "test", reference: str = "joint") -> Path:
     runs = find_runs(paths)
     groups = group_runs(runs)
     parents = {run.parent for run in runs}
     if len(parents) == 1:   # one ablation directory: its rows in the order its jobs list gives them
         groups = summarize.in_listed_order(groups, str(parents.pop()))
+    check_one_data_set(groups)
+    if reference != "joint" and reference not in groups:
+        raise ConfigError(f"--reference {reference}: no such group among the runs ({', '.join(groups)})")
     metric = metric_of(next(iter(groups.values()))[0][2])
     records = {run: read_records(run) for run in runs}   # every file read before any compute
     stored = {run: evaluate.stored_evaluation(run).get(split) for run in runs}
@@ -376,11 +404,16 @@ def write_report(paths: list, out: Path, split: str = "test") -> Path:
            for g, rs in groups.items()]
     md += ["", f"## Summary: {split} {metric} (mean ± std over seeds)", "",
            "The model each run selected on validation (best.pt).", "", *summary_table(groups, metric, split),
-           "", f"### Paired difference against joint ({split} {metric}, same seed; mean ± std over pairs)", "",
-           *paired_table(groups, metric, split)]
+           "", f"### Paired difference against {reference} ({split} {metric}, same seed; mean ± std over pairs)", "",
+           *paired_table(groups, metric, split, reference)]
     curves = val_curves(groups, records, metric, out)
     if curves:
         md += ["", f"## Validation {metric} over epochs", "", f"![validation curves]({curves})"]
+        if any(r.get("script") == "train.igm" and r.get("variant") == "official"
+               for runs_ in groups.values() for _, _, r in runs_):
+            md += ["", "IGM (official): one modality trains per stage while the other's encoder and head stay "
+                   "frozen, so the frozen modality's validation line is flat within a stage, and each stage "
+                   "restarts from the best model so far (best.pt)."]
     md += ["", "## Modality contribution (Shapley)", "",
            f"Exact Shapley values of the fused {split} {key} over every subset of modalities (absent modalities: "
            f"{rules['absent_rule']}). They add up to v(all) − v(none).", "",
@@ -406,9 +439,11 @@ def main(argv=None) -> None:
     parser.add_argument("runs", nargs="+", help="run directories, or directories holding them (an ablation)")
     parser.add_argument("--out", required=True, help="directory for report.md and its PNG figures")
     parser.add_argument("--split", choices=evaluate.SPLITS, default="test")
+    parser.add_argument("--reference", default="joint",
+                        help="the group the paired differences are taken against (default: joint)")
     args = parser.parse_args(argv)
     try:
-        report = write_report(args.runs, Path(args.out), args.split)
+        report = write_report(args.runs, Path(args.out), args.split, args.reference)
     except (ConfigError, CheckpointError, ShardFormatError) as err:   # bad input: one line, as train.evaluate
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

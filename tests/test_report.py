@@ -143,3 +143,27 @@ def test_report_skips_a_cut_last_metrics_line_with_a_warning(ablation, tmp_path)
     assert warnings == [f"warning: {path}: line 2 is cut short (a run killed while writing it); "
                         "skipped"], proc.stderr
     assert (tmp_path / "report" / "val_curves.png").is_file()
+
+
+def test_report_takes_a_reference_group_and_refuses_mixed_data_sets(ablation, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "scripts/report.py", str(ablation), "--out", str(out), "--reference", "gaal"],
+                          cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    paired = rows((out / "report.md").read_text(), "### Paired difference against gaal")
+    assert list(paired) == ["run − gaal", "joint"]
+    proc = subprocess.run([sys.executable, "scripts/report.py", str(ablation), "--out", str(out), "--reference", "igm"],
+                          cwd=REPO, capture_output=True, text=True, env=env)
+    assert "no such group among the runs (joint, gaal)" in assert_one_error_line(proc, "--reference igm")
+    # a run of another data set beside them: refused, each data set named
+    other = tmp_path / "runs" / "mla_s0"
+    shutil.copytree(ablation / "joint_s0", other)
+    config = (other / "config.yaml").read_text()
+    data = embedded.generate(tmp_path / "data", "av", seed=1, n_train=64, n_val=32, n_test=32)
+    (other / "config.yaml").write_text(re.sub(r"(?m)^data: .*$", f"data: {data}", config))
+    proc = subprocess.run([sys.executable, "scripts/report.py", str(ablation), str(other), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == ("error: runs of 2 data sets in one report (embedded_seq3: joint_s0, gaal_s0; "
+                                   "embedded_av: mla_s0): report each data set on its own"), proc.stderr
