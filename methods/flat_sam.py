@@ -160,37 +160,63 @@ def accumulate_input_moment_from_sum(Y: Optional[torch.Tensor], a_sum: torch.Ten
 GradList = Sequence[Optional[torch.Tensor]]
 
 
+def _present(grads: GradList) -> Tuple[List[int], List[torch.Tensor]]:
+    """Indices and tensors of the non-None entries."""
+    idx = [i for i, g in enumerate(grads) if g is not None]
+    return idx, [grads[i] for i in idx]
+
+
+def _place(n: int, idx: List[int], values: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """A list of n entries: values at idx, None elsewhere."""
+    out: List[Optional[torch.Tensor]] = [None] * n
+    for i, v in zip(idx, values):
+        out[i] = v
+    return out
+
+
 def sam_perturbation_per_tensor(grads: GradList, rho: float,
                                 eps: float = 1e-12) -> List[Optional[torch.Tensor]]:
     """Official IGM "SAM" move: ε_p = ρ·g_p/(‖g_p‖ + eps) for each tensor separately.
 
     Each non-None entry has norm ρ (up to eps); None entries (parameters without gradient) stay
     None. The released code adds ε to the parameters and does not restore them. eps avoids 0/0
-    for a zero gradient (ε = 0 then). No host sync.
+    for a zero gradient (ε = 0 then). No host sync. Computed with torch._foreach_* over the list
+    (each tensor's norm in its own dtype, as torch.linalg.vector_norm would; the same elementwise
+    operations as the per-tensor form: g·(ρ·(1/(‖g‖ + eps)))).
     """
-    out: List[Optional[torch.Tensor]] = []
-    for g in grads:
-        if g is None:
-            out.append(None)
-            continue
-        out.append(g * (rho / (torch.linalg.vector_norm(g) + eps)))
-    return out
+    idx, present = _present(grads)
+    if not present:
+        return [None for _ in grads]
+    scales = torch._foreach_norm(present)
+    torch._foreach_add_(scales, eps)
+    torch._foreach_reciprocal_(scales)
+    torch._foreach_mul_(scales, rho)
+    return _place(len(grads), idx, torch._foreach_mul(present, scales))
 
 
 def sam_perturbation_global(grads: GradList, rho: float,
                             eps: float = 1e-12) -> List[Optional[torch.Tensor]]:
     """Foret SAM (paper variant): ε = ρ·g/(‖g‖₂ + eps) with the norm over ALL tensors together.
 
-    ‖g‖₂ = sqrt(Σ_p ‖g_p‖²), computed in float32 or wider; the concatenated ε has norm ρ (up to
-    eps). For DDP pass the all-reduced gradients. None entries stay None. No host sync.
+    ‖g‖₂ = sqrt(Σ_p ‖g_p‖²) = ‖(‖g_1‖, …, ‖g_P‖)‖₂, computed in float32 or wider; the concatenated ε
+    has norm ρ (up to eps). For DDP pass the all-reduced gradients. None entries stay None. No host
+    sync. The per-tensor norms are one torch._foreach_norm and ε one torch._foreach_mul per dtype
+    of the gradients (one in practice).
     """
-    present = [g for g in grads if g is not None]
+    idx, present = _present(grads)
     if not present:
         return [None for _ in grads]
     norm_dtype = torch.promote_types(present[0].dtype, torch.float32)
-    norms = torch.stack([torch.linalg.vector_norm(g.to(norm_dtype)) for g in present])
-    scale = rho / (torch.linalg.vector_norm(norms) + eps)
-    return [None if g is None else g * scale.to(g.dtype) for g in grads]
+    norms = torch._foreach_norm(present, 2, dtype=norm_dtype)
+    scale = rho / (torch.linalg.vector_norm(torch.stack(norms)) + eps)
+    by_dtype: dict = {}
+    for j, g in enumerate(present):
+        by_dtype.setdefault(g.dtype, []).append(j)
+    out: List[Optional[torch.Tensor]] = [None] * len(present)
+    for dtype, js in by_dtype.items():
+        for j, e in zip(js, torch._foreach_mul([present[j] for j in js], scale.to(dtype))):
+            out[j] = e
+    return _place(len(grads), idx, out)
 
 
 def mix_inputs(x: torch.Tensor, lam: Union[float, torch.Tensor],

@@ -152,7 +152,8 @@ class HeadInputSums:
         def hook(module, args):
             if not self.recording:
                 return
-            total, n = flat_sam.input_sum_and_count(args[0].detach().float())
+            with torch.no_grad():   # no graph for the sums (cheaper than a detach per layer)
+                total, n = flat_sam.input_sum_and_count(args[0].float())
             self.sums[i].append(total)
             if i == self.layers[0]:
                 self.count.append(n)
@@ -254,7 +255,9 @@ def igm_step(model, m, batch, optimizer, projections, cfg, world=1, autocast=con
     alpha = float(cfg["mixup_alpha_by_modality"].get(m, cfg["mixup_alpha"]))
     lam, perm = 1.0, None
     if alpha > 0:   # drawn from the global CPU RNG: seeded alike on every rank, checkpointed per rank
-        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        # validate_args=False: alpha > 0 is checked in check_config; the same draw, without the
+        # distribution's per-call argument checks (a dozen operators and host reads)
+        lam = float(torch.distributions.Beta(alpha, alpha, validate_args=False).sample())
         # pinned + non_blocking: a pageable host-to-device copy would wait for the GPU's queue to drain
         perm = torch.randperm(y.shape[0], pin_memory=y.is_cuda).to(y.device, non_blocking=True)
         x = flat_sam.mix_inputs(to_float(x), lam, perm)   # mixup needs floats
@@ -301,9 +304,12 @@ def igm_step(model, m, batch, optimizer, projections, cfg, world=1, autocast=con
             loss_ori.backward(retain_graph=True)
             reduce_grads()
             with torch.no_grad():
-                for p, e in zip(params, flat_sam.sam_perturbation_per_tensor([p.grad for p in params], cfg["rho"])):
-                    if e is not None:
-                        p.data = p.data + e
+                moved = [(p, e) for p, e in zip(params, flat_sam.sam_perturbation_per_tensor(
+                    [p.grad for p in params], cfg["rho"])) if e is not None]
+                if moved:
+                    ps, es = zip(*moved)
+                    for p, new in zip(ps, torch._foreach_add([p.data for p in ps], list(es))):
+                        p.data = new
             optimizer.zero_grad(set_to_none=True)
             loss_sam = F.cross_entropy(head(features), y).mean()
             loss = (1 - w) * loss_ori + w * loss_sam
@@ -317,10 +323,10 @@ def igm_step(model, m, batch, optimizer, projections, cfg, world=1, autocast=con
         reduce_grads()
         if cfg["sam"]:
             eps = flat_sam.sam_perturbation_global([p.grad for p in params], cfg["rho"])
-            with torch.no_grad():
-                for p, e in zip(params, eps):
-                    if e is not None:
-                        p.add_(e)
+            moved = [p for p, e in zip(params, eps) if e is not None]
+            eps = [e for e in eps if e is not None]
+            with torch.no_grad():   # theta + eps, one multi-tensor add (restored below by one subtract)
+                torch._foreach_add_(moved, eps)
             optimizer.zero_grad(set_to_none=True)
             hooks_off = head_hooks.paused() if head_hooks is not None else contextlib.nullcontext()
             with frozen_batchnorm_stats(encoder), hooks_off:
@@ -328,15 +334,15 @@ def igm_step(model, m, batch, optimizer, projections, cfg, world=1, autocast=con
             mixup_loss(logits_sam).mean().backward()
             reduce_grads()
             with torch.no_grad():
-                for p, e in zip(params, eps):
-                    if e is not None:
-                        p.sub_(e)
+                torch._foreach_sub_(moved, eps)
+    # one matmul per projected layer (their weight shapes, (256, D), (64, 256), (C, 64), all differ:
+    # nothing to batch); the product replaces the gradient tensor instead of being copied into it
     for i, T in projections.items():
         weight = head.linears[i].weight
         if weight.grad is not None:
-            weight.grad.copy_(flat_sam.project_weight_grad(weight.grad, T))
+            weight.grad = flat_sam.project_weight_grad(weight.grad, T)
     optimizer.step()
-    return {f"{m}/loss": loss.detach(), f"{m}/acc": (logits.detach().argmax(1) == y).float().mean()}
+    return {f"{m}/loss": loss.detach(), f"{m}/acc": (logits.argmax(1) == y).float().mean()}   # argmax: no graph
 
 
 def stage_gradient(head):
@@ -422,11 +428,11 @@ def step(setup: loop.Setup, batch: dict, ctx: loop.Context) -> dict:
                 state["Y"][m][i] = moment if prev is None else cfg["moment_decay"] * prev + moment
         g = stage_gradient(model.heads[m])
         if official:
-            state["stage_grad"] = g.clone() if state["stage_grad"] is None else state["stage_grad"] + g
+            state["stage_grad"] = g if state["stage_grad"] is None else state["stage_grad"] + g   # g: a fresh cat
         else:   # a stage is one modality turn (MLA's definition): the cosine with the turn before
             if state["prev_turn_grad"] is not None:
                 cosines.append(F.cosine_similarity(g, state["prev_turn_grad"], dim=0))
-            state["prev_turn_grad"] = g.clone()
+            state["prev_turn_grad"] = g   # a fresh tensor (torch.cat): no copy needed
     if cosines:
         stats["plasticity/cos_consecutive_stages"] = torch.stack(cosines).mean()
     return stats
