@@ -83,6 +83,7 @@ def test_bare_accelerate_launch_prints_no_defaults_warning(tmp_path):
     # several processes: the wrapper checks the config once before torch's launcher starts them
     (["--multi_gpu", "--num_processes", "2", "train/cggm.py", "--lr", "-1"], "error: lr=-1.0: must be > 0"),
 ])
+@pytest.mark.slow
 def test_a_mistake_through_accelerate_launch_is_one_line(tmp_path, args, line):
     """What a new user meets: a config mistake under `accelerate launch` prints one line on stderr (no
     traceback of the launcher, no defaults warning), nothing on stdout, and exits non-zero."""

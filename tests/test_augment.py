@@ -347,6 +347,7 @@ def test_cuda_no_host_sync_and_matches_cpu(recipe, channels_last):
 
 
 # ---------------------------------------------------------------- benchmark (prints only)
+@pytest.mark.slow
 def test_benchmark_cpu_batch(capsys):
     x = torch.randint(0, 256, (256, 3, 128, 128), dtype=torch.uint8)
     for name, kw in (("defaults (DVM)", {}), ("with hue 0.2", {"jitter": (0.8, 0.8, 0.8, 0.2)})):

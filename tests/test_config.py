@@ -77,6 +77,7 @@ def test_parse_defaults_source_joins_continuation_comments():
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.slow
 def test_help_from_the_command_line_exits_0_before_anything_happens(flag, tmp_path):
     proc = run("gaal", "--out_dir", "x", flag, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -163,6 +163,7 @@ def test_strong_modality_is_nearly_linearly_decodable(imgtab):
     assert acc >= bayes - 0.04
 
 
+@pytest.mark.slow
 def test_weak_image_is_not_linearly_decodable(imgtab):
     root, meta, data = imgtab
     flat = {s: data[s]["image"].reshape(len(data[s]["image"]), -1).astype(np.float32) / 255 for s in ("train", "test")}

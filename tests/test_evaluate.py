@@ -100,6 +100,7 @@ def run_evaluate(*args):
                           capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_evaluation_of_a_real_run(joint_run):
     result = json.loads((joint_run / "result.json").read_text())
     assert result["script"] == "train.joint"
@@ -136,6 +137,7 @@ def test_evaluation_of_a_real_run(joint_run):
     assert stored["val"]["rules"]["absent"] == "zero"
 
 
+@pytest.mark.slow
 def test_a_modality_the_model_ignores_contributes_nothing(joint_run, tmp_path):
     run = tmp_path / "ignored_s0"
     shutil.copytree(joint_run, run, ignore=shutil.ignore_patterns("evaluation.json"))
@@ -153,6 +155,7 @@ def test_a_modality_the_model_ignores_contributes_nothing(joint_run, tmp_path):
     assert entry["noise"]["vision"][1]["fused"] == entry["noise"]["vision"][0]["fused"]
 
 
+@pytest.mark.slow
 def test_bad_run_directories_are_refused_in_one_line(joint_run, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(joint_run, partial, ignore=shutil.ignore_patterns("best.pt"))

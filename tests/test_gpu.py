@@ -97,6 +97,7 @@ def whole_and_resumed(name, data, tmp_path, device):
 
 
 # ------------------------------------------------------------------------------------------------ CPU
+@pytest.mark.slow
 def test_argument_lists_are_valid_on_cpu(data, tmp_path):
     """The GPU tests' argument lists, run for GAAL on CPU (fp32, NCHW): they parse, train, checkpoint
     and resume; on CPU every kernel here is deterministic, so the resumed run is bit-exact."""
@@ -107,6 +108,7 @@ def test_argument_lists_are_valid_on_cpu(data, tmp_path):
     assert "mixed_precision: 'no'" in config or "mixed_precision: no" in config
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     """benchmarks/gpu_check.sh --dry-run: the same stages on CPU at tiny sizes (pytest collection of
     the gpu tests, perf.py's fastest CPU setting) into $OUT, with the summary file."""

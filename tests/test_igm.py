@@ -260,6 +260,7 @@ def _ddp_worker(rank, world, init_file, variant, out_file):
 
 
 @pytest.mark.parametrize("variant", ["official", "paper"])
+@pytest.mark.slow
 def test_igm_step_two_ranks_equal_one(tmp_path, variant):
     single, means = _run_steps(Toy(), DDP_CFGS[variant], toy_batches())
     out = tmp_path / "ddp.pt"
@@ -461,6 +462,7 @@ def test_dataset_config_learning_rate_per_epoch_of_a_stage(dataset):
     assert lrs == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_step_time_benchmark_runs(capsys):
     import importlib.util
     spec = importlib.util.spec_from_file_location("step_time", Path(__file__).parent.parent / "benchmarks" / "step_time.py")

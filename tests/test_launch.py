@@ -84,6 +84,7 @@ mixed_precision: 'no'
     (["--num_processes", "3"], "3 processes (--num_processes 3) but started ONE: without --multi_gpu"),
     (["--config_file", "{cpu_config}"], "2 processes (num_processes: 2 in {cpu_config}) but started ONE"),
 ])
+@pytest.mark.slow
 def test_one_process_for_several_is_refused_before_compute(launch, asked, seq3_small, tmp_path):
     if torch.cuda.device_count() > 1:
         pytest.skip("with several GPUs accelerate launch turns on --multi_gpu by itself")
@@ -101,6 +102,7 @@ def test_one_process_for_several_is_refused_before_compute(launch, asked, seq3_s
     assert not out.exists()   # refused before the run directory (or any compute)
 
 
+@pytest.mark.slow
 def test_accelerate_console_script_is_recognised(seq3_small, tmp_path):
     """`accelerate launch ...` (the console script) rather than `python -m accelerate.commands.launch`."""
     exe = Path(sys.executable).parent / "accelerate"
@@ -112,6 +114,7 @@ def test_accelerate_console_script_is_recognised(seq3_small, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_one_process_launches_still_train(seq3_small, tmp_path):
     """--cpu with one process, and a plain `python` run with MASTER_PORT left in the environment."""
     proc = run(accelerate_launch("--cpu", "--num_processes", "1") + ["train/joint.py", *tiny_args(seq3_small, tmp_path / "a")])
@@ -209,6 +212,7 @@ def test_multi_rank_deepspeed_without_cuda_is_refused_in_process(monkeypatch):
     distributed.check_world_size()   # one DeepSpeed process on CPU is fine
 
 
+@pytest.mark.slow
 def test_multi_rank_deepspeed_on_cpu_is_refused_before_compute(seq3_small, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA (multi-rank DeepSpeed works on GPUs)")

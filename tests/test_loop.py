@@ -147,6 +147,7 @@ def test_one_epoch_loop_in_train():
         assert not re.search(r"while .*epoch.* <", text), path.name
 
 
+@pytest.mark.slow
 def test_adding_a_method_example_trains_end_to_end(tmp_path):
     """docs/adding-a-method.md's complete example, extracted from the page and run as written."""
     page = (REPO / "docs" / "adding-a-method.md").read_text()

@@ -183,6 +183,7 @@ def _ddp_worker(rank, world, init_file, out_file):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_mla_step_two_ranks_equal_one(tmp_path):
     """Released projection (current features, normalised, echo) and paper: weights and P."""
     out = tmp_path / "ddp.pt"

@@ -224,6 +224,7 @@ def _ddp_worker(rank, world, init_file, out_file):
 VARIANTS = ("official", "paper")
 
 
+@pytest.mark.slow
 def test_step_two_ranks_equal_one(tmp_path):
     """Both variants in one 2-process group (one spawn): weights, cosines and weights logged."""
     out = tmp_path / "ddp.pt"

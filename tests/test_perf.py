@@ -58,6 +58,7 @@ def test_the_probe_sees_a_host_sync():
     ("ogm_ge", "av", "ogm_ge official"), ("ogm_ge", "av", "ogm_ge paper"), ("mla", "av", "mla official"),
     ("mla", "av", "mla paper"), ("mmpareto", "av", "mmpareto official"), ("mmpareto", "av", "mmpareto paper"),
 ])
+@pytest.mark.slow
 def test_method_steps_never_synchronise_with_the_host(method, shape, row):
     torch.set_num_threads(1)
     bench = step_time.BENCHES[method][0]
@@ -68,6 +69,7 @@ def test_method_steps_never_synchronise_with_the_host(method, shape, row):
     assert calls == HOST_SIDE.get(row, [])
 
 
+@pytest.mark.slow
 def test_row_memory_probe_counts_the_step():
     # in a fresh process, as perf.py runs it (in a process that already freed memory, malloc reuses
     # resident pages and the high-water mark need not move)
@@ -96,6 +98,7 @@ def test_perf_entry_point_prints_the_scaling_section(tmp_path, capsys):
     assert text.startswith("Machine: ") and "| workload |" in text
 
 
+@pytest.mark.slow
 def test_profile_mode_reports_every_row(capsys):
     step_time.main(["--method", "cggm", "--profile", "--steps", "1"])
     lines = [line for line in capsys.readouterr().out.splitlines() if "self CPU time" in line]

@@ -70,6 +70,7 @@ def _nonfinite_worker(rank, world, init_file, out_dir):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
     """A rank that stopped alone would leave the others in their next collective."""
     torch.multiprocessing.spawn(_nonfinite_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
@@ -101,6 +102,7 @@ def copy_run(run, dest):
 
 
 @pytest.mark.parametrize("victim", ["state.pt", "rng-rank0.pt"])
+@pytest.mark.slow
 def test_crafted_checkpoint_is_refused_and_runs_nothing(seq3, stopped_run, tmp_path, victim):
     run = copy_run(stopped_run, tmp_path / "run")
     marker = tmp_path / "code-ran"
@@ -115,6 +117,7 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(seq3, stopped_run, tmp_p
     assert (run / "config.yaml").read_bytes() == config_before
 
 
+@pytest.mark.slow
 def test_garbage_rng_file_names_the_file(seq3, stopped_run, tmp_path):
     run = copy_run(stopped_run, tmp_path / "run")
     path = run / "checkpoints" / "ckpt-000000003" / "rng-rank0.pt"
@@ -142,6 +145,7 @@ def test_plain_pickle_of_allowed_types_still_loads(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # run directories: never silently reused; a rejected --resume changes nothing and says why
 
+@pytest.mark.slow
 def test_fresh_run_refuses_a_previous_runs_directory(seq3, stopped_run, tmp_path):
     run = copy_run(stopped_run, tmp_path / "run")
     subprocess.run(["rm", "-r", str(run / "checkpoints")], check=True)

@@ -46,6 +46,7 @@ def rows(markdown: str, heading: str) -> dict:
     return table
 
 
+@pytest.mark.slow
 def test_report_renders_from_two_runs(ablation, tmp_path):
     out = tmp_path / "report"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -107,6 +108,7 @@ def cut(text: str) -> str:
     ("joint_s0", "metrics.jsonl", lambda text: cut(text.splitlines()[0]) + "\n" + text.split("\n", 1)[1]),
     ("joint_s0", "metrics.jsonl", lambda text: text.replace("\n", "\n[1, 2]\n", 1)),   # a line not an object
 ])
+@pytest.mark.slow
 def test_report_refuses_a_corrupt_run_file_in_one_line(ablation, tmp_path, run, name, corrupt):
     """A corrupt evaluation.json, a truncated result.json, a cut metrics.jsonl line that is not the
     last: exit 2, one `error:` line naming the file (and the line), no traceback, no report."""
@@ -121,6 +123,7 @@ def test_report_refuses_a_corrupt_run_file_in_one_line(ablation, tmp_path, run, 
     assert not (tmp_path / "report" / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_report_refuses_a_jobs_list_that_is_not_text(ablation, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(ablation, runs)
@@ -128,6 +131,7 @@ def test_report_refuses_a_jobs_list_that_is_not_text(ablation, tmp_path):
     assert "not UTF-8" in assert_one_error_line(run_report(runs, "--out", tmp_path / "report"), runs / "jobs.txt")
 
 
+@pytest.mark.slow
 def test_report_skips_a_cut_last_metrics_line_with_a_warning(ablation, tmp_path):
     """A run killed while it wrote its last metrics.jsonl line (a normal state of a run directory):
     the report is written from the whole lines, with one warning naming the file and the line."""

@@ -306,6 +306,7 @@ def test_a_lost_node_fails_the_job_naming_it_and_a_resubmission_resumes(two_node
                   "(RDZV_TIMEOUT)"),
     ("no-such-node.invalid", "rendezvous: no-such-node.invalid (MASTER_ADDR) does not resolve on "),
 ])
+@pytest.mark.slow
 def test_an_unreachable_rendezvous_is_one_line_within_the_timeout(address, message, tmp_path):
     from tests.test_train import free_port
     port = free_port()   # nothing listens there

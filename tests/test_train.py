@@ -169,6 +169,7 @@ distributed.check_world_size(Accelerator(cpu=False))
 """
 
 
+@pytest.mark.slow
 def test_silent_rank0_clones_are_refused(tmp_path):
     """Without cpu=True on a CUDA-less machine, 2 launched processes each think they are rank 0 of 1."""
     if torch.cuda.is_available():
@@ -224,6 +225,7 @@ for step in itertools.count(1):
 """
 
 
+@pytest.mark.slow
 def test_checkpoint_survives_sigkill(tmp_path):
     """A saver process writes checkpoints in a loop and is SIGKILLed at several moments; each time,
     `latest` must name a complete checkpoint that loads, with the weights of the step it claims."""
@@ -281,6 +283,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(seq3_data, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_no_progress_bar_off_a_terminal_and_a_warning_for_few_log_points(seq3_data, tmp_path):
     """stderr piped (a SLURM log): no tqdm redraws even with progress on; a run that would log its
     training diagnostics fewer than 10 times says so, with a log_every that gives ~20 points."""
