@@ -29,9 +29,11 @@ import torch
 
 __all__ = [
     "entropy",
+    "entropy_from_log_probs",
     "hard_sample_count",
     "hard_sample_indices",
     "global_hard_sample_mask",
+    "global_hard_sample_weights",
     "global_hard_sample_indices",
     "project_conflicting",
     "project_conflicting_with_stats",
@@ -52,7 +54,16 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     dtypes keep theirs. Source: GAAL paper/code (entropy of the softmax prediction).
     """
     x = logits.float() if logits.dtype in _LOW_PRECISION else logits
-    log_p = torch.log_softmax(x, dim=-1)
+    return entropy_from_log_probs(torch.log_softmax(x, dim=-1))
+
+
+def entropy_from_log_probs(log_p: torch.Tensor) -> torch.Tensor:
+    """H(p) = −Σ_c p_c·log p_c from log-probabilities log p (B, C) → (B,), in log_p's dtype.
+
+    ``entropy(logits)`` is this of ``log_softmax(logits)``; a caller that already holds the
+    log-probabilities (cross-entropy's log_softmax) saves recomputing them. No graph is needed for a
+    selection: call it under ``torch.no_grad()``. Source: as :func:`entropy`.
+    """
     return -(log_p.exp() * log_p).sum(dim=-1)
 
 
@@ -101,11 +112,34 @@ def global_hard_sample_mask(all_entropies: torch.Tensor, frac: float, offset: in
     batch is ``(ce * mask).sum() / k`` on each rank, then SUMMED over ranks (or multiplied by the
     world size before DDP's averaging all-reduce). A mask keeps shapes static: no host sync.
     """
-    k = hard_sample_count(all_entropies.shape[0], frac)
+    total = all_entropies.shape[0]
+    k = hard_sample_count(total, frac)
     selected = _descending_order(all_entropies)[:k]
-    mask = torch.zeros(all_entropies.shape[0], dtype=torch.bool,
-                       device=all_entropies.device).scatter_(0, selected, True)
+    mask = torch.zeros(total, dtype=torch.bool, device=all_entropies.device).scatter_(0, selected, True)
+    if offset == 0 and local_count == total:   # one rank holds the whole batch: no slice to dispatch
+        return mask, k
     return mask[offset:offset + local_count], k
+
+
+def global_hard_sample_weights(all_entropies: torch.Tensor, frac: float, offset: int, local_count: int,
+                               dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, int]:
+    """This rank's per-sample weights of the global hard-sample loss: w_i = 1/k for the samples of
+    :func:`global_hard_sample_mask` (the global top-k by entropy), 0 for the others.
+
+    Returns ``(w, k)``, w of shape (local_count,) and `dtype`. Σ_i w_i·ce_i on each rank, summed over
+    ranks, is the mean CE over the hard samples, and w is exactly the gradient that loss
+    ``(ce * mask).sum() / k`` sends to each ce_i: 1/k rounded once to `dtype` (1/k in float64 rounded
+    to float32 equals float32's own 1/k, double rounding being innocuous for a quotient), 0 elsewhere.
+    So ``autograd.grad(ce, params, grad_outputs=w)`` is that loss's gradient, bit for bit, without
+    its forward and the first steps of its backward. No host sync.
+    """
+    total = all_entropies.shape[0]
+    k = hard_sample_count(total, frac)
+    selected = _descending_order(all_entropies)[:k]
+    w = torch.zeros(total, dtype=dtype, device=all_entropies.device).scatter_(0, selected, 1.0 / k)
+    if offset == 0 and local_count == total:
+        return w, k
+    return w[offset:offset + local_count], k
 
 
 def global_hard_sample_indices(all_entropies: torch.Tensor, frac: float, offset: int,
@@ -134,37 +168,46 @@ class SurgeryResult(NamedTuple):
     cos_after: torch.Tensor
 
 
-def _cosine64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    denom = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
-    tiny = torch.finfo(torch.float64).tiny
-    return torch.where(denom > 0, (a * b).sum() / denom.clamp_min(tiny), torch.zeros_like(denom))
-
-
 def project_conflicting_with_stats(g: torch.Tensor, g_ref: torch.Tensor, margin: float = 0.75,
-                                   eps: float = 1e-3) -> SurgeryResult:
+                                   eps: float = 1e-3, out: Optional[torch.Tensor] = None) -> SurgeryResult:
     """:func:`project_conflicting` plus what to log (conflict flag, v, cosines). No host sync.
 
     Conflict test: g·g_ref < 0 (strict) evaluated in g's dtype promoted to at least float32
     (float32 for float32 gradients, as the released code). Projection, in float64:
     v = max(margin, −(g·g_ref)/(‖g_ref‖² + eps)), g_new = g + v·g_ref, written back in g's dtype.
     Without conflict g_new holds g's values exactly (bit-identical) and v = 0.
+    Cosines: cos(a, g_ref) = a·g_ref / (‖a‖·‖g_ref‖) for a = g (before) and a = g_new in float64
+    (after; = before without conflict), 0 where a vector is zero.
+
+    ``out`` (optional, g's shape and dtype, may be g itself): g_new is written into it, after every
+    other result is computed, and returned as ``.g`` — the in-place surgery of a flat gradient
+    buffer. The dispatch count is kept low (one operator per term, the two cosines computed as one
+    2-vector); the update's arithmetic (the products summed by ``sum``) is fixed by the tests that
+    compare it with the released step.
     """
     if g.dim() != 1 or g_ref.shape != g.shape:
         raise ValueError(f"g and g_ref must be 1-D of equal length, got {tuple(g.shape)} "
                          f"and {tuple(g_ref.shape)}")
-    test_dtype = torch.promote_types(g.dtype, torch.float32)
+    # promote_types(g.dtype, float32) without dispatching an operator in the common cases
+    test_dtype = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.promote_types(g.dtype, torch.float32)
     conflict = (g.to(test_dtype) * g_ref.to(test_dtype)).sum() < 0
 
     g64 = g.double()
     r64 = g_ref.double()
     dot = (g64 * r64).sum()
-    v = torch.clamp(-dot / ((r64 * r64).sum() + eps), min=margin)
-    projected64 = g64 + v * r64
-    g_new = torch.where(conflict, projected64.to(g.dtype), g)
+    # −dot/(‖r‖² + eps) written as dot/(−eps − ‖r‖²): the same float64 value (IEEE rounding is
+    # sign-symmetric), one operator fewer
+    v = torch.clamp(dot / (-eps - (r64 * r64).sum()), min=margin)
+    p64 = torch.where(conflict, g64 + v * r64, g64)   # float64 g_new; g64 itself (exactly) without conflict
 
-    v_applied = torch.where(conflict, v, torch.zeros_like(v))
-    cos_before = _cosine64(g64, r64)
-    cos_after = torch.where(conflict, _cosine64(projected64, r64), cos_before)
+    v_applied = torch.where(conflict, v, conflict)     # 0 without conflict (False promotes to 0.0): no scalar tensor
+    both = torch.stack((g64, p64))                     # (2, n): [g; g_new]
+    # ‖g‖·‖g_ref‖ cannot underflow for float32/16 inputs; 0 where a vector is zero (its dot is 0)
+    cos = (both @ r64) / (torch.linalg.vector_norm(both, dim=1)
+                          * torch.linalg.vector_norm(r64)).clamp_min(torch.finfo(torch.float64).tiny)
+    cos_before, cos_after = cos.unbind()
+    cos_after = torch.where(conflict, cos_after, cos_before)
+    g_new = p64.to(g.dtype) if out is None else out.copy_(p64)
     return SurgeryResult(g_new, conflict, v_applied, cos_before, cos_after)
 
 
@@ -188,7 +231,7 @@ def flatten_head_grad(weight_grad: torch.Tensor,
     """Flatten a Linear head's gradient into GAAL's layout [weight row-major | bias] (1-D copy)."""
     parts = [weight_grad.reshape(-1)]
     if bias_grad is not None:
-        parts.append(bias_grad.reshape(-1))
+        parts.append(bias_grad if bias_grad.dim() == 1 else bias_grad.reshape(-1))
     return torch.cat(parts)
 
 

@@ -214,3 +214,66 @@ def test_dataset_configs_load_and_build_on_the_converted_shapes(dataset):
     images = torch.randint(0, 256, (2, *image_shape), dtype=torch.uint8)
     assert build_augment(cfg["augment"], generator=torch.Generator().manual_seed(0))(images).shape == images.shape
     assert (cfg["epochs"], cfg["seed"], cfg["batch_size"], cfg["lr"], cfg["weight_decay"]) == (500, 2022, 256, 1e-3, 1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# the step's operator cuts (issue 25) keep its numbers bit for bit
+
+@pytest.mark.parametrize("batch, frac, sizes", [(7, 0.5, [7]), (12, 0.5, [5, 7]), (10, 0.3, [4, 6]), (3, 1.0, [3])])
+def test_hard_sample_weights_are_the_gradient_of_the_masked_mean(batch, frac, sizes):
+    """w = 1/k on the hard samples: grad_outputs=w gives the head gradient of (ce * mask).sum() / k
+    bit for bit (and the same w as the mask divided by k), on one rank and on a split batch."""
+    from methods import surgery
+    g = torch.Generator().manual_seed(batch)
+    head = torch.nn.Linear(5, 4)
+    feats, labels = torch.randn(batch, 5, generator=g), torch.randint(0, 4, (batch,), generator=g)
+    log_p = torch.log_softmax(head(feats), dim=1)
+    ce = torch.nn.functional.nll_loss(log_p, labels, reduction="none")
+    assert torch.equal(surgery.entropy_from_log_probs(log_p.detach()), surgery.entropy(head(feats).detach()))
+    ent = surgery.entropy(log_p.detach())
+    offset = 0
+    for n in sizes:
+        mask, k = surgery.global_hard_sample_mask(ent, frac, offset, n)
+        w, k2 = surgery.global_hard_sample_weights(ent, frac, offset, n)
+        assert k2 == k and w.dtype == torch.float32 and torch.equal(w, mask / k)
+        local = slice(offset, offset + n)
+        old = torch.autograd.grad((ce[local] * mask).sum() / k, [head.weight, head.bias], retain_graph=True)
+        new = torch.autograd.grad(ce[local], [head.weight, head.bias], grad_outputs=w, retain_graph=True)
+        assert all(torch.equal(a, b) for a, b in zip(old, new))
+        offset += n
+    full = torch.autograd.grad(ce.sum() / batch, [head.weight, head.bias], retain_graph=True)
+    weighted = torch.autograd.grad(ce, [head.weight, head.bias], grad_outputs=torch.full_like(ce, 1.0 / batch))
+    assert all(torch.equal(a, b) for a, b in zip(full, weighted))
+
+
+def test_surgery_in_place_equals_the_pure_function():
+    from methods import surgery
+    gen = torch.Generator().manual_seed(4)
+    for conflicting in (True, False):
+        g = torch.randn(301, generator=gen)
+        g_ref = (-g if conflicting else g) + 0.5 * torch.randn(301, generator=gen)
+        pure = surgery.project_conflicting_with_stats(g, g_ref)
+        buf = g.clone()
+        inplace = surgery.project_conflicting_with_stats(buf, g_ref, out=buf)
+        assert inplace.g is buf and torch.equal(buf, pure.g) and bool(pure.conflict) == conflicting
+        assert all(torch.equal(a, b) for a, b in zip(pure[1:], inplace[1:]))
+
+
+@pytest.mark.parametrize("variant", ["official", "paper"])
+def test_head_gradient_lives_in_one_buffer_across_steps(variant):
+    """The head's .grad are views of one flat [weight | bias] buffer, kept from step to step, rebuilt
+    after a zero_grad(set_to_none=True) from elsewhere; Adam steps what the variant says."""
+    from train.gaal import gaal_step
+    encoders, head, opt = toy_gaal()
+    cfg = dict(STEP_CFG, variant=variant)
+    batches = toy_batches()
+    gaal_step(encoders, head, opt, batches[0], ["image", "table"], cfg)
+    flat = head.weight.grad._base
+    assert flat is not None and flat.dim() == 1 and head.bias.grad._base is flat
+    gaal_step(encoders, head, opt, batches[1], ["image", "table"], cfg)
+    assert head.weight.grad._base is flat
+    opt.zero_grad(set_to_none=True)
+    gaal_step(encoders, head, opt, batches[2], ["image", "table"], cfg)
+    assert head.weight.grad._base is not None and head.weight.grad._base is not flat
+    steps = sorted(int(s["step"]) for s in opt.state_dict()["state"].values())
+    assert steps == ([6] * len(steps) if variant == "official" else [3] * (len(steps) - 2) + [6, 6])

@@ -77,73 +77,155 @@ def check_config(cfg):
         raise ConfigError("margin and qp_eps must be >= 0")
 
 
-def reference_gradient(encoder, head, x_other, labels, cfg, world, rank, autocast):
+def set_training(encoder, modules, mode):
+    """encoder.train(mode) given the list of its modules (encoder.modules()): the same flags, set
+    without the recursive walk and Module.__setattr__ per module (~90 µs per call on a ResNet encoder,
+    twice per phase: host time on every step). Falls back to encoder.train(mode) when a module
+    overrides train(). No operator is dispatched either way."""
+    if all(type(mod).train is torch.nn.Module.train for mod in modules):
+        for mod in modules:
+            object.__setattr__(mod, "training", mode)
+    else:
+        encoder.train(mode)
+
+
+def reference_gradient(encoder, head, x_other, labels, cfg, world, rank, autocast, modules=None):
     """g_ref: the head gradient of the CE over the other modality's hard samples, flattened
     [weight | bias]. The hard samples are the global top-k by entropy over all ranks' samples and
     the loss is normalised by the global count, so the all-reduced sum equals one rank holding the
     whole batch. The other encoder runs without a graph: training mode in the official variant
-    (its BatchNorm statistics update), eval mode in the paper variant (untouched)."""
+    (its BatchNorm statistics update), eval mode in the paper variant (untouched); it is left in
+    training mode. `modules`: list(encoder.modules()) if the caller holds it (saves the walks)."""
+    modules = list(encoder.modules()) if modules is None else modules
     with torch.no_grad():
         if cfg["variant"] == "paper":
-            encoder.eval()
+            set_training(encoder, modules, False)
         with autocast():
             f_other = encoder(x_other)
-        encoder.train()
-    logits = head(f_other.float())
-    ce = F.cross_entropy(logits, labels, reduction="none")
+        if not all(mod.training for mod in modules):   # official: already in training mode as a rule
+            set_training(encoder, modules, True)
+    log_p = torch.log_softmax(head(f_other.float()), dim=1)
+    ce = F.nll_loss(log_p, labels, reduction="none")   # = F.cross_entropy(logits, ...): the same two kernels
     local = labels.shape[0]
+    # The reference loss is Σ_i w_i·ce_i: (ce·mask).sum()/k over the hard samples (w_i = 1/k on
+    # them), ce.sum()/(B·world) for the whole batch. Its head gradient is taken as ce's with
+    # grad_outputs=w: the very w its backward would send each ce_i, so the same gradient bit for bit
+    # without the loss's forward (mul, sum, div) and the matching backward steps.
     if cfg["guidance"] == "hard":
-        ent = surgery.entropy(logits.detach())
+        with torch.no_grad():   # the selection needs no graph: no detach; cross-entropy's log_softmax reused
+            ent = surgery.entropy_from_log_probs(log_p)
         if world > 1:
             parts = [torch.empty_like(ent) for _ in range(world)]
             dist.all_gather(parts, ent)
             ent = torch.cat(parts)
-        mask, k = surgery.global_hard_sample_mask(ent, cfg["topk_frac"], rank * local, local)
-        loss_ref = (ce * mask).sum() / k
+        w, _ = surgery.global_hard_sample_weights(ent, cfg["topk_frac"], rank * local, local, dtype=ce.dtype)
     else:
-        loss_ref = ce.sum() / (local * world)
-    g_ref = surgery.flatten_head_grad(*torch.autograd.grad(loss_ref, [head.weight, head.bias]))
+        w = torch.full_like(ce, 1.0 / (local * world))   # float32(1/N): the value ce.sum()/N sends back
+    g_ref = surgery.flatten_head_grad(*torch.autograd.grad(ce, [head.weight, head.bias], grad_outputs=w))
     if world > 1:
         dist.all_reduce(g_ref)
     return g_ref
+
+
+def head_grad_buffer(head):
+    """The head's gradient as one flat buffer [weight row-major | bias] (the surgery's layout) whose
+    views ARE head.weight.grad and head.bias.grad, so that backward accumulates straight into the
+    vector the surgery reads and rewrites: no flatten, no copy back. Returns the buffer; a fresh one,
+    zero-filled, whenever the gradients are not (or no longer, e.g. after a zero_grad(set_to_none=True)
+    elsewhere) such views. The caller zeroes it before each backward."""
+    w, b = head.weight, head.bias
+    gw, gb = w.grad, b.grad
+    n = w.numel()
+    if gw is not None and gb is not None and gw._base is not None and gb._base is gw._base:
+        flat = gw._base
+        if (flat.dim() == 1 and flat.numel() == n + b.numel() and flat.dtype == w.dtype and flat.device == w.device
+                and gw.is_contiguous() and gw.data_ptr() == flat.data_ptr()
+                and gb.data_ptr() == flat.data_ptr() + n * flat.element_size()):
+            return flat
+    flat = torch.zeros(n + b.numel(), dtype=w.dtype, device=w.device)
+    w.grad, b.grad = flat[:n].view_as(w), flat[n:]
+    return flat
+
+
+def reset_grads(optimizer_params, encoder_params, active, head, flat, official):
+    """Before the phase of encoder `active`, leave every gradient as optimizer.zero_grad(set_to_none=
+    not official) leaves it for the backward that follows (the same values after it), in fewer operators:
+    the head's flat buffer zeroed in place (backward adds into it); paper: every other gradient None;
+    official: the active encoder's None (backward's fresh tensors become them: the values 0 + g would
+    give; `fill_missing_grads` re-creates any it leaves unset), every other one zeroed in ONE foreach
+    call, the other encoders' missing ones created zero-filled (the released step's reference
+    backward gives every parameter a gradient tensor from the first phase).
+    optimizer_params: the optimiser's parameters; encoder_params: {modality: its encoder's parameters}."""
+    keep = {id(head.weight), id(head.bias)}
+    if not official:
+        for p in optimizer_params:
+            if id(p) not in keep:
+                p.grad = None
+        flat.zero_()
+        return
+    for m, params in encoder_params.items():
+        if m != active:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+    fresh = {id(p) for p in encoder_params[active]}
+    grads = [flat]
+    for p in optimizer_params:
+        if id(p) in fresh:
+            p.grad = None
+        elif p.grad is not None and id(p) not in keep:
+            grads.append(p.grad)
+    torch._foreach_zero_(grads)
+
+
+def fill_missing_grads(params):
+    """Official variant, after the backward: a parameter of the active encoder the loss did not reach
+    gets its zero gradient back (zero_grad(set_to_none=False) would have left it one: Adam steps it)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def gaal_step(encoders, head, optimizer, batch, order, cfg, world=1, rank=0, autocast=contextlib.nullcontext):
     """One training batch of GAAL: an update of order[0] then of order[1], each guided by the other.
 
     Returns what to log, as device tensors: per modality its loss, batch accuracy, whether the head
-    gradients conflicted, the multiplier v and the cosines before/after the surgery."""
+    gradients conflicted, the multiplier v and the cosines before/after the surgery.
+
+    The released official step back-propagates the reference loss through the other encoder, so from
+    the very first phase every parameter holds a gradient tensor, zero-filled by
+    zero_grad(set_to_none=False), which Adam steps (weight decay, momentum echo). Ours takes the
+    reference without a graph and creates the missing zero tensors (first batch of a fresh or of a
+    resumed run), so the first image phase steps the tabular encoder too, as released (reset_grads).
+    The head's gradient lives in one flat buffer (head_grad_buffer) that the surgery edits in place."""
     labels = batch["label"]
     official = cfg["variant"] == "official"
-    if official:
-        # The released step back-propagates the reference loss through the other encoder, so from
-        # the very first phase every parameter holds a gradient tensor, zero-filled by
-        # zero_grad(set_to_none=False), which Adam steps (weight decay, momentum echo). Ours takes
-        # the reference without a graph: create the missing ones (first batch of a fresh or of a
-        # resumed run), so the first image phase steps the tabular encoder too, as released.
-        for p in list(encoders.parameters()) + list(head.parameters()):
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+    flat = head_grad_buffer(head)
+    optimizer_params = [p for group in optimizer.param_groups for p in group["params"]]
+    encoder_params = {name: list(encoder.parameters()) for name, encoder in encoders.items()}  # walked once a step
+    encoder_modules = {name: list(encoder.modules()) for name, encoder in encoders.items()}
     stats = {}
     for m, other in ((order[0], order[1]), (order[1], order[0])):
-        g_ref = reference_gradient(encoders[other], head, batch[other], labels, cfg, world, rank, autocast)
+        g_ref = reference_gradient(encoders[other], head, batch[other], labels, cfg, world, rank, autocast,
+                                   encoder_modules[other])
         with autocast():
             logits = head(encoders[m](batch[m]).float())
         loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=not official)   # official: zeros -> the inactive encoder is stepped
+        # official: zeros -> the inactive encoder is stepped
+        reset_grads(optimizer_params, encoder_params, m, head, flat, official)
         loss.backward()
-        active = [p for p in list(encoders[m].parameters()) + [head.weight, head.bias] if p.grad is not None]
-        all_reduce_mean_([p.grad for p in active], world)
-        g = surgery.flatten_head_grad(head.weight.grad, head.bias.grad)
-        result = surgery.project_conflicting_with_stats(g, g_ref, cfg["margin"], cfg["qp_eps"])
-        if cfg["surgery"]:
-            weight_grad, bias_grad = surgery.unflatten_head_grad(result.g, head.weight.shape)
-            head.weight.grad.copy_(weight_grad)
-            head.bias.grad.copy_(bias_grad)
+        if official:
+            fill_missing_grads(encoder_params[m])
+        active = [p for p in encoder_params[m] + [head.weight, head.bias] if p.grad is not None]
+        all_reduce_mean_([p.grad for p in active], world)   # the head's views: `flat` is reduced in place
+        result = surgery.project_conflicting_with_stats(flat, g_ref, cfg["margin"], cfg["qp_eps"],
+                                                        out=flat if cfg["surgery"] else None)
         optimizer.step()
-        stats.update({f"{m}/loss": loss.detach(), f"{m}/acc": (logits.detach().argmax(1) == labels).float().mean(),
-                      f"{m}/conflict": result.conflict.float(), f"{m}/v": result.v.float(),
-                      f"{m}/cos_before": result.cos_before.float(), f"{m}/cos_after": result.cos_after.float()})
+        conflict, v, cos_before, cos_after = torch.stack(result[1:]).float().unbind()   # one cast for the four
+        stats.update({f"{m}/loss": loss.detach(),
+                      f"{m}/acc": torch.mean(logits.argmax(1) == labels, dtype=torch.float32),
+                      f"{m}/conflict": conflict, f"{m}/v": v,
+                      f"{m}/cos_before": cos_before, f"{m}/cos_after": cos_after})
     return stats
 
 
