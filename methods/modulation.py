@@ -47,11 +47,16 @@ def _as_floats(values: Metrics) -> List[float]:
 
 def _as_vector64(values: Metrics, device=None) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
-        return values.reshape(-1).to(torch.float64)
+        return (values if values.dim() == 1 else values.reshape(-1)).to(torch.float64)
     values = list(values)
     if values and isinstance(values[0], torch.Tensor):
         return torch.stack([v.reshape(()) for v in values]).to(torch.float64)
     return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """t as a 1-D tensor: itself when it is one (no view dispatched), else t.reshape(-1)."""
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def balance_coefficients(metric_now: Metrics, metric_prev: Metrics,
@@ -125,22 +130,23 @@ def direction_loss(coeffs, fused_vec: torch.Tensor,
     Source: CGGM paper (direction term) / released code. ``coeffs``: M floats or an (M,) tensor
     (c_i for official, ρ·c_i for paper); ``fused_vec``: vec_F (F.out's weight in official, its
     gradient in paper); ``modality_vecs``: vec_i of each f_i.out, same number of elements as
-    vec_F. Vectors are flattened; cos is ``torch.nn.functional.cosine_similarity`` (eps 1e-8).
+    vec_F (a sequence, or an (M, n) tensor of them as rows). Vectors are flattened; cos is
+    ``torch.nn.functional.cosine_similarity`` (eps 1e-8), one call per modality.
     Differentiable w.r.t. whichever vectors require grad (official: only F.out.weight does).
     Computed in fused_vec's dtype. No host sync.
     """
     m = len(modality_vecs)
     if m == 0:
         raise ValueError("direction_loss needs at least one modality vector")
-    fused = fused_vec.reshape(-1)
+    fused = _flat(fused_vec)
     c = coeffs if isinstance(coeffs, torch.Tensor) else torch.tensor(
         [float(x) for x in coeffs], dtype=torch.float64)
-    c = c.reshape(-1).to(device=fused.device, dtype=fused.dtype)
+    c = _flat(c).to(device=fused.device, dtype=fused.dtype)
     if c.numel() != m:
         raise ValueError(f"{c.numel()} coefficients for {m} modality vectors")
     cosines = []
-    for i, vec in enumerate(modality_vecs):
-        vec = vec.reshape(-1)
+    for i, vec in enumerate(modality_vecs):   # an (M, n) tensor works too: its rows
+        vec = _flat(vec)
         if vec.numel() != fused.numel():
             raise ValueError(f"modality vector {i} has {vec.numel()} elements, the fused one "
                              f"{fused.numel()}")

@@ -116,6 +116,18 @@ def batch_metric_counts(task, logits, labels, zero_labels_count=True):
     return hits.to(torch.float64), count.to(torch.float64)
 
 
+def batch_metric_counts_all(task, logits, labels, zero_labels_count=True):
+    """(M, 2) float64 tensor: the rows (hits, count) of batch_metric_counts for each of the M
+    classifiers' logits (no gradient). Classification in a few operators for all of them (the
+    logits stacked: one argmax, one comparison, one sum); the other tasks per classifier."""
+    with torch.no_grad():
+        if task == "classification" and len({tuple(x.shape) for x in logits}) == 1:
+            hits = (torch.stack(list(logits)).argmax(-1) == labels).sum(1).to(torch.float64)
+            count = torch.full_like(hits, labels.shape[0])
+            return torch.stack([hits, count], 1)
+        return torch.stack([torch.stack(batch_metric_counts(task, x, labels, zero_labels_count)) for x in logits])
+
+
 def out_weight_grad(loss, weight, world):
     """d loss / d weight with create_graph (differentiable further), averaged over ranks through a
     differentiable all-reduce: the gradient of the GLOBAL batch mean (equal per-rank batches)."""
@@ -147,34 +159,40 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
     clf_optimizer.zero_grad(set_to_none=True)
 
     # classifier gradients and the global batch metrics (official: one backward does both parts)
-    hits_counts = torch.stack([torch.stack(batch_metric_counts(task, out[m][1].detach(), labels, official))
-                               for m in names])
+    hits_counts = batch_metric_counts_all(task, [out[m][1] for m in names], labels, official)
     if world > 1:
         dist.all_reduce(hits_counts)
-    metric_now = hits_counts[:, 0] / hits_counts[:, 1].clamp_min(1)
+    hits, counts = hits_counts.unbind(1)
+    metric_now = hits / counts.clamp_min(1)
     coeffs = modulation.balance_coefficients_tensor(metric_now, state["metric_prev"])
     degenerate = modulation.balance_degenerate_tensor(metric_now, state["metric_prev"])
     if cfg["coeff_clip"]:
         coeffs = modulation.clip_coefficients(coeffs, *cfg["coeff_clip"])
+    scales = (cfg["rho"] * coeffs).float()   # rho * c_i: the encoder cores' multipliers (and paper's B_i)
     clf_params = list(model.classifiers.parameters())
     model_params = model.model_parameters()
     lgm = torch.zeros((), device=labels.device)
     if official:
         loss = task_loss
+        lgm_grad = None
         if cfg["direction"] and state["direction_prev"] is not None:
+            # the previous step's L_gm, at its own values (one evaluation: its value is logged, its
+            # gradient w.r.t. vec_F is added below — only F.out.weight gets it)
             c_prev, vec_f_prev, vecs_prev = state["direction_prev"]
-            lgm = modulation.direction_loss(c_prev, vec_f_prev, vecs_prev)
+            vec = vec_f_prev.detach().requires_grad_(True)
+            with torch.enable_grad():
+                lgm = modulation.direction_loss(c_prev, vec, vecs_prev)
+                (lgm_grad,) = torch.autograd.grad(lgm, vec)
+            lgm = lgm.detach()
             loss = loss + cfg["lambda_gm"] * lgm
         (task_loss + sum(clf_losses)).backward()
         all_reduce_mean_([p.grad for p in model_params + clf_params if p.grad is not None], world)
-        if cfg["direction"] and state["direction_prev"] is not None:
-            # the previous step's L_gm, differentiated at its own values: only F.out.weight gets it
-            vec = vec_f_prev.clone().requires_grad_(True)
-            (grad,) = torch.autograd.grad(modulation.direction_loss(c_prev, vec, vecs_prev), vec)
-            model.head.out.weight.grad.add_(grad.view_as(model.head.out.weight), alpha=cfg["lambda_gm"])
-        if cfg["direction"]:
-            state["direction_prev"] = (coeffs.detach().float(), model.head.out.weight.detach().reshape(-1).clone(),
-                                       [model.classifiers[m].out.weight.detach().reshape(-1).clone() for m in names])
+        if lgm_grad is not None:
+            model.head.out.weight.grad.add_(lgm_grad.view_as(model.head.out.weight), alpha=cfg["lambda_gm"])
+        if cfg["direction"]:   # this step's terms, copied (vecs stacked: one (M, n) tensor)
+            with torch.no_grad():
+                state["direction_prev"] = (coeffs.float(), model.head.out.weight.flatten().clone(),
+                                           torch.stack([model.classifiers[m].out.weight for m in names]).flatten(1))
     else:
         sum(clf_losses).backward()
         all_reduce_mean_([p.grad for p in clf_params if p.grad is not None], world)
@@ -182,33 +200,36 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
         if cfg["direction"]:
             vec_f = out_weight_grad(task_loss, model.head.out.weight, world).reshape(-1)
             vecs = [model.classifiers[m].out.weight.grad.reshape(-1) for m in names]
-            lgm = modulation.direction_loss((cfg["rho"] * coeffs).float(), vec_f, vecs)
+            lgm = modulation.direction_loss(scales, vec_f, vecs)
             loss = loss + cfg["lambda_gm"] * lgm
         loss.backward()
         all_reduce_mean_([p.grad for p in model_params if p.grad is not None], world)
-    if cfg["modulation"]:
-        for i, m in enumerate(names):
-            scale = (cfg["rho"] * coeffs[i]).float()
-            for p in core_parameters(model.encoders[m]):
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+    core_grads = {m: [p.grad for p in core_parameters(model.encoders[m]) if p.grad is not None] for m in names}
+    if cfg["modulation"]:   # one foreach multiply per encoder core (not one per tensor)
+        for m, scale in zip(names, scales.unbind()):
+            if core_grads[m]:
+                torch._foreach_mul_(core_grads[m], scale)
     # what each encoder core receives: its gradient norm after rho*c_i, and after the global clip
-    core_norms = {m: torch.linalg.vector_norm(torch.stack(
-        [p.grad.detach().float().norm() for p in core_parameters(model.encoders[m]) if p.grad is not None]
-        or [torch.zeros((), device=labels.device)])) for m in names}
+    # (the per-tensor norms of every core in one foreach call, then one norm per modality)
+    all_core = [g for m in names for g in core_grads[m]]
+    tensor_norms = iter(torch._foreach_norm(all_core, 2, dtype=torch.float32) if all_core else ())
+    core_norms = {m: torch.linalg.vector_norm(torch.stack([next(tensor_norms) for _ in core_grads[m]]))
+                  if core_grads[m] else torch.zeros((), device=labels.device) for m in names}
     clf_optimizer.step()
-    clip_factor = torch.ones((), device=labels.device)
     if cfg["grad_clip"] > 0:
         total = torch.nn.utils.clip_grad_norm_(model_params, cfg["grad_clip"])
         clip_factor = (cfg["grad_clip"] / (total.float() + 1e-6)).clamp(max=1.0)
+    else:
+        clip_factor = torch.ones((), device=labels.device)
     optimizer.step()
-    state["metric_prev"] = metric_now.detach()
+    state["metric_prev"] = metric_now   # computed without gradient
     stats = {"train/loss": loss.detach(), "train/task_loss": task_loss.detach(), "train/lgm": lgm.detach().float(),
              "train/coeff_degenerate": degenerate.float()}
+    coeffs32, metrics32 = coeffs.float().unbind(), metric_now.float().unbind()
     for i, m in enumerate(names):
-        stats[f"{m}/coeff"] = coeffs[i].float()
+        stats[f"{m}/coeff"] = coeffs32[i]
         stats[f"{m}/clf_loss"] = clf_losses[i].detach()
-        stats[f"{m}/clf_metric"] = metric_now[i].float()
+        stats[f"{m}/clf_metric"] = metrics32[i]
         stats[f"{m}/grad_norm_core"] = core_norms[m]                        # after rho*c_i, before the clip
         stats[f"{m}/grad_norm_core_clipped"] = core_norms[m] * clip_factor  # what the optimiser receives
     return stats

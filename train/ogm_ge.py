@@ -37,6 +37,7 @@ parameters only); train/modulating (1 inside the window).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.distributed as dist
@@ -138,14 +139,15 @@ def ogm_ge_step(model, optimizer, batch, cfg, epoch, params_by_modality, world=1
     if diagnostics:
         norms_before = {m: _grad_norm(params_by_modality[m]) for m in modalities}
     if modulating:
-        for i, m in enumerate(modalities):
-            for p in params_by_modality[m]:
-                if p.grad is None:
-                    continue
-                noise = None
-                if cfg["modulation"] == "ogm_ge":
-                    noise = torch.randn(p.grad.shape, generator=generator, device=p.grad.device, dtype=p.grad.dtype)
-                p.grad = ogm_ge.modulate_gradient(p.grad, coeffs[i].to(p.grad.dtype), noise)
+        grads = [[p.grad for p in params_by_modality[m] if p.grad is not None] for m in modalities]
+        noises = None
+        if cfg["modulation"] == "ogm_ge":   # one draw per tensor, in modality then parameter order (as released)
+            noises = [[torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype) for g in group]
+                      for group in grads]
+        flat = [g for group in grads for g in group]
+        if flat:   # a few operators for all the tensors: flat stds, foreach scaling and noise (methods/ogm_ge.py)
+            lengths = _lengths(tuple(g.numel() for g in flat), flat[0].device) if noises is not None else None
+            ogm_ge.modulate_gradients_(grads, coeffs, noises, lengths)
     optimizer.step()
 
     batch_size = labels.shape[0] * world
@@ -157,6 +159,12 @@ def ogm_ge_step(model, optimizer, batch, cfg, epoch, params_by_modality, world=1
         if diagnostics:
             stats |= {f"{m}/grad_norm_before": norms_before[m], f"{m}/grad_norm_after": _grad_norm(params_by_modality[m])}
     return stats
+
+
+@functools.lru_cache(maxsize=8)
+def _lengths(sizes: tuple, device: torch.device) -> torch.Tensor:
+    """The modulated tensors' sizes as a device tensor, built once (a host-to-device copy) per layout."""
+    return torch.tensor(sizes, dtype=torch.int64, device=device)
 
 
 def _grad_norm(params) -> torch.Tensor:
