@@ -205,6 +205,7 @@ def _ddp_worker(rank, world, init_file, variant, task, out_file):
 
 @pytest.mark.parametrize("variant, task", [("official", "classification"), ("paper", "classification"),
                                            ("paper", "regression")])
+@pytest.mark.slow
 def test_cggm_step_two_ranks_equal_one(tmp_path, variant, task):
     single = _run(variant, task)
     out = tmp_path / "ddp.pt"
@@ -266,6 +267,7 @@ def test_bad_config_is_refused(override, message):
         cggm.check_config(dict(cggm.DEFAULTS, **override))
 
 
+@pytest.mark.slow
 def test_step_time_benchmark_runs(capsys):
     import importlib.util
     spec = importlib.util.spec_from_file_location("step_time", Path(__file__).parent.parent / "benchmarks" / "step_time.py")

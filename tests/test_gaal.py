@@ -115,6 +115,7 @@ def _ddp_worker(rank, world, init_file, variant, out_file):
 
 
 @pytest.mark.parametrize("variant", ["official", "paper"])
+@pytest.mark.slow
 def test_gaal_step_two_ranks_equal_one(tmp_path, variant):
     from train.gaal import gaal_step
     encoders, head, opt = toy_gaal()
@@ -171,6 +172,7 @@ def test_official_step_equals_the_released_step_from_the_first_batch():
     assert steps(ours[2]) == steps(released[2]) == [6] * len(steps(released[2]))   # 2 phases x 3 batches
 
 
+@pytest.mark.slow
 def test_step_time_benchmark_runs(capsys):
     """The benchmark prints its table (figures are read by people, not asserted)."""
     import importlib.util

@@ -217,6 +217,7 @@ def _ddp_worker(rank, world, init_file, out_file):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ogm_ge_step_two_ranks_equal_one(tmp_path):
     """Two modalities (official, released branch) and three (paper, others_mean), every encoder
     parameter modulated with GE noise: global scores, reduced gradients, one noise stream."""
