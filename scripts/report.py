@@ -24,7 +24,7 @@ The Shapley, missing and noise parts read <run>/evaluation.json; a run without a
 split is evaluated first (train.evaluate with its default rules, written to its evaluation.json).
 
 Every file is read before any evaluation or figure: jobs.txt, result.json and metrics.jsonl through
-summarize's readers (summarize.read_json, read_jsonl, jobs_listed), evaluation.json through
+summarize's readers (summarize.read_result, read_jsonl, jobs_listed; train/runfiles.py), evaluation.json through
 train.evaluate.stored_evaluation. A file that is not UTF-8, not JSON, or not of the layout's type
 (a truncated result.json, a corrupt evaluation.json, a cut metrics.jsonl line that is not the last)
 ends the program with ONE line, `error: <file>: <what is wrong>`, and exit status 2; a cut LAST line
@@ -107,7 +107,7 @@ def group_runs(runs: list[Path]) -> dict:
     for run in runs:
         match = SEED_NAME.match(run.name)
         group, seed = (match["group"], int(match["seed"])) if match else (run.name, None)
-        groups[group].append((seed, run, summarize.read_json(run / "result.json")))
+        groups[group].append((seed, run, summarize.read_result(run / "result.json")))
     return dict(groups)
 
 

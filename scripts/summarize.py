@@ -25,21 +25,21 @@ did not change) and rho·c_i < 1 (its gradient shrunk), the classifier's mean ba
 standard deviation of its step-to-step change d_i, and the classifier's validation accuracy at the
 end of the epoch (metrics.jsonl); a last row `all` covers the whole run.
 
-Every file it reads (result.json, metrics.jsonl, config.yaml, jobs.txt) goes through read_json,
-read_jsonl, read_yaml or jobs_listed (scripts/report.py reads them through the same functions): a
+Every file it reads (result.json, metrics.jsonl, config.yaml, jobs.txt) goes through read_result,
+read_jsonl, read_yaml (train/runfiles.py) or jobs_listed (scripts/report.py reads them through the same functions): a
 file that is not UTF-8, not JSON/YAML, or of the wrong top-level type ends the program with ONE line
 on stderr, `error: <file>: <what is wrong>` (metrics.jsonl: with the line number), and exit status
 2, as train/loop.py refuses bad input. A metrics.jsonl whose LAST line is cut short (a run killed
 while writing it) is read without that line, with one warning (read_jsonl says why). The imports stay
 the standard library and train.config (no torch): train.evaluate has the same readers for its files.
 """
-import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from train.config import ConfigError
+from train.runfiles import read_json, read_jsonl, read_text, read_yaml
 
 RESULT = "a result.json of train/loop.py"
 
@@ -47,86 +47,9 @@ RESULT = "a result.json of train/loop.py"
 # --------------------------------------------------------------------------------------------------
 # Reading run files: one error line naming the file instead of a traceback
 
-def json_type(value) -> str:
-    """The JSON name of a parsed value's type."""
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number")
-
-
-def read_text(path) -> str:
-    """`path` as UTF-8 text, or ConfigError naming it (unreadable, not UTF-8)."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
-
-
-def read_json(path, what: str = RESULT, keys: tuple = ("test",)) -> dict:
-    """The JSON object in `path` (by default a result.json, which must hold `test`), or ConfigError
-    naming the file: unreadable, not UTF-8, not JSON (cut short), not an object, or without `keys`.
-    result.json and evaluation.json are written whole (atomically), so a cut one is corruption."""
-    try:
-        value = json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: its top level is a JSON {json_type(value)}, not an object (not {what})")
-    missing = [key for key in keys if key not in value]
-    if missing:
-        raise ConfigError(f"{path}: no {' or '.join(missing)} (not {what})")
-    return value
-
-
-def read_jsonl(path) -> list:
-    """The records of a JSON-lines file (a run's metrics.jsonl), one JSON object a line; blank lines
-    are skipped.
-
-    A cut LAST line is skipped, with one warning line on stderr (`warning: <file>: line N is cut
-    short ...`): the training loop appends one whole line per epoch (record and newline in one
-    write), so a run killed while writing leaves a last line that is not valid JSON (or UTF-8) and
-    has no newline after it. That is a normal state of a run directory (train.checkpoint drops such a
-    line when the run resumes), and every line before it is whole, so the report and the tables use
-    them. Any other line that is not a JSON object — one in the middle, or a last line that ends in a
-    newline (written whole, so not cut by a kill) — is corruption: ConfigError naming the file and
-    the line number."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
-    lines = data.split(b"\n")   # a newline after the last line leaves b"" last
-    records = []
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            if number == len(lines):   # the last line, no newline after it: cut short by a kill
-                print(f"warning: {path}: line {number} is cut short (a run killed while writing it); skipped",
-                      file=sys.stderr, flush=True)
-                break
-            what = (f"not UTF-8 ({err.reason} at byte {err.start})" if isinstance(err, UnicodeDecodeError)
-                    else f"not valid JSON ({err.msg}: column {err.colno})")
-            raise ConfigError(f"{path}: line {number}: {what}") from None
-        if not isinstance(record, dict):
-            raise ConfigError(f"{path}: line {number}: a JSON {json_type(record)}, not an object (a record)")
-        records.append(record)
-    return records
-
-
-def read_yaml(path) -> dict:
-    """The mapping in a YAML file (a run's config.yaml), or ConfigError naming the file: unreadable,
-    not UTF-8, not YAML, a top level that is not a mapping."""
-    import yaml
-    try:
-        value = yaml.safe_load(read_text(path))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-    if value is not None and not isinstance(value, dict):
-        raise ConfigError(f"{path}: its top level is a {type(value).__name__}, not a mapping of config keys")
-    return value or {}
+def read_result(path) -> dict:
+    """A run's result.json (it must hold `test`): runfiles.read_json."""
+    return read_json(path, RESULT, ("test",))
 
 
 def jobs_listed(root) -> list | None:
@@ -154,11 +77,11 @@ def main(root: str) -> None:
     print("|---|---|---|---|---|---|")
     for joint_dir in sorted(root.glob("joint_*")):
         flavour = joint_dir.name[len("joint_"):]
-        joint = read_json(joint_dir / "result.json")
+        joint = read_result(joint_dir / "result.json")
         for name, metrics in joint["test"].items():
             limit = bayes_limit(joint, name)
             alone_file = root / f"unimodal_{flavour}" / name / "result.json"
-            alone = read_json(alone_file)["test"][name]["acc"] if alone_file.exists() else None
+            alone = read_result(alone_file)["test"][name]["acc"] if alone_file.exists() else None
             gap = "-" if limit is None else f"{limit - metrics['acc']:+.3f}"
             print(f"| {flavour} | {name} | {'-' if limit is None else f'{limit:.3f}'} | {metrics['acc']:.3f} | "
                   f"{'-' if alone is None else f'{alone:.3f}'} | {gap} |")
@@ -177,7 +100,7 @@ def ablation(root: str) -> None:
     groups = defaultdict(list)
     for result_file in sorted(Path(root).glob("*_s*/result.json")):
         config = result_file.parent.name.rsplit("_s", 1)[0]
-        groups[config].append(read_json(result_file))
+        groups[config].append(read_result(result_file))
     if not groups:
         raise SystemExit(f"no <config>_s<seed>/result.json under {root}")
     groups = in_listed_order(groups, root)
@@ -237,7 +160,7 @@ def paired_rows(root: str, a: str, b: str, modality: str | None = None) -> tuple
         for result_file in root.glob(f"{config}_s*/result.json"):
             seed = result_file.parent.name[len(config) + 2:]
             if seed.isdigit():
-                runs[int(seed)] = (result_file.parent, read_json(result_file))
+                runs[int(seed)] = (result_file.parent, read_result(result_file))
         return runs
     runs_a, runs_b = finished(a), finished(b)
     seeds = sorted(set(runs_a) & set(runs_b))

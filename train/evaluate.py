@@ -42,14 +42,14 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from data_prep import shards
 from models.encoders import to_float   # the encoders' own uint8 -> [0, 1] conversion
 from train import checkpoint, distributed, loop, metrics
 from train.checkpoint import CheckpointError
-from train.config import ConfigError, load_config, load_yaml
+from train.config import ConfigError, load_config
 from train.data import make_loader, to_device
+from train.runfiles import json_type, read_json, read_yaml
 
 SPLITS = ("test", "val")
 ABSENT_RULES = {
@@ -171,50 +171,6 @@ class EditedLoader:
 # Reading a run's files: every JSON and YAML file this program (and scripts/report.py, for
 # evaluation.json) reads goes through read_json / read_yaml, which turn an unreadable file into ONE
 # ConfigError naming it (main: `error: <file>: ...`, exit status 2), never a traceback.
-
-def json_type(value) -> str:
-    """The JSON name of a parsed value's type (for 'top level is a JSON array, not an object')."""
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number")
-
-
-def read_text(path: Path) -> str:
-    """`path` as UTF-8 text, or ConfigError naming it (unreadable, not UTF-8)."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
-
-
-def read_json(path: Path, what: str, keys: tuple = ()) -> dict:
-    """The JSON object in `path`, or ConfigError naming the file: unreadable, not UTF-8, not JSON (a
-    file cut short), a top level that is not an object, or an object without one of `keys` (`what`
-    says what the file should have been, e.g. "a result.json of train/loop.py")."""
-    try:
-        value = json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: its top level is a JSON {json_type(value)}, not an object (not {what})")
-    missing = [key for key in keys if key not in value]
-    if missing:
-        raise ConfigError(f"{path}: no {' or '.join(missing)} (not {what})")
-    return value
-
-
-def read_yaml(path: Path) -> dict:
-    """The mapping in a YAML file (a run's config.yaml), read as train.config reads it, or
-    ConfigError naming the file: unreadable, not UTF-8, not YAML, a top level that is not a mapping."""
-    try:
-        value = load_yaml(read_text(path))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-    if value is not None and not isinstance(value, dict):
-        raise ConfigError(f"{path}: its top level is a {type(value).__name__}, not a mapping of config keys")
-    return value or {}
-
 
 def stored_evaluation(run_dir: Path) -> dict:
     """<run_dir>/evaluation.json ({} when there is none), its split entries checked to be objects,
