@@ -249,13 +249,20 @@ def cluster(tmp_path_factory):
         return
     if os.geteuid() != 0:
         pytest.skip("starting a SLURM cluster needs root (slurmd runs jobs as their users)")
-    cluster_dir = Path(tempfile.mkdtemp(prefix="slurm-test-", dir="/tmp"))   # munged must reach it: not under pytest's private tmp
-    start = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", str(cluster_dir)], capture_output=True, text=True,
-                           timeout=120)
+    yield from private_cluster(env, "a SLURM cluster")
+
+
+def private_cluster(env: dict, what: str, *start_args):
+    """A cluster of scripts/slurm_cluster.sh of this test session's own (`start *start_args`, in a
+    fresh directory under /tmp: munged must reach it, pytest's tmp is private): yields `env` with its
+    SLURM_CONF, stops it and removes its directory afterwards; skips, saying why, when it cannot start."""
+    cluster_dir = Path(tempfile.mkdtemp(prefix="slurm-test-", dir="/tmp"))
+    start = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", *start_args, str(cluster_dir)], capture_output=True,
+                           text=True, timeout=180)
     if start.returncode != 0:
-        subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop", str(cluster_dir)], capture_output=True, timeout=120)
+        subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop", str(cluster_dir)], capture_output=True, timeout=180)
         shutil.rmtree(cluster_dir, ignore_errors=True)
-        pytest.skip(f"could not start a SLURM cluster: {start.stdout[-1500:]} {start.stderr[-1500:]}")
+        pytest.skip(f"could not start {what}: {start.stdout[-1500:]} {start.stderr[-1500:]}")
     env["SLURM_CONF"] = str(cluster_dir / "slurm.conf")
     try:
         yield env

@@ -22,14 +22,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from data_prep import embedded
-from tests.test_slurm import (CLUSTER_SCRIPT, TERMINAL, _ours, job_field, launch_env, lift_requeue_hold, load_submit,
+from tests.test_slurm import (TERMINAL, _ours, job_field, launch_env, lift_requeue_hold, private_cluster,
                               resumed_from, wait_for)
 from tests.test_train import SEQ_ENCODER, final_weights, run_script, tb_scalars
 
@@ -86,19 +85,7 @@ def two_nodes(tmp_path_factory):
         return
     if os.geteuid() != 0:
         pytest.skip("starting a two-node SLURM cluster needs root (namespaces, slurmd)")
-    cluster_dir = Path(tempfile.mkdtemp(prefix="slurm-nodes-", dir="/tmp"))   # munged must reach it
-    start = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", "--nodes", "2", str(cluster_dir)],
-                           capture_output=True, text=True, timeout=180)
-    if start.returncode != 0:
-        subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop", str(cluster_dir)], capture_output=True, timeout=180)
-        shutil.rmtree(cluster_dir, ignore_errors=True)
-        pytest.skip(f"could not start a two-node SLURM cluster: {start.stdout[-1500:]} {start.stderr[-1500:]}")
-    env["SLURM_CONF"] = str(cluster_dir / "slurm.conf")
-    try:
-        yield env
-    finally:
-        subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop", str(cluster_dir)], capture_output=True, timeout=180)
-        shutil.rmtree(cluster_dir, ignore_errors=True)
+    yield from private_cluster(env, "a two-node SLURM cluster", "--nodes", "2")
 
 
 def sbatch_two_nodes(env, name, data, run_dir, log_dir, *extra) -> str:
