@@ -81,6 +81,7 @@ DEFAULTS = dict(
     mixed_precision="no",          # no | bf16
     cpu=False,                     # force CPU even where CUDA exists
     log_every=25,                  # steps between TensorBoard scalars (and the NaN check)
+    report_to="tensorboard",       # tensorboard | wandb | mlflow | all | none; a comma-separated list is accepted
     ckpt_every_steps=0,            # also checkpoint every N steps inside an epoch (0 = at epoch ends only)
     keep_checkpoints=2,
     preempt_check_every=10,        # steps between checks for SIGTERM/SIGUSR1 across ranks (one all-reduce each)
@@ -296,6 +297,7 @@ def check_config(cfg: dict) -> None:
     check_choice("select_metric", cfg["select_metric"], metrics.SELECT_METRIC)
     check_choice("scheduler", cfg["scheduler"], optim.SCHEDULERS)
     check_choice("optimizer", cfg["optimizer"], optim.OPTIMIZERS)
+    rundir.report_to(cfg["report_to"])   # an unknown tracker, or one whose package is not installed
 
 
 def prepare(cfg: dict, accelerator, *, method: str, build: Callable, tasks=("classification",),
@@ -454,6 +456,8 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
                 reason = preemption.received or f"stop_after_steps={cfg['stop_after_steps']}"
                 accelerator.print(f"[stop] {reason} at step {position['step']}: checkpoint written, "
                                   "exiting (resume with --resume)")
+                if accelerator.is_main_process:
+                    ctx.writer.close(finished=False)
                 rundir.unlock_run_dir(run_dir)
                 return {"stopped_at_step": position["step"], "run_dir": str(run_dir)}
 

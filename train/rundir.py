@@ -1,10 +1,12 @@
 """The run directory: checked before anything is written, locked for the whole run, the resolved
 config (and, on --resume, its reconciliation with the config the run was started with),
-TensorBoard, metrics.jsonl, result.json and the closing table."""
+the experiment trackers (`report_to`: TensorBoard, wandb, MLflow), metrics.jsonl, result.json and
+the closing table."""
 from __future__ import annotations
 
 import copy
 import fcntl
+import importlib.util
 import json
 import os
 import socket
@@ -26,7 +28,7 @@ RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "best.pt", "result.j
 #: Keys a resumed run may set to another value than its config.yaml has, from the command line or
 #: its YAML: how the run is fed, watched, logged and checkpointed, never what it computes.
 RESUME_FREE_KEYS = ("resume", "out_dir", "config_file", "progress", "stop_after_steps", "num_workers",
-                    "eval_batch_size", "log_every", "ckpt_every_steps", "keep_checkpoints", "preempt_check_every")
+                    "eval_batch_size", "log_every", "report_to", "ckpt_every_steps", "keep_checkpoints", "preempt_check_every")
 #: Keys a flag may change on --resume under a condition (resumed_config): a longer `epochs` (the
 #: scheduler must not span the run's length), and `data` moved (the same meta.json). Recorded.
 RESUME_CHANGEABLE_KEYS = ("epochs", "data")
@@ -196,9 +198,126 @@ def setup_run_dir(cfg: dict, accelerator):
     if accelerator.is_main_process:
         if not cfg["resume"]:
             write_run_config(run_dir, cfg)
-        writer = TensorBoardLog(run_dir / "tb", purge_step=purge_step if cfg["resume"] else None)
+        writer = open_trackers(cfg, run_dir, purge_step=purge_step if cfg["resume"] else None)
     accelerator.wait_for_everyone()
     return run_dir, writer
+
+
+# --------------------------------------------------------------------------------------------------
+# Experiment trackers (`report_to`): each has add_scalar(tag, value, step) and close(finished=True),
+# opens lazily at the first scalar (a run refused before it logs leaves nothing behind) and exists on
+# the main process only. TensorBoard is our own writer (it purges events after the checkpoint on
+# --resume); wandb and MLflow are optional extras (pip install -e ".[trackers]").
+
+#: report_to's tracker names and the package each needs ("all": tensorboard and every installed other).
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def report_to(value) -> list[str]:
+    """The trackers that `report_to` names (a name, a comma-separated list or a list), in
+    TRACKERS' order; ConfigError, one line, for an unknown name or a tracker not installed."""
+    listed = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else None
+    names = [str(n).strip() for n in listed or [] if str(n).strip()]
+    unknown = [n for n in names if n not in (*TRACKERS, "all", "none")]
+    if unknown or not names or ("none" in names and len(names) > 1):
+        raise ConfigError(f"report_to='{value}': choose tensorboard, wandb, mlflow, all or none "
+                          "(or a comma-separated list of the first three)")
+    if "all" in names:
+        return ["tensorboard"] + [n for n, pkg in TRACKERS.items() if n != "tensorboard" and importlib.util.find_spec(pkg)]
+    for name in names:
+        if name != "none" and importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(f"report_to={name}: the {TRACKERS[name]} package is not installed (pip install "
+                              f"{TRACKERS[name]}, or pip install -e \".[trackers]\")")
+    return [n for n in TRACKERS if n in names]
+
+
+def open_trackers(cfg: dict, run_dir: Path, purge_step: int | None = None) -> "Trackers":
+    names = report_to(cfg.get("report_to", "tensorboard"))
+    return Trackers([TensorBoardLog(run_dir / "tb", purge_step=purge_step) if name == "tensorboard" else
+                     WandbLog(run_dir, cfg) if name == "wandb" else MlflowLog(run_dir, cfg) for name in names])
+
+
+class Trackers:
+    """The trackers of `report_to` as one writer (none at all for report_to=none)."""
+
+    def __init__(self, trackers: list):
+        self.trackers = trackers
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        for tracker in self.trackers:
+            tracker.add_scalar(tag, value, step)
+
+    def close(self, finished: bool = True) -> None:
+        for tracker in self.trackers:
+            tracker.close(finished)
+
+
+def tracker_id(run_dir: Path, name: str, new_id: str | None = None) -> str | None:
+    """The run id tracker `name` uses for this run, kept in <run_dir>/tracker_ids.json so that a
+    --resume continues the same tracker run; `new_id` is stored when none is."""
+    path = Path(run_dir) / "tracker_ids.json"
+    ids = json.loads(path.read_text()) if path.is_file() else {}
+    if name not in ids and new_id is not None:
+        ids[name] = new_id
+        atomic_write_text(path, json.dumps(ids, indent=2))
+    return ids.get(name)
+
+
+def _plain(cfg: dict) -> dict:
+    return json.loads(json.dumps(cfg, default=str))
+
+
+class WandbLog:
+    """A wandb run with the run directory as its dir, the resolved config as its config, and its
+    id in tracker_ids.json: --resume continues it (resume="allow"). wandb keeps the points it has:
+    those the stopped run logged after its checkpoint are not replaced (TensorBoard's are)."""
+
+    def __init__(self, run_dir: Path, cfg: dict):
+        self.run_dir, self.cfg, self._run = Path(run_dir), cfg, None
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self._run is None:
+            import wandb
+            run_id = tracker_id(self.run_dir, "wandb", wandb.util.generate_id())
+            self._run = wandb.init(dir=str(self.run_dir), config=_plain(self.cfg), id=run_id, resume="allow",
+                                   name=self.run_dir.name)
+        self._run.log({tag: value}, step=step)
+
+    def close(self, finished: bool = True) -> None:
+        if self._run is not None:
+            self._run.finish(exit_code=0 if finished else 1)
+
+
+class MlflowLog:
+    """An MLflow run in a file store under <run_dir>/mlruns (MLFLOW_TRACKING_URI, when set, is used
+    instead; MLFLOW_EXPERIMENT_NAME names the experiment, else "mm-balance"), its id in
+    tracker_ids.json: --resume logs into the same run."""
+
+    def __init__(self, run_dir: Path, cfg: dict):
+        self.run_dir, self.cfg, self._client, self._run_id = Path(run_dir), cfg, None, None
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or (self.run_dir / "mlruns").resolve().as_uri()
+            client = MlflowClient(tracking_uri=uri)
+            run_id = tracker_id(self.run_dir, "mlflow")
+            if run_id is None:
+                name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "mm-balance")
+                experiment = client.get_experiment_by_name(name)
+                experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+                run_id = tracker_id(self.run_dir, "mlflow",
+                                    client.create_run(experiment_id, run_name=self.run_dir.name).info.run_id)
+                for key, value in _flat(_plain(self.cfg)).items():
+                    client.log_param(run_id, key, str(value)[:500])
+            else:
+                client.update_run(run_id, status="RUNNING")
+            self._client, self._run_id = client, run_id
+        self._client.log_metric(self._run_id, tag, value, step=step)
+
+    def close(self, finished: bool = True) -> None:
+        if self._client is not None:
+            self._client.set_terminated(self._run_id, "FINISHED" if finished else "KILLED")
 
 
 class TensorBoardLog:
@@ -214,7 +333,7 @@ class TensorBoardLog:
             self._writer = SummaryWriter(str(self.log_dir), purge_step=self.purge_step)
         self._writer.add_scalar(tag, value, step)
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
         if self._writer is not None:
             self._writer.close()
 
@@ -258,5 +377,7 @@ def print_result_table(result: dict, select_key: str = "acc") -> str:
                      "-" if limit is None or select_key != "acc" else f"{limit - test[select_key]:+.4f}"])
     print(f"\nrun directory: {result['run_dir']}   (best epoch {result['best_epoch']} on validation)")
     text = print_table(rows, ["modality", f"test {select_key}", f"val {select_key}", "Bayes limit", "gap to limit"])
-    print(f"TensorBoard: tensorboard --logdir {result['run_dir']}/tb\n", flush=True)
+    if (Path(result["run_dir"]) / "tb").is_dir():   # report_to without tensorboard writes none
+        print(f"TensorBoard: tensorboard --logdir {result['run_dir']}/tb", flush=True)
+    print(flush=True)
     return text
