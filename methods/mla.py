@@ -10,14 +10,18 @@ processing in neural networks" (Nat. Mach. Intell. 2019). Official vs paper: doc
 Projector (GSPlugin): P starts at the identity (d x d, d the head's input width). One update with
 a (d,) vector r, the batch mean of the head's input over a turn::
 
-    k = P r,      P <- P - k k^T / (alpha + r^T k)                            (OWM recursion)
+    k = P r,      P <- P - k k^T / (alpha + r^T k)                            (OWM recursion, paper)
+                  P <- P - (k k^T) ./ (alpha + k r^T)     (released: torch.mm(k, r) of a (d,1) k and a
+                                          (1,d) r is the d x d outer product; the division is
+                                          element-wise, D_ij = alpha + k_i r_j — denominator "matrix")
     alpha = alpha_base ** (1 + b / L)      b = batch index in the epoch, L = batches per epoch
     P <- P / ||P||_F                                                      (released only)
     weight.grad <- weight.grad @ P^T                                     (the head's weight only)
 
 After updates with r_1..r_n and small alpha, P ~ I - (projector onto span(r_1..r_n)): a gradient
 row keeps its component orthogonal to the inputs P was built from, so the update changes the head's
-output on those inputs little (for P symmetric, as here, grad @ P^T = grad @ P).
+output on those inputs little (for P symmetric, as the scalar form keeps it, grad @ P^T = grad @ P;
+the released matrix form gives an asymmetric P in general, and the transpose matters).
 
 Fusion (test time): per modality m, logits o_m; weights w = softmax_m(-e_m), i.e.
 w_m = exp(max_k e_k - e_m) / sum_j exp(max_k e_k - e_j); fused = sum_m w_m o_m (weighted LOGITS).
@@ -54,15 +58,26 @@ def projector_alpha(batch_index: int, batches_per_epoch: int, base: float = 0.1)
     return float(base) ** (1.0 + batch_index / max(1, batches_per_epoch))
 
 
-def owm_update(P: torch.Tensor, r: torch.Tensor, alpha: float, normalize: bool = False) -> torch.Tensor:
-    """One OWM recursion: k = P r, P - k k^T / (alpha + r^T k); then P / ||P||_F if `normalize`.
+def owm_update(P: torch.Tensor, r: torch.Tensor, alpha: float, normalize: bool = False,
+               denominator: str = "scalar") -> torch.Tensor:
+    """One OWM recursion, k = P r, then P / ||P||_F if `normalize`:
+
+      denominator "scalar" (OWM, Zeng et al.): P - k k^T / (alpha + r^T k);
+      denominator "matrix" (released GSPlugin): P - (k k^T) ./ (alpha + k r^T), an element-wise
+        division by the d x d matrix D_ij = alpha + k_i r_j (`torch.mm(k, r)` with k (d, 1) and
+        r (1, d)); not symmetric in general, and not the OWM projector.
 
     P: (d, d); r: (d,) — the batch mean of the head's input. Returns a new tensor in P's dtype.
     Source: GSPlugin.before_update (r = mean of the head input over the batch, 1 x d; the released
     code divides by the Frobenius norm after every update: `normalize=True`)."""
     r = r.to(P.dtype).reshape(-1, 1)
     k = P @ r
-    P = P - (k @ k.T) / (alpha + (r.T @ k))
+    if denominator == "scalar":
+        P = P - (k @ k.T) / (alpha + (r.T @ k))
+    elif denominator == "matrix":
+        P = P - (k @ k.T) / (alpha + (k @ r.T))
+    else:
+        raise ValueError(f"denominator must be 'scalar' or 'matrix', got {denominator!r}")
     if normalize:
         P = P / torch.linalg.matrix_norm(P)
     return P
@@ -114,7 +129,7 @@ def entropy_fusion(logits: torch.Tensor, axis: str = "sample") -> torch.Tensor:
 
 
 def fixed_fusion(logits: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
-    """sum_m a_m o_m with fixed weights a (released: av_alpha 0.5 for two modalities; IEMOCAP audio
-    0.35, visual 0.25, text 0.4); logits (M, B, C) -> (B, C)."""
+    """sum_m a_m o_m with fixed weights a (released: main(av_alpha=0.55), i.e. audio 0.55, visual
+    0.45 for two modalities; three: audio 0.35, visual 0.25, text 0.4); logits (M, B, C) -> (B, C)."""
     a = torch.as_tensor(list(weights), dtype=torch.float32, device=logits.device).view(-1, 1, 1)
     return (a * logits.float()).sum(0)

@@ -148,6 +148,40 @@ def test_regression_step_metric_per_variant(variant, zero_labels_count):
     assert state["metric_prev"].tolist() == pytest.approx(expected, abs=1e-12)
 
 
+def test_segmentation_batch_dice_uses_the_released_eps_in_official():
+    """BraTS batch metric (feeds c_i): official the released training Dice, eps 1e-3
+    ((2|A∩G| + 2eps) / (|A| + |G| + 2eps), src/eval_metrics.py Dice), paper the exact Dice (eps 0).
+    Slice 0: an empty prediction against a one-pixel ET target (WT, TC, ET each |A|=0, |G|=1):
+    0 exactly, 2eps/(1 + 2eps) with eps; slice 1: empty prediction, empty target: 1 either way."""
+    labels = torch.tensor([[[3, 0]], [[0, 0]]])                     # (B=2, H=1, W=2)
+    logits = F.one_hot(torch.zeros(2, 1, 2, dtype=torch.long), 4).permute(0, 3, 1, 2).float()  # predicts 0
+    eps = 1e-3
+    assert cggm.RELEASED_DICE_EPS == eps
+    hits, count = cggm.batch_metric_counts("segmentation", logits, labels)             # official default
+    assert count.item() == 2 and hits.item() == pytest.approx(2 * eps / (1 + 2 * eps) + 1.0, abs=1e-15)
+    hits, count = cggm.batch_metric_counts("segmentation", logits, labels, dice_eps=0.0)   # paper
+    assert count.item() == 2 and hits.item() == 1.0
+    rows = cggm.batch_metric_counts_all("segmentation", [logits, logits], labels, True)
+    assert rows[:, 0].tolist() == pytest.approx([2 * eps / (1 + 2 * eps) + 1.0] * 2, abs=1e-15)
+
+
+@pytest.mark.parametrize("variant, dice_eps", [("official", 1e-3), ("paper", 0.0)])
+def test_step_passes_the_variants_dice_eps(variant, dice_eps, monkeypatch):
+    seen = []
+    real = cggm.batch_metric_counts_all
+
+    def spy(task, logits, labels, zero_labels_count=True, dice_eps=cggm.RELEASED_DICE_EPS):
+        seen.append(dice_eps)
+        return real(task, logits, labels, zero_labels_count, dice_eps)
+
+    monkeypatch.setattr(cggm, "batch_metric_counts_all", spy)
+    model = toy_model()
+    opt, clf_opt = optimizers(model)
+    cggm.cggm_step(model, toy_batches(1)[0], opt, clf_opt, fresh_state(model), dict(STEP_CFG, variant=variant),
+                   "classification")
+    assert seen == [dice_eps]
+
+
 def test_modulation_scales_encoder_cores_by_rho_c():
     batch = toy_batches(1)[0]
     runs = {}

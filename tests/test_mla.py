@@ -18,6 +18,19 @@ PAPER = mla.resolve_switches(dict(mla.DEFAULTS, variant="paper"))
 RELEASED_PROJECTION = dict(OFFICIAL, projection=True)   # the released GSPlugin as if its name check matched
 
 
+def released_gsplugin_update(P, r, alpha):
+    """The released GSPlugin.before_update's P update written from its formula, entry by entry:
+    r (1, d), k = P r^T (d, 1), P_ij <- P_ij - k_i k_j / (alpha + (k r)_ij) with k r the (d, d) outer
+    product (torch.mm(k, r)), then P / ||P||_F."""
+    d = P.shape[0]
+    k = [sum(P[i, j].item() * r[j].item() for j in range(d)) for i in range(d)]
+    out = torch.empty_like(P)
+    for i in range(d):
+        for j in range(d):
+            out[i, j] = P[i, j].item() - k[i] * k[j] / (alpha + k[i] * r[j].item())
+    return out / math.sqrt(sum(v * v for v in out.flatten().tolist()))
+
+
 # ------------------------------------------------------------------------------------------------
 # The maths, by hand
 
@@ -31,6 +44,25 @@ def test_owm_update_hand_case():
     torch.testing.assert_close(normed, out / math.sqrt((1 - 4 / 4.5) ** 2 + 2))
     assert mla_maths.projector_alpha(0, 10) == pytest.approx(0.1)
     assert mla_maths.projector_alpha(5, 10) == pytest.approx(0.1 ** 1.5)
+
+
+def test_owm_update_released_matrix_denominator():
+    """official (owm_denominator: matrix) against the released update built from its formula, on an
+    asymmetric P and an r of mixed signs and sizes, where a scalar and an element-wise division differ."""
+    P = torch.tensor([[1.0, 0.2, -0.1], [0.05, 0.9, 0.3], [-0.4, 0.1, 1.1]], dtype=torch.float64)
+    r = torch.tensor([0.7, -1.3, 2.1], dtype=torch.float64)
+    alpha = 0.1 ** 1.25
+    want = released_gsplugin_update(P, r, alpha)
+    got = mla_maths.owm_update(P, r, alpha, normalize=True, denominator="matrix")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    scalar = mla_maths.owm_update(P, r, alpha, normalize=True)          # the textbook OWM (paper)
+    assert (scalar - want).abs().max() > 1e-2
+    assert OFFICIAL["owm_denominator"] == "matrix" and PAPER["owm_denominator"] == "scalar"
+    # the projection the official step applies (projection switched on): grad @ P^T with that P
+    grad = torch.tensor([[0.3, -0.2, 0.5], [1.0, 0.4, -0.7]], dtype=torch.float64)
+    torch.testing.assert_close(mla_maths.project_weight_grad(grad, got), grad @ want.T, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="denominator"):
+        mla_maths.owm_update(P, r, alpha, denominator="outer")
 
 
 def test_orthogonal_projector_removes_the_span_of_the_inputs():
@@ -95,9 +127,11 @@ def params_of(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def released_train(model, batches, projection, echo, features_from="current", normalize=True):
+def released_train(model, batches, projection, echo, features_from="current", normalize=True, released_owm=True):
     """main.py train_epoch (gs_flag) + GSPlugin.before_update, written as they run, with the name
-    check taken as matching when `projection` (the released check never matches: no projection)."""
+    check taken as matching when `projection` (the released check never matches: no projection).
+    released_owm: the released denominator alpha + k r (a d x d outer product, element-wise
+    division); False: the textbook OWM alpha + r k (a scalar; the paper variant)."""
     opt, P, exp_count, prev_r = sgd(model), torch.eye(8), 0, None
     for b, batch in enumerate(batches):
         opt.zero_grad()
@@ -111,7 +145,8 @@ def released_train(model, batches, projection, echo, features_from="current", no
             skip = exp_count == 0 if features_from == "current" else prev_r is None
             if projection and not skip:
                 k = torch.mm(P, torch.t(use))
-                P = torch.sub(P, torch.mm(k, torch.t(k)) / (alpha + torch.mm(use, k)))
+                denominator = torch.mm(k, use) if released_owm else torch.mm(use, k)
+                P = torch.sub(P, torch.mm(k, torch.t(k)) / (alpha + denominator))
                 if normalize:
                     P = P / torch.norm(P, p="fro")
                 model.head.weight.grad = torch.mm(model.head.weight.grad, torch.t(P))
@@ -124,12 +159,13 @@ def released_train(model, batches, projection, echo, features_from="current", no
     return params_of(model)
 
 
-def ours_train(model, batches, cfg, world=1, rank=0):
+def ours_train(model, batches, cfg, world=1, rank=0, dtype=torch.float32):
+    model = model.to(dtype)
     opt = sgd(model)
-    state = dict(P=torch.eye(8), turns=0, prev_mean=None, prev_grad=None)
+    state = dict(P=torch.eye(8, dtype=dtype), turns=0, prev_mean=None, prev_grad=None)
     stats = []
     for b, batch in enumerate(batches):
-        local = {k: v.chunk(world)[rank] for k, v in batch.items()}
+        local = {k: (v if k == "label" else v.to(dtype)).chunk(world)[rank] for k, v in batch.items()}
         stats.append(mla.mla_step(model.encoders, model.head, opt, local, ["audio", "video"], state, cfg, b,
                                   len(batches), world, log_step=True))
     return params_of(model), state, stats
@@ -138,7 +174,7 @@ def ours_train(model, batches, cfg, world=1, rank=0):
 @pytest.mark.parametrize("cfg, released", [
     (OFFICIAL, dict(projection=False, echo=True)),
     (RELEASED_PROJECTION, dict(projection=True, echo=True)),
-    (PAPER, dict(projection=True, echo=False, features_from="previous", normalize=False)),
+    (PAPER, dict(projection=True, echo=False, features_from="previous", normalize=False, released_owm=False)),
 ], ids=["official", "released_projection", "paper"])
 def test_step_equals_the_released_step(cfg, released):
     batches = toy_batches()
@@ -149,6 +185,20 @@ def test_step_equals_the_released_step(cfg, released):
     assert state["turns"] == 6 and "plasticity/cos_consecutive_stages" in stats[0]
     kept = stats[-1]["video/grad_kept"].item()
     assert kept == 1.0 if not cfg["projection"] else kept < 1.0
+
+
+def test_fixed_fusion_default_weights_are_the_released_ones():
+    """fusion fixed with fusion_weights []: the released main(av_alpha=0.55) -> 0.55 * first + 0.45 *
+    second for two modalities; equal weights for three."""
+    g = torch.Generator().manual_seed(3)
+    o = {m: (None, torch.randn(4, 5, generator=g)) for m in ("audio", "video", "text")}
+    two = {m: o[m] for m in ("audio", "video")}
+    fuse = mla.make_fuse(dict(OFFICIAL, fusion="fixed"), 2)
+    torch.testing.assert_close(fuse(two), 0.55 * o["audio"][1] + 0.45 * o["video"][1])
+    fuse = mla.make_fuse(dict(PAPER, fusion="fixed"), 3)
+    torch.testing.assert_close(fuse(o), sum(v[1] for v in o.values()) / 3)
+    fuse = mla.make_fuse(dict(OFFICIAL, fusion="fixed", fusion_weights=[0.3, 0.7]), 2)
+    torch.testing.assert_close(fuse(two), 0.3 * o["audio"][1] + 0.7 * o["video"][1])
 
 
 def test_echo_and_projection_change_the_update():
@@ -175,7 +225,7 @@ def _ddp_worker(rank, world, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results = {}
     for name, cfg in DDP_CFGS.items():
-        state, mstate, _ = ours_train(Toy(), toy_batches(), cfg, world, rank)
+        state, mstate, _ = ours_train(Toy(), toy_batches(), cfg, world, rank, torch.float64)
         results[name] = {"state": state, "P": mstate["P"]}
     if rank == 0:
         torch.save(results, out_file)
@@ -185,16 +235,20 @@ def _ddp_worker(rank, world, init_file, out_file):
 
 @pytest.mark.slow
 def test_mla_step_two_ranks_equal_one(tmp_path):
-    """Released projection (current features, normalised, echo) and paper: weights and P."""
+    """Released projection (current features, matrix denominator, normalised, echo) and paper:
+    weights and P. In float64: the released element-wise denominator alpha + k_i r_j can come near
+    0, which amplifies the float32 rounding difference between the mean of rank means and the
+    global mean (a 1e-7 relative change of r moves the head weight by ~4e-5 on this toy) — a
+    property of the released formula, not of the data parallelism this test checks."""
     out = tmp_path / "ddp.pt"
     torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2)
     ddp = torch.load(out)
     for name, cfg in DDP_CFGS.items():
-        single, mstate, _ = ours_train(Toy(), toy_batches(), cfg)
+        single, mstate, _ = ours_train(Toy(), toy_batches(), cfg, dtype=torch.float64)
         for key, value in single.items():
-            torch.testing.assert_close(ddp[name]["state"][key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
-        torch.testing.assert_close(ddp[name]["P"], mstate["P"], rtol=1e-5, atol=1e-6)
-        assert not torch.allclose(mstate["P"], torch.eye(8))
+            torch.testing.assert_close(ddp[name]["state"][key], value, rtol=1e-9, atol=1e-10, msg=f"{name}: {key}")
+        torch.testing.assert_close(ddp[name]["P"], mstate["P"], rtol=1e-9, atol=1e-10)
+        assert not torch.allclose(mstate["P"], torch.eye(8, dtype=torch.float64))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,10 +305,34 @@ def test_bad_switch_is_refused_before_compute(tmp_path):
     (dict(variant="released"), "variant"), (dict(fusion="mean"), "fusion"), (dict(alpha_base=1.5), "alpha_base"),
     (dict(projection="yes"), "projection"), (dict(fusion_entropy="class"), "fusion_entropy"),
     (dict(zero_grad_echo=1), "zero_grad_echo"), (dict(fusion_weights=[0.5, -1]), "fusion_weights"),
+    (dict(owm_denominator="outer"), "owm_denominator"),
 ])
 def test_bad_config_is_refused(override, key):
     with pytest.raises(mla.ConfigError, match=key):
         mla.check_config(dict(mla.DEFAULTS, **override))
+
+
+def test_official_evaluates_with_the_training_batch_unless_set():
+    """eval_batch_size null (DEFAULTS): official = batch_size (the released test loader, which the
+    batch-axis entropy depends on), paper = the loop's 500; a value from the YAML or the command
+    line (or a hand-built cfg) is kept."""
+    from train.config import load_config, source_of
+    from train import loop
+    cfg = load_config(mla.DEFAULTS, ["--config", "train/configs/mla_av.yaml"])
+    assert cfg["eval_batch_size"] is None and source_of(cfg, "eval_batch_size") is None
+    assert mla.resolve_switches(cfg)["eval_batch_size"] == cfg["batch_size"] == 128
+    cfg = load_config(mla.DEFAULTS, ["--config", "train/configs/mla_av.yaml", "--batch_size", "32"])
+    assert mla.resolve_switches(cfg)["eval_batch_size"] == 32
+    cfg = load_config(mla.DEFAULTS, ["--config", "train/configs/mla_av.yaml", "--variant", "paper"])
+    assert mla.resolve_switches(cfg)["eval_batch_size"] == loop.DEFAULTS["eval_batch_size"] == 500
+    cfg = load_config(mla.DEFAULTS, ["--config", "train/configs/mla_av.yaml", "--eval_batch_size", "500"])
+    assert mla.resolve_switches(cfg)["eval_batch_size"] == 500          # set on the command line: kept
+    cfg = load_config(mla.DEFAULTS, ["--config", "train/configs/mla_crema_d.yaml", "--batch_size", "16"])
+    assert mla.resolve_switches(cfg)["eval_batch_size"] == 64           # set in the YAML: kept
+    assert mla.resolve_switches(dict(mla.DEFAULTS, eval_batch_size=7))["eval_batch_size"] == 7
+    for bad in ("64", 0, True, 1.5):
+        with pytest.raises(mla.ConfigError, match="eval_batch_size"):
+            mla.check_config(dict(mla.DEFAULTS, eval_batch_size=bad))
 
 
 def test_ignored_switch_is_refused_on_the_command_line():

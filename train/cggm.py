@@ -16,7 +16,8 @@ Per step t
   1. loss = task_loss(F(fusion(h)), y) [+ lambda_gm * L_gm of the previous step]; backward.
   2. classifier losses sum_i task_loss(f_i(h_i.detach()), y); backward into the classifiers.
   3. metric_now_i = f_i's accuracy on the GLOBAL training batch (regression: sign accuracy, over
-     every sample in the official variant, over non-zero labels in the paper one; segmentation: the mean of the WT/TC/ET Dice over the batch's slices).
+     every sample in the official variant, over non-zero labels in the paper one; segmentation: the mean of the WT/TC/ET Dice over the batch's slices,
+     with the released eps 1e-3 in the official variant, the exact Dice (eps 0) in the paper one).
   4. d_i = now_i - prev_i; S = sum d + 1e-8; c_i = (S - d_i)/S; encoder-core gradients of modality i
      are multiplied by rho * c_i (`modulation`); c_i always logged, optionally clipped (`coeff_clip`).
   5. `direction`: L_gm = (sum |c_i| - sum c_i cos(vec_i, vec_F)) / M.
@@ -95,17 +96,24 @@ def check_config(cfg):
 # ------------------------------------------------------------------------------------------------
 # Pieces of the step
 
-def batch_metric_counts(task, logits, labels, zero_labels_count=True):
+#: The released training Dice's eps (src/eval_metrics.py Dice(output, target, eps=1e-3), reached from
+#: the classifiers' batch metric SegClassifier.cal_coeff -> train_eval_seg): (2|A∩G| + 2eps)/(|A|+|G| + 2eps).
+RELEASED_DICE_EPS = 1e-3
+
+
+def batch_metric_counts(task, logits, labels, zero_labels_count=True, dice_eps=RELEASED_DICE_EPS):
     """(hits, count) of the classifier's batch metric, as 0-d float64 tensors (summed over ranks by
     the caller): accuracy for classification, the sum over slices of mean(WT, TC, ET Dice) and the
     number of slices for segmentation, sign accuracy for regression — (pred > 0) == (label > 0):
       zero_labels_count=True (official; the released train_eval_senti, exclude_zero=False): over
         EVERY sample of the batch, a zero label counting as "not positive";
-      False (paper): over the samples with a non-zero label only (MOSI's Acc-2 convention)."""
+      False (paper): over the samples with a non-zero label only (MOSI's Acc-2 convention).
+    dice_eps: the Dice's eps (models.segmentation.dice_scores): 1e-3 (official, the released
+      training Dice) or 0 (paper: the exact Dice, the one evaluation reports)."""
     if task == "classification":
         hits, count = (logits.argmax(-1) == labels).sum(), labels.shape[0]
     elif task == "segmentation":
-        dice = dice_scores(logits.argmax(1), labels, reduction="sum")
+        dice = dice_scores(logits.argmax(1), labels, eps=dice_eps, reduction="sum")
         hits, count = (dice["wt"] + dice["tc"] + dice["et"]) / 3, labels.shape[0]
     else:
         pred, target = logits.reshape(-1), labels.reshape(-1)
@@ -116,7 +124,7 @@ def batch_metric_counts(task, logits, labels, zero_labels_count=True):
     return hits.to(torch.float64), count.to(torch.float64)
 
 
-def batch_metric_counts_all(task, logits, labels, zero_labels_count=True):
+def batch_metric_counts_all(task, logits, labels, zero_labels_count=True, dice_eps=RELEASED_DICE_EPS):
     """(M, 2) float64 tensor: the rows (hits, count) of batch_metric_counts for each of the M
     classifiers' logits (no gradient). Classification in a few operators for all of them (the
     logits stacked: one argmax, one comparison, one sum); the other tasks per classifier."""
@@ -125,7 +133,8 @@ def batch_metric_counts_all(task, logits, labels, zero_labels_count=True):
             hits = (torch.stack(list(logits)).argmax(-1) == labels).sum(1).to(torch.float64)
             count = torch.full_like(hits, labels.shape[0])
             return torch.stack([hits, count], 1)
-        return torch.stack([torch.stack(batch_metric_counts(task, x, labels, zero_labels_count)) for x in logits])
+        return torch.stack([torch.stack(batch_metric_counts(task, x, labels, zero_labels_count, dice_eps))
+                            for x in logits])
 
 
 def out_weight_grad(loss, weight, world):
@@ -159,7 +168,8 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
     clf_optimizer.zero_grad(set_to_none=True)
 
     # classifier gradients and the global batch metrics (official: one backward does both parts)
-    hits_counts = batch_metric_counts_all(task, [out[m][1] for m in names], labels, official)
+    hits_counts = batch_metric_counts_all(task, [out[m][1] for m in names], labels, official,
+                                          RELEASED_DICE_EPS if official else 0.0)
     if world > 1:
         dist.all_reduce(hits_counts)
     hits, counts = hits_counts.unbind(1)

@@ -13,7 +13,9 @@ Per training batch (docs/methods/mla.md), every encoder forwarded once, then a t
 in `modalities` order (one optimiser step each):
     f_m = E_m(x_m);  loss_m = CE(H(f_m), y);  backward;  r = batch mean of f_m
     projection (`projection`): alpha = alpha_base ** (1 + b/L)  (b: batch in the epoch, L: batches per epoch)
-        P <- P - k k^T / (alpha + r'^T k),  k = P r'   with r' = r (`projector_features: current`,
+        P <- P - (k k^T) ./ (alpha + k r'^T)  (`owm_denominator: matrix`, released: element-wise by a
+        d x d matrix) or P - k k^T / (alpha + r'^T k) (`scalar`, OWM, the paper),  k = P r',
+        with r' = r (`projector_features: current`,
         released: skipped at the very first turn of the run) or r' = the previous turn's r
         (`previous`, the paper); P <- P / ||P||_F (`normalize_projector`, released)
         H.weight.grad <- H.weight.grad @ P^T     (P starts at the identity; the bias is not projected)
@@ -22,10 +24,13 @@ in `modalities` order (one optimiser step each):
     momentum) or dropped; all dropped at the batch end (released `del p.grad`).
 variant official = the released main.py --gs_flag: its name check ("module.weight" against an
 nn.Linear's "weight") never matches, so the projection never runs (`projection: false`); echo on;
-fusion entropy over the evaluation BATCH axis. variant paper: projection with the previous turn's
-features, no Frobenius normalisation, no echo, per-sample entropy. Each is a switch (null = the variant's).
-Test-time fusion: sum_m w_m H(f_m), w = softmax_m(-entropy_m) (`fusion: entropy`, the README's
-"dynamic fusion") or fixed weights (`fusion: fixed`, `fusion_weights`).
+fusion entropy over the evaluation BATCH axis, evaluated with the training batch (`eval_batch_size`
+null: = batch_size, the released test loader; a value in the YAML or on the command line wins).
+variant paper: projection with the previous turn's features and the scalar OWM denominator, no
+Frobenius normalisation, no echo, per-sample entropy, eval_batch_size 500 when null. Each is a switch
+(null = the variant's). Test-time fusion: sum_m w_m H(f_m), w = softmax_m(-entropy_m) (`fusion:
+entropy`, the README's "dynamic fusion") or fixed weights (`fusion: fixed`, `fusion_weights`; []:
+the released 0.55 / 0.45 for two modalities).
 
 Data parallelism without a DDP wrapper (a turn uses one encoder and the head): each turn's gradients
 and the batch mean r of the head input are all-reduced by hand in one bucket, and P and the
@@ -61,13 +66,20 @@ DEFAULTS = loop.DEFAULTS | dict(   # + the loop's keys (data, optimiser, selecti
     projector_features=None,       # current | previous: whose batch-mean head input updates P before a
                                    # turn's gradient is projected (null: official current, paper previous)
     normalize_projector=None,      # P <- P / ||P||_F after each update (null: official true, paper false)
+    owm_denominator=None,          # matrix | scalar: P - (k k^T) ./ (alpha + k r^T) element-wise (released
+                                   # GSPlugin) or P - k k^T / (alpha + r^T k) (OWM) (null: official
+                                   # matrix, paper scalar)
     alpha_base=0.1,                # OWM alpha = alpha_base ** (1 + batch_in_epoch / batches_per_epoch)
     zero_grad_echo=None,           # earlier turns' encoders keep zero gradients and are stepped again by
                                    # later turns of the batch (null: official true, paper false)
     fusion="entropy",              # entropy (the README's dynamic fusion, the paper) | fixed
     fusion_entropy=None,           # batch | sample: entropy over the eval batch axis (released) or per
                                    # sample over classes (paper) (null: the variant's)
-    fusion_weights=[],             # fusion fixed: one weight per modality ([] = equal: released av_alpha 0.5)
+    fusion_weights=[],             # fusion fixed: one weight per modality ([] = released: two modalities
+                                   # 0.55, 0.45 (main(av_alpha=0.55), the first of the turn order 0.55);
+                                   # three or more: equal)
+    eval_batch_size=None,          # evaluation batch (null: official = batch_size, as the released test
+                                   # loader, which the batch-axis entropy fusion depends on; paper = 500)
     epochs=100,
     batch_size=64,
     optimizer="sgd",               # released: SGD momentum 0.9, weight decay 1e-4
@@ -83,17 +95,26 @@ DEFAULT_CONFIG = "train/configs/mla_av.yaml"
 
 #: The switches a variant decides when left null: (official, paper).
 VARIANT_SWITCHES = dict(projection=(False, True), projector_features=("current", "previous"),
-                        normalize_projector=(True, False), zero_grad_echo=(True, False),
-                        fusion_entropy=("batch", "sample"))
+                        normalize_projector=(True, False), owm_denominator=("matrix", "scalar"),
+                        zero_grad_echo=(True, False), fusion_entropy=("batch", "sample"))
 SWITCH_CHOICES = dict(projection=(True, False), projector_features=("current", "previous"),
-                      normalize_projector=(True, False), zero_grad_echo=(True, False),
-                      fusion_entropy=("batch", "sample"))
+                      normalize_projector=(True, False), owm_denominator=("matrix", "scalar"),
+                      zero_grad_echo=(True, False), fusion_entropy=("batch", "sample"))
+#: The released fixed fusion weights of two modalities: main.py runs main(av_alpha=0.55) and fuses
+#: av_alpha * out_a + (1 - av_alpha) * out_v (audio, the first modality, 0.55).
+RELEASED_AV_ALPHA = 0.55
 
 
 def resolve_switches(cfg: dict) -> dict:
-    """cfg with every null switch set to its variant's value (recorded so in the run's config.yaml)."""
+    """cfg with every null switch set to its variant's value, and a null eval_batch_size set to the
+    training batch (official: the released test loader's batch is batch_size) or the loop's 500
+    (paper); recorded so in the run's config.yaml. An eval_batch_size given anywhere (YAML, command
+    line, a hand-built cfg) is kept."""
     column = 0 if cfg["variant"] == "official" else 1
-    return dict(cfg, **{k: v[column] for k, v in VARIANT_SWITCHES.items() if cfg[k] is None})
+    out = dict(cfg, **{k: v[column] for k, v in VARIANT_SWITCHES.items() if cfg[k] is None})
+    if out.get("eval_batch_size") is None:
+        out["eval_batch_size"] = cfg["batch_size"] if cfg["variant"] == "official" else loop.DEFAULTS["eval_batch_size"]
+    return out
 
 
 def check_config(cfg):
@@ -105,6 +126,10 @@ def check_config(cfg):
         if cfg[key] is not None and (cfg[key] not in allowed or type(cfg[key]) is not type(allowed[0])):
             raise ConfigError(f"{key}={cfg[key]!r}: choose {' or '.join(str(a).lower() for a in allowed)} "
                               "(or null: the variant's)")
+    ebs = cfg["eval_batch_size"]
+    if ebs is not None and (isinstance(ebs, bool) or not isinstance(ebs, int) or ebs <= 0):
+        raise ConfigError(f"eval_batch_size={ebs!r}: a positive integer (or null: official the training "
+                          "batch, paper 500)")
     if not 0 < cfg["alpha_base"] < 1:
         raise ConfigError(f"alpha_base={cfg['alpha_base']}: must be in (0, 1)")
     if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in cfg["fusion_weights"]):
@@ -128,7 +153,7 @@ def mla_step(encoders, head, optimizer, batch, order, state, cfg, batch_in_epoch
     alpha = mla.projector_alpha(batch_in_epoch, batches_per_epoch, cfg["alpha_base"])
     stats, cosines = {}, []
     for m in order:
-        f = features[m].float()
+        f = features[m] if features[m].dtype == torch.float64 else features[m].float()   # bf16 autocast -> fp32
         logits = head(f)
         loss = F.cross_entropy(logits, labels)
         loss.backward()
@@ -141,7 +166,7 @@ def mla_step(encoders, head, optimizer, batch, order, state, cfg, batch_in_epoch
             r = mean if cfg["projector_features"] == "current" else state["prev_mean"]
             first = state["turns"] == 0 if cfg["projector_features"] == "current" else r is None
             if not first:   # released: no update and no projection at the run's very first turn
-                state["P"] = mla.owm_update(state["P"], r, alpha, cfg["normalize_projector"])
+                state["P"] = mla.owm_update(state["P"], r, alpha, cfg["normalize_projector"], cfg["owm_denominator"])
                 grad.copy_(mla.project_weight_grad(grad, state["P"]))
         stats[f"{m}/grad_kept"] = torch.linalg.vector_norm(grad) / torch.linalg.vector_norm(raw).clamp_min(1e-30)
         if state["prev_grad"] is not None:
@@ -167,12 +192,21 @@ def mla_step(encoders, head, optimizer, batch, order, state, cfg, batch_in_epoch
 # ------------------------------------------------------------------------------------------------
 # The method on the shared loop
 
+def default_fusion_weights(n_modalities):
+    """fusion_weights [] (fusion fixed): the released two-modality weights [0.55, 0.45] (the first
+    modality of the turn order takes av_alpha, as the released audio); three or more: equal (the
+    released three-modality weights, audio 0.35, visual 0.25, text 0.4, are tied to those names)."""
+    if n_modalities == 2:
+        return [RELEASED_AV_ALPHA, 1.0 - RELEASED_AV_ALPHA]
+    return [1.0 / n_modalities] * n_modalities
+
+
 def make_fuse(cfg, n_modalities):
     """outputs {m: (features, logits)} -> fused logits: entropy-weighted or fixed-weight sum."""
     if cfg["fusion"] == "entropy":
         axis = cfg["fusion_entropy"]
         return lambda outputs: mla.entropy_fusion(torch.stack([o for _, o in outputs.values()]), axis)
-    weights = cfg["fusion_weights"] or [1.0 / n_modalities] * n_modalities
+    weights = cfg["fusion_weights"] or default_fusion_weights(n_modalities)
     return lambda outputs: mla.fixed_fusion(torch.stack([o for _, o in outputs.values()]), weights)
 
 
@@ -206,7 +240,7 @@ def ignored_keys(cfg: dict) -> dict:
     if cfg["fusion"] != "entropy":
         out["fusion_entropy"] = "by fusion=fixed"
     if cfg["projection"] is False:
-        for key in ("projector_features", "normalize_projector", "alpha_base"):
+        for key in ("projector_features", "normalize_projector", "owm_denominator", "alpha_base"):
             out[key] = "without the projection (set --projection true)"
     return out
 
