@@ -101,6 +101,14 @@ def copy_run(run, dest):
     return dest
 
 
+def start_joint(args):
+    """train/joint.py with `args` as a background process in a session of its own (its process group
+    can be signalled), stdout and stderr piped; the caller waits for it or kills the group."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(REPO / "train/joint.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
 @pytest.mark.parametrize("victim", ["state.pt", "rng-rank0.pt"])
 @pytest.mark.slow
 def test_crafted_checkpoint_is_refused_and_runs_nothing(seq3, stopped_run, tmp_path, victim):
@@ -240,11 +248,7 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints(seq3, tmp_path, s
     whole, split = tmp_path / "whole", tmp_path / "split"
     workers = ["--num_workers", "2", "--epochs", "6"]   # long enough to be stopped inside the training
     run_script("train/joint.py", seq3_args(seq3, whole, *workers))
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(REPO / "train/joint.py"),
-                             *seq3_args(seq3, split, *workers, "--log_every", "1")],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = start_joint(seq3_args(seq3, split, *workers, "--log_every", "1"))
     try:
         deadline, group = time.time() + 120, []
         while len(group) < 3 and time.time() < deadline and proc.poll() is None:   # the loader's workers are up
@@ -493,11 +497,7 @@ def test_stop_signals_repeated_during_the_exit_keep_it_clean(seq3, tmp_path):
     repeats SIGUSR1 every 10 s, SLURM signals every process): one checkpoint, exit 0. Python resets
     its own handlers to the default at shutdown, so a signal there used to kill the process (-15)."""
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(REPO / "train/joint.py"),
-                             *seq3_args(seq3, out, "--epochs", "6", "--ckpt_every_steps", "2")],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = start_joint(seq3_args(seq3, out, "--epochs", "6", "--ckpt_every_steps", "2"))
     try:
         deadline = time.time() + 120
         while not (out / "checkpoints" / "latest").exists() and time.time() < deadline and proc.poll() is None:
@@ -549,11 +549,7 @@ def test_a_second_run_on_a_running_directory_is_refused(seq3, tmp_path):
     killed (SIGKILL: no clean-up), the lock is gone with it and a resume works."""
     out = tmp_path / "run"
     run_script("train/joint.py", seq3_args(seq3, out, "--stop_after_steps", "2"))
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    first = subprocess.Popen([sys.executable, str(REPO / "train/joint.py"),
-                              *seq3_args(seq3, out, "--resume", "--epochs", "40", "--ckpt_every_steps", "1")],
-                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    first = start_joint(seq3_args(seq3, out, "--resume", "--epochs", "40", "--ckpt_every_steps", "1"))
     try:
         deadline = time.time() + 120
         while int((out / "checkpoints" / "latest").read_text()[5:14]) < 4 and time.time() < deadline:

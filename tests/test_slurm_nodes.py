@@ -98,6 +98,11 @@ def sbatch_two_nodes(env, name, data, run_dir, log_dir, *extra) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
+def wait_for_first_checkpoint(env, job, run_dir: Path) -> None:
+    wait_for(lambda: (run_dir / "checkpoints" / "latest").exists() or job_field(env, job, "JobState") in TERMINAL,
+             300, "the first checkpoint")
+
+
 def job_log(env, job) -> str:
     path = job_field(env, job, "StdOut")
     return Path(path).read_text() if path and Path(path).exists() else ""
@@ -213,8 +218,7 @@ def test_requeue_and_time_limit_on_two_nodes_resume_exactly(two_nodes, joint_run
     run = tmp_path / "run"
     job = sbatch_two_nodes(two_nodes, "joint", seq3_small, run, tmp_path, *flags("joint", EPOCHS))
     try:
-        wait_for(lambda: (run / "checkpoints" / "latest").exists() or job_field(two_nodes, job, "JobState") in TERMINAL,
-                 300, "the first checkpoint")
+        wait_for_first_checkpoint(two_nodes, job, run)
         subprocess.run(["scontrol", "requeue", job], env=two_nodes, check=True)
         lift_requeue_hold(two_nodes, job)
         wait_for(lambda: "[resume] from step" in job_log(two_nodes, job) or
@@ -263,8 +267,7 @@ def test_a_lost_node_fails_the_job_naming_it_and_a_resubmission_resumes(two_node
     run = tmp_path / "run"
     job = sbatch_two_nodes(two_nodes, "joint", seq3_small, run, tmp_path, *flags("joint", EPOCHS))
     try:
-        wait_for(lambda: (run / "checkpoints" / "latest").exists() or job_field(two_nodes, job, "JobState") in TERMINAL,
-                 300, "the first checkpoint")
+        wait_for_first_checkpoint(two_nodes, job, run)
         victims = wait_for(lambda: training_pids(job, 1, "train/joint.py"), 60, "node2's training process")
         for pid in victims:
             os.kill(pid, 9)
