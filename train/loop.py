@@ -358,6 +358,75 @@ def script_module(build: Callable) -> str:
     return name
 
 
+def resume(setup: Setup, ctx: Context, changes: list) -> None:
+    """Restore the run's latest checkpoint into `setup` and `ctx.position`; record the config changes
+    the resume was allowed (train.rundir.resumed_config) with the step they took effect at."""
+    accelerator, position = ctx.accelerator, ctx.position
+    saved = checkpoint.load_checkpoint(ctx.run_dir, accelerator, checkpointed(setup), setup.generators, cfg=ctx.cfg)
+    setup.state.update(_to_device(saved.pop("method", {}), accelerator.device))
+    position.update(saved)
+    accelerator.print(f"[resume] from step {position['step']} (epoch {position['epoch']}, "
+                      f"batch {position['batch_in_epoch']})")
+    for change in changes:   # recorded in the checkpoints and result.json
+        accelerator.print(f"[resume] {change['key']}: {change['from']!r} -> {change['to']!r} (recorded in result.json)")
+    if changes:
+        position["config_changes"] = position.get("config_changes", []) + \
+            [change | {"step": position["step"]} for change in changes]
+
+
+def validate_and_select(setup: Setup, ctx: Context, fuse: Callable, epochs: int, plateau: bool) -> dict:
+    """An epoch end's validation: every rank takes the main process's BatchNorm statistics, then the
+    validation metrics are logged and appended to metrics.jsonl, the plateau scheduler steps on the
+    loss, and the model is selected (best.pt) or early stopping counts. Returns the metrics."""
+    cfg, accelerator, position, run_dir = ctx.cfg, ctx.accelerator, ctx.position, ctx.run_dir
+    select_key, better = selection(cfg, ctx.task)
+    # every rank validates (and best.pt, the checkpoint hold) the main process's BatchNorm statistics
+    distributed.sync_buffers([o for o in checkpointed(setup).values() if isinstance(o, torch.nn.Module)], accelerator)
+    val = metrics.evaluate(setup.model, ctx.loaders["val"], accelerator, ctx.task, fuse)
+    if plateau:
+        setup.scheduler.step(val["fused"]["loss"])
+    ctx.log({f"val_{k}/{name}": v for k, mets in val.items() for name, v in mets.items()})
+    record = {"epoch": position["epoch"], **(setup.record() if setup.record else {}), "step": position["step"]}
+    rundir.append_jsonl(run_dir, record | {"val": val}, accelerator)
+    score = metrics.selection_score(val, cfg["select_on"], select_key)
+    if position["best"] is None or better(score, position["best"]):
+        position.update(best=score, best_epoch=position["epoch"], bad_evals=0)
+        if distributed.deepspeed_stage(accelerator) is not None:   # float32 master weights, gathered (collective)
+            checkpoint.save_deepspeed_model_atomic(accelerator.unwrap_model(setup.model), run_dir / "best.pt",
+                                                   accelerator)
+        elif accelerator.is_main_process:
+            checkpoint.save_model_atomic(accelerator.unwrap_model(setup.model), run_dir / "best.pt")
+    else:
+        position["bad_evals"] += 1
+        position["stopped_early"] = bool(cfg["patience"]) and position["bad_evals"] >= cfg["patience"]
+    ctx.print(f"epoch {position['epoch']}/{epochs}: val " + "  ".join(f"{k} {v[select_key]:.4f}" for k, v in val.items())
+              + ("  [early stop]" if position["stopped_early"] else ""))
+    return val
+
+
+def test_selected_model(setup: Setup, ctx: Context, fuse: Callable, method: str, script: str) -> dict:
+    """The end of a run: the model selected on validation (best.pt) evaluated on test and validation,
+    result.json written, the closing table printed, TensorBoard closed and the run directory unlocked."""
+    cfg, accelerator, position, run_dir = ctx.cfg, ctx.accelerator, ctx.position, ctx.run_dir
+    select_key, _ = selection(cfg, ctx.task)
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(setup.model).load_state_dict(checkpoint.load_trusted(run_dir / "best.pt"))
+    test = metrics.evaluate(setup.model, ctx.loaders["test"], accelerator, ctx.task, fuse)
+    val = metrics.evaluate(setup.model, ctx.loaders["val"], accelerator, ctx.task, fuse)
+    result = {"run_dir": str(run_dir), "method": method, "script": script,
+              "best_epoch": position["best_epoch"], "val": val, "test": test,
+              "bayes_accuracy": ctx.meta.get("source", {}).get("bayes_accuracy"),
+              "select_on": cfg["select_on"], "select_metric": select_key, **setup.result}
+    if position.get("config_changes"):
+        result["config_changes"] = position["config_changes"]
+    if accelerator.is_main_process:
+        rundir.write_result(run_dir, result)
+        rundir.print_result_table(result, select_key)
+        ctx.writer.close()
+        rundir.unlock_run_dir(run_dir)
+    return result
+
+
 def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step: Callable | None = None,
           epoch_end: Callable | None = None, tasks=("classification",), min_modalities: int = 1,
           max_modalities: int | None = None, deepspeed: bool | str = False, feature_dim: int | None = None) -> dict:
@@ -380,8 +449,7 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
     preemption = Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1/SIGINT -> checkpoint, exit
     cfg, ctx, setup = prepare(cfg, accelerator, method=method, build=build, tasks=tasks, min_modalities=min_modalities,
                               max_modalities=max_modalities, feature_dim=feature_dim)
-    meta, task, loaders, position = ctx.meta, ctx.task, ctx.loaders, ctx.position
-    select_key, better = selection(cfg, task)
+    loaders, position = ctx.loaders, ctx.position
     steps_per_epoch = len(ctx.train_sampler)
     fuse = setup.fuse or accelerator.unwrap_model(setup.model).fuse
     epochs = setup.epochs or cfg["epochs"]
@@ -391,19 +459,9 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
                           "epoch, before any validation loss exists; choose another scheduler")
     ctx.run_dir, ctx.writer = rundir.setup_run_dir(cfg, accelerator)
     run_dir = ctx.run_dir
-    zero = distributed.deepspeed_stage(accelerator) is not None
 
     if cfg["resume"]:
-        saved = checkpoint.load_checkpoint(run_dir, accelerator, checkpointed(setup), setup.generators, cfg=cfg)
-        setup.state.update(_to_device(saved.pop("method", {}), accelerator.device))
-        position.update(saved)
-        accelerator.print(f"[resume] from step {position['step']} (epoch {position['epoch']}, "
-                          f"batch {position['batch_in_epoch']})")
-        for change in resume_changes:   # recorded in the checkpoints and result.json
-            accelerator.print(f"[resume] {change['key']}: {change['from']!r} -> {change['to']!r} (recorded in result.json)")
-        if resume_changes:
-            position["config_changes"] = position.get("config_changes", []) + \
-                [change | {"step": position["step"]} for change in resume_changes]
+        resume(setup, ctx, resume_changes)
 
     def save():
         checkpoint.save_checkpoint(run_dir, accelerator, checkpointed(setup), position | {"method": setup.state},
@@ -469,51 +527,13 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
         position["batch_in_epoch"] = 0
         val = None
         if position["epoch"] % cfg["eval_every"] == 0 or position["epoch"] == epochs:
-            # every rank validates (and best.pt, the checkpoint hold) the main process's BatchNorm statistics
-            distributed.sync_buffers([o for o in checkpointed(setup).values() if isinstance(o, torch.nn.Module)],
-                                     accelerator)
-            val = metrics.evaluate(setup.model, loaders["val"], accelerator, task, fuse)
-            if plateau:
-                setup.scheduler.step(val["fused"]["loss"])
-            ctx.log({f"val_{k}/{name}": v for k, mets in val.items() for name, v in mets.items()})
-            record = {"epoch": position["epoch"], **(setup.record() if setup.record else {}), "step": position["step"]}
-            rundir.append_jsonl(run_dir, record | {"val": val}, accelerator)
-            score = metrics.selection_score(val, cfg["select_on"], select_key)
-            if position["best"] is None or better(score, position["best"]):
-                position.update(best=score, best_epoch=position["epoch"], bad_evals=0)
-                if zero:   # float32 master weights, gathered from the ZeRO partitions (collective)
-                    checkpoint.save_deepspeed_model_atomic(accelerator.unwrap_model(setup.model),
-                                                           run_dir / "best.pt", accelerator)
-                elif accelerator.is_main_process:
-                    checkpoint.save_model_atomic(accelerator.unwrap_model(setup.model), run_dir / "best.pt")
-            else:
-                position["bad_evals"] += 1
-                position["stopped_early"] = bool(cfg["patience"]) and position["bad_evals"] >= cfg["patience"]
-            ctx.print(f"epoch {position['epoch']}/{epochs}: val "
-                      + "  ".join(f"{k} {v[select_key]:.4f}" for k, v in val.items())
-                      + ("  [early stop]" if position["stopped_early"] else ""))
+            val = validate_and_select(setup, ctx, fuse, epochs, plateau)
         if epoch_end is not None:
             epoch_end(setup, ctx, val)
         save()
     bar.close()
 
-    # test with the model selected on validation ------------------------------------------------------
-    accelerator.wait_for_everyone()
-    accelerator.unwrap_model(setup.model).load_state_dict(checkpoint.load_trusted(run_dir / "best.pt"))
-    test = metrics.evaluate(setup.model, loaders["test"], accelerator, task, fuse)
-    val = metrics.evaluate(setup.model, loaders["val"], accelerator, task, fuse)
-    result = {"run_dir": str(run_dir), "method": method, "script": script_module(build),
-              "best_epoch": position["best_epoch"], "val": val, "test": test,
-              "bayes_accuracy": meta.get("source", {}).get("bayes_accuracy"),
-              "select_on": cfg["select_on"], "select_metric": select_key, **setup.result}
-    if position.get("config_changes"):
-        result["config_changes"] = position["config_changes"]
-    if accelerator.is_main_process:
-        rundir.write_result(run_dir, result)
-        rundir.print_result_table(result, select_key)
-        ctx.writer.close()
-        rundir.unlock_run_dir(run_dir)
-    return result
+    return test_selected_model(setup, ctx, fuse, method, script_module(build))
 
 
 def _rank_prefix() -> str:
