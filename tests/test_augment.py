@@ -346,16 +346,30 @@ def test_cuda_no_host_sync_and_matches_cpu(recipe, channels_last):
     assert torch.equal(first, second)
 
 
-# ---------------------------------------------------------------- benchmark (prints only)
+# ---------------------------------------------------------------- benchmark
+BENCH_BATCH, BENCH_BUDGET_S = (256, 3, 128, 128), 30.0   # DVM's batch; ~1-3 s on 2 CPU threads
+
+
 @pytest.mark.slow
 def test_benchmark_cpu_batch(capsys):
-    x = torch.randint(0, 256, (256, 3, 128, 128), dtype=torch.uint8)
+    """Times one DVM-sized uint8 batch through the default recipe and with hue jitter (printed), and
+    checks that what was timed is the augmentation: the recipe's uint8 (B, 3, 128, 128) batch, not the
+    input returned as is, different with hue jitter on, within a budget of
+    ~10x the time measured here (a per-sample Python loop would blow it)."""
+    x = torch.randint(0, 256, BENCH_BATCH, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    outputs = {}
     for name, kw in (("defaults (DVM)", {}), ("with hue 0.2", {"jitter": (0.8, 0.8, 0.8, 0.2)})):
         a = _aug(**kw)
-        a(x[:8])
+        a(x[:8])   # warm-up
         t0 = time.perf_counter()
-        a(x)
+        outputs[name] = a(x)
         dt = time.perf_counter() - t0
         with capsys.disabled():
-            print(f"\n[augment benchmark] {name}: {dt * 1e3:.0f} ms per 256x3x128x128 batch "
+            print(f"\n[augment benchmark] {name}: {dt * 1e3:.0f} ms per {'x'.join(map(str, BENCH_BATCH))} batch "
                   f"(CPU, {torch.get_num_threads()} threads)")
+        assert outputs[name].shape == BENCH_BATCH and outputs[name].dtype == torch.uint8, name
+        assert 0 < dt < BENCH_BUDGET_S, f"{name}: {dt:.1f} s"
+    plain, hue = outputs.values()
+    changed = float((plain != x).flatten(1).any(1).float().mean())
+    assert changed > 0.9, f"only {changed:.0%} of the images changed"   # p = 0.95 per sample; the crop alone moves pixels
+    assert not torch.equal(plain, hue), "hue jitter changed nothing"
