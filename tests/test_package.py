@@ -73,8 +73,12 @@ def test_pyproject_repeats_the_exact_pins_of_requirements_txt():
 def test_packages_exist_and_are_regular_packages():
     packages = pyproject()["tool"]["setuptools"]["packages"]
     for package in packages:
-        assert (REPO / package / "__init__.py").is_file(), f"{package}/ has no __init__.py"
-    assert set(packages) == FIRST_PARTY - {"tests", "summarize", "slurm_submit"}
+        assert (REPO / package.replace(".", "/") / "__init__.py").is_file(), f"{package}/ has no __init__.py"
+    assert {p.split(".")[0] for p in packages} == FIRST_PARTY - {"tests", "summarize", "slurm_submit"}
+    # an explicit list does not pull in subpackages: a wheel would lack any not listed
+    found = {".".join(init.parent.relative_to(REPO).parts) for top in packages if "." not in top
+             for init in (REPO / top).rglob("__init__.py")}
+    assert found <= set(packages), f"pyproject.toml: packages lacks {sorted(found - set(packages))}"
 
 
 def test_every_third_party_import_is_pinned():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from data_prep import shards
+from data_prep.shards import validation
 from data_prep.shards import (
     FORMAT, KINDS, VERSION, ShardBatchSampler, ShardDataset, ShardFormatError, ShardWriter,
     load_meta, validate, write_dataset,
@@ -316,12 +317,12 @@ def test_duplicate_sample_id_across_splits_detected(toy):
 def scans(monkeypatch):
     """Records the shards the value scan actually reads (cache misses), in order."""
     seen = []
-    real = shards._scan_shard
+    real = validation._scan_shard
 
     def counting(path, *args, **kw):
         seen.append(os.path.basename(str(path)))
         return real(path, *args, **kw)
-    monkeypatch.setattr(shards, "_scan_shard", counting)
+    monkeypatch.setattr(validation, "_scan_shard", counting)
     return seen
 
 
@@ -551,14 +552,14 @@ def test_cache_pruned_of_vanished_shards(toy, scans, scan_cache, monkeypatch, tm
     for p in gone.iterdir():
         p.unlink()
     assert len(list(scan_cache.iterdir())) == 1
-    monkeypatch.setattr(shards, "CACHE_MAX_ENTRIES", 4)
+    monkeypatch.setattr(validation, "CACHE_MAX_ENTRIES", 4)
     validate(root)   # 4 new entries + 1 exceed 4: the vanished shard's entry goes, the live ones stay
     kept = {json.loads(p.read_text())["shard"] for p in scan_cache.iterdir()}
     assert kept == {str(p.resolve()) for p in root.glob("*.h5")}
     del scans[:]
     validate(root)
     assert scans == []
-    monkeypatch.setattr(shards, "CACHE_MAX_ENTRIES", 1)
+    monkeypatch.setattr(validation, "CACHE_MAX_ENTRIES", 1)
     (root / "val-00000-of-00001.h5").touch()   # one rescan and store, over the cap: the oldest half go
     _settle(root)
     validate(root)
@@ -575,7 +576,7 @@ def test_scan_blocks_cover_dataset_once_and_find_rows_in_big_rows(tmp_path, monk
         for budget, sizes in [(10 ** 9, {11}), (4 * 480 + 1, {4, 3}), (2 * 480, {2, 1})]:
             got = np.full(f["v"].shape, np.nan, np.float32)
             lens = set()
-            for first, offset, block in shards._scan_blocks(f["v"], budget):
+            for first, offset, block in validation._scan_blocks(f["v"], budget):
                 assert offset is None and first % 2 == 0   # blocks start on chunk boundaries
                 assert np.isnan(got[first:first + len(block)]).all()   # each row read once
                 got[first:first + len(block)] = block
@@ -588,13 +589,13 @@ def test_scan_blocks_cover_dataset_once_and_find_rows_in_big_rows(tmp_path, monk
     with h5py.File(path, "r", locking=False) as f:
         for budget, step in [(100, 2), (330, 4), (479, 4)]:   # 80 bytes per [i, :, :] slice, 480 per row
             got = np.full(f["v"].shape, np.nan, np.float32)
-            for first, offset, block in shards._scan_blocks(f["v"], budget):
+            for first, offset, block in validation._scan_blocks(f["v"], budget):
                 assert offset % 2 == 0 and block.shape[:2] == (1, min(step, 6 - offset))
                 assert np.isnan(got[first, offset:offset + block.shape[1]]).all()
                 got[first, offset:offset + block.shape[1]] = block[0]
             np.testing.assert_array_equal(got, arrays["v"])
     _set(path, "v", (7, 4, 3, 2), -np.inf)
-    monkeypatch.setattr(shards, "SCAN_BLOCK_BYTES", 100)   # slices of 2 of the 6 [i, :, :] planes
+    monkeypatch.setattr(validation, "SCAN_BLOCK_BYTES", 100)   # slices of 2 of the 6 [i, :, :] planes
     _expect_error(root, str(path), "field 'v'", "row 7 ", "sample_id 77", "element (4, 3, 2)", "-inf")
     _set(path, "v", (7, 4, 3, 2), 0.0)
     _set(path, "f", (9, 1), np.inf)
