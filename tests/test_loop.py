@@ -2,6 +2,7 @@
 mean over ranks), the logging window after a resume, a NaN on one rank, and the skeleton written once."""
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -135,16 +136,71 @@ def test_a_nan_on_one_rank_stops_every_rank_through_the_loop(seq3, tmp_path):
     assert not (out / "checkpoints").exists()
 
 
-def test_one_epoch_loop_in_train():
-    """The skeleton exists once: no script but train/loop.py iterates over a training loader or
-    writes checkpoints itself."""
-    for path in sorted((REPO / "train").glob("*.py")):
-        text = path.read_text()
-        if path.name in ("loop.py", "checkpoint.py"):   # the loop; where save_checkpoint is defined
+# A training loop, structurally: a loop over epochs (its target, iterable or condition names an
+# epoch), or a loop that takes batches (its iterable names a loader, the batches or the progress bar,
+# or its target is a batch) and updates the model in its body (a call of backward or of a step: a
+# method's step, optimizer.step, scheduler.step). A pass that only reads batches (evaluation, input
+# statistics) is not one.
+LOADER_WORDS = {"loader", "loaders", "dataloader", "dl", "batches", "bar"}
+UPDATE_WORDS = {"step", "backward"}
+
+
+def _words(node) -> set[str]:
+    """The lower-cased '_'-separated words of every name, attribute and string in `node`."""
+    names = [n.id for n in ast.walk(node) if isinstance(n, ast.Name)]
+    names += [n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)]
+    names += [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    return {w for name in names for w in name.lower().split("_")}
+
+
+def _called_words(statements) -> set[str]:
+    """The words of the names of the functions called in `statements`."""
+    calls = [n.func for s in statements for n in ast.walk(s) if isinstance(n, ast.Call)]
+    return {w for f in calls for w in (f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")).lower().split("_")}
+
+
+def training_loops(source: str) -> list[int]:
+    """Line numbers of the training loops in `source` (the rule above)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.While):
+            is_training = _words(node.test) & {"epoch", "epochs"}
+        elif isinstance(node, ast.For):
+            takes_batches = _words(node.iter) & LOADER_WORDS or "batch" in _words(node.target)
+            is_training = (_words(node.target) | _words(node.iter)) & {"epoch", "epochs"} or (
+                takes_batches and _called_words(node.body) & UPDATE_WORDS)
+        else:
             continue
-        assert "save_checkpoint(" not in text, path.name
-        assert "set_epoch(state" not in text and "for batch in bar" not in text, path.name
-        assert not re.search(r"while .*epoch.* <", text), path.name
+        if is_training:
+            lines.append(node.lineno)
+    return lines
+
+
+@pytest.mark.parametrize("source, loops", [
+    ("for batch in loader:\n    stats = step(setup, batch, ctx)", [1]),
+    ("for i, (x, y) in enumerate(train_dl):\n    loss = f(x, y)\n    loss.backward()\n    opt.step()", [1]),
+    ("for b in ctx.loaders['train']:\n    gaal_step(model, b)", [1]),
+    ("for epoch in range(cfg['epochs']):\n    run_epoch()", [1]),
+    ("for _ in range(n_epochs):\n    run_epoch()", [1]),
+    ("while position['epoch'] < epochs:\n    pass", [1]),
+    ("for batch in loader:\n    outputs.append(model(batch))", []),              # an evaluation pass
+    ("for m in modalities:\n    losses[m].backward()\n    optimizer.step()", []),  # inside one step
+])
+def test_training_loop_rule(source, loops):
+    assert training_loops(source) == loops
+
+
+def test_one_epoch_loop_in_train():
+    """The skeleton exists once: train/loop.py holds the training loop (the rule finds it there), and
+    no other file of the training code (train/, methods/, models/) has one or writes checkpoints itself."""
+    assert training_loops((REPO / "train" / "loop.py").read_text()), "the rule no longer finds loop.py's loop"
+    for path in sorted(p for d in ("train", "methods", "models") for p in (REPO / d).rglob("*.py")):
+        where = path.relative_to(REPO).as_posix()
+        if where in ("train/loop.py", "train/checkpoint.py"):   # the loop; where save_checkpoint is defined
+            continue
+        text = path.read_text()
+        assert not training_loops(text), f"{where}: a training loop at line(s) {training_loops(text)} (use train/loop.py)"
+        assert "save_checkpoint(" not in text, f"{where} writes checkpoints itself (train/loop.py does)"
 
 
 @pytest.mark.slow
