@@ -31,7 +31,25 @@ def build_encoders(meta: dict, encoder_cfgs: dict, modalities: list[str] | None 
     return modalities, encoders
 
 
-class LateFusionModel(nn.Module):
+class PerModalityModel(nn.Module):
+    """The forward of every model here whose logits for modality m come from modality m's features
+    alone: forward -> {m: (f_m, modality_head(m)(f_m))}, f_m = encoders[m](batch[m]), in `modalities`
+    order. Subclasses set `modalities`, `encoders` and the heads (this class creates no parameters, so
+    they are created, and initialised from the RNG, in the subclass's order); `modality_head` gives
+    heads[m] unless a subclass shares one head."""
+
+    def modality_head(self, m: str) -> nn.Module:
+        return self.heads[m]
+
+    def forward(self, batch: dict) -> dict:
+        out = {}
+        for m in self.modalities:
+            features = self.encoders[m](batch[m])
+            out[m] = (features, self.modality_head(m)(features))
+        return out
+
+
+class LateFusionModel(PerModalityModel):
     """encoders[m]: E_m, heads[m]: Linear(E_m.out_dim, C). forward -> {m: (features, logits)}.
 
     The fused prediction is the sum of the per-modality logits (`fuse`), so each head alone is also
@@ -43,19 +61,12 @@ class LateFusionModel(nn.Module):
         self.modalities, self.encoders = build_encoders(meta, encoder_cfgs, modalities)
         self.heads = nn.ModuleDict({m: nn.Linear(e.out_dim, meta["num_classes"]) for m, e in self.encoders.items()})
 
-    def forward(self, batch: dict) -> dict:
-        out = {}
-        for m in self.modalities:
-            features = self.encoders[m](batch[m])
-            out[m] = (features, self.heads[m](features))
-        return out
-
     @staticmethod
     def fuse(outputs: dict) -> torch.Tensor:
         return torch.stack([logits for _, logits in outputs.values()]).sum(0)
 
 
-class SharedHeadModel(nn.Module):
+class SharedHeadModel(PerModalityModel):
     """encoders[m]: E_m, ONE head H shared by every modality (GAAL). forward -> {m: (features, H(f_m))}.
 
     Every encoder must produce features of the same width. The fused prediction is the mean of the
@@ -71,19 +82,15 @@ class SharedHeadModel(nn.Module):
                                    "(set out_dim / base_width so that they agree)")
         self.head = nn.Linear(next(iter(widths.values())), meta["num_classes"])
 
-    def forward(self, batch: dict) -> dict:
-        out = {}
-        for m in self.modalities:
-            features = self.encoders[m](batch[m])
-            out[m] = (features, self.head(features))
-        return out
+    def modality_head(self, m: str) -> nn.Module:
+        return self.head
 
     @staticmethod
     def fuse(outputs: dict) -> torch.Tensor:
         return torch.stack([logits for _, logits in outputs.values()]).mean(0)
 
 
-class IGMModel(nn.Module):
+class IGMModel(PerModalityModel):
     """encoders[m]: E_m, heads[m]: IGMHead(E_m.out_dim, C) — nothing shared (IGM's released code).
     forward -> {m: (features, logits)}.
 
@@ -100,13 +107,6 @@ class IGMModel(nn.Module):
         self.modalities, self.encoders = build_encoders(meta, encoder_cfgs, modalities)
         self.heads = nn.ModuleDict(
             {m: IGMHead(e.out_dim, meta["num_classes"], hidden) for m, e in self.encoders.items()})
-
-    def forward(self, batch: dict) -> dict:
-        out = {}
-        for m in self.modalities:
-            features = self.encoders[m](batch[m])
-            out[m] = (features, self.heads[m](features))
-        return out
 
     @staticmethod
     def fuse(outputs: dict) -> torch.Tensor:
@@ -205,7 +205,7 @@ class ConcatFusionModel(nn.Module):
         return torch.stack([logits for _, logits in outputs.values()]).sum(0)
 
 
-class ConcatAndUnimodalHeadsModel(nn.Module):
+class ConcatAndUnimodalHeadsModel(PerModalityModel):
     """encoders[m]: E_m; head: Linear(sum_m D_m, C) on the concatenated features — the fused
     prediction; heads[m]: Linear(D_m, C) — modality m's own classifier (its unimodal loss and its
     per-modality metrics). forward -> {m: (features, heads[m](features))}; fuse(outputs) =
@@ -224,10 +224,6 @@ class ConcatAndUnimodalHeadsModel(nn.Module):
         classes = meta["num_classes"]
         self.head = nn.Linear(sum(e.out_dim for e in self.encoders.values()), classes)
         self.heads = nn.ModuleDict({m: nn.Linear(e.out_dim, classes) for m, e in self.encoders.items()})
-
-    # the same per-modality pass (each encoder, then its own head); not a subclass, so that the
-    # parameters are created, and initialised from the RNG, in the order above (fused head first)
-    forward = LateFusionModel.forward
 
     def fuse(self, outputs: dict) -> torch.Tensor:
         return self.head(torch.cat([outputs[m][0] for m in self.modalities], dim=1))
