@@ -57,6 +57,7 @@ import h5py
 import numpy as np
 import torch
 
+from benchmarks import tables
 from data_prep import shards
 from train import data
 
@@ -349,13 +350,6 @@ def loader_rows(root, batch, workers_list, max_batches=None):
 
 # -------------------------------------------------------------------------------------- printing
 
-def table(header, rows):
-    """Aligned plain-text table: header, dashes, rows (lists of strings)."""
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
-                     for r in [header, ["-" * w for w in widths]] + rows)
-
-
 def machine_facts():
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"date {datetime.datetime.now().isoformat(timespec='seconds')}; {platform.machine()}, "
@@ -400,7 +394,7 @@ def run_shape(shape, samples, batch, workers, out_dir, passes, sweep_passes):
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else ""
         out.append([r["order"], r["reader"] + used, f"{r['mb_per_s']:.0f}", f"{r['samples_per_s']:.0f}",
                     f"{r['seconds'] * 1e3:.1f}", ratio])
-    print(table(["order", "reader", "MB/s", "samples/s", "ms/epoch", "ours/raw"], out))
+    print(tables.text(["order", "reader", "MB/s", "samples/s", "ms/epoch", "ours/raw"], out))
     for r in rows:
         if r["ratio"] is not None:
             print(f"{r['order']}: ours/raw {r['ratio']:.3f}, target >= 0.90: "
@@ -418,8 +412,8 @@ def run_shape(shape, samples, batch, workers, out_dir, passes, sweep_passes):
                     "on" if r["lzf"] else "off",
                     *[fmt_shape(r["chunks"][n]) for n in names], fmt_shape(r["chunks"]["label"]),
                     f"{r['size_mb']:.1f}", f"{r['shuffled_samples_per_s']:.0f}", f"{r['sequential_samples_per_s']:.0f}"])
-    print(table(["chunk_rows", "lzf", *[f"{n} chunks" for n in names], "label chunks", "file MB",
-                 "shuffled/s", "sequential/s"], out))
+    print(tables.text(["chunk_rows", "lzf", *[f"{n} chunks" for n in names], "label chunks", "file MB",
+                       "shuffled/s", "sequential/s"], out))
     best = max(sweep, key=lambda r: r["shuffled_samples_per_s"])
     default = next(r for r in sweep if r["default"])
     print(f"fastest shuffled: chunk_rows {best['chunk_rows'] or 'default'}, lzf {'on' if best['lzf'] else 'off'} "
@@ -428,9 +422,9 @@ def run_shape(shape, samples, batch, workers, out_dir, passes, sweep_passes):
     lrows = loader_rows(root, batch, workers)
     print(f"\nloader (make_loader: ShardDataset + ShardBatchSampler(shuffle=True, seed 0), batch_size=None, "
           f"persistent workers): one epoch after a warm-up batch")
-    print(table(["workers", "samples/s", "timed batches", "uint8 stays uint8"],
-                [[str(r["workers"]), f"{r['samples_per_s']:.0f}", str(r["batches"]),
-                  "yes" if r["uint8_kept"] else "NO"] for r in lrows]))
+    print(tables.text(["workers", "samples/s", "timed batches", "uint8 stays uint8"],
+                      [[str(r["workers"]), f"{r['samples_per_s']:.0f}", str(r["batches"]),
+                        "yes" if r["uint8_kept"] else "NO"] for r in lrows]))
     return {"reader": rows, "sweep": sweep, "loader": lrows}
 
 

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import data_path, ops, scaling, step_time
+from benchmarks import data_path, ops, scaling, step_time, tables
 
 STEP_CASES = {
     # --shapes: [(method, shape)]; "cpu" keeps every step under a second on two cores
@@ -148,11 +148,6 @@ def data_section_rows(results, device, step_rows):
     return reader, loader
 
 
-def markdown(rows, header):
-    return "\n".join("| " + " | ".join(str(c).replace("x", "×") if str(c).endswith("x") else str(c) for c in r) + " |"
-                     for r in [header, ["---"] * len(header)] + rows)
-
-
 def machine_line(device):
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
@@ -198,15 +193,15 @@ def main(argv=None):
         step_rows = step_section(device, args.shapes, args.steps, args.repeats)
         print(f"\n== steps: method vs baseline, same model and batch, {torch.get_num_threads()} threads; "
               f"{step_time.scheme_line(args.repeats, args.steps)}\n")
-        print(data_path.table(STEP_HEADER, step_rows))
-        md += ["", markdown(step_rows, STEP_HEADER)]
+        print(tables.text(STEP_HEADER, step_rows))
+        md += ["", tables.markdown(STEP_HEADER, step_rows)]
     if "fast" in sections:
         rows, profiles = fast_section(device, args.shapes, args.compile, args.profile_fast)
         header = ["method", "shape", "step", "ms/step", "spread", "samples/s", "peak memory", "speed-up"]
         print("\n== GPU path: bf16 autocast + channels_last + fused optimiser against fp32 eager (target >= 2x on H100); "
               f"{torch.get_num_threads()} threads; {step_time.scheme_line(FAST_REPEATS, FAST_STEPS)}\n")
-        print(data_path.table(header, rows))
-        md += ["", markdown(rows, header)]
+        print(tables.text(header, rows))
+        md += ["", tables.markdown(header, rows)]
         if profiles:
             print("\n".join(profiles))
             # Markdown: each step's headline a list item, its kernels the indented items under it
@@ -217,10 +212,10 @@ def main(argv=None):
                                                                  if args.data_samples else []))
         reader, loader = data_section_rows(results, device, step_rows)
         print("\n== data path summary\n")
-        print(data_path.table(READER_HEADER, reader))
+        print(tables.text(READER_HEADER, reader))
         print()
-        print(data_path.table(LOADER_HEADER, loader))
-        md += ["", markdown(reader, READER_HEADER), "", markdown(loader, LOADER_HEADER)]
+        print(tables.text(LOADER_HEADER, loader))
+        md += ["", tables.markdown(READER_HEADER, reader), "", tables.markdown(LOADER_HEADER, loader)]
     if "scaling" in sections:
         text, md_text = scaling.report()
         print("\n== scaling\n")
@@ -234,8 +229,8 @@ def main(argv=None):
               f"{step_time.scheme_line(ops.OPS_REPEATS, ops.OPS_STEPS)}\n", flush=True)
         rows = ops.ops_section(device, ops.OPS_STEPS, ops.OPS_REPEATS)
         print()
-        print(data_path.table(ops.HEADER, rows))
-        md += ["", markdown(rows, ops.HEADER)]
+        print(tables.text(ops.HEADER, rows))
+        md += ["", tables.markdown(ops.HEADER, rows)]
     if args.markdown:
         Path(args.markdown).write_text("\n".join(md) + "\n")
         print(f"\nMarkdown written to {args.markdown}")

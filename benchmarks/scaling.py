@@ -24,6 +24,8 @@ import math
 
 import numpy as np
 
+from benchmarks import tables
+
 WORKLOADS = {
     # name: (samples, {modality: (shape, dtype)}, global batch of the released recipe, method)
     "DVM, all 1.45 M images": (1_450_000, {"image": ([3, 128, 128], "uint8"), "table": ([17], "float32")}, 256, "gaal"),
@@ -83,12 +85,10 @@ HEADER = ["workload", "bytes/sample", "storage", "GPUs", "samples/GPU/step", "gr
 
 def report(samples_per_s=None):
     """(plain text, Markdown) of the scaling table."""
-    from benchmarks.data_path import table
-    from benchmarks.perf import markdown
     r = rows(samples_per_s)
     header = HEADER if samples_per_s else HEADER[:-1]
     r = r if samples_per_s else [x[:-1] for x in r]
-    return table(header, [[str(c) for c in x] for x in r]), markdown(r, header)
+    return tables.text(header, r), tables.markdown(header, r)
 
 
 def main(argv=None):

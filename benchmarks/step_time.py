@@ -75,6 +75,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks import tables
 from methods import flat_sam
 from models.fusion import CGGMModel, ConcatAndUnimodalHeadsModel, ConcatFusionModel, IGMModel, SharedHeadModel
 from train import cggm, mla, mmpareto, ogm_ge
@@ -567,12 +568,9 @@ def main(argv=None):
         profile_rows(args.method, args.shape, args.steps, device)
         return
     rows = BENCHES[args.method][0](args, device)
-    header = ["step", "ms/step", "spread", "samples/s", "peak memory", "ratio", "floor"]
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     print(f"{args.method}, shape {args.shape}, batch {SHAPE_BATCH[args.shape]}, device {device} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}; {scheme_line(args.repeats, args.steps)}")
-    for r in [header, ["-" * w for w in widths]] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print(tables.text(["step", "ms/step", "spread", "samples/s", "peak memory", "ratio", "floor"], rows))
 
 
 if __name__ == "__main__":
