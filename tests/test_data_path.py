@@ -1,19 +1,14 @@
 """benchmarks/data_path.py at --quick sizes: same bytes on both sides of the comparison, rows that
 hold what they claim, chunk shapes read from the file. No timing threshold is asserted."""
-import importlib.util
 import math
 import re
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
+from benchmarks import data_path as dp
 from data_prep import shards
-
-_spec = importlib.util.spec_from_file_location("data_path", Path(__file__).parent.parent / "benchmarks" / "data_path.py")
-dp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dp)
 
 
 def _finite_positive(x):

@@ -172,19 +172,6 @@ def test_official_step_equals_the_released_step_from_the_first_batch():
     assert steps(ours[2]) == steps(released[2]) == [6] * len(steps(released[2]))   # 2 phases x 3 batches
 
 
-@pytest.mark.slow
-def test_step_time_benchmark_runs(capsys):
-    """The benchmark prints its table (figures are read by people, not asserted)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("step_time", Path(__file__).parent.parent / "benchmarks" / "step_time.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--steps", "1", "--repeats", "1"])
-    out = capsys.readouterr().out
-    for name in ("plain alternating", "gaal official", "gaal paper"):
-        assert name in out
-
-
 # the image and table each converter writes with its defaults (data_prep/<dataset>.py)
 CONVERTED = {
     "dvm": (286, [3, 128, 128], {"continuous": [f"c{i}" for i in range(13)],

@@ -460,15 +460,3 @@ def test_dataset_config_learning_rate_per_epoch_of_a_stage(dataset):
             scheduler.step()
             lrs.append(optimizer.param_groups[0]["lr"])
     assert lrs == pytest.approx(expected, rel=1e-12)
-
-
-@pytest.mark.slow
-def test_step_time_benchmark_runs(capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("step_time", Path(__file__).parent.parent / "benchmarks" / "step_time.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--method", "igm", "--steps", "1", "--repeats", "1"])
-    out = capsys.readouterr().out
-    for name in ("plain alternating", "igm official", "igm paper"):
-        assert name in out

@@ -98,6 +98,22 @@ def test_perf_entry_point_prints_the_scaling_section(tmp_path, capsys):
     assert text.startswith("Machine: ") and "| workload |" in text
 
 
+@pytest.mark.parametrize("method", list(step_time.BENCHES))
+def test_step_time_prints_every_row(method, capsys):
+    """`benchmarks/step_time.py --method M` at the tiny shape, one chunk per row: its table has each
+    row of the method's bench, in order, with a positive ms/step, the baseline first at ratio 1.000x."""
+    step_time.main(["--method", method, "--shape", "tiny", "--steps", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("step ")) + 2   # past the header and dashes
+    expected = step_time.BENCHES[method][2]
+    rows = lines[first:first + len(expected)]
+    assert [row.split("  ")[0] for row in rows] == list(expected)   # columns: two spaces apart
+    cells = [row[len(name):].split() for row, name in zip(rows, expected)]   # ms/step, spread, samples/s, memory, ratio, floor
+    assert all(float(c[0]) > 0 for c in cells) and cells[0][4] == "1.000x", rows
+    assert method != "cggm" or "classifier parameters:" in out
+
+
 @pytest.mark.slow
 def test_profile_mode_reports_every_row(capsys):
     step_time.main(["--method", "cggm", "--profile", "--steps", "1"])
