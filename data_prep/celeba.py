@@ -33,16 +33,15 @@ Choices the paper and the released loader leave open:
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
 
 import numpy as np
 
-from data_prep.image_io import (add_image_table_args, ImageLoader, csv_header, find_missing, missing_message, read_csv,
-                                write_image_table_splits, write_index)
-from data_prep.shards import ShardWriter
+from data_prep import converter
+from data_prep.image_io import (add_image_table_args, csv_header, drop_missing, image_table_batches,
+                                image_table_modalities, read_csv, resize_rule)
 
 ATTR_CSV = "list_attr_celeba.csv"
 PARTITION_CSV = "list_eval_partition.csv"
@@ -66,8 +65,8 @@ def default_image_root(raw):
     return nested if nested.is_dir() else root
 
 
-def read_attributes(attr_csv, label=LABEL):
-    """-> (image ids, feature names, features (N, 39) float32 0/1, labels (N,) int64)."""
+def _attribute_columns(attr_csv, label):
+    """The attribute columns of ``attr_csv`` in file order, after checking its header."""
     header = [h for h in csv_header(attr_csv) if h]
     for col in ("image_id", *ATTRIBUTES):
         if col not in header:
@@ -78,7 +77,12 @@ def read_attributes(attr_csv, label=LABEL):
                          "40 CelebA attributes)")
     if label not in ATTRIBUTES:
         raise ValueError(f"label {label!r} is not a CelebA attribute")
-    attributes = [h for h in header if h != "image_id"]   # file order
+    return [h for h in header if h != "image_id"]
+
+
+def read_attributes(attr_csv, label=LABEL):
+    """-> (image ids, feature names, features (N, 39) float32 0/1, labels (N,) int64)."""
+    attributes = _attribute_columns(attr_csv, label)
     ids, values, seen = [], [], {}
     for line, row in read_csv(attr_csv, ["image_id", *attributes]):
         iid = row["image_id"]
@@ -87,14 +91,11 @@ def read_attributes(attr_csv, label=LABEL):
         if iid in seen:
             raise ValueError(f"{attr_csv}, line {line}: image_id {iid!r} already listed on line {seen[iid]}")
         seen[iid] = line
-        vals = []
-        for a in attributes:
-            v = _VALUES.get(row[a])
-            if v is None:
-                raise ValueError(f"{attr_csv}, line {line}: column '{a}' = {row[a]!r}, expected -1 or 1")
-            vals.append(v)
+        bad = [a for a in attributes if row[a] not in _VALUES]
+        if bad:
+            raise ValueError(f"{attr_csv}, line {line}: column '{bad[0]}' = {row[bad[0]]!r}, expected -1 or 1")
         ids.append(iid)
-        values.append(vals)
+        values.append([_VALUES[row[a]] for a in attributes])
     if not ids:
         raise ValueError(f"{attr_csv}: no data rows")
     arr = np.array(values, dtype=np.float32).reshape(len(ids), len(attributes))
@@ -125,11 +126,32 @@ def read_partition(partition_csv, ids):
     return np.array([part[i] for i in ids])
 
 
+def _source(raw, attr_csv, partition_csv, image_root, options, counts):
+    label = options["label"]
+    return {
+        "converter": "data_prep.celeba", "raw": str(raw), "attr_csv": str(attr_csv),
+        "partition_csv": str(partition_csv), "image_root": str(image_root),
+        "options": options,
+        "label": {"attribute": label, "rule": "1 -> 1, -1 -> 0"},
+        "features": "the other 39 attributes in CSV order, 1 -> 1.0, -1 -> 0.0; not standardised",
+        "image": {"size": options["image_size"], "resize": resize_rule(options["crop"]), "normalize": "imagenet"},
+        "split": {"rule": "official list_eval_partition (0 train, 1 val, 2 test)"},
+        "counts": counts,
+        "sample_id": "position of the row in list_attr_celeba.csv (0-based)",
+    }
+
+
+def _index(ids, order):
+    return {"samples.csv": (["sample_id", "split", "image_id"],
+                            [[int(i), s, ids[i]] for s, idx in order.items() for i in idx])}
+
+
 def convert(raw, out, name="celeba", attr_csv=None, partition_csv=None, image_root=None,
             label=LABEL, image_size=225, workers=0, skip_missing_images=False, crop="none",
             samples_per_shard=None, block=512, overwrite=False, log=None) -> pathlib.Path:
     """Convert CelebA (Kaggle CSV layout of the module docstring) into ``<out>/<name>/``."""
-    log = log or (lambda msg: None)
+    log = log or converter.no_log
+    converter.check_output(out, name, overwrite)
     raw = pathlib.Path(raw)
     attr_csv = pathlib.Path(attr_csv) if attr_csv else raw / ATTR_CSV
     partition_csv = pathlib.Path(partition_csv) if partition_csv else raw / PARTITION_CSV
@@ -138,67 +160,40 @@ def convert(raw, out, name="celeba", attr_csv=None, partition_csv=None, image_ro
     ids, feature_names, feats, labels = read_attributes(attr_csv, label)
     split_of = read_partition(partition_csv, ids)
     paths = [image_root / i for i in ids]
+    missing = drop_missing(paths, skip_missing_images, f"{attr_csv} (CelebA)", lambda i: ids[i], log)
+
     keep = np.ones(len(ids), dtype=bool)
-    missing = find_missing(paths)
-    if missing:
-        if not skip_missing_images:
-            raise FileNotFoundError(missing_message(f"{attr_csv} (CelebA)", paths, missing))
-        for i in missing:
-            log(f"skipping {ids[i]}: image not found: {paths[i]}")
-        keep[missing] = False
+    keep[missing] = False
     order = {s: np.nonzero(keep & (split_of == s))[0] for s in ("train", "val", "test")}
     order = {s: idx for s, idx in order.items() if len(idx)}
     log(f"{int(keep.sum())} images; splits { {s: len(i) for s, i in order.items()} }")
 
-    modalities = {
-        "image": {"kind": "image", "shape": [3, image_size, image_size], "dtype": "uint8"},
-        "table": {"kind": "tabular", "shape": [len(feature_names)], "dtype": "float32",
-                  "continuous": feature_names, "categorical": {}},
-    }
-    source = {
-        "converter": "data_prep.celeba", "raw": str(raw), "attr_csv": str(attr_csv),
-        "partition_csv": str(partition_csv), "image_root": str(image_root),
-        "options": {"label": label, "image_size": image_size,
-                    "skip_missing_images": skip_missing_images, "crop": crop},
-        "label": {"attribute": label, "rule": "1 -> 1, -1 -> 0"},
-        "features": "the other 39 attributes in CSV order, 1 -> 1.0, -1 -> 0.0; not standardised",
-        "image": {"size": image_size, "resize": "PIL bilinear (antialiased), stretched to a square"
-                  if crop == "none" else "centre square crop, then PIL bilinear (antialiased)",
-                  "normalize": "imagenet"},
-        "split": {"rule": "official list_eval_partition (0 train, 1 val, 2 test)"},
-        "counts": {"rows": len(ids), "missing_images_skipped": len(missing),
-                   "splits": {s: int(len(i)) for s, i in order.items()},
-                   "positives": {s: int(labels[i].sum()) for s, i in order.items()}},
-        "sample_id": "position of the row in list_attr_celeba.csv (0-based)",
-    }
-    sample_ids = np.arange(len(ids), dtype=np.int64)
-    with ShardWriter(out, name, "classification", 2, modalities, samples_per_shard=samples_per_shard,
-                     class_names=[f"not {label}", label], source=source, overwrite=overwrite) as writer:
-        with ImageLoader(image_size, crop, workers, block) as loader:
-            write_image_table_splits(writer, loader, order, paths, feats, labels, sample_ids, log=log)
-    write_index(writer.root, ["sample_id", "split", "image_id"],
-                [[int(i), s, ids[i]] for s, idx in order.items() for i in idx])
-    log(f"wrote {writer.root} in {time.perf_counter() - t0:.1f}s")
-    return writer.root
+    options = {"label": label, "image_size": image_size, "skip_missing_images": skip_missing_images,
+               "crop": crop}
+    counts = {"rows": len(ids), "missing_images_skipped": len(missing),
+              "splits": {s: int(len(i)) for s, i in order.items()},
+              "positives": {s: int(labels[i].sum()) for s, i in order.items()}}
+    meta = converter.Meta("classification", 2, image_table_modalities(image_size, feature_names),
+                          _source(raw, attr_csv, partition_csv, image_root, options, counts),
+                          class_names=[f"not {label}", label])
+    batches = image_table_batches(order, paths, feats, labels, np.arange(len(ids), dtype=np.int64),
+                                  image_size, crop, workers, block, log)
+    return converter.write(out, name, meta, batches, lambda: _index(ids, order),
+                           samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _arguments(parser):
     parser.add_argument("--raw", required=True, help="root holding the two CSVs and img_align_celeba/")
-    add_image_table_args(parser, "dataset name (default celeba)", image_size=225)
+    add_image_table_args(parser, image_size=225)
     parser.add_argument("--attr-csv", help=f"default <raw>/{ATTR_CSV}")
     parser.add_argument("--partition-csv", help=f"default <raw>/{PARTITION_CSV}")
     parser.add_argument("--image-root", help=f"default <raw>/{IMAGE_DIR} (or its nested {IMAGE_DIR}/)")
     parser.add_argument("--label", default=LABEL)
-    args = parser.parse_args(argv)
-    convert(args.raw, args.out, name=args.name or "celeba", attr_csv=args.attr_csv,
-            partition_csv=args.partition_csv, image_root=args.image_root, label=args.label,
-            image_size=args.image_size, workers=args.workers,
-            skip_missing_images=args.skip_missing_images, crop=args.crop,
-            samples_per_shard=args.samples_per_shard, block=args.block, overwrite=args.overwrite,
-            log=lambda msg: print(f"[celeba] {msg}", file=sys.stderr, flush=True))
-    return 0
+
+
+def main(argv=None):
+    return converter.main(argv, prog="celeba", doc=__doc__, arguments=_arguments, convert=convert,
+                          name_default="celeba", name_help="dataset name (default celeba)")
 
 
 if __name__ == "__main__":

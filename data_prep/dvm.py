@@ -72,18 +72,18 @@ Pipeline and the choices the paper and the released loader leave open:
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import re
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
-from data_prep.image_io import (add_image_table_args, NA_STRINGS, CsvColumnError, ImageLoader, csv_header, find_missing,
-                                missing_message, read_csv, stratified_pick, to_float,
-                                write_image_table_splits, write_index, zscore_stats)
-from data_prep.shards import ShardWriter
+from data_prep import converter
+from data_prep.image_io import (NA_STRINGS, CsvColumnError, add_image_table_args, csv_header, drop_missing,
+                                image_table_batches, image_table_modalities, read_csv, resize_rule,
+                                stratified_pick, to_float, zscore_stats)
 
 TABLES = "tables_V2.0"
 AD_TABLE = "Ad_table.csv"
@@ -103,6 +103,8 @@ AD_NUMERIC = ("Adv_year", "Adv_month", "Reg_year", "Runned_Miles", "Price", "Sea
 CONTINUOUS = ("Wheelbase", "Height", "Width", "Length", "Adv_year", "Adv_month", "Reg_year",
               "Runned_Miles", "Price", "Seat_num", "Door_num", "Entry_price", "Engine_size")
 CATEGORICAL = ("Color", "Bodytype", "Gearbox", "Fuel_type")
+TABLE_COLUMNS = {"ad": (AD_TABLE, AD_COLUMNS), "price": (PRICE_TABLE, PRICE_COLUMNS),
+                 "image": (IMAGE_TABLE, IMAGE_COLUMNS), "extra": (EXTRA_TABLE, EXTRA_COLUMNS)}
 SEED = 2022
 TEST_FRAC = 0.5
 VAL_FRAC = 0.2          # of what remains after the test split
@@ -214,38 +216,50 @@ def _default_name(low_data):
     return "dvm" if low_data >= 1 else f"dvm_low{low_data:g}"
 
 
-def convert(raw, out, name=None, low_data=1.0, image_size=128, workers=0,
-            min_class_count=MIN_CLASS_COUNT, seed=SEED, skip_missing_images=False, crop="none",
-            samples_per_shard=None, block=512, overwrite=False, log=None) -> pathlib.Path:
-    """Convert a DVM-CAR v2.0 directory into ``<out>/<name>/`` (see the module docstring)."""
-    log = log or (lambda msg: None)
-    if not 0 < low_data <= 1:
-        raise ValueError(f"low_data must be in (0, 1], got {low_data}")
-    if min_class_count < 1:
-        raise ValueError(f"min_class_count must be >= 1, got {min_class_count}")
-    raw = pathlib.Path(raw)
-    name = name or _default_name(low_data)
-    tables = raw / TABLES
-    paths = {k: tables / f for k, f in (("ad", AD_TABLE), ("price", PRICE_TABLE),
-                                       ("image", IMAGE_TABLE), ("extra", EXTRA_TABLE))}
-    for key, required in (("ad", AD_COLUMNS), ("price", PRICE_COLUMNS), ("image", IMAGE_COLUMNS),
-                          ("extra", EXTRA_COLUMNS)):   # fail before the long reads
+class Advert(NamedTuple):
+    """One kept advert (a sample), in Adv_ID natural order."""
+    adv: str
+    gid: str
+    model: str           # "Maker Genmodel"
+    continuous: list     # CONTINUOUS values
+    categorical: list    # CATEGORICAL values
+    image_name: str
+    path: pathlib.Path
+
+
+# ---------------------------------------------------------------------------------------- read
+
+
+def _table_paths(raw):
+    """The four tables, their required columns checked before any long read."""
+    paths = {key: pathlib.Path(raw) / TABLES / f for key, (f, _) in TABLE_COLUMNS.items()}
+    for key, (_, required) in TABLE_COLUMNS.items():
         header = csv_header(paths[key])
         for col in required:
             if col not in header:
                 raise CsvColumnError(f"{paths[key]}: missing column '{col}' (header has {header})")
-    t0 = time.perf_counter()
+    return paths
+
+
+def _read_tables(paths, log, started):
+    """-> (ads, prices, dims, chosen images, counts for meta.json) of the four tables."""
     ads, dup_ads = _read_ads(paths["ad"])
     prices, price_dups = _read_prices(paths["price"])
     dims, filled = _read_dimensions(paths["extra"], ads)
     chosen, unjoinable = _pick_images(paths["image"], ads)
     log(f"read tables: {len(ads)} adverts, {len(prices)} prices, {len(chosen)} adverts with "
-        f"images ({time.perf_counter() - t0:.1f}s)")
+        f"images ({time.perf_counter() - started:.1f}s)")
+    counts = {"adverts_in_ad_table": len(ads), "duplicate_adv_ids": dup_ads, "price_table": price_dups,
+              "image_ids_without_adv_id": unjoinable, "dimensions_filled_from_same_model": filled}
+    return ads, prices, dims, chosen, counts
 
+
+def _join(raw, paths, ads, prices, dims, chosen):
+    """Steps 2-5 of the module doc up to the image files -> (adverts with a price match, every
+    value and an image, in Adv_ID natural order; drop counts; missing values by column)."""
     dropped = {"no_price_match": 0, "missing_value": 0, "no_image": 0, "missing_image_file": 0,
                "small_class": 0}
-    missing_by_column = {}
-    rows = []   # (adv, gid, model name, continuous list, categorical list, image name, path)
+    missing_by_column, rows = {}, []
     for adv in sorted(ads, key=natural_key):
         gid, model, nums, cats = ads[adv]
         reg = nums["Reg_year"]
@@ -253,10 +267,7 @@ def convert(raw, out, name=None, low_data=1.0, image_size=128, workers=0,
         if gid is None or key[1] is None or key not in prices:
             dropped["no_price_match"] += 1
             continue
-        price = prices[key]
-        values = dict(zip(DIMENSIONS, dims[adv]))
-        values.update(nums)
-        values["Entry_price"] = price
+        values = {**dict(zip(DIMENSIONS, dims[adv])), **nums, "Entry_price": prices[key]}
         missing = [c for c in CONTINUOUS if values[c] is None] + [c for c in CATEGORICAL if cats[c] is None]
         if missing:
             dropped["missing_value"] += 1
@@ -267,81 +278,77 @@ def convert(raw, out, name=None, low_data=1.0, image_size=128, workers=0,
             dropped["no_image"] += 1
             continue
         img_name, line = chosen[adv]
-        path = image_path(raw, img_name, f"{paths['image']}, line {line}")
-        rows.append((adv, gid, model, [values[c] for c in CONTINUOUS],
-                     [cats[c] for c in CATEGORICAL], img_name, path))
+        rows.append(Advert(adv, gid, model, [values[c] for c in CONTINUOUS], [cats[c] for c in CATEGORICAL],
+                           img_name, image_path(raw, img_name, f"{paths['image']}, line {line}")))
+    return rows, dropped, missing_by_column
 
-    missing_files = find_missing([r[6] for r in rows])
-    if missing_files:
-        if not skip_missing_images:
-            raise FileNotFoundError(missing_message(f"{raw} (DVM)", [r[6] for r in rows], missing_files))
-        for i in missing_files:
-            log(f"skipping advert {rows[i][0]}: image not found: {rows[i][6]}")
-        dropped["missing_image_file"] = len(missing_files)
-        gone = set(missing_files)
-        rows = [r for i, r in enumerate(rows) if i not in gone]
 
+def _drop_missing_images(raw, rows, skip, dropped, log):
+    """Adverts whose image file exists (without ``skip`` a missing one is an error)."""
+    missing = drop_missing([r.path for r in rows], skip, f"{raw} (DVM)", lambda i: f"advert {rows[i].adv}", log)
+    dropped["missing_image_file"] = len(missing)
+    gone = set(missing)
+    return [r for i, r in enumerate(rows) if i not in gone]
+
+
+def _keep_large_classes(raw, rows, min_class_count, dropped):
+    """-> (adverts of the classes with >= min_class_count adverts, the classes in natural order)."""
     counts = {}
     for r in rows:
-        counts[r[1]] = counts.get(r[1], 0) + 1
-    kept_classes = sorted((g for g, n in counts.items() if n >= min_class_count), key=natural_key)
-    class_index = {g: i for i, g in enumerate(kept_classes)}
-    dropped["small_class"] = sum(n for g, n in counts.items() if g not in class_index)
-    rows = [r for r in rows if r[1] in class_index]
+        counts[r.gid] = counts.get(r.gid, 0) + 1
+    classes = sorted((g for g, n in counts.items() if n >= min_class_count), key=natural_key)
+    kept = set(classes)
+    dropped["small_class"] = sum(n for g, n in counts.items() if g not in kept)
+    rows = [r for r in rows if r.gid in kept]
     if not rows:
         raise ValueError(f"{raw}: no advert left after joins and filters (dropped: {dropped}; "
                          f"--min-class-count {min_class_count})")
-    n = len(rows)
-    log(f"{n} adverts in {len(kept_classes)} classes kept; dropped {dropped}")
+    return rows, classes
 
-    labels = np.array([class_index[r[1]] for r in rows], dtype=np.int64)
-    cont = np.array([r[3] for r in rows], dtype=np.float64)
-    categories = {c: sorted({r[4][j] for r in rows}) for j, c in enumerate(CATEGORICAL)}
+
+def _arrays(rows, classes, seed):
+    """-> (labels, continuous (N, 13) float64 with the dimensions jittered, categorical codes
+    (N, 4) float64, the sorted values of each categorical column)."""
+    class_index = {g: i for i, g in enumerate(classes)}
+    labels = np.array([class_index[r.gid] for r in rows], dtype=np.int64)
+    cont = np.array([r.continuous for r in rows], dtype=np.float64)
+    categories = {c: sorted({r.categorical[j] for r in rows}) for j, c in enumerate(CATEGORICAL)}
     lookup = {c: {v: i for i, v in enumerate(vals)} for c, vals in categories.items()}
-    codes = np.array([[lookup[c][v] for c, v in zip(CATEGORICAL, r[4])] for r in rows],
+    codes = np.array([[lookup[c][v] for c, v in zip(CATEGORICAL, r.categorical)] for r in rows],
                      dtype=np.float64)
-    jitter = np.random.default_rng(seed).integers(-JITTER_MM, JITTER_MM + 1, size=(n, len(DIMENSIONS)))
+    jitter = np.random.default_rng(seed).integers(-JITTER_MM, JITTER_MM + 1, size=(len(rows), len(DIMENSIONS)))
     cont[:, :len(DIMENSIONS)] += jitter
+    return labels, cont, codes, categories
 
-    test = stratified_pick(labels, TEST_FRAC, np.random.default_rng([seed, 1]), min_picked=1, min_left=2)
-    rest = np.nonzero(~test)[0]
-    val = np.zeros(n, dtype=bool)
-    val[rest[stratified_pick(labels[rest], VAL_FRAC, np.random.default_rng([seed, 2]),
-                             min_picked=1, min_left=1)]] = True
-    train_idx = np.nonzero(~test & ~val)[0]
-    full_train = len(train_idx)
+
+# --------------------------------------------------------------------------------------- split
+
+
+def _split(labels, seed, low_data):
+    """-> (split -> sample indices, train size before the low-data cut); module doc steps 8-9."""
+    order = converter.stratified_split(labels, TEST_FRAC, VAL_FRAC, seed)
+    full_train = len(order["train"])
     if low_data < 1:
-        keep = stratified_pick(labels[train_idx], low_data, np.random.default_rng([seed, 3]), min_picked=1)
-        train_idx = train_idx[keep]
-    order = {"train": train_idx, "val": np.nonzero(val)[0], "test": np.nonzero(test)[0]}
+        keep = stratified_pick(labels[order["train"]], low_data, np.random.default_rng([seed, 3]), min_picked=1)
+        order["train"] = order["train"][keep]
+    return order, full_train
 
-    mean, std = zscore_stats(cont[train_idx])
-    table = np.concatenate([(cont - mean) / std, codes], axis=1).astype(np.float32)
 
+# --------------------------------------------------------------------------------------- write
+
+
+def _source(raw, paths, options, counts, categories, mean, std, rows, classes):
     models = {}
     for r in rows:
-        models.setdefault(r[1], r[2])
-    modalities = {
-        "image": {"kind": "image", "shape": [3, image_size, image_size], "dtype": "uint8"},
-        "table": {"kind": "tabular", "shape": [len(CONTINUOUS) + len(CATEGORICAL)], "dtype": "float32",
-                  "continuous": list(CONTINUOUS),
-                  "categorical": {c: len(categories[c]) for c in CATEGORICAL}},
-    }
-    source = {
+        models.setdefault(r.gid, r.model)
+    seed, low_data = options["seed"], options["low_data"]
+    return {
         "converter": "data_prep.dvm", "raw": str(raw),
         "tables": {k: str(p) for k, p in paths.items()},
-        "options": {"low_data": low_data, "image_size": image_size, "min_class_count": min_class_count,
-                    "seed": seed, "skip_missing_images": skip_missing_images, "crop": crop},
-        "counts": {"adverts_in_ad_table": len(ads), "duplicate_adv_ids": dup_ads,
-                   "price_table": price_dups, "image_ids_without_adv_id": unjoinable,
-                   "dimensions_filled_from_same_model": filled, "dropped": dropped,
-                   "missing_values_by_column": missing_by_column, "kept": n,
-                   "classes": len(kept_classes), "train_before_low_data": full_train,
-                   "splits": {s: int(len(i)) for s, i in order.items()}},
+        "options": options,
+        "counts": counts,
         "image_rule": "one image per advert: the advert's Image_name that sorts first (string order)",
-        "image": {"size": image_size, "resize": "PIL bilinear (antialiased), stretched to a square"
-                  if crop == "none" else "centre square crop, then PIL bilinear (antialiased)",
-                  "normalize": "none"},
+        "image": {"size": options["image_size"], "resize": resize_rule(options["crop"]), "normalize": "none"},
         "split": {"rule": "stratified per class by Genmodel_ID: test = 50% of all (ceil), then val "
                           "= 20% of the rest (ceil), train = remainder; per class floor(frac*n_c) "
                           "topped up by largest remainder; class indices permuted with "
@@ -359,42 +366,75 @@ def convert(raw, out, name=None, low_data=1.0, image_size=128, workers=0,
             "note": "the released pipeline z-scored over all rows before splitting (val/test "
                     "leakage); here the statistics come from the written train split only"}},
         "categories": categories,
-        "class_models": [models[g] for g in kept_classes],
+        "class_models": [models[g] for g in classes],
         "sample_id": "position of the advert in Adv_ID natural order among the kept adverts; "
                      "samples.csv maps sample_id to Adv_ID and Image_name",
     }
-    sample_ids = np.arange(n, dtype=np.int64)
-    with ShardWriter(out, name, "classification", len(kept_classes), modalities,
-                     samples_per_shard=samples_per_shard, class_names=list(kept_classes),
-                     source=source, overwrite=overwrite) as writer:
-        with ImageLoader(image_size, crop, workers, block) as loader:
-            write_image_table_splits(writer, loader, order, [r[6] for r in rows], table, labels,
-                                     sample_ids, log=log)
+
+
+def _index(rows, order):
     split_of = {}
     for s, idx in order.items():
         split_of.update(dict.fromkeys(idx.tolist(), s))
-    write_index(writer.root, ["sample_id", "split", "Adv_ID", "Genmodel_ID", "Image_name"],
-                [[i, split_of[i], r[0], r[1], r[5]] for i, r in enumerate(rows) if i in split_of])
-    log(f"wrote {writer.root} in {time.perf_counter() - t0:.1f}s")
-    return writer.root
+    return {"samples.csv": (["sample_id", "split", "Adv_ID", "Genmodel_ID", "Image_name"],
+                            [[i, split_of[i], r.adv, r.gid, r.image_name] for i, r in enumerate(rows)
+                             if i in split_of])}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def convert(raw, out, name=None, low_data=1.0, image_size=128, workers=0,
+            min_class_count=MIN_CLASS_COUNT, seed=SEED, skip_missing_images=False, crop="none",
+            samples_per_shard=None, block=512, overwrite=False, log=None) -> pathlib.Path:
+    """Convert a DVM-CAR v2.0 directory into ``<out>/<name>/`` (see the module docstring)."""
+    log = log or converter.no_log
+    if not 0 < low_data <= 1:
+        raise ValueError(f"low_data must be in (0, 1], got {low_data}")
+    if min_class_count < 1:
+        raise ValueError(f"min_class_count must be >= 1, got {min_class_count}")
+    name = name or _default_name(low_data)
+    converter.check_output(out, name, overwrite)
+    raw = pathlib.Path(raw)
+    paths = _table_paths(raw)
+    t0 = time.perf_counter()
+    ads, prices, dims, chosen, counts = _read_tables(paths, log, t0)
+    rows, dropped, missing_by_column = _join(raw, paths, ads, prices, dims, chosen)
+    rows = _drop_missing_images(raw, rows, skip_missing_images, dropped, log)
+    rows, classes = _keep_large_classes(raw, rows, min_class_count, dropped)
+    log(f"{len(rows)} adverts in {len(classes)} classes kept; dropped {dropped}")
+    labels, cont, codes, categories = _arrays(rows, classes, seed)
+
+    order, full_train = _split(labels, seed, low_data)
+    mean, std = zscore_stats(cont[order["train"]])
+    table = np.concatenate([(cont - mean) / std, codes], axis=1).astype(np.float32)
+
+    counts.update(dropped=dropped, missing_values_by_column=missing_by_column, kept=len(rows),
+                  classes=len(classes), train_before_low_data=full_train,
+                  splits={s: int(len(i)) for s, i in order.items()})
+    options = {"low_data": low_data, "image_size": image_size, "min_class_count": min_class_count,
+               "seed": seed, "skip_missing_images": skip_missing_images, "crop": crop}
+    meta = converter.Meta("classification", len(classes), image_table_modalities(
+        image_size, CONTINUOUS, {c: len(categories[c]) for c in CATEGORICAL}),
+        _source(raw, paths, options, counts, categories, mean, std, rows, classes), class_names=list(classes))
+    batches = image_table_batches(order, [r.path for r in rows], table, labels, np.arange(len(rows), dtype=np.int64),
+                                  image_size, crop, workers, block, log)
+    return converter.write(out, name, meta, batches, lambda: _index(rows, order),
+                           samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _arguments(parser):
     parser.add_argument("--raw", required=True, help="DVM-CAR v2.0 root (tables_V2.0/, resized_DVM/)")
-    add_image_table_args(parser, "dataset name (default dvm, or dvm_low<frac> with --low-data)", image_size=128)
+    add_image_table_args(parser, image_size=128)
     parser.add_argument("--low-data", type=float, default=1.0,
                         help="fraction of train to keep (1.0, 0.1, 0.01; >= 1 advert per class)")
     parser.add_argument("--min-class-count", type=int, default=MIN_CLASS_COUNT)
     parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args(argv)
-    convert(args.raw, args.out, name=args.name, low_data=args.low_data, image_size=args.image_size,
-            workers=args.workers, min_class_count=args.min_class_count, seed=args.seed,
-            skip_missing_images=args.skip_missing_images, crop=args.crop,
-            samples_per_shard=args.samples_per_shard, block=args.block, overwrite=args.overwrite,
-            log=lambda msg: print(f"[dvm] {msg}", file=sys.stderr, flush=True))
-    return 0
+
+
+def main(argv=None):
+    return converter.main(argv, prog="dvm", doc=__doc__, arguments=_arguments, convert=convert,
+                          name_help="dataset name (default dvm, or dvm_low<frac> with --low-data)")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""Helpers shared by the image + table converters (data_prep.dvm, .sun_attribute, .celeba).
+"""Helpers shared by the converters that read CSVs, JSON and images (data_prep.dvm, .sun_attribute,
+.celeba, the feature converters, data_prep.from_arrays).
 
 - :func:`read_csv`: stream a CSV as dicts with stripped header names; a missing required column
   is an error naming the file and the column.
 - :func:`load_image` / :class:`ImageLoader`: decode (PIL), convert to RGB, resize to a square
   ``size x size`` uint8 (3, size, size) array; the loader works in blocks, optionally on a
   multiprocessing pool that decodes the next block while the caller writes the current one, so a
-  split is never held in memory.
+  split is never held in memory. :func:`decoded_blocks` walks the splits through such a loader.
 - :func:`allocate` / :func:`stratified_pick`: deterministic per-class stratified selection.
-- :func:`find_missing` / :func:`write_index`.
+- :func:`find_missing` / :func:`drop_missing`: image files that are not there.
+- :func:`add_image_table_args`, :func:`image_table_modalities`, :func:`image_table_batches`: what
+  the image + table converters share.
 
 Image resizing: ``crop="none"`` (default) stretches the whole image to size x size, as
 ``torchvision.transforms.Resize((size, size))`` does; ``crop="center"`` first cuts the largest
@@ -44,6 +47,20 @@ class ImageLoadError(ValueError):
 # ----------------------------------------------------------------------------------------- CSV
 
 
+def _columns(path, header, required, optional):
+    """(column, position) of the columns :func:`read_csv` returns; checks the header."""
+    seen = set()
+    for h in header:
+        if h in seen and h:
+            raise CsvColumnError(f"{path}: column '{h}' appears twice in the header")
+        seen.add(h)
+    for col in required:
+        if col not in seen:
+            raise CsvColumnError(f"{path}: missing column '{col}' (header has {header})")
+    wanted = list(required) + [c for c in optional if c in seen]
+    return [(c, header.index(c)) for c in wanted or [h for h in header if h]]
+
+
 def read_csv(path, required=(), optional=()):
     """Yield ``(line_number, {column: stripped value})`` for every data row of ``path``.
 
@@ -61,18 +78,7 @@ def read_csv(path, required=(), optional=()):
                 header = [h.strip() for h in next(reader)]
             except StopIteration:
                 raise CsvColumnError(f"{path}: empty file (no header row)") from None
-            seen = set()
-            for h in header:
-                if h in seen and h:
-                    raise CsvColumnError(f"{path}: column '{h}' appears twice in the header")
-                seen.add(h)
-            for col in required:
-                if col not in seen:
-                    raise CsvColumnError(f"{path}: missing column '{col}' (header has {header})")
-            wanted = list(required) + [c for c in optional if c in seen]
-            if not wanted:
-                wanted = [h for h in header if h]
-            idx = [(c, header.index(c)) for c in wanted]
+            idx = _columns(path, header, required, optional)
             width = len(header)
             for row in reader:
                 if not row or (len(row) == 1 and not row[0].strip()):
@@ -295,6 +301,41 @@ def missing_message(what, paths, missing, flag="--skip-missing-images"):
             f"pass {flag} to drop those samples instead")
 
 
+def resize_rule(crop):
+    """meta.json's words for :func:`load_image`'s resizing with ``crop``."""
+    return ("PIL bilinear (antialiased), stretched to a square" if crop == "none"
+            else "centre square crop, then PIL bilinear (antialiased)")
+
+
+def decoded_blocks(order, loader, inputs, log, what="samples", every=20):
+    """Walk the splits through ``loader`` (an :class:`ImageLoader`, or anything whose
+    ``blocks(items)`` yields ``(start, *arrays)`` per ``loader.block`` items): for each split of
+    ``order`` (split -> sample indices, in writing order) the loader decodes ``inputs[i]`` of the
+    split's samples; yields ``(split, rows, *arrays)`` with ``rows`` the sample indices of the
+    block. Logs progress every ``every`` blocks and at the end of each split."""
+    for split, idx in order.items():
+        idx = np.asarray(idx, dtype=np.int64)
+        done = 0
+        for start, *arrays in loader.blocks([inputs[i] for i in idx]):
+            rows = idx[start:start + len(arrays[0])]
+            yield (split, rows, *arrays)
+            done += len(rows)
+            if done == len(idx) or (start // loader.block) % every == every - 1:
+                log(f"{split}: {done}/{len(idx)} {what} written")
+
+
+def drop_missing(paths, skip, where, name_of, log):
+    """Indices of ``paths`` that are not files. Without ``skip`` any is an error naming ``where``
+    and the paths (:func:`missing_message`); with it each is logged as
+    ``skipping <name_of(i)>: image not found: <path>``, for the caller to drop."""
+    missing = find_missing(paths)
+    if missing and not skip:
+        raise FileNotFoundError(missing_message(where, paths, missing))
+    for i in missing:
+        log(f"skipping {name_of(i)}: image not found: {paths[i]}")
+    return missing
+
+
 # --------------------------------------------------------------------------------------- index
 
 
@@ -311,36 +352,34 @@ def write_index(root, header, rows, name="samples.csv"):
     return root / name
 
 
-# ------------------------------------------------------------------------------------- writing
+
+# ------------------------------------------------------------------------- image + table converters
 
 
-def write_image_table_splits(writer, loader, order, paths, table, labels, sample_ids,
-                             image_key="image", table_key="table", log=None):
-    """Stream each split through ``writer``: ``order`` maps split -> sample indices (written in
-    that order). Images are decoded block by block by ``loader``; ``table`` (N, D) float32,
-    ``labels`` (N,) int64 and ``sample_ids`` (N,) int64 are indexed by sample."""
-    for split, idx in order.items():
-        idx = np.asarray(idx, dtype=np.int64)
-        split_paths = [paths[i] for i in idx]
-        done = 0
-        for start, images in loader.blocks(split_paths):
-            rows = idx[start:start + len(images)]
-            writer.append(split, {image_key: images, table_key: table[rows],
-                                  "label": labels[rows], "sample_id": sample_ids[rows]})
-            done += len(rows)
-            if log is not None and (done == len(idx) or (start // loader.block) % 20 == 19):
-                log(f"{split}: {done}/{len(idx)} samples written")
+def image_table_modalities(size, continuous, categorical=None):
+    """Shard modalities: image uint8 (3, size, size), then the table (continuous columns first,
+    then the categorical codes, ``categorical`` = {column: cardinality})."""
+    categorical = categorical or {}
+    return {"image": {"kind": "image", "shape": [3, size, size], "dtype": "uint8"},
+            "table": {"kind": "tabular", "shape": [len(continuous) + len(categorical)], "dtype": "float32",
+                      "continuous": list(continuous), "categorical": dict(categorical)}}
 
 
-def add_image_table_args(parser, name_help, image_size):
+def image_table_batches(order, paths, table, labels, sample_ids, size, crop, workers, block, log):
+    """The batches of every split (``order``: split -> sample indices, in writing order): images
+    decoded block by block (:class:`ImageLoader`); ``table`` (N, D) float32, ``labels`` (N,) int64
+    and ``sample_ids`` (N,) int64 indexed by sample."""
+    with ImageLoader(size, crop, workers, block) as loader:
+        for split, rows, images in decoded_blocks(order, loader, paths, log):
+            yield split, {"image": images, "table": table[rows], "label": labels[rows],
+                          "sample_id": sample_ids[rows]}
+
+
+def add_image_table_args(parser, image_size):
     """The command-line options every image + table converter shares (one definition for all)."""
-    parser.add_argument("--out", required=True, help="output directory (dataset goes to <out>/<name>)")
-    parser.add_argument("--name", help=name_help)
     parser.add_argument("--image-size", type=int, default=image_size)
     parser.add_argument("--workers", type=int, default=0, help="image decoding processes (0: in-process)")
     parser.add_argument("--skip-missing-images", action="store_true",
                         help="drop samples whose image file is missing (default: error)")
-    parser.add_argument("--crop", choices=("none", "center"), default="none")
-    parser.add_argument("--samples-per-shard", type=int, help="default: about 1 GiB per shard")
+    parser.add_argument("--crop", choices=CROPS, default="none")
     parser.add_argument("--block", type=int, default=512, help="images decoded per block")
-    parser.add_argument("--overwrite", action="store_true")

@@ -39,16 +39,15 @@ Choices the paper and the released loader leave open:
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
 
 import numpy as np
 
-from data_prep.image_io import (add_image_table_args, ImageLoader, csv_header, find_missing, missing_message, read_csv,
-                                stratified_pick, to_float, write_image_table_splits, write_index)
-from data_prep.shards import ShardWriter
+from data_prep import converter
+from data_prep.image_io import (add_image_table_args, csv_header, drop_missing, image_table_batches,
+                                image_table_modalities, read_csv, resize_rule, to_float)
 
 CSV_NAME = "attributes.csv"
 IMAGE_DIR = "images"
@@ -60,8 +59,8 @@ TEST_FRAC = 0.2
 VAL_FRAC = 0.1          # of all; 0.1 / 0.8 of what remains after the test split
 
 
-def read_attributes(csv_path, label, threshold=0.0, expect_attributes=NUM_ATTRIBUTES):
-    """-> (image relative paths, feature names, features (N, D) float32 0/1, labels (N,) int64)."""
+def _attribute_columns(csv_path, label, expect_attributes):
+    """The attribute columns of ``csv_path`` in file order, after checking its header."""
     header = [h for h in csv_header(csv_path) if h]
     attributes = [h for h in header if h != IMAGE_COLUMN]
     if label not in attributes:
@@ -71,6 +70,20 @@ def read_attributes(csv_path, label, threshold=0.0, expect_attributes=NUM_ATTRIB
     if expect_attributes and len(attributes) != expect_attributes:
         raise ValueError(f"{csv_path}: {len(attributes)} attribute columns, expected "
                          f"{expect_attributes} (pass --expect-attributes 0 to accept any number)")
+    return attributes
+
+
+def _vote(csv_path, line, row, column):
+    v = to_float(row[column])
+    if v is None or not 0 <= v <= 1:
+        raise ValueError(f"{csv_path}, line {line}: column '{column}' = {row[column]!r} is not a "
+                         "number in [0, 1]")
+    return v
+
+
+def read_attributes(csv_path, label, threshold=0.0, expect_attributes=NUM_ATTRIBUTES):
+    """-> (image relative paths, feature names, features (N, D) float32 0/1, labels (N,) int64)."""
+    attributes = _attribute_columns(csv_path, label, expect_attributes)
     features = [a for a in attributes if a != label]
     images, values, seen = [], [], {}
     for line, row in read_csv(csv_path, [IMAGE_COLUMN, *attributes]):
@@ -80,15 +93,8 @@ def read_attributes(csv_path, label, threshold=0.0, expect_attributes=NUM_ATTRIB
         if img in seen:
             raise ValueError(f"{csv_path}, line {line}: image {img!r} already listed on line {seen[img]}")
         seen[img] = line
-        vals = []
-        for a in attributes:
-            v = to_float(row[a])
-            if v is None or not 0 <= v <= 1:
-                raise ValueError(f"{csv_path}, line {line}: column '{a}' = {row[a]!r} is not a "
-                                 "number in [0, 1]")
-            vals.append(v)
+        values.append([_vote(csv_path, line, row, a) for a in attributes])
         images.append(img)
-        values.append(vals)
     if not images:
         raise ValueError(f"{csv_path}: no data rows")
     binary = np.array(values, dtype=np.float64).reshape(len(images), len(attributes)) > threshold
@@ -98,95 +104,83 @@ def read_attributes(csv_path, label, threshold=0.0, expect_attributes=NUM_ATTRIB
     return images, features, feats, labels
 
 
+def _source(raw, csv_path, image_root, options, counts):
+    threshold = options["threshold"]
+    return {
+        "converter": "data_prep.sun_attribute", "raw": str(raw), "csv": str(csv_path),
+        "image_root": str(image_root),
+        "options": options,
+        "label": {"attribute": options["label"], "rule": f"value > {threshold} -> 1"},
+        "features": f"the other attributes in CSV order, value > {threshold} -> 1.0 else 0.0; "
+                    "not standardised",
+        "image": {"size": options["image_size"], "resize": resize_rule(options["crop"]), "normalize": "imagenet"},
+        "split": {"rule": "stratified by label: test = 20% of all (ceil), then val = 12.5% of the "
+                          "rest (ceil), train = remainder; per class floor(frac*n_c) topped up by "
+                          "largest remainder; class indices permuted with numpy "
+                          "default_rng([seed, 1]) (test) and default_rng([seed, 2]) (val)",
+                  "fractions": {"train": 0.7, "val": 0.1, "test": 0.2}, "seed": options["seed"]},
+        "counts": counts,
+        "sample_id": "position of the row among the CSV data rows (0-based)",
+    }
+
+
+def _index(images, order):
+    return {"samples.csv": (["sample_id", "split", "image"],
+                            [[int(i), s, images[i]] for s, idx in order.items() for i in idx])}
+
+
 def convert(raw, out, name="sun_attribute", csv_path=None, image_root=None, label=LABEL,
             threshold=0.0, expect_attributes=NUM_ATTRIBUTES, image_size=225, workers=0, seed=SEED,
             skip_missing_images=False, crop="none", samples_per_shard=None, block=512,
             overwrite=False, log=None) -> pathlib.Path:
     """Convert SUN Attribute (CSV layout of the module docstring) into ``<out>/<name>/``."""
-    log = log or (lambda msg: None)
+    log = log or converter.no_log
+    converter.check_output(out, name, overwrite)
     raw = pathlib.Path(raw)
     csv_path = pathlib.Path(csv_path) if csv_path else raw / CSV_NAME
     image_root = pathlib.Path(image_root) if image_root else raw / IMAGE_DIR
     t0 = time.perf_counter()
     images, feature_names, feats, labels = read_attributes(csv_path, label, threshold, expect_attributes)
     paths = [image_root / p for p in images]
-    sample_ids = np.arange(len(images), dtype=np.int64)
+    missing = drop_missing(paths, skip_missing_images, f"{csv_path} (SUN Attribute)", lambda i: images[i], log)
     keep = np.ones(len(images), dtype=bool)
-    missing = find_missing(paths)
-    if missing:
-        if not skip_missing_images:
-            raise FileNotFoundError(missing_message(f"{csv_path} (SUN Attribute)", paths, missing))
-        for i in missing:
-            log(f"skipping {images[i]}: image not found: {paths[i]}")
-        keep[missing] = False
+    keep[missing] = False
     kept = np.nonzero(keep)[0]
 
-    lab = labels[kept]
-    test = stratified_pick(lab, TEST_FRAC, np.random.default_rng([seed, 1]), min_picked=1, min_left=2)
-    rest = np.nonzero(~test)[0]
-    val = np.zeros(len(kept), dtype=bool)
-    val[rest[stratified_pick(lab[rest], VAL_FRAC / (1 - TEST_FRAC), np.random.default_rng([seed, 2]),
-                             min_picked=1, min_left=1)]] = True
-    order = {"train": kept[~test & ~val], "val": kept[val], "test": kept[test]}
-    log(f"{len(kept)} images ({int(lab.sum())} '{label}'); splits "
+    split = converter.stratified_split(labels[kept], TEST_FRAC, VAL_FRAC / (1 - TEST_FRAC), seed)
+    order = {s: kept[idx] for s, idx in split.items()}
+    log(f"{len(kept)} images ({int(labels[kept].sum())} '{label}'); splits "
         f"{ {s: len(i) for s, i in order.items()} }")
 
-    modalities = {
-        "image": {"kind": "image", "shape": [3, image_size, image_size], "dtype": "uint8"},
-        "table": {"kind": "tabular", "shape": [len(feature_names)], "dtype": "float32",
-                  "continuous": feature_names, "categorical": {}},
-    }
-    source = {
-        "converter": "data_prep.sun_attribute", "raw": str(raw), "csv": str(csv_path),
-        "image_root": str(image_root),
-        "options": {"label": label, "threshold": threshold, "image_size": image_size, "seed": seed,
-                    "skip_missing_images": skip_missing_images, "crop": crop},
-        "label": {"attribute": label, "rule": f"value > {threshold} -> 1"},
-        "features": f"the other attributes in CSV order, value > {threshold} -> 1.0 else 0.0; "
-                    "not standardised",
-        "image": {"size": image_size, "resize": "PIL bilinear (antialiased), stretched to a square"
-                  if crop == "none" else "centre square crop, then PIL bilinear (antialiased)",
-                  "normalize": "imagenet"},
-        "split": {"rule": "stratified by label: test = 20% of all (ceil), then val = 12.5% of the "
-                          "rest (ceil), train = remainder; per class floor(frac*n_c) topped up by "
-                          "largest remainder; class indices permuted with numpy "
-                          "default_rng([seed, 1]) (test) and default_rng([seed, 2]) (val)",
-                  "fractions": {"train": 0.7, "val": 0.1, "test": 0.2}, "seed": seed},
-        "counts": {"rows": len(images), "missing_images_skipped": len(missing),
-                   "splits": {s: int(len(i)) for s, i in order.items()},
-                   "positives": {s: int(labels[i].sum()) for s, i in order.items()}},
-        "sample_id": "position of the row among the CSV data rows (0-based)",
-    }
-    with ShardWriter(out, name, "classification", 2, modalities, samples_per_shard=samples_per_shard,
-                     class_names=[f"not {label}", label], source=source, overwrite=overwrite) as writer:
-        with ImageLoader(image_size, crop, workers, block) as loader:
-            write_image_table_splits(writer, loader, order, paths, feats, labels, sample_ids, log=log)
-    write_index(writer.root, ["sample_id", "split", "image"],
-                [[int(i), s, images[i]] for s, idx in order.items() for i in idx])
-    log(f"wrote {writer.root} in {time.perf_counter() - t0:.1f}s")
-    return writer.root
+    options = {"label": label, "threshold": threshold, "image_size": image_size, "seed": seed,
+               "skip_missing_images": skip_missing_images, "crop": crop}
+    counts = {"rows": len(images), "missing_images_skipped": len(missing),
+              "splits": {s: int(len(i)) for s, i in order.items()},
+              "positives": {s: int(labels[i].sum()) for s, i in order.items()}}
+    meta = converter.Meta("classification", 2, image_table_modalities(image_size, feature_names),
+                          _source(raw, csv_path, image_root, options, counts),
+                          class_names=[f"not {label}", label])
+    batches = image_table_batches(order, paths, feats, labels, np.arange(len(images), dtype=np.int64),
+                                  image_size, crop, workers, block, log)
+    return converter.write(out, name, meta, batches, lambda: _index(images, order),
+                           samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _arguments(parser):
     parser.add_argument("--raw", required=True, help="root holding attributes.csv and images/")
-    add_image_table_args(parser, "dataset name (default sun_attribute)", image_size=225)
-    parser.add_argument("--csv", help=f"attribute CSV (default <raw>/{CSV_NAME})")
+    add_image_table_args(parser, image_size=225)
+    parser.add_argument("--csv", dest="csv_path", metavar="CSV", help=f"attribute CSV (default <raw>/{CSV_NAME})")
     parser.add_argument("--image-root", help=f"image root (default <raw>/{IMAGE_DIR})")
     parser.add_argument("--label", default=LABEL)
     parser.add_argument("--threshold", type=float, default=0.0, help="value > threshold -> 1")
     parser.add_argument("--expect-attributes", type=int, default=NUM_ATTRIBUTES,
                         help="required number of attribute columns (0: any)")
     parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args(argv)
-    convert(args.raw, args.out, name=args.name or "sun_attribute", csv_path=args.csv, image_root=args.image_root,
-            label=args.label, threshold=args.threshold, expect_attributes=args.expect_attributes,
-            image_size=args.image_size, workers=args.workers, seed=args.seed,
-            skip_missing_images=args.skip_missing_images, crop=args.crop,
-            samples_per_shard=args.samples_per_shard, block=args.block, overwrite=args.overwrite,
-            log=lambda msg: print(f"[sun_attribute] {msg}", file=sys.stderr, flush=True))
-    return 0
+
+
+def main(argv=None):
+    return converter.main(argv, prog="sun_attribute", doc=__doc__, arguments=_arguments, convert=convert,
+                          name_default="sun_attribute", name_help="dataset name (default sun_attribute)")
 
 
 if __name__ == "__main__":
