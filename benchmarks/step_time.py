@@ -79,7 +79,8 @@ from benchmarks import tables
 from methods import flat_sam
 from models.fusion import CGGMModel, ConcatAndUnimodalHeadsModel, ConcatFusionModel, IGMModel, SharedHeadModel
 from train import cggm, mla, mmpareto, ogm_ge
-from train.gaal import DEFAULTS as GAAL_DEFAULTS
+from train.config import defaults
+from train.gaal import CONFIG as GAAL_CONFIG
 from train.gaal import gaal_step
 from train import igm
 
@@ -197,7 +198,7 @@ def bench_igm(args, device, only=None):
             step = lambda m=model, o=optimizer: plain_alternating_step(m.encoders, m.heads, o, batch, order)  # noqa: E731
         else:
             variant = name.split()[1]
-            cfg = dict(igm.DEFAULTS, variant=variant, rho=0.05 if variant == "paper" else 1e-10)
+            cfg = dict(defaults(igm.CONFIG), variant=variant, rho=0.05 if variant == "paper" else 1e-10)
             projections = {}
             for m in order:   # T of the other modality's head-input moments, all three layers
                 Y = {i: torch.outer(v, v) + 1e-3 * torch.eye(v.numel()) for i, v in
@@ -253,7 +254,7 @@ def bench_cggm(args, device, only=None):
                 if with_clf:
                     co.step()
         else:
-            cfg = dict(cggm.DEFAULTS, variant=name.split()[1])
+            cfg = dict(defaults(cggm.CONFIG), variant=name.split()[1])
             state = {"metric_prev": torch.zeros(len(mods), dtype=torch.float64, device=device), "direction_prev": None}
 
             def step(m=model, o=opt, co=clf_opt, c=cfg, s=state):
@@ -310,7 +311,7 @@ def bench_gaal(args, device, only=None):
         if name == "plain alternating":
             step = lambda m=model, o=optimizer: plain_alternating_step(m.encoders, m.head, o, batch, order)  # noqa: E731
         else:
-            cfg = dict(GAAL_DEFAULTS, variant=name.split()[1])
+            cfg = dict(defaults(GAAL_CONFIG), variant=name.split()[1])
             step = lambda m=model, o=optimizer, c=cfg: gaal_step(m.encoders, m.head, o, batch, order, c)  # noqa: E731
         runs[name] = {"step": step, "times": [], "peak": 0}
     floors = {"plain alternating": "1.000x", "gaal official": "~1.33x", "gaal paper": "~1.33x"}
@@ -335,7 +336,7 @@ def bench_ogm_ge(args, device, only=None):
                 loss.backward()
                 o.step()
         else:
-            cfg = dict(ogm_ge.DEFAULTS, variant=name.split()[1])
+            cfg = dict(defaults(ogm_ge.CONFIG), variant=name.split()[1])
             params = {m: ogm_ge.modulated_parameters(model.encoders[m], "conv" if cfg["variant"] == "official" else "all")
                       for m in order}
             noise = torch.Generator(device).manual_seed(0)
@@ -360,7 +361,7 @@ def bench_mla(args, device, only=None):
         if name == "plain alternating":
             step = lambda m=model, o=optimizer: plain_alternating_step(m.encoders, m.head, o, batch, order)  # noqa: E731
         else:
-            cfg = mla.resolve_switches(dict(mla.DEFAULTS, variant=name.split()[1]))
+            cfg = mla.resolve_switches(dict(defaults(mla.CONFIG), variant=name.split()[1]))
             state = dict(P=torch.eye(model.head.in_features, device=device), turns=0, prev_mean=None, prev_grad=None)
             step = lambda m=model, o=optimizer, c=cfg, s=state: mla.mla_step(  # noqa: E731
                 m.encoders, m.head, o, batch, order, s, c, batch_in_epoch=0, batches_per_epoch=10)
@@ -389,7 +390,7 @@ def bench_mmpareto(args, device, only=None):
                 loss.backward()
                 o.step()
         else:
-            cfg = dict(mmpareto.DEFAULTS, variant=name.split()[1])
+            cfg = dict(defaults(mmpareto.CONFIG), variant=name.split()[1])
             step = lambda m=model, o=optimizer, c=cfg: mmpareto.mmpareto_step(m, o, batch, c)  # noqa: E731
         runs[name] = {"step": step, "times": [], "peak": 0}
     floors = {"joint + unimodal losses": "1.000x", "mmpareto official": "~1.67x", "mmpareto paper": "~1.67x"}
@@ -435,11 +436,11 @@ def fast_path_runs(method, shape, device, compile_encoders=False):
                 model.encoders[m] = torch.compile(model.encoders[m])
         if method == "gaal":
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=opt["fused"] or None)
-            cfg = dict(GAAL_DEFAULTS, variant="official")
+            cfg = dict(defaults(GAAL_CONFIG), variant="official")
             step = lambda m=model, o=optimizer, c=cfg, a=opt["autocast"]: gaal_step(m.encoders, m.head, o, batch, order, c, autocast=a)  # noqa: E731
         else:
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-4, fused=opt["fused"] or None)
-            cfg = dict(igm.DEFAULTS, variant="official", rho=1e-10)
+            cfg = dict(defaults(igm.CONFIG), variant="official", rho=1e-10)
             proj = {m: {i: torch.eye(d, device=device) for i, d in enumerate((model.encoders[m].out_dim, 256, 64))}
                     for m in order}
 

@@ -68,6 +68,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def suggest(key: str, known) -> list[str]:
+    """The known names closest to a mistyped `key` (at most 3, closest first): difflib's close matches,
+    then names that share a whole `_`-separated prefix with it (`lr_rate` -> `lr`). The one
+    did-you-mean of the repository (train/config.py uses it for config keys)."""
+    known = [k for k in known if isinstance(k, str)]
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    prefix = [k for k in known if k not in close and (key.startswith(k + "_") or k.startswith(key + "_"))]
+    prefix.sort(key=lambda k: -difflib.SequenceMatcher(None, key, k).ratio())
+    return (close + prefix)[:3]
+
+
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 -> float32 in [0, 1]; float16/bfloat16 (half-size shards) and integers -> float32;
     float32/float64 unchanged. Autocast, where on, lowers the precision inside the layers."""
@@ -646,7 +657,7 @@ def build_encoder(name: str, spec: Mapping, cfg: Mapping | None = None) -> nn.Mo
     allowed = ENCODER_DEFAULTS[kind]
     unknown = sorted(k for k in cfg if k not in allowed)
     if unknown:
-        close = [c for k in unknown for c in difflib.get_close_matches(k, list(allowed), n=1, cutoff=0.6)]
+        close = [c for k in unknown for c in suggest(k, allowed)[:1]]
         hint = f" (did you mean {' or '.join(dict.fromkeys(close))}?)" if close else ""
         raise ModelConfigError(f"modality {name!r} (kind {kind!r}): unknown encoder config key(s) "
                                f"{unknown}{hint}; allowed: {sorted(allowed)}")

@@ -172,7 +172,7 @@ class TrainRun:
         argv = list(self.argv)
         if has_checkpoint(self.out_dir) and "--resume" not in argv:
             argv.append("--resume")   # requeued by SLURM itself (node failure, scontrol requeue)
-        cfg = config.load_config(module.DEFAULTS, argv, default_config=module.DEFAULT_CONFIG,
+        cfg = config.load_config(module.CONFIG, argv, default_config=module.DEFAULT_CONFIG,
                                    ignored=getattr(module, "ignored_keys", None))
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
@@ -340,7 +340,7 @@ def resolve_runs(args, script_argv: list[str]):
         raise SystemExit(f"slurm/submit.py: {err}") from None
     from train import config, rundir   # after the checkout check: this repository's
     try:
-        base_cfg = config.load_config(module.DEFAULTS, script_argv, default_config=module.DEFAULT_CONFIG,
+        base_cfg = config.load_config(module.CONFIG, script_argv, default_config=module.DEFAULT_CONFIG,
                                    ignored=getattr(module, "ignored_keys", None))
     except config.ConfigError as err:
         raise SystemExit(f"train/{args.script}.py: {err}") from None
@@ -362,7 +362,7 @@ def resolve_runs(args, script_argv: list[str]):
             argv += [f"--{key}", value]
         argv += ["--out_dir", str(out_dir)] + (["--data", data] if data else [])
         try:
-            cfg = config.load_config(module.DEFAULTS, argv, default_config=module.DEFAULT_CONFIG,
+            cfg = config.load_config(module.CONFIG, argv, default_config=module.DEFAULT_CONFIG,
                                    ignored=getattr(module, "ignored_keys", None))
         except config.ConfigError as err:
             raise SystemExit(f"train/{args.script}.py {point_tag(point)}: {err}") from None

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from data_prep import embedded
 from models.fusion import CGGMModel
 from tests.test_train import final_weights, run_script, tb_tags
-from train import cggm
+from train import cggm, config
 
 META = {"num_classes": 5, "task": "classification", "modalities": {
     "text": {"kind": "sequence", "shape": [6, 8]}, "audio": {"kind": "sequence", "shape": [5, 4]},
     "vision": {"kind": "sequence", "shape": [4, 6]}}}
-STEP_CFG = dict(cggm.DEFAULTS, grad_clip=0.0)
+STEP_CFG = dict(config.defaults(cggm.CONFIG), grad_clip=0.0)
 
 
 def toy_model(task="classification", seed=0):
@@ -297,7 +297,7 @@ def test_switches_are_recorded(seq3, tmp_path):
 ])
 def test_bad_config_is_refused(override, message):
     with pytest.raises(cggm.ConfigError, match=message.replace("'", ".").replace("[", r"\[")):
-        cggm.check_config(dict(cggm.DEFAULTS, **override))
+        cggm.check_config(dict(config.defaults(cggm.CONFIG), **override))
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +359,7 @@ CONVERTED = {
 def test_dataset_configs_load_and_build(config):
     from models.segmentation import check_seg_config
     from train.config import load_config
-    cfg = load_config(cggm.DEFAULTS, ["--config", f"train/configs/cggm_{config}.yaml"])
+    cfg = load_config(cggm.CONFIG, ["--config", f"train/configs/cggm_{config}.yaml"])
     cggm.check_config(cfg)
     dataset = config.split("_")[0]
     if dataset == "brats":

@@ -14,7 +14,7 @@ import yaml
 from data_prep import embedded
 from models.encoders import AUTO_WIDTH, ModelConfigError, encoder_out_dim, resolve_encoder_configs
 from models.fusion import CGGMModel, IGMModel, LateFusionModel, SharedHeadModel
-from train import SCRIPTS, config   # SCRIPTS: every training script
+from train import SCRIPTS, config, loop   # SCRIPTS: every training script
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULTS = dict(data="d", lr=1e-3, min_lr=0.0, epochs=3, variant="official", resume=False, modalities=[],
@@ -36,44 +36,48 @@ def run(script, *args, cwd=REPO, timeout=600):
 # ---------------------------------------------------------------------------------------------- 1. --help
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_help_lists_every_key_with_its_default_and_comment(script, monkeypatch, capsys):
+def test_help_lists_every_key_with_its_default_and_help(script, monkeypatch, capsys):
     module = importlib.import_module(f"train.{script}")
     path = REPO / "train" / f"{script}.py"
     monkeypatch.setattr(sys.modules["__main__"], "__file__", str(path), raising=False)
+    monkeypatch.setattr(sys.modules["__main__"], "__doc__", module.__doc__, raising=False)
     with pytest.raises(SystemExit) as exit_:
-        config.load_config(module.DEFAULTS, ["--lr", "oops", "--help"], default_config=module.DEFAULT_CONFIG)
+        config.load_config(module.CONFIG, ["--lr", "oops", "--help"], default_config=module.DEFAULT_CONFIG)
     assert exit_.value.code == 0   # --help wins over anything else on the line
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0] == module.__doc__.strip().splitlines()[0]
     assert f"accelerate launch train/{script}.py" in out   # the usage lines of the docstring
     key_lines = {line.split()[0][2:]: line for line in lines if line.startswith("  --")}
-    assert set(key_lines) == set(module.DEFAULTS)
-    for key, value in module.DEFAULTS.items():
-        assert key_lines[key].split(None, 1)[1].startswith(config._show(value)), key
-    # every comment next to a DEFAULTS entry, in the script and in the modules it extends
-    sources = [path, REPO / "train/loop.py"] + ([REPO / "train/joint.py"] if script == "unimodal" else [])
-    commented = {}
-    for source in sources:
-        for key, comment in config.parse_defaults_source(source)[0]:
-            if comment:
-                commented.setdefault(key, comment)
-    assert commented["data_seed"] == "seed of the embedded generator"
-    for key, comment in commented.items():
-        assert comment in key_lines[key], key
-    # grouped: the script's own keys first, then the loop's
+    assert set(key_lines) == set(module.CONFIG)
+    for key, declared in module.CONFIG.items():
+        assert key_lines[key].split(None, 1)[1].startswith(config.show(declared.default)), key
+        assert declared.help and declared.help in key_lines[key], key   # every key says what it does
+    assert "seed of the embedded generator" in key_lines["data_seed"]
+    # grouped by the file that declared them: the script's own keys first, the loop's last
     groups = [line for line in lines if line.endswith(":") and line.startswith("train/")]
-    assert groups[0] == f"train/{script}.py:" and groups[-1] == "train/loop.py:"
+    assert groups[0] == f"train/{script}.py:" and groups[-1] == "train/loop_config.py:"
     assert lines.index(groups[-1]) > max(lines.index(key_lines[k]) for k in ("out_dir", "data"))
 
 
-def test_parse_defaults_source_joins_continuation_comments():
-    entries = dict(config.parse_defaults_source(REPO / "train/gaal.py")[0])
-    assert entries["augment"].startswith("on-device augmentation of the image modality ({} = none; keys: ")
-    assert entries["variant"] == "official | paper" and entries["topk_frac"] == ""
-    entries, refs, docstring = config.parse_defaults_source(REPO / "train/unimodal.py")
-    assert refs == ["joint"] and list(dict(entries)) == ["out_dir"] and docstring.startswith("Unimodal")
-    assert config.parse_defaults_source(REPO / "no_such_file.py") == ([], [], "")
+def test_a_redeclared_key_keeps_what_it_does_not_change():
+    from train import gaal
+    from train.loop_config import LOOP_CONFIG
+    assert gaal.CONFIG["lr"].above == 0 and gaal.CONFIG["lr"].help == LOOP_CONFIG["lr"].help   # default only
+    assert gaal.CONFIG["lr"].where == "train/gaal.py" and LOOP_CONFIG["seed"].where == "train/loop_config.py"
+    assert gaal.CONFIG["scheduler"].help == "StepLR(10, 0.1) per epoch" and gaal.CONFIG["scheduler"].default == "step"
+    assert list(gaal.CONFIG)[:len(LOOP_CONFIG)] == list(LOOP_CONFIG)   # the loop's order, then the script's keys
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "unimodal"])   # unimodal reads joint's declaration
+def test_help_is_answered_before_torch_is_imported(script):
+    code = (f"import runpy, sys\nsys.argv = ['train/{script}.py', '--help']\ntry:\n"
+            f"    runpy.run_path('train/{script}.py', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert e.code == 0\nprint('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("NO TORCH") and "--lr" in proc.stdout
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
@@ -280,34 +284,29 @@ def test_resolve_encoders_warns_for_a_file_entry_and_refuses_a_flag(tmp_path, ca
     f = tmp_path / "imgtab_encoders.yaml"
     f.write_text(yaml.safe_dump({"encoders": GAAL_YAML}))
     cfg = config.load_config(DEFAULTS, ["--config", str(f), "--data", "data/embedded_av"])
-    encoders = config.resolve_encoders(cfg, meta, ["audio", "video"])
+    encoders = loop.resolve_encoders(cfg, meta, ["audio", "video"])
     assert set(encoders) == {"audio", "video"}
     err = capsys.readouterr().err
     assert err == (f"warning: {f}: encoders for image, table dropped: data/embedded_av has no modality "
                    "'image' or 'table' (it has audio, video)\n")
     cfg = config.load_config(DEFAULTS, ["--config", str(f), "--encoders.table.out_dim", "64"])
     with pytest.raises(config.ConfigError, match=r"^--encoders.table: d has no modality 'table' \(it has audio, video\)$"):
-        config.resolve_encoders(cfg, meta, ["audio", "video"])
+        loop.resolve_encoders(cfg, meta, ["audio", "video"])
     # an entry for another kind (the image/audio names of another dataset): warned from a file
     seq3 = embedded_meta("seq3")
     g = tmp_path / "av_encoders.yaml"
     g.write_text("encoders:\n  audio: {arch: resnet10, base_width: 16}\n  video: {arch: resnet10}\n")
     cfg = config.load_config(DEFAULTS, ["--config", str(g), "--data", "seq3"])
-    assert config.resolve_encoders(cfg, seq3, ["text", "audio", "vision"])["audio"]["d_model"] == AUTO_WIDTH
+    assert loop.resolve_encoders(cfg, seq3, ["text", "audio", "vision"])["audio"]["d_model"] == AUTO_WIDTH
     assert capsys.readouterr().err == (
         f"warning: {g}: encoders for video dropped: seq3 has no modality 'video' (it has text, audio, vision); "
         "encoders.audio dropped (audio gets the default encoder of its kind): its keys (arch, base_width) are for "
         "another kind of encoder; audio is sequence here (seq3)\n")
     with pytest.raises(config.ConfigError, match=r"^encoders.audio: a resnet10 gives 8 \* base_width features, so it cannot give 12"):
-        config.resolve_encoders(config.load_config(DEFAULTS, []), meta, ["audio"], feature_dim=12)
+        loop.resolve_encoders(config.load_config(DEFAULTS, []), meta, ["audio"], feature_dim=12)
 
 
 # ------------------------------------------------------------------------------------ end to end
-# These need train/loop.py to fit the encoders to the dataset (config.resolve_encoders, called in
-# loop.train before build): skipped until it does.
-WIRED = "resolve_encoders" in (REPO / "train/loop.py").read_text()
-needs_wiring = pytest.mark.skipif(not WIRED, reason="train/loop.py does not call config.resolve_encoders yet")
-
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
@@ -315,7 +314,6 @@ def small_data(tmp_path_factory):
     return {f: embedded.generate(root, f, seed=1, n_train=256, n_val=64, n_test=64) for f in ("imgtab", "av")}
 
 
-@needs_wiring
 @pytest.mark.slow
 @pytest.mark.parametrize("script, flavour, extra", [
     ("gaal", "av", ["--epochs", "1"]),
@@ -337,27 +335,28 @@ def test_yes_no_on_off_stay_strings(tmp_path):
     from train import igm
     f = tmp_path / "c.yaml"
     f.write_text("mixed_precision: no\nprojection: false\n")
-    cfg = config.load_config(igm.DEFAULTS, ["--config", str(f)])
+    cfg = config.load_config(igm.CONFIG, ["--config", str(f)])
     assert cfg["mixed_precision"] == "no" and cfg["projection"] is False
-    cfg = config.load_config(igm.DEFAULTS, ["--mixed_precision", "no", "--sam", "False", "--projection", "TRUE"])
+    cfg = config.load_config(igm.CONFIG, ["--mixed_precision", "no", "--sam", "False", "--projection", "TRUE"])
     assert cfg["mixed_precision"] == "no" and cfg["sam"] is False and cfg["projection"] is True
 
 
-# ------------------------------------------------------------------------ check_ranges: non-finite values
+# ------------------------------------------------------------------ declared bounds: non-finite values
 @pytest.mark.parametrize("key, value, message", [
-    ("lr", float("inf"), "lr=inf: must be finite"),
-    ("lr", float("-inf"), "lr=-inf: must be finite"),
-    ("lr", float("nan"), "lr=nan: must be finite"),
-    ("weight_decay", float("inf"), "weight_decay=inf: must be finite"),
-    ("weight_decay", float("nan"), "weight_decay=nan: must be finite"),
-    ("lr", -1.0, "lr=-1.0: must be > 0"),               # finite values keep their range message
-    ("weight_decay", -0.5, "weight_decay=-0.5: must be >= 0"),
+    ("lr", "inf", "lr=inf: must be finite"),
+    ("lr", "-inf", "lr=-inf: must be finite"),
+    ("lr", "nan", "lr=nan: must be finite"),
+    ("weight_decay", "inf", "weight_decay=inf: must be finite"),
+    ("weight_decay", "nan", "weight_decay=nan: must be finite"),
+    ("lr", "-1.0", "lr=-1.0: must be > 0"),               # finite values keep their range message
+    ("weight_decay", "-0.5", "weight_decay=-0.5: must be >= 0"),
 ])
-def test_check_ranges_says_finite_for_inf_and_nan(key, value, message):
+def test_declared_bounds_say_finite_for_inf_and_nan(key, value, message):
+    from train.loop_config import LOOP_CONFIG
     with pytest.raises(config.ConfigError) as err:
-        config.check_ranges({key: value})
+        config.load_config(LOOP_CONFIG, [f"--{key}", value])
     assert str(err.value) == message
-    config.check_ranges({"lr": 1e-3, "weight_decay": 0.0, "epochs": 3})   # in range: nothing raised
+    config.load_config(LOOP_CONFIG, ["--lr", "1e-3", "--weight_decay", "0", "--epochs", "3"])   # in range
 
 
 def test_a_config_of_another_script_says_whose_it_is():

@@ -190,7 +190,7 @@ def test_dataset_configs_load_and_build_on_the_converted_shapes(dataset):
     from models.fusion import SharedHeadModel
     from train import gaal
     from train.config import load_config
-    cfg = load_config(gaal.DEFAULTS, ["--config", f"train/configs/gaal_{dataset}.yaml"])
+    cfg = load_config(gaal.CONFIG, ["--config", f"train/configs/gaal_{dataset}.yaml"])
     gaal.check_config(cfg)
     classes, image_shape, table = CONVERTED[dataset]
     n_table = len(table["continuous"]) + len(table["categorical"])

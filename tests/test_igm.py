@@ -11,7 +11,7 @@ from data_prep import embedded
 from methods import flat_sam
 from models.heads import IGMHead
 from tests.test_train import final_weights, run_script, tb_tags
-from train import igm
+from train import config, igm
 
 STEP_CFG = dict(variant="official", mixup_alpha=1.0, mixup_alpha_by_modality={}, sam=True,
                 sam_impl="reweighted", sam_weight=0.3, rho=1e-10)
@@ -411,7 +411,7 @@ def test_resume_is_exact(av, tmp_path, args, stop):
 ])
 def test_bad_config_is_refused_before_compute(override, message):
     with pytest.raises(igm.ConfigError, match=message.replace(".", r"\.").replace("'", ".")):
-        igm.check_config(dict(igm.DEFAULTS, **override))
+        igm.check_config(dict(config.defaults(igm.CONFIG), **override))
 
 
 # the shapes each converter writes with its defaults (data_prep/<dataset>.py)
@@ -429,7 +429,7 @@ CONVERTED = {
 def test_dataset_configs_load_and_build_on_the_converted_shapes(dataset):
     from models.fusion import IGMModel
     from train.config import load_config
-    cfg = load_config(igm.DEFAULTS, ["--config", f"train/configs/igm_{dataset}.yaml"])
+    cfg = load_config(igm.CONFIG, ["--config", f"train/configs/igm_{dataset}.yaml"])
     igm.check_config(cfg)
     meta = {"num_classes": 3, "modalities": {m: {"kind": k, "shape": s, "dtype": "float32"}
                                              for m, (k, s) in CONVERTED[dataset].items()}}
@@ -446,7 +446,7 @@ def test_dataset_config_learning_rate_per_epoch_of_a_stage(dataset):
     import warnings
     from train.optim import build_optimizer, build_scheduler
     from train.config import load_config
-    cfg = load_config(igm.DEFAULTS, ["--config", f"train/configs/igm_{dataset}.yaml"])
+    cfg = load_config(igm.CONFIG, ["--config", f"train/configs/igm_{dataset}.yaml"])
     if dataset in ("twitter2015", "sarcasm"):
         expected = [cfg["lr"] * (2 / 3 if e == 0 else 1) for e in range(30)]
     else:

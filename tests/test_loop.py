@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.test_train import final_weights, run_script, tb_scalars
 
@@ -41,7 +42,7 @@ SCRIPTS = {
 }
 
 
-EMPTY_CONFIG = REPO / "tests" / "empty.yaml"   # DEFAULTS and the flags only, no shipped YAML
+EMPTY_CONFIG = REPO / "tests" / "empty.yaml"   # the declared defaults and the flags only, no shipped YAML
 
 
 def common_args(data, out, *extra):
@@ -95,8 +96,10 @@ import torch.nn.functional as F
 
 from models.fusion import LateFusionModel
 from train import loop, optim
+from train.config import declare
+from train.loop_config import LOOP_CONFIG
 
-DEFAULTS = loop.DEFAULTS | dict(data={data!r}, log_every=5)
+CONFIG = declare(LOOP_CONFIG, data={data!r}, log_every=5)
 
 
 def build(cfg, ctx):
@@ -117,7 +120,7 @@ def step(setup, batch, ctx):
 
 
 if __name__ == "__main__":
-    loop.run_entry_point(lambda cfg: loop.train(cfg, method="nan-on-rank-1", build=build, step=step), DEFAULTS, None)
+    loop.run_entry_point(lambda cfg: loop.train(cfg, method="nan-on-rank-1", build=build, step=step), CONFIG, None)
 '''
 
 
@@ -212,7 +215,7 @@ def test_adding_a_method_example_trains_end_to_end(tmp_path):
     script.write_text(code)
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(script), "--data", str(REPO / "data" / "embedded_av"), "--out_dir",
-                           str(out), "--epochs", "1", "--progress", "false", "--encoders",
+                           str(out), "--epochs", "1", "--progress", "false", "--label_smoothing", "0.1", "--encoders",
                            "{audio: {arch: resnet10, base_width: 8}, video: {arch: resnet10, base_width: 8, "
                            "small_input: true}}"], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
@@ -220,3 +223,6 @@ def test_adding_a_method_example_trains_end_to_end(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["method"] == "ensemble" and set(result["test"]) == {"audio", "video", "fused"}
     assert result["test"]["fused"]["acc"] > 0.5
+    assert yaml.safe_load((out / "config.yaml").read_text())["label_smoothing"] == 0.1
+    help_ = subprocess.run([sys.executable, str(script), "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert help_.returncode == 0 and "cross-entropy label smoothing of every head" in help_.stdout

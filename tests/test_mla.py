@@ -11,10 +11,11 @@ from torch import nn
 from data_prep import embedded
 from methods import mla as mla_maths
 from tests.test_train import final_weights, run_script, tb_tags
-from train import mla
+from train import config, mla
+from train.loop_config import LOOP_CONFIG
 
-OFFICIAL = mla.resolve_switches(dict(mla.DEFAULTS))
-PAPER = mla.resolve_switches(dict(mla.DEFAULTS, variant="paper"))
+OFFICIAL = mla.resolve_switches(dict(config.defaults(mla.CONFIG)))
+PAPER = mla.resolve_switches(dict(config.defaults(mla.CONFIG), variant="paper"))
 RELEASED_PROJECTION = dict(OFFICIAL, projection=True)   # the released GSPlugin as if its name check matched
 
 
@@ -309,7 +310,7 @@ def test_bad_switch_is_refused_before_compute(tmp_path):
 ])
 def test_bad_config_is_refused(override, key):
     with pytest.raises(mla.ConfigError, match=key):
-        mla.check_config(dict(mla.DEFAULTS, **override))
+        mla.check_config(dict(config.defaults(mla.CONFIG), **override))
 
 
 def test_official_evaluates_with_the_training_batch_unless_set():
@@ -317,31 +318,30 @@ def test_official_evaluates_with_the_training_batch_unless_set():
     batch-axis entropy depends on), paper = the loop's 500; a value from the YAML or the command
     line (or a hand-built cfg) is kept."""
     from train.config import load_config, source_of
-    from train import loop
-    cfg = load_config(mla.DEFAULTS, ["--config", "train/configs/mla_av.yaml"])
+    cfg = load_config(mla.CONFIG, ["--config", "train/configs/mla_av.yaml"])
     assert cfg["eval_batch_size"] is None and source_of(cfg, "eval_batch_size") is None
     assert mla.resolve_switches(cfg)["eval_batch_size"] == cfg["batch_size"] == 128
-    cfg = load_config(mla.DEFAULTS, ["--config", "train/configs/mla_av.yaml", "--batch_size", "32"])
+    cfg = load_config(mla.CONFIG, ["--config", "train/configs/mla_av.yaml", "--batch_size", "32"])
     assert mla.resolve_switches(cfg)["eval_batch_size"] == 32
-    cfg = load_config(mla.DEFAULTS, ["--config", "train/configs/mla_av.yaml", "--variant", "paper"])
-    assert mla.resolve_switches(cfg)["eval_batch_size"] == loop.DEFAULTS["eval_batch_size"] == 500
-    cfg = load_config(mla.DEFAULTS, ["--config", "train/configs/mla_av.yaml", "--eval_batch_size", "500"])
+    cfg = load_config(mla.CONFIG, ["--config", "train/configs/mla_av.yaml", "--variant", "paper"])
+    assert mla.resolve_switches(cfg)["eval_batch_size"] == LOOP_CONFIG["eval_batch_size"].default == 500
+    cfg = load_config(mla.CONFIG, ["--config", "train/configs/mla_av.yaml", "--eval_batch_size", "500"])
     assert mla.resolve_switches(cfg)["eval_batch_size"] == 500          # set on the command line: kept
-    cfg = load_config(mla.DEFAULTS, ["--config", "train/configs/mla_crema_d.yaml", "--batch_size", "16"])
+    cfg = load_config(mla.CONFIG, ["--config", "train/configs/mla_crema_d.yaml", "--batch_size", "16"])
     assert mla.resolve_switches(cfg)["eval_batch_size"] == 64           # set in the YAML: kept
-    assert mla.resolve_switches(dict(mla.DEFAULTS, eval_batch_size=7))["eval_batch_size"] == 7
+    assert mla.resolve_switches(dict(config.defaults(mla.CONFIG), eval_batch_size=7))["eval_batch_size"] == 7
     for bad in ("64", 0, True, 1.5):
         with pytest.raises(mla.ConfigError, match="eval_batch_size"):
-            mla.check_config(dict(mla.DEFAULTS, eval_batch_size=bad))
+            mla.check_config(dict(config.defaults(mla.CONFIG), eval_batch_size=bad))
 
 
 def test_ignored_switch_is_refused_on_the_command_line():
     from train.config import load_config
     with pytest.raises(mla.ConfigError, match="--normalize_projector: ignored"):   # official: no projection
-        load_config(mla.DEFAULTS, ["--normalize_projector", "false"], ignored=mla.ignored_keys)
+        load_config(mla.CONFIG, ["--normalize_projector", "false"], ignored=mla.ignored_keys)
     with pytest.raises(mla.ConfigError, match="--fusion_weights: ignored"):
-        load_config(mla.DEFAULTS, ["--fusion_weights", "[0.3, 0.7]"], ignored=mla.ignored_keys)
-    cfg = load_config(mla.DEFAULTS, ["--variant", "paper", "--normalize_projector", "true"], ignored=mla.ignored_keys)
+        load_config(mla.CONFIG, ["--fusion_weights", "[0.3, 0.7]"], ignored=mla.ignored_keys)
+    cfg = load_config(mla.CONFIG, ["--variant", "paper", "--normalize_projector", "true"], ignored=mla.ignored_keys)
     assert mla.resolve_switches(cfg)["normalize_projector"] is True and mla.resolve_switches(cfg)["projection"] is True
 
 
@@ -355,8 +355,9 @@ CONVERTED = {
 @pytest.mark.parametrize("name", ["crema_d", "kinetics_sounds", "av", "imgtab", "seq3"])
 def test_dataset_configs_load_and_build_on_the_converted_shapes(name, tmp_path):
     from models.fusion import SharedHeadModel
-    from train.config import load_config, resolve_encoders
-    cfg = mla.resolve_switches(load_config(mla.DEFAULTS, ["--config", f"train/configs/mla_{name}.yaml"]))
+    from train.config import load_config
+    from train.loop import resolve_encoders
+    cfg = mla.resolve_switches(load_config(mla.CONFIG, ["--config", f"train/configs/mla_{name}.yaml"]))
     mla.check_config(cfg)
     if name in CONVERTED:
         meta = {"num_classes": 6, "modalities": {m: {"kind": k, "shape": s, "dtype": "float32"}

@@ -12,7 +12,7 @@ from data_prep import embedded
 from methods import mmpareto
 from models.fusion import ConcatAndUnimodalHeadsModel
 from tests.test_train import final_weights, run_script, tb_tags
-from train import mmpareto as script
+from train import config, mmpareto as script
 
 MODALITIES = ("audio", "video", "text")
 
@@ -292,7 +292,7 @@ def test_bad_switch_is_refused_before_compute(av, tmp_path, flag, value, key):
                                            (dict(select_on="audio"), "select_on")])
 def test_check_config_names_the_key(override, key):
     with pytest.raises(script.ConfigError, match=key):
-        script.check_config(dict(script.DEFAULTS, **override))
+        script.check_config(dict(config.defaults(script.CONFIG), **override))
 
 
 # the shapes each converter writes (data_prep/<dataset>.py; CREMA-D prepared with --frames 2, as the
@@ -306,8 +306,9 @@ CONVERTED = {
 
 @pytest.mark.parametrize("dataset", sorted(CONVERTED))
 def test_configs_load_and_build_on_the_converted_shapes(dataset):
-    from train.config import load_config, resolve_encoders
-    cfg = load_config(script.DEFAULTS, ["--config", f"train/configs/mmpareto_{dataset}.yaml"])
+    from train.config import load_config
+    from train.loop import resolve_encoders
+    cfg = load_config(script.CONFIG, ["--config", f"train/configs/mmpareto_{dataset}.yaml"])
     script.check_config(cfg)
     meta = {"num_classes": 6, "modalities": {m: {"kind": k, "shape": s, "dtype": d}
                                              for m, (k, s, d) in CONVERTED[dataset].items()}}
@@ -321,7 +322,7 @@ def test_configs_load_and_build_on_the_converted_shapes(dataset):
     if dataset in ("crema_d", "kinetics_sounds"):
         assert (cfg["optimizer"], cfg["lr"], cfg["batch_size"], cfg["epochs"], cfg["scheduler"]) == ("sgd", 2e-3, 64, 50, "none")
         return
-    joint = load_config(script.DEFAULTS, ["--config", f"train/configs/joint_{dataset}.yaml"])
+    joint = load_config(script.CONFIG, ["--config", f"train/configs/joint_{dataset}.yaml"])
     for key in ("encoders", "batch_size", "optimizer", "lr", "weight_decay", "epochs"):   # a fair comparison
         assert cfg[key] == joint[key], key
     batch = {m: torch.zeros(2, *s, dtype=getattr(torch, d)) for m, (_, s, d) in CONVERTED[dataset].items()}

@@ -12,7 +12,7 @@ from data_prep import embedded
 from methods import ogm_ge as maths
 from models.fusion import ConcatFusionModel
 from tests.test_train import final_weights, run_script, tb_tags
-from train import ogm_ge
+from train import config, ogm_ge
 
 STEP_CFG = dict(variant="official", modulation="ogm_ge", alpha=0.5, modulation_starts=0, modulation_ends=50,
                 ratio_reference="weakest")
@@ -292,7 +292,7 @@ def test_bad_switch_is_refused_before_anything_is_written(tmp_path):
 ])
 def test_bad_config_is_refused(override, message):
     with pytest.raises(ogm_ge.ConfigError, match=message.replace(".", r"\.").replace("'", ".")):
-        ogm_ge.check_config(dict(ogm_ge.DEFAULTS, **override))
+        ogm_ge.check_config(dict(config.defaults(ogm_ge.CONFIG), **override))
 
 
 # the shapes each converter writes with its defaults (data_prep/<dataset>.py), and the embedded layouts
@@ -307,7 +307,7 @@ CONVERTED = {
 @pytest.mark.parametrize("dataset", sorted(CONVERTED))
 def test_dataset_configs_load_and_build_on_the_converted_shapes(dataset):
     from train.config import load_config
-    cfg = load_config(ogm_ge.DEFAULTS, ["--config", f"train/configs/ogm_ge_{dataset}.yaml"])
+    cfg = load_config(ogm_ge.CONFIG, ["--config", f"train/configs/ogm_ge_{dataset}.yaml"])
     ogm_ge.check_config(cfg)
     modalities = {m: {"kind": k, "shape": s, "dtype": "float32"} for m, (k, s) in CONVERTED[dataset].items()}
     if "table" in modalities:

@@ -230,9 +230,9 @@ def test_method_scripts_check_the_same_numbers():
     from train import cggm, gaal, igm
     for module in (gaal, igm, cggm):
         with pytest.raises(config.ConfigError, match="lr=-1.0: must be > 0"):
-            config.load_config(module.DEFAULTS, ["--lr", "-1"], default_config=module.DEFAULT_CONFIG)
+            config.load_config(module.CONFIG, ["--lr", "-1"], default_config=module.DEFAULT_CONFIG)
     with pytest.raises(config.ConfigError, match="clf_lr=-1.0"):
-        config.load_config(cggm.DEFAULTS, ["--clf_lr", "-1"], default_config=cggm.DEFAULT_CONFIG)
+        config.load_config(cggm.CONFIG, ["--clf_lr", "-1"], default_config=cggm.DEFAULT_CONFIG)
 
 
 # ------------------------------------------------------------------------------------------------

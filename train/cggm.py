@@ -37,6 +37,41 @@ without BatchNorm; the BraTS encoders have it).
 """
 from __future__ import annotations
 
+from train.config import ConfigError, Key, check_declared, declare, exit_on_help
+from train.loop_config import LOOP_CONFIG, NON_NEGATIVE, POSITIVE
+
+CONFIG = declare(LOOP_CONFIG,   # + the loop's keys (data, optimiser, selection, ...): train/loop_config.py
+    data="data/embedded_seq3",
+    modalities=Key([], "[] = all of the dataset's, in its order"),
+    d_model=Key(64, "width of every encoded modality and of the fusion transformer", above=0),
+    fusion=Key({}, "FusionTransformer options: n_layers (2), n_heads (4), dropout"),
+    head_hidden=Key(128, "hidden width of the fused head", above=0),
+    head_dropout=Key(0.0, "dropout of the fused head", at_least=0),
+    classifier=Key({}, "ModalityClassifier options: n_layers (1), n_heads (4), dropout"),
+    segmentation=Key({}, "segmentation task: models.segmentation.SEG_DEFAULTS keys"),
+    out_dir="runs/cggm_seq3",
+    variant=Key("official", "official | paper", choices=("official", "paper")),
+    modulation=Key(True, "scale encoder-core gradients by rho * c_i (magnitude)"),
+    direction=Key(True, "the direction loss L_gm"),
+    rho=Key(1.3, "the modulation's scale", at_least=0),
+    lambda_gm=Key(0.2, "weight of the direction loss L_gm", at_least=0),
+    coeff_clip=Key([], "[] = none (official) | [lo, hi]"),
+    epochs=30,
+    batch_size=64,
+    optimizer="adam",
+    lr=1e-3,
+    weight_decay=0.0,
+    clf_lr=Key(5e-4, "the classifiers' optimiser (same type as the model's)", **POSITIVE),
+    clf_weight_decay=Key(0.0, "the classifiers' weight decay", **NON_NEGATIVE),
+    warmup_start_lr=Key(4e-4, "scheduler warmup_cosine (CGGM's BraTS recipe)"),
+    min_lr=1e-3,
+    grad_clip=Key(0.8, "clip_grad_norm_ of the model (not the classifiers); 0 = off", **NON_NEGATIVE),
+    mixed_precision=Key("no", "no | bf16", choices=("no", "bf16")),
+)
+DEFAULT_CONFIG = "train/configs/cggm_seq3.yaml"
+if __name__ == "__main__":   # --help needs nothing below: answered before torch is imported
+    exit_on_help(CONFIG, DEFAULT_CONFIG)
+
 import contextlib
 
 import torch
@@ -46,51 +81,16 @@ from methods import modulation
 from models.fusion import CGGMModel
 from models.segmentation import BratsCGGMModel, dice_scores
 from train import loop, optim
-from train.config import ConfigError, check_choice
 from train.distributed import all_reduce_mean_
 from train.metrics import task_loss as compute_task_loss
-
-# ------------------------------------------------------------------------------------------------
-DEFAULTS = loop.DEFAULTS | dict(   # + the loop's keys (data, optimiser, selection, ...): train/loop.py
-    data="data/embedded_seq3",     # a shard directory; a missing embedded_<flavour> is generated
-    modalities=[],                 # [] = all of the dataset's, in its order
-    d_model=64,                    # width of every encoded modality and of the fusion transformer
-    fusion={},                     # FusionTransformer options: n_layers (2), n_heads (4), dropout
-    head_hidden=128,
-    head_dropout=0.0,
-    classifier={},                 # ModalityClassifier options: n_layers (1), n_heads (4), dropout
-    segmentation={},               # segmentation task: models.segmentation.SEG_DEFAULTS keys
-    out_dir="runs/cggm_seq3",
-    variant="official",            # official | paper
-    modulation=True,               # scale encoder-core gradients by rho * c_i (magnitude)
-    direction=True,                # the direction loss L_gm
-    rho=1.3,
-    lambda_gm=0.2,
-    coeff_clip=[],                 # [] = none (official) | [lo, hi]
-    epochs=30,
-    batch_size=64,
-    optimizer="adam",              # adam | adamw | sgd
-    lr=1e-3,
-    weight_decay=0.0,
-    clf_lr=5e-4,                   # the classifiers' optimiser (same type as the model's)
-    clf_weight_decay=0.0,
-    warmup_start_lr=4e-4,          # scheduler warmup_cosine (CGGM's BraTS recipe)
-    min_lr=1e-3,
-    grad_clip=0.8,                 # clip_grad_norm_ of the model (not the classifiers); 0 = off
-    mixed_precision="no",          # no | bf16
-)
-DEFAULT_CONFIG = "train/configs/cggm_seq3.yaml"
 
 
 def check_config(cfg):
     loop.check_config(cfg)
-    for key, allowed in (("variant", ("official", "paper")), ("mixed_precision", ("no", "bf16"))):
-        check_choice(key, cfg[key], allowed)
+    check_declared(cfg, CONFIG)   # choices and bounds, for a config built by hand too
     clip = cfg["coeff_clip"]
     if clip and (len(clip) != 2 or not all(isinstance(v, (int, float)) for v in clip) or clip[0] > clip[1]):
         raise ConfigError(f"coeff_clip={clip}: [] or [lo, hi] with lo <= hi")
-    if cfg["rho"] < 0 or cfg["lambda_gm"] < 0 or cfg["grad_clip"] < 0:
-        raise ConfigError("rho, lambda_gm and grad_clip must be >= 0")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,4 +286,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)
+    loop.run_entry_point(main, CONFIG, DEFAULT_CONFIG)

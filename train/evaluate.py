@@ -203,15 +203,15 @@ def check_run_dir(run_dir: Path) -> dict:
 
 
 def run_script(run_dir: Path, result: dict, script: str | None = None):
-    """The module that made the run (its `build` and `DEFAULTS`): `script` if given, else
+    """The module that made the run (its `build` and `CONFIG`): `script` if given, else
     result.json's `script`, else train.<method lowercased> (runs from before `script` was recorded)."""
     name = script or result.get("script") or f"train.{result['method'].lower()}"
     try:
         module = importlib.import_module(name)
     except ImportError as err:
         raise ConfigError(f"{run_dir}: its script {name} cannot be imported ({err}); pass --script") from None
-    if not callable(getattr(module, "build", None)) or not isinstance(getattr(module, "DEFAULTS", None), dict):
-        raise ConfigError(f"{run_dir}: {name} has no build(cfg, ctx) and DEFAULTS (pass --script, e.g. "
+    if not callable(getattr(module, "build", None)) or not isinstance(getattr(module, "CONFIG", None), dict):
+        raise ConfigError(f"{run_dir}: {name} has no build(cfg, ctx) and CONFIG (pass --script, e.g. "
                           "--script train.joint for a unimodal run)")
     return module
 
@@ -227,7 +227,7 @@ def sha256(path: Path) -> str:
 def rebuild(run_dir: Path, module, device: str):
     """(ctx, model, fuse) of a finished run: its config.yaml, its data, its script's build (through
     loop.prepare), best.pt loaded into the unwrapped model. Evaluated in float32."""
-    cfg = load_config(module.DEFAULTS, argv=["--config", str(run_dir / "config.yaml")])
+    cfg = load_config(module.CONFIG, argv=["--config", str(run_dir / "config.yaml")])
     if not (Path(cfg["data"]) / shards.META_NAME).is_file():
         raise ConfigError(f"{run_dir}: its data {cfg['data']} has no {shards.META_NAME} (run from the directory "
                           "the run was trained from)")

@@ -24,6 +24,40 @@ count), and the surgery acts on the reduced head gradient, so N ranks x B/N = 1 
 """
 from __future__ import annotations
 
+from train.config import ConfigError, Key, check_declared, declare, exit_on_help
+from train.loop_config import LOOP_CONFIG
+
+CONFIG = declare(LOOP_CONFIG,   # + the loop's keys (data, optimiser, selection, ...): train/loop_config.py
+    data="data/embedded_imgtab",
+    modalities=Key([], "the two modalities in update order ([] = the dataset's order)"),
+    augment=Key({}, "on-device augmentation of the image modality ({} = none; keys: "
+                    "models.augment.AUGMENT_DEFAULTS, e.g. {p: 0.95} for DVM's recipe)"),
+    out_dir="runs/gaal_imgtab",
+    variant=Key("official", "official | paper", choices=("official", "paper")),
+    surgery=Key(True, "cross-modal gradient surgery on the head gradient (paper: CGS)"),
+    guidance=Key("hard", "hard | full: reference from the hard samples or the whole batch (UGG)",
+                 choices=("hard", "full")),
+    topk_frac=Key(0.5, "the hard samples: this fraction of the batch, by entropy of the other modality", above=0),
+    margin=Key(0.75, "the surgery's least step along the reference, v >= margin", at_least=0),
+    qp_eps=Key(1e-3, "ridge of the surgery's denominator |g_ref|^2 + qp_eps", at_least=0),
+    epochs=100,
+    patience=Key(10, "early stopping on fused validation accuracy"),
+    min_delta=2e-4,
+    batch_size=256,
+    optimizer="adam",
+    lr=1e-3,
+    weight_decay=Key(1e-4, "coupled L2 (torch Adam), as the released code"),
+    scheduler=Key("step", "StepLR(10, 0.1) per epoch"),
+    step_size=10,
+    gamma=0.1,
+    mixed_precision=Key("no", "no | bf16 (fp16 needs a loss scaler the two-update step lacks)", choices=("no", "bf16")),
+    channels_last=Key(False, "CNN weights (and so their activations) in NHWC: faster convolutions under bf16 "
+                             "on GPUs"),
+)
+DEFAULT_CONFIG = "train/configs/gaal_imgtab.yaml"
+if __name__ == "__main__":   # --help needs nothing below: answered before torch is imported
+    exit_on_help(CONFIG, DEFAULT_CONFIG)
+
 import contextlib
 
 import torch
@@ -34,47 +68,14 @@ from methods import surgery
 from models.augment import build_augment
 from models.fusion import SharedHeadModel
 from train import loop, optim
-from train.config import ConfigError, check_choice
 from train.distributed import all_reduce_mean_
-
-# ------------------------------------------------------------------------------------------------
-DEFAULTS = loop.DEFAULTS | dict(   # + the loop's keys (data, optimiser, selection, ...): train/loop.py
-    data="data/embedded_imgtab",   # a shard directory; a missing embedded_<flavour> is generated
-    modalities=[],                 # the two modalities in update order ([] = the dataset's order)
-    augment={},                    # on-device augmentation of the image modality ({} = none;
-                                   # keys: models.augment.AUGMENT_DEFAULTS, e.g. {p: 0.95} for DVM's recipe)
-    out_dir="runs/gaal_imgtab",
-    variant="official",            # official | paper
-    surgery=True,                  # cross-modal gradient surgery on the head gradient (paper: CGS)
-    guidance="hard",               # hard | full: reference from the hard samples or the whole batch (UGG)
-    topk_frac=0.5,
-    margin=0.75,
-    qp_eps=1e-3,
-    epochs=100,
-    patience=10,                   # early stopping on fused validation accuracy
-    min_delta=2e-4,
-    batch_size=256,
-    optimizer="adam",
-    lr=1e-3,
-    weight_decay=1e-4,             # coupled L2 (torch Adam), as the released code
-    scheduler="step",              # StepLR(10, 0.1) per epoch
-    step_size=10,
-    gamma=0.1,
-    mixed_precision="no",          # no | bf16
-    channels_last=False,           # CNN weights (and so their activations) in NHWC: faster convolutions under bf16 on GPUs
-)
-DEFAULT_CONFIG = "train/configs/gaal_imgtab.yaml"
 
 
 def check_config(cfg):
     loop.check_config(cfg)
-    for key, allowed in (("variant", ("official", "paper")), ("guidance", ("hard", "full")),
-                         ("mixed_precision", ("no", "bf16"))):
-        check_choice(key, cfg[key], allowed)   # bf16 only: fp16 needs a loss scaler the two-update step lacks
+    check_declared(cfg, CONFIG)   # choices and bounds, for a config built by hand too
     if not 0 < cfg["topk_frac"] <= 1:
         raise ConfigError(f"topk_frac={cfg['topk_frac']}: must be in (0, 1]")
-    if cfg["margin"] < 0 or cfg["qp_eps"] < 0:
-        raise ConfigError("margin and qp_eps must be >= 0")
 
 
 def set_training(encoder, modules, mode):
@@ -266,4 +267,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)
+    loop.run_entry_point(main, CONFIG, DEFAULT_CONFIG)

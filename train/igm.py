@@ -54,6 +54,55 @@ by the projector.
 """
 from __future__ import annotations
 
+from train.config import ConfigError, Key, check_declared, declare, exit_on_help
+from train.loop_config import LOOP_CONFIG
+
+CONFIG = declare(LOOP_CONFIG,   # + the loop's keys (data, optimiser, selection, ...): train/loop_config.py
+    data="data/embedded_av",
+    modalities=Key([], "stage / alternation order ([] = the dataset's order)"),
+    head_hidden=Key([256, 64], "H_j = Linear(D,256) -> ReLU -> Linear(256,64) -> Linear(64,C)"),
+    out_dir="runs/igm_av",
+    variant=Key("official", "official | paper", choices=("official", "paper")),
+    stage_epochs=Key([25, 50, 25, 50, 25, 50, 25, 50, 25, 50, 25, 50], "official: epochs per stage"),
+    epochs=Key(100, "paper: total epochs (official: the sum of stage_epochs)"),
+    projection=Key(True, "flat gradient projection T"),
+    projector=Key("flat", "flat (IGM's T) | orthogonal (MLA's OWM projector P; official variant)",
+                  choices=("flat", "orthogonal")),
+    tau=Key(0.4, "the flat projection's threshold"),
+    project_layers=Key([0, 1, 2], "which of the head's three Linear layers are projected"),
+    moment_decay=Key(0.99, "paper: EMA of the head-input moments Y"),
+    refresh_every=Key(50, "paper: steps between rebuilds of T"),
+    sam=Key(True, "official: the released re-weighted \"SAM\"; paper: Foret SAM"),
+    rho=Key(1e-10, "released: 1e-10 audio-visual, 1e-15 image-text; Foret: ~0.05"),
+    sam_weight=Key(0.3, "official: loss = (1 - w) L_ori + w L_sam"),
+    sam_impl=Key("reweighted", "official: reweighted (one backward) | exact (the released procedure)",
+                 choices=("reweighted", "exact")),
+    mixup_alpha=Key(1.0, "Beta(alpha, alpha) mixup of the active modality's input (0 = off)"),
+    mixup_alpha_by_modality=Key({}, "per-modality override, e.g. {image: 0.9, text: 0.0}"),
+    fusion=Key("mean", "mean (official) | entropy (MLA-style, paper option)", choices=("mean", "entropy")),
+    select_on=Key("fused", "best model and stage restarts by: fused (released) | modality_mean"),
+    select_metric=Key("acc", "... on validation acc | macro_f1 (released: macro_f1; Twitter acc)"),
+    batch_size=64,
+    optimizer="sgd",
+    lr=1e-2,
+    weight_decay=1e-4,
+    momentum=0.9,
+    scheduler=Key("step", "StepLR(40, 0.1); official: stepped before each epoch of a stage"),
+    step_size=40,
+    gamma=0.1,
+    warmup_epochs=Key(2, "scheduler warmup_cosine: warmup_start_lr -> lr, then cosine to min_lr; with "
+                         "min_lr = lr and the official before-epoch step it is the released image-text "
+                         "warm-up (a stage's first epoch at 2/3 lr, then lr)"),
+    warmup_start_lr=0.0,
+    min_lr=0.0,
+    mixed_precision=Key("no", "no | bf16", choices=("no", "bf16")),
+    channels_last=Key(False, "CNN weights (and so their activations) in NHWC: faster convolutions under bf16 "
+                             "on GPUs"),
+)
+DEFAULT_CONFIG = "train/configs/igm_av.yaml"
+if __name__ == "__main__":   # --help needs nothing below: answered before torch is imported
+    exit_on_help(CONFIG, DEFAULT_CONFIG)
+
 import contextlib
 import itertools
 
@@ -66,57 +115,15 @@ from models.encoders import to_float
 from models.fusion import IGMModel
 from train import loop, optim
 from train.checkpoint import load_trusted
-from train.config import ConfigError, check_choice
 from train.distributed import all_reduce_mean_
 
-# ------------------------------------------------------------------------------------------------
-DEFAULTS = loop.DEFAULTS | dict(   # + the loop's keys (data, optimiser, selection, ...): train/loop.py
-    data="data/embedded_av",       # a shard directory; a missing embedded_<flavour> is generated
-    modalities=[],                 # stage / alternation order ([] = the dataset's order)
-    head_hidden=[256, 64],         # H_j = Linear(D,256) -> ReLU -> Linear(256,64) -> Linear(64,C)
-    out_dir="runs/igm_av",
-    variant="official",            # official | paper
-    stage_epochs=[25, 50, 25, 50, 25, 50, 25, 50, 25, 50, 25, 50],   # official: epochs per stage
-    epochs=100,                    # paper: total epochs (official: the sum of stage_epochs)
-    projection=True,               # flat gradient projection T
-    projector="flat",              # flat (IGM's T) | orthogonal (MLA's OWM projector P; official variant)
-    tau=0.4,
-    project_layers=[0, 1, 2],      # which of the head's three Linear layers are projected
-    moment_decay=0.99,             # paper: EMA of the head-input moments Y
-    refresh_every=50,              # paper: steps between rebuilds of T
-    sam=True,                      # official: the released re-weighted "SAM"; paper: Foret SAM
-    rho=1e-10,                     # released: 1e-10 audio-visual, 1e-15 image-text; Foret: ~0.05
-    sam_weight=0.3,                # official: loss = (1 - w) L_ori + w L_sam
-    sam_impl="reweighted",         # official: reweighted (one backward) | exact (the released procedure)
-    mixup_alpha=1.0,               # Beta(alpha, alpha) mixup of the active modality's input (0 = off)
-    mixup_alpha_by_modality={},    # per-modality override, e.g. {image: 0.9, text: 0.0}
-    fusion="mean",                 # mean (official) | entropy (MLA-style, paper option)
-    select_on="fused",             # best model and stage restarts by: fused (released) | modality_mean
-    select_metric="acc",           # ... on validation acc | macro_f1 (released: macro_f1; Twitter acc)
-    batch_size=64,
-    optimizer="sgd",
-    lr=1e-2,
-    weight_decay=1e-4,
-    momentum=0.9,
-    scheduler="step",              # StepLR(40, 0.1); official: stepped before each epoch of a stage
-    step_size=40,
-    gamma=0.1,
-    warmup_epochs=2,               # scheduler warmup_cosine: warmup_start_lr -> lr, then cosine to min_lr;
-    warmup_start_lr=0.0,           # with min_lr = lr and the official before-epoch step it is the released
-    min_lr=0.0,                    # image-text warm-up (a stage's first epoch at 2/3 lr, then lr)
-    mixed_precision="no",          # no | bf16
-    channels_last=False,           # CNN weights (and so their activations) in NHWC: faster convolutions under bf16 on GPUs
-)
-DEFAULT_CONFIG = "train/configs/igm_av.yaml"
+
 REWEIGHTED_MAX_RHO = 1e-8   # above this the released move is visible in float32: use sam_impl exact
 
 
 def check_config(cfg):
     loop.check_config(cfg)
-    for key, allowed in (("variant", ("official", "paper")), ("sam_impl", ("reweighted", "exact")),
-                         ("projector", ("flat", "orthogonal")),
-                         ("fusion", ("mean", "entropy")), ("mixed_precision", ("no", "bf16"))):
-        check_choice(key, cfg[key], allowed)
+    check_declared(cfg, CONFIG)   # choices and bounds, for a config built by hand too
     if cfg["variant"] == "official" and (not cfg["stage_epochs"] or any(
             not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in cfg["stage_epochs"])):
         raise ConfigError(f"stage_epochs={cfg['stage_epochs']}: a non-empty list of positive integers")
@@ -518,4 +525,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG, ignored=ignored_keys)
+    loop.run_entry_point(main, CONFIG, DEFAULT_CONFIG, ignored=ignored_keys)

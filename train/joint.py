@@ -12,27 +12,28 @@ trained model show modality laziness: the weak modality stays far below what it 
 """
 from __future__ import annotations
 
+from train.config import ConfigError, Key, declare, exit_on_help
+from train.loop_config import LOOP_CONFIG, NON_NEGATIVE
+
+CONFIG = declare(LOOP_CONFIG,   # + the loop's keys (data, optimiser, selection, ...): train/loop_config.py
+    data="data/embedded_imgtab",
+    out_dir="runs/joint_imgtab",
+    epochs=15,
+    batch_size=128,
+    aux_weight=Key(0.0, "+ aux_weight * sum_m loss(head_m(f_m), y)", **NON_NEGATIVE),
+    grad_clip=Key(0.0, "clip the global gradient norm (0 = off)", **NON_NEGATIVE),
+    mixed_precision=Key("no", "no | bf16 | fp16", choices=("no", "bf16", "fp16")),
+)
+DEFAULT_CONFIG = "train/configs/joint_imgtab.yaml"
+if __name__ == "__main__":   # --help needs nothing below: answered before torch is imported
+    exit_on_help(CONFIG, DEFAULT_CONFIG)
+
 import torch
 import torch.nn.functional as F
 
 from models.fusion import LateFusionModel
 from train import distributed, loop, optim
-from train.config import ConfigError
 from train.metrics import task_loss
-
-# ------------------------------------------------------------------------------------------------
-# config: every key can be set in the YAML or on the command line (--key value, --a.b value);
-# the loop's keys (data, optimiser, scheduler, selection, logging, checkpoints): train/loop.py DEFAULTS
-DEFAULTS = loop.DEFAULTS | dict(
-    data="data/embedded_imgtab",   # a shard directory; a missing embedded_<flavour> is generated
-    out_dir="runs/joint_imgtab",
-    epochs=15,
-    batch_size=128,                # global batch (split across ranks)
-    aux_weight=0.0,                # + aux_weight * sum_m loss(head_m(f_m), y)
-    grad_clip=0.0,                 # clip the global gradient norm (0 = off)
-    mixed_precision="no",          # no | bf16 | fp16
-)
-DEFAULT_CONFIG = "train/configs/joint_imgtab.yaml"
 
 
 def build(cfg: dict, ctx: loop.Context) -> loop.Setup:
@@ -127,4 +128,4 @@ def main(cfg: dict, method: str = "joint") -> dict:
 
 
 if __name__ == "__main__":
-    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)
+    loop.run_entry_point(main, CONFIG, DEFAULT_CONFIG)

@@ -41,53 +41,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data_prep import shards
-from models.encoders import ModelConfigError
+from models.encoders import ModelConfigError, resolve_encoder_configs
 from train import checkpoint, data, distributed, metrics, optim, rundir
 from train.checkpoint import CheckpointError
-from train.config import ConfigError, check_choice, load_config, main_script, resolve_encoders, warn
-
-#: The keys every script has (its DEFAULTS extend and override them): data, run directory, the
-#: optimiser and scheduler, evaluation and model selection, logging, checkpoints and preemption.
-DEFAULTS = dict(
-    data="data/embedded_imgtab",   # a shard directory; a missing embedded_<flavour> is generated
-    data_seed=0,                   # seed of the embedded generator
-    modalities=[],                 # the modalities to train, in the method's order ([] = the dataset's)
-    encoders={},                   # per-modality encoder config (models.encoders.build_encoder)
-    standardize=False,             # float modalities as (x - mean) / std, meta.json's train statistics (data_prep.from_arrays)
-    out_dir="runs/run",            # the run directory: config.yaml, checkpoints/, tb/, best.pt, result.json
-    seed=0,
-    resume=False,                  # continue the run in out_dir from its latest checkpoint
-    epochs=15,
-    batch_size=128,                # global batch (split across ranks)
-    eval_batch_size=500,
-    num_workers=0,                 # DataLoader worker processes per rank
-    optimizer="adam",              # adam | adamw | sgd
-    lr=1e-3,
-    weight_decay=1e-4,
-    momentum=0.9,                  # sgd only
-    betas=[0.9, 0.999],            # adam / adamw
-    scheduler="none",              # none | step | cosine | warmup_cosine | plateau (stepped per epoch)
-    step_size=10,                  # step: StepLR(step_size, gamma)
-    gamma=0.1,                     # step: decay factor; plateau: reduction factor
-    plateau_patience=10,           # plateau: validations without improvement of the val loss
-    warmup_epochs=10,              # warmup_cosine: warmup_start_lr -> lr over warmup_epochs, then cosine to min_lr
-    warmup_start_lr=0.0,
-    min_lr=0.0,
-    eval_every=1,                  # epochs between validations (the last epoch is always validated)
-    select_on="fused",             # best model by validation: fused | modality_mean
-    select_metric="acc",           # classification: acc | macro_f1 (regression: MAE, segmentation: mean Dice)
-    patience=0,                    # early stopping after this many validations without improvement (0 = off)
-    min_delta=0.0,                 # an improvement must exceed this
-    mixed_precision="no",          # no | bf16
-    cpu=False,                     # force CPU even where CUDA exists
-    log_every=25,                  # steps between TensorBoard scalars (and the NaN check)
-    report_to="tensorboard",       # tensorboard | wandb | mlflow | all | none; a comma-separated list is accepted
-    ckpt_every_steps=0,            # also checkpoint every N steps inside an epoch (0 = at epoch ends only)
-    keep_checkpoints=2,
-    preempt_check_every=10,        # steps between checks for SIGTERM/SIGUSR1 across ranks (one all-reduce each)
-    stop_after_steps=0,            # checkpoint and exit at this step, as a preempted job would (0 = off)
-    progress=True,                 # tqdm bar on rank 0, when its stderr is a terminal (not in SLURM logs)
-)
+from train.config import COMMAND_LINE, ConfigError, check_choice, load_config, main_script, source_of, warn
 
 
 @dataclasses.dataclass
@@ -290,6 +247,36 @@ def selection(cfg: dict, task: str) -> tuple[str, Callable[[float, float], bool]
     return key, (lambda new, best: new > best + delta) if higher else (lambda new, best: new < best - delta)
 
 
+def resolve_encoders(cfg: dict, meta: dict, modalities: list[str], feature_dim: int | None = None) -> dict:
+    """cfg["encoders"] fitted to the dataset (models.encoders.resolve_encoder_configs) and returned:
+    an entry that does not fit it (a modality the dataset lacks, an entry written for another kind
+    of encoder) is refused (ConfigError, one line) when the command line set it, and dropped with
+    one warning line when it came from a file; every used modality left without an entry gets the
+    default encoder of its kind (width `feature_dim`, else the common width of the kept entries,
+    else models.encoders.AUTO_WIDTH). ConfigError for what resolve_encoder_configs refuses."""
+    try:
+        configs, dropped = resolve_encoder_configs(meta["modalities"], modalities, cfg.get("encoders") or {},
+                                                   feature_dim)
+    except ModelConfigError as err:
+        raise ConfigError(str(err) if str(err).startswith("encoders.") else f"encoders: {err}") from None
+    if not dropped:
+        return configs
+    data, has = cfg.get("data", "the dataset"), ", ".join(meta["modalities"])
+    absent = [m for m in dropped if m not in meta["modalities"]]
+    why = {m: f"{data} has no modality {m!r} (it has {has})" for m in absent}
+    why |= {m: f"{reason} ({data})" for m, reason in dropped.items() if m not in absent}
+    on_cli = [m for m in dropped if source_of(cfg, f"encoders.{m}") == COMMAND_LINE]
+    if on_cli:
+        raise ConfigError(f"--encoders.{on_cli[0]}: {why[on_cli[0]]}")
+    parts = [f"encoders for {', '.join(absent)} dropped: {data} has no modality "
+             f"{' or '.join(map(repr, absent))} (it has {has})"] if absent else []
+    parts += [f"encoders.{m} dropped ({m} gets the default encoder of its kind): {why[m]}"
+              for m in dropped if m not in absent]
+    where = next((s for m in dropped if (s := source_of(cfg, f"encoders.{m}"))), None)
+    warn((f"{where}: " if where else "") + "; ".join(parts))
+    return configs
+
+
 def check_config(cfg: dict) -> None:
     """Refuse a loop key that names no choice (select_on, select_metric, scheduler, optimizer),
     before any compute. Every script's own check_config calls this first; train() calls it too."""
@@ -326,7 +313,7 @@ def prepare(cfg: dict, accelerator, *, method: str, build: Callable, tasks=("cla
     if task != "segmentation":   # BraTS's model reads `segmentation`, not `encoders`
         # entries for modalities this dataset lacks dropped (from a YAML) or refused (from the
         # command line); a default encoder for each modality without one
-        cfg = dict(cfg, encoders=resolve_encoders(cfg, meta, modalities, feature_dim=feature_dim))
+        cfg = cfg | dict(encoders=resolve_encoders(cfg, meta, modalities, feature_dim=feature_dim))
     selection(cfg, task)   # refuses a select_metric the task lacks
     loaders, samplers = {}, {}
     for split in ("train", "val", "test"):
@@ -436,7 +423,7 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
     deepspeed: True when `build` supports DeepSpeed ZeRO-1/2 (it prepares the model with the
     accelerator and `step` steps the engine); otherwise the reason the method cannot run under
     it, refused before any compute. feature_dim: the width every encoder entry that leaves it unset
-    gives (CGGM: d_model); see train.config.resolve_encoders."""
+    gives (CGGM: d_model); see resolve_encoders."""
     # refusals before any compute, then before anything is written ---------------------------------
     resume_changes = []
     if cfg["resume"]:   # the run's own config.yaml is the config; flags that would change it are refused
@@ -540,7 +527,7 @@ def _rank_prefix() -> str:
     return f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
-def run_entry_point(main: Callable[[dict], dict], defaults: dict, default_config: str | None,
+def run_entry_point(main: Callable[[dict], dict], declared: dict, default_config: str | None,
                     ignored: Callable[[dict], dict] | None = None) -> None:
     """What `python train/<script>.py ...` runs: resolve the config, call `main(cfg)`, leave the
     process group. A refusal of the input (config, data, run directory, checkpoint) or a non-finite
@@ -550,7 +537,7 @@ def run_entry_point(main: Callable[[dict], dict], defaults: dict, default_config
     `ignored(cfg)`: {key: why} for the keys the resolved config makes meaningless (e.g. IGM's
     official variant ignores `epochs`): see train.config.load_config."""
     try:
-        cfg = load_config(defaults, default_config=default_config, ignored=ignored)
+        cfg = load_config(declared, default_config=default_config, ignored=ignored)
         if os.environ.get("MM_CONFIG_CHECK_ONLY") == "1":
             return   # scripts/bin/accelerate: the config checked once, before N processes start
         main(cfg)

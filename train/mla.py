@@ -44,6 +44,48 @@ projector/mean_scale = trace(P)/d and projector/fro_norm.
 """
 from __future__ import annotations
 
+from train.config import ConfigError, Key, check_declared, declare, exit_on_help
+from train.loop_config import LOOP_CONFIG
+
+CONFIG = declare(LOOP_CONFIG,   # + the loop's keys (data, optimiser, selection, ...): train/loop_config.py
+    data="data/embedded_av",
+    modalities=Key([], "turn order within a batch ([] = the dataset's order)"),
+    out_dir="runs/mla_av",
+    variant=Key("official", "official (released main.py --gs_flag) | paper", choices=("official", "paper")),
+    projection=Key(None, "project the head weight gradient with P (null: official false — the released name "
+                         "check never matches —, paper true)", type=bool),
+    projector_features=Key(None, "current | previous: whose batch-mean head input updates P before a turn's "
+                                 "gradient is projected (null: official current, paper previous)", type=str),
+    normalize_projector=Key(None, "P <- P / ||P||_F after each update (null: official true, paper false)",
+                            type=bool),
+    owm_denominator=Key(None, "matrix | scalar: P - (k k^T) ./ (alpha + k r^T) element-wise (released GSPlugin) "
+                              "or P - k k^T / (alpha + r^T k) (OWM) (null: official matrix, paper scalar)",
+                        type=str),
+    alpha_base=Key(0.1, "OWM alpha = alpha_base ** (1 + batch_in_epoch / batches_per_epoch)"),
+    zero_grad_echo=Key(None, "earlier turns' encoders keep zero gradients and are stepped again by later turns "
+                             "of the batch (null: official true, paper false)", type=bool),
+    fusion=Key("entropy", "entropy (the README's dynamic fusion, the paper) | fixed", choices=("entropy", "fixed")),
+    fusion_entropy=Key(None, "batch | sample: entropy over the eval batch axis (released) or per sample over "
+                             "classes (paper) (null: the variant's)", type=str),
+    fusion_weights=Key([], "fusion fixed: one weight per modality ([] = released: two modalities 0.55, 0.45 "
+                           "(main(av_alpha=0.55), the first of the turn order 0.55); three or more: equal)"),
+    eval_batch_size=Key(None, "evaluation batch (null: official = batch_size, as the released test loader, which "
+                              "the batch-axis entropy fusion depends on; paper = 500)"),
+    epochs=100,
+    batch_size=64,
+    optimizer=Key("sgd", "released: SGD momentum 0.9, weight decay 1e-4"),
+    lr=1e-3,
+    weight_decay=1e-4,
+    momentum=0.9,
+    scheduler=Key("step", "released: StepLR(70, 0.1) per epoch"),
+    step_size=70,
+    gamma=0.1,
+    mixed_precision=Key("no", "no | bf16", choices=("no", "bf16")),
+)
+DEFAULT_CONFIG = "train/configs/mla_av.yaml"
+if __name__ == "__main__":   # --help needs nothing below: answered before torch is imported
+    exit_on_help(CONFIG, DEFAULT_CONFIG)
+
 import contextlib
 
 import torch
@@ -52,46 +94,8 @@ import torch.nn.functional as F
 from methods import mla
 from models.fusion import SharedHeadModel
 from train import loop, optim
-from train.config import ConfigError, check_choice
 from train.distributed import all_reduce_mean_
 
-# ------------------------------------------------------------------------------------------------
-DEFAULTS = loop.DEFAULTS | dict(   # + the loop's keys (data, optimiser, selection, ...): train/loop.py
-    data="data/embedded_av",       # a shard directory; a missing embedded_<flavour> is generated
-    modalities=[],                 # turn order within a batch ([] = the dataset's order)
-    out_dir="runs/mla_av",
-    variant="official",            # official (released main.py --gs_flag) | paper
-    projection=None,               # project the head weight gradient with P (null: official false — the
-                                   # released name check never matches —, paper true)
-    projector_features=None,       # current | previous: whose batch-mean head input updates P before a
-                                   # turn's gradient is projected (null: official current, paper previous)
-    normalize_projector=None,      # P <- P / ||P||_F after each update (null: official true, paper false)
-    owm_denominator=None,          # matrix | scalar: P - (k k^T) ./ (alpha + k r^T) element-wise (released
-                                   # GSPlugin) or P - k k^T / (alpha + r^T k) (OWM) (null: official
-                                   # matrix, paper scalar)
-    alpha_base=0.1,                # OWM alpha = alpha_base ** (1 + batch_in_epoch / batches_per_epoch)
-    zero_grad_echo=None,           # earlier turns' encoders keep zero gradients and are stepped again by
-                                   # later turns of the batch (null: official true, paper false)
-    fusion="entropy",              # entropy (the README's dynamic fusion, the paper) | fixed
-    fusion_entropy=None,           # batch | sample: entropy over the eval batch axis (released) or per
-                                   # sample over classes (paper) (null: the variant's)
-    fusion_weights=[],             # fusion fixed: one weight per modality ([] = released: two modalities
-                                   # 0.55, 0.45 (main(av_alpha=0.55), the first of the turn order 0.55);
-                                   # three or more: equal)
-    eval_batch_size=None,          # evaluation batch (null: official = batch_size, as the released test
-                                   # loader, which the batch-axis entropy fusion depends on; paper = 500)
-    epochs=100,
-    batch_size=64,
-    optimizer="sgd",               # released: SGD momentum 0.9, weight decay 1e-4
-    lr=1e-3,
-    weight_decay=1e-4,
-    momentum=0.9,
-    scheduler="step",              # released: StepLR(70, 0.1) per epoch
-    step_size=70,
-    gamma=0.1,
-    mixed_precision="no",          # no | bf16
-)
-DEFAULT_CONFIG = "train/configs/mla_av.yaml"
 
 #: The switches a variant decides when left null: (official, paper).
 VARIANT_SWITCHES = dict(projection=(False, True), projector_features=("current", "previous"),
@@ -111,17 +115,16 @@ def resolve_switches(cfg: dict) -> dict:
     (paper); recorded so in the run's config.yaml. An eval_batch_size given anywhere (YAML, command
     line, a hand-built cfg) is kept."""
     column = 0 if cfg["variant"] == "official" else 1
-    out = dict(cfg, **{k: v[column] for k, v in VARIANT_SWITCHES.items() if cfg[k] is None})
+    out = cfg | {k: v[column] for k, v in VARIANT_SWITCHES.items() if cfg[k] is None}
     if out.get("eval_batch_size") is None:
-        out["eval_batch_size"] = cfg["batch_size"] if cfg["variant"] == "official" else loop.DEFAULTS["eval_batch_size"]
+        official = cfg["variant"] == "official"
+        out["eval_batch_size"] = cfg["batch_size"] if official else LOOP_CONFIG["eval_batch_size"].default
     return out
 
 
 def check_config(cfg):
     loop.check_config(cfg)
-    check_choice("variant", cfg["variant"], ("official", "paper"))
-    check_choice("fusion", cfg["fusion"], ("entropy", "fixed"))
-    check_choice("mixed_precision", cfg["mixed_precision"], ("no", "bf16"))
+    check_declared(cfg, CONFIG)   # choices and bounds, for a config built by hand too
     for key, allowed in SWITCH_CHOICES.items():
         if cfg[key] is not None and (cfg[key] not in allowed or type(cfg[key]) is not type(allowed[0])):
             raise ConfigError(f"{key}={cfg[key]!r}: choose {' or '.join(str(a).lower() for a in allowed)} "
@@ -252,4 +255,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG, ignored=ignored_keys)
+    loop.run_entry_point(main, CONFIG, DEFAULT_CONFIG, ignored=ignored_keys)

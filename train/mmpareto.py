@@ -35,6 +35,31 @@ whether they conflicted, a_mm, the mean magnitude factor, |g_mm| and |g_u|; fuse
 """
 from __future__ import annotations
 
+from train.config import ConfigError, Key, check_declared, declare, exit_on_help
+from train.loop_config import LOOP_CONFIG
+
+CONFIG = declare(LOOP_CONFIG,   # + the loop's keys (data, optimiser, selection, ...): train/loop_config.py
+    data="data/embedded_av",
+    modalities=Key([], "the modalities, in the fused head's concatenation order ([] = the dataset's)"),
+    out_dir="runs/mmpareto_av",
+    variant=Key("official", "official: magnitude factor per parameter tensor | paper: per encoder",
+                choices=("official", "paper")),
+    magnitude_scale=Key(1.5, "gamma: the final encoder gradient's extra scale (released: 1.5)"),
+    epochs=Key(50, "the released recipe (code/MMPareto.py argparse defaults, CREMA-D); the embedded configs "
+                   "use the joint baseline's instead"),
+    batch_size=Key(64, "the released recipe (the embedded configs use the joint baseline's)"),
+    optimizer="sgd",
+    lr=Key(2e-3, "constant: the released StepLR(30, 0.1) is built but never stepped"),
+    momentum=0.9,
+    weight_decay=Key(1e-4, "coupled L2, added by the optimiser to the integrated gradient"),
+    scheduler="none",
+    mixed_precision=Key("no", "no | bf16 (the forward; losses and the integration in float32)",
+                        choices=("no", "bf16")),
+)
+DEFAULT_CONFIG = "train/configs/mmpareto_av.yaml"
+if __name__ == "__main__":   # --help needs nothing below: answered before torch is imported
+    exit_on_help(CONFIG, DEFAULT_CONFIG)
+
 import contextlib
 import functools
 import operator
@@ -45,32 +70,12 @@ import torch.nn.functional as F
 from methods import mmpareto
 from models.fusion import ConcatAndUnimodalHeadsModel
 from train import loop, optim
-from train.config import ConfigError, check_choice
 from train.distributed import all_reduce_mean_
-
-# ------------------------------------------------------------------------------------------------
-DEFAULTS = loop.DEFAULTS | dict(   # + the loop's keys (data, optimiser, selection, ...): train/loop.py
-    data="data/embedded_av",       # a shard directory; a missing embedded_<flavour> is generated
-    modalities=[],                 # the modalities, in the fused head's concatenation order ([] = the dataset's)
-    out_dir="runs/mmpareto_av",
-    variant="official",            # official: magnitude factor per parameter tensor | paper: per encoder
-    magnitude_scale=1.5,           # gamma: the final encoder gradient's extra scale (released: 1.5)
-    epochs=50,                     # the released recipe (code/MMPareto.py argparse defaults, CREMA-D);
-    batch_size=64,                 # the embedded configs use the joint baseline's instead
-    optimizer="sgd",
-    lr=2e-3,                       # constant: the released StepLR(30, 0.1) is built but never stepped
-    momentum=0.9,
-    weight_decay=1e-4,             # coupled L2, added by the optimiser to the integrated gradient
-    scheduler="none",
-    mixed_precision="no",          # no | bf16 (the forward; losses and the integration in float32)
-)
-DEFAULT_CONFIG = "train/configs/mmpareto_av.yaml"
 
 
 def check_config(cfg):
     loop.check_config(cfg)
-    check_choice("variant", cfg["variant"], ("official", "paper"))
-    check_choice("mixed_precision", cfg["mixed_precision"], ("no", "bf16"))   # fp16 would need a scaler
+    check_declared(cfg, CONFIG)   # choices and bounds, for a config built by hand too
     if not cfg["magnitude_scale"] > 0:
         raise ConfigError(f"magnitude_scale={cfg['magnitude_scale']}: must be > 0 (released: 1.5)")
 
@@ -175,4 +180,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)
+    loop.run_entry_point(main, CONFIG, DEFAULT_CONFIG)

@@ -36,6 +36,42 @@ parameters only); train/modulating (1 inside the window).
 """
 from __future__ import annotations
 
+from train.config import ConfigError, Key, check_declared, declare, exit_on_help
+from train.loop_config import LOOP_CONFIG
+
+CONFIG = declare(LOOP_CONFIG,   # + the loop's keys (data, optimiser, selection, ...): train/loop_config.py
+    data="data/embedded_av",
+    modalities=Key([], "in the order of the fusion layer's columns ([] = the dataset's); with two, the first "
+                       "is the one the released tie rule damps"),
+    out_dir="runs/ogm_ge_av",
+    variant=Key("official", "official (released main.py) | paper (see the docstring)", choices=("official", "paper")),
+    modulation=Key("ogm_ge", "ogm_ge | ogm (no noise) | none (the released \"Normal\": plain joint training)",
+                   choices=("ogm_ge", "ogm", "none")),
+    alpha=Key(0.8, "k = 1 - tanh(alpha rho); released README: 0.8 CREMA-D, 0.1 VGGSound"),
+    modulation_starts=Key(0, "first epoch (0-based) of the modulation window (released default 0)"),
+    modulation_ends=Key(50, "last epoch (0-based, inclusive) of the window (released default 50)"),
+    modulated_params=Key("variant", "variant (official: conv, paper: all) | conv (4-d gradients, released) | "
+                                    "weights (every >= 2-d tensor, BalanceBenchmark) | all (the paper's theta^u)",
+                         choices=("variant", "conv", "weights", "all")),
+    ratio_reference=Key("weakest", "M > 2 (not released): weakest (rho_m = s_m / min s) | others_mean",
+                        choices=("weakest", "others_mean")),   # methods.ogm_ge.RATIO_REFERENCES
+    fusion=Key("concat", "concat (released default: one Linear over [f_1|...|f_M]) | sum (a head per modality)",
+               choices=("concat", "sum")),
+    epochs=100,
+    batch_size=64,
+    optimizer=Key("sgd", "released: SGD(lr 1e-3, momentum 0.9, weight decay 1e-4) whatever --optimizer says"),
+    lr=1e-3,
+    momentum=0.9,
+    weight_decay=1e-4,
+    scheduler=Key("step", "released: StepLR(lr_decay_step 70, lr_decay_ratio 0.1) per epoch"),
+    step_size=70,
+    gamma=0.1,
+    mixed_precision=Key("no", "no | bf16", choices=("no", "bf16")),
+)
+DEFAULT_CONFIG = "train/configs/ogm_ge_av.yaml"
+if __name__ == "__main__":   # --help needs nothing below: answered before torch is imported
+    exit_on_help(CONFIG, DEFAULT_CONFIG)
+
 import contextlib
 import functools
 
@@ -46,45 +82,12 @@ import torch.nn.functional as F
 from methods import ogm_ge
 from models.fusion import ConcatFusionModel, LateFusionModel
 from train import loop, optim
-from train.config import ConfigError, check_choice
 from train.distributed import all_reduce_mean_
-
-# ------------------------------------------------------------------------------------------------
-DEFAULTS = loop.DEFAULTS | dict(   # + the loop's keys (data, optimiser, selection, ...): train/loop.py
-    data="data/embedded_av",       # a shard directory; a missing embedded_<flavour> is generated
-    modalities=[],                 # in the order of the fusion layer's columns ([] = the dataset's);
-                                   # with two, the first is the one the released tie rule damps
-    out_dir="runs/ogm_ge_av",
-    variant="official",            # official (released main.py) | paper (see the docstring)
-    modulation="ogm_ge",           # ogm_ge | ogm (no noise) | none (the released "Normal": plain joint training)
-    alpha=0.8,                     # k = 1 - tanh(alpha rho); released README: 0.8 CREMA-D, 0.1 VGGSound
-    modulation_starts=0,           # first epoch (0-based) of the modulation window (released default 0)
-    modulation_ends=50,            # last epoch (0-based, inclusive) of the window (released default 50)
-    modulated_params="variant",    # variant (official: conv, paper: all) | conv (4-d gradients, released)
-                                   # | weights (every >= 2-d tensor, BalanceBenchmark) | all (the paper's theta^u)
-    ratio_reference="weakest",     # M > 2 (not released): weakest (rho_m = s_m / min s) | others_mean
-    fusion="concat",               # concat (released default: one Linear over [f_1|...|f_M]) | sum (a head per modality)
-    epochs=100,
-    batch_size=64,
-    optimizer="sgd",               # released: SGD(lr 1e-3, momentum 0.9, weight decay 1e-4) whatever --optimizer says
-    lr=1e-3,
-    momentum=0.9,
-    weight_decay=1e-4,
-    scheduler="step",              # released: StepLR(lr_decay_step 70, lr_decay_ratio 0.1) per epoch
-    step_size=70,
-    gamma=0.1,
-    mixed_precision="no",          # no | bf16
-)
-DEFAULT_CONFIG = "train/configs/ogm_ge_av.yaml"
 
 
 def check_config(cfg):
     loop.check_config(cfg)
-    for key, allowed in (("variant", ("official", "paper")), ("modulation", ("ogm_ge", "ogm", "none")),
-                         ("modulated_params", ("variant", "conv", "weights", "all")),
-                         ("ratio_reference", ogm_ge.RATIO_REFERENCES), ("fusion", ("concat", "sum")),
-                         ("mixed_precision", ("no", "bf16"))):
-        check_choice(key, cfg[key], allowed)   # bf16 only: fp16 needs a loss scaler the gradient edit lacks
+    check_declared(cfg, CONFIG)   # choices and bounds, for a config built by hand too
     if not isinstance(cfg["alpha"], (int, float)) or isinstance(cfg["alpha"], bool) or cfg["alpha"] < 0:
         raise ConfigError(f"alpha={cfg['alpha']}: must be a number >= 0")
     for key in ("modulation_starts", "modulation_ends"):
@@ -212,4 +215,4 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
-    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)
+    loop.run_entry_point(main, CONFIG, DEFAULT_CONFIG)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from train import checkpoint, data, distributed, joint, loop
-from train.config import ConfigError
+from train import checkpoint, data, distributed, joint, loop   # joint imports torch: --help is not instant here
+from train.config import ConfigError, declare
 
-DEFAULTS = dict(joint.DEFAULTS, out_dir="runs/unimodal_imgtab")
+CONFIG = declare(joint.CONFIG, out_dir="runs/unimodal_imgtab")   # the joint script's keys
 DEFAULT_CONFIG = "train/configs/unimodal_imgtab.yaml"
 
 
@@ -35,11 +35,11 @@ def main(cfg: dict) -> dict:
             results[m] = {"run_dir": str(out_dir), "finished_before": True}
             continue
         resume = cfg["resume"] and checkpoint.has_checkpoint(out_dir)
-        results[m] = joint.main(dict(cfg, modalities=[m], out_dir=str(out_dir), resume=resume), method="unimodal")
+        results[m] = joint.main(cfg | dict(modalities=[m], out_dir=str(out_dir), resume=resume), method="unimodal")
         if "stopped_at_step" in results[m]:   # preempted: stop here, --resume picks up from this modality
             break
     return results
 
 
 if __name__ == "__main__":
-    loop.run_entry_point(main, DEFAULTS, DEFAULT_CONFIG)
+    loop.run_entry_point(main, CONFIG, DEFAULT_CONFIG)
