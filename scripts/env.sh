@@ -3,8 +3,7 @@
 # (`pip install --no-deps -e .`, pyproject.toml: `import train, models, methods, data_prep,
 # benchmarks` from anywhere, `python train/x.py` without PYTHONPATH). Each is redone only when
 # requirements.txt / pyproject.toml change, or when the venv's editable install points at another
-# checkout. The venv's activate script gets one PATH line (scripts/bin first: `accelerate launch`
-# without flags uses train/configs/accelerate/default.yaml instead of warning about defaults).
+# checkout.
 # Ends with the venv active in the calling script, the working directory at the repository root,
 # and one line telling the user how to activate it in their own shell.
 set -euo pipefail
@@ -17,16 +16,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[env] creating virtual environment $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-# the venv's activate script also puts scripts/bin first on PATH: its `accelerate` gives a bare
-# `accelerate launch` train/configs/accelerate/default.yaml (no defaults warning; scripts/bin/accelerate)
 activate="$VENV/bin/activate"
-path_line="PATH=\"$ROOT/scripts/bin:\$PATH\"; export PATH"
-if ! grep -qxF "$path_line" "$activate"; then
-  sed -i '/^# >>> mm-balance >>>$/,/^# <<< mm-balance <<<$/d' "$activate"   # another checkout's, if any
-  printf '%s\n' "# >>> mm-balance >>>" "# added by $ROOT/scripts/env.sh: accelerate launch with the repository's default config" \
-    "$path_line" "# <<< mm-balance <<<" >> "$activate"
-  echo "[env] $activate now puts $ROOT/scripts/bin first on PATH (accelerate launch: train/configs/accelerate/default.yaml)"
-fi
 # shellcheck disable=SC1090
 . "$activate"
 stamp="$VENV/.requirements.sha256"

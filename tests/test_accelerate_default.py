@@ -1,97 +1,72 @@
-"""scripts/bin/accelerate (first on PATH in the venv, scripts/env.sh): a bare `accelerate launch`
-gets train/configs/accelerate/default.yaml and prints no "defaults used instead" warning; a launch
-with a config (given, or the user's own) and every other command go to accelerate unchanged."""
-import os
-import subprocess
+"""Launching as the README says: one process is `python train/<script>.py`; several are
+`accelerate launch --multi_gpu --num_processes N`, and train/configs/accelerate/default.yaml, passed
+explicitly with --config_file, gives Accelerate every value it would otherwise warn about (flags still
+win). Accelerate is called as installed: nothing in the repository wraps it or edits PATH."""
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_prep import embedded
+from tests.test_launch import run, tiny_args
+from tests.test_train import free_port
 
-REPO = Path(__file__).resolve().parent.parent
-WRAPPER = REPO / "scripts" / "bin" / "accelerate"
-DEFAULT = REPO / "train" / "configs" / "accelerate" / "default.yaml"
-
-
-def wrapper_env(venv: Path, hf_home: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "SLURM_"))}
-    env.update(VIRTUAL_ENV=str(venv), HF_HOME=str(hf_home), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return env
+DEFAULT = "train/configs/accelerate/default.yaml"
+WARNING = "were not passed to `accelerate launch`"
 
 
-@pytest.fixture
-def fake_venv(tmp_path):
-    """A venv whose `accelerate` prints the arguments it got."""
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    fake = venv / "bin" / "accelerate"
-    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
-    fake.chmod(0o755)
-    return venv
+def accelerate():
+    """Accelerate's own console script, next to this python."""
+    exe = Path(sys.executable).parent / "accelerate"
+    if not exe.exists():
+        pytest.skip(f"no accelerate console script next to {sys.executable}")
+    return str(exe)
 
 
-def args_seen(venv, hf_home, *args):
-    proc = subprocess.run([str(WRAPPER), *args], env=wrapper_env(venv, hf_home), capture_output=True, text=True,
-                          timeout=30, check=True)
-    return proc.stdout.splitlines()
-
-
-def test_wrapper_adds_the_default_config_only_to_a_bare_launch(fake_venv, tmp_path):
-    hf = tmp_path / "hf"
-    bare = args_seen(fake_venv, hf, "launch", "train/joint.py", "--config_file", "mine.yaml")
-    assert bare == ["launch", "--quiet", "--config_file", str(DEFAULT), "train/joint.py", "--config_file", "mine.yaml"]
-    flags = args_seen(fake_venv, hf, "launch", "--multi_gpu", "--num_processes", "2", "train/joint.py")
-    assert flags[:4] == ["launch", "--quiet", "--config_file", str(DEFAULT)] and \
-        flags[4:] == ["--multi_gpu", "--num_processes", "2", "train/joint.py"]
-    for given in (["--config_file", "ds.yaml"], ["--config-file=ds.yaml"]):
-        assert args_seen(fake_venv, hf, "launch", *given, "train/joint.py") == ["launch", "--quiet", *given,
-                                                                                "train/joint.py"]
-    assert args_seen(fake_venv, hf, "launch", "-q", "train/joint.py")[:2] == ["launch", "--config_file"]  # no 2nd -q
-    assert args_seen(fake_venv, hf, "env") == ["env"]
-    (hf / "accelerate").mkdir(parents=True)
-    (hf / "accelerate" / "default_config.yaml").write_text("compute_environment: LOCAL_MACHINE\n")
-    assert args_seen(fake_venv, hf, "launch", "train/joint.py") == ["launch", "--quiet", "train/joint.py"]  # user's own
+def launch(cmd, tmp_path):
+    return run(cmd, timeout=300, HF_HOME=str(tmp_path / "hf"))   # HF_HOME: no Accelerate config of the user's own
 
 
 @pytest.mark.slow
-def test_bare_accelerate_launch_prints_no_defaults_warning(tmp_path):
-    real = Path(sys.prefix) / "bin" / "accelerate"
-    if not real.exists():
-        pytest.skip(f"no accelerate console script in {sys.prefix}")
+def test_default_config_launches_one_or_two_processes_without_the_warning(tmp_path):
     data = embedded.generate(tmp_path / "data", "seq3", seed=1, n_train=128, n_val=64, n_test=64)
+    port = ["--main_process_port", str(free_port())]
+    one = launch([accelerate(), "launch", "--config_file", DEFAULT, *port,
+                  "train/joint.py", *tiny_args(data, tmp_path / "one")], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert WARNING not in one.stderr and (tmp_path / "one" / "result.json").exists()
+    two = launch([accelerate(), "launch", "--config_file", DEFAULT, "--multi_gpu", "--num_processes", "2", *port,
+                  "train/joint.py", *tiny_args(data, tmp_path / "two")], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert WARNING not in two.stderr
+    ckpt = tmp_path / "two" / "checkpoints"
+    state = torch.load(ckpt / (ckpt / "latest").read_text().strip() / "state.pt", weights_only=False)
+    assert state["world_size"] == 2   # the flags won over the file's one process: real DDP over 2 ranks
 
-    def launch(accelerate, out):
-        return subprocess.run([str(accelerate), "launch", "train/joint.py", "--config", "train/configs/joint_seq3.yaml",
-                               "--data", str(data), "--out_dir", str(tmp_path / out), "--epochs", "1",
-                               "--batch_size", "64", "--progress", "false"],
-                              cwd=REPO, env=wrapper_env(Path(sys.prefix), tmp_path / "hf"), capture_output=True,
-                              text=True, timeout=600)
 
-    proc = launch(WRAPPER, "run")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "were not passed to `accelerate launch`" not in proc.stderr, proc.stderr
-    assert (tmp_path / "run" / "result.json").exists()
-    proc = launch(real, "plain")   # what it replaces: accelerate itself warns
-    assert proc.returncode == 0 and "were not passed to `accelerate launch`" in proc.stderr, proc.stderr[-3000:]
+@pytest.mark.slow
+def test_several_processes_without_the_config_warn_and_refuse_per_rank(tmp_path):
+    """What the config file is for (Accelerate's warning), and what a refused config looks like with
+    several processes: each rank's one line (its rank named), then torch's launcher's failure report."""
+    proc = launch([accelerate(), "launch", "--multi_gpu", "--num_processes", "2",
+                   "--main_process_port", str(free_port()), "train/cggm.py", "--lr", "-1"], tmp_path)
+    assert proc.returncode != 0
+    assert WARNING in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert {"[rank 0] error: lr=-1.0: must be > 0", "[rank 1] error: lr=-1.0: must be > 0"} <= set(lines), proc.stderr
+    assert proc.stdout == ""
 
 
 @pytest.mark.parametrize("args, line", [
     (["train/gaal.py", "--lr_rate", "3"], "error: command line: unknown config key 'lr_rate' (did you mean lr?)"),
     (["train/igm.py", "--epochs", "3"], "error: --epochs: ignored by variant=official"),
-    # several processes: the wrapper checks the config once before torch's launcher starts them
-    (["--multi_gpu", "--num_processes", "2", "train/cggm.py", "--lr", "-1"], "error: lr=-1.0: must be > 0"),
 ])
 @pytest.mark.slow
-def test_a_mistake_through_accelerate_launch_is_one_line(tmp_path, args, line):
-    """What a new user meets: a config mistake under `accelerate launch` prints one line on stderr (no
-    traceback of the launcher, no defaults warning), nothing on stdout, and exits non-zero."""
-    real = Path(sys.prefix) / "bin" / "accelerate"
-    if not real.exists():
-        pytest.skip(f"no accelerate console script in {sys.prefix}")
-    proc = subprocess.run([str(WRAPPER), "launch", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=wrapper_env(Path(sys.prefix), tmp_path / "hf"))
-    assert proc.returncode != 0
+def test_a_mistake_in_one_process_is_one_line(tmp_path, args, line):
+    """What a new user meets: `python train/<script>.py` with a config mistake prints one line on stderr
+    (no traceback), nothing on stdout, and exits 2."""
+    proc = launch([sys.executable, *args], tmp_path)
+    assert proc.returncode == 2
     assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(line), proc.stderr
     assert proc.stdout == ""

@@ -2,7 +2,8 @@
 and a 2-process run stopped by SIGTERM checkpoints and ends the way the README promises.
 
 - `accelerate launch --cpu --num_processes N` (or N > 1 without --multi_gpu on a machine without
-  GPUs) starts ONE process: refused, naming what was asked and what to run instead;
+  GPUs) starts ONE process: refused, from that process's own environment (Accelerate's one-process
+  launcher sets MASTER_PORT but no WORLD_SIZE), naming what to run instead;
 - DeepSpeed with several processes and no CUDA (Accelerate would join 1, DeepSpeed sees N): refused;
 - SIGTERM to a 2-process run: every training process checkpoints at the next step boundary and
   exits 0. Started through slurm/node.sh (what slurm/train.sbatch and the sbatch scripts run, in or
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 
@@ -77,15 +79,16 @@ num_processes: 2
 use_cpu: true
 mixed_precision: 'no'
 """
+WITH_CPU = "with --cpu (or use_cpu: true in its config) it never starts more than one"
 
 
-@pytest.mark.parametrize("launch, asked", [
-    (["--cpu", "--num_processes", "2"], "2 processes (--num_processes 2) but started ONE: with --cpu"),
-    (["--num_processes", "3"], "3 processes (--num_processes 3) but started ONE: without --multi_gpu"),
-    (["--config_file", "{cpu_config}"], "2 processes (num_processes: 2 in {cpu_config}) but started ONE"),
+@pytest.mark.parametrize("launch, how", [
+    (["--cpu", "--num_processes", "2"], WITH_CPU),
+    (["--num_processes", "3"], "without --multi_gpu (and without several GPUs) it never starts more than one"),
+    (["--config_file", "{cpu_config}"], WITH_CPU),
 ])
 @pytest.mark.slow
-def test_one_process_for_several_is_refused_before_compute(launch, asked, seq3_small, tmp_path):
+def test_one_process_for_several_is_refused_before_compute(launch, how, seq3_small, tmp_path):
     if torch.cuda.device_count() > 1:
         pytest.skip("with several GPUs accelerate launch turns on --multi_gpu by itself")
     cpu_config = tmp_path / "cpu2.yaml"
@@ -94,90 +97,65 @@ def test_one_process_for_several_is_refused_before_compute(launch, asked, seq3_s
     out = tmp_path / "run"
     proc = run(accelerate_launch(*launch) + ["train/joint.py", *tiny_args(seq3_small, out)])
     assert proc.returncode != 0
-    assert asked.format(cpu_config=cpu_config) in proc.stderr, proc.stderr[-3000:]
-    n = asked.split()[0]
-    assert f"accelerate launch --multi_gpu --num_processes {n} train/joint.py" in proc.stderr
-    assert f"torchrun --nproc_per_node {n} train/joint.py" in proc.stderr
-    assert len([l for l in proc.stderr.splitlines() if "error: accelerate launch was asked" in l]) == 1
+    errors = [line for line in proc.stderr.splitlines() if "error: accelerate launch was asked" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert f"asked for several processes but started ONE: {how}" in errors[0]
+    assert "accelerate launch --multi_gpu --num_processes N train/joint.py" in errors[0]
+    assert "torchrun --nproc_per_node N train/joint.py" in errors[0]
     assert not out.exists()   # refused before the run directory (or any compute)
 
 
 @pytest.mark.slow
-def test_accelerate_console_script_is_recognised(seq3_small, tmp_path):
-    """`accelerate launch ...` (the console script) rather than `python -m accelerate.commands.launch`."""
-    exe = Path(sys.executable).parent / "accelerate"
-    if not exe.exists():
-        pytest.skip(f"no accelerate console script next to {sys.executable}")
-    proc = run([str(exe), "launch", "--cpu", "--num_processes", "2", "--main_process_port", str(free_port()),
-                "train/joint.py", *tiny_args(seq3_small, tmp_path / "run")])
-    assert proc.returncode != 0 and "asked for 2 processes (--num_processes 2) but started ONE" in proc.stderr
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.slow
 def test_one_process_launches_still_train(seq3_small, tmp_path):
-    """--cpu with one process, and a plain `python` run with MASTER_PORT left in the environment."""
-    proc = run(accelerate_launch("--cpu", "--num_processes", "1") + ["train/joint.py", *tiny_args(seq3_small, tmp_path / "a")])
+    """Accelerate's own console script with --cpu and one process, and a plain `python` run with
+    MASTER_ADDR/MASTER_PORT exported (what slurm/node.sh gives a one-process job)."""
+    exe = Path(sys.executable).parent / "accelerate"
+    launcher = [str(exe), "launch"] if exe.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
+    proc = run(launcher + ["--cpu", "--num_processes", "1", "train/joint.py", *tiny_args(seq3_small, tmp_path / "a")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "a" / "result.json").exists()
     proc = run([sys.executable, "train/joint.py", *tiny_args(seq3_small, tmp_path / "b")], MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), ACCELERATE_USE_CPU="true")
+               MASTER_PORT=str(free_port()))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-# the same check in-process, with a stand-in for the parent `accelerate launch`
+# the same decision in-process: it reads only this process's environment
 
 @pytest.fixture
-def launch_env(monkeypatch):
-    """The environment accelerate's one-process launcher gives its process; a stand-in parent."""
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_DEEPSPEED", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
-                "MV2_COMM_WORLD_SIZE"):
+def one_for_several(monkeypatch):
+    """The environment Accelerate's one-process launcher gives its process when asked for several."""
+    for key in (*distributed.WORLD_SIZE_VARIABLES, "RANK", "LOCAL_RANK", "ACCELERATE_USE_DEEPSPEED"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29999")
     monkeypatch.setattr(sys, "argv", ["train/gaal.py"])
-    parents = []
-
-    def parent(*argv):
-        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", *argv])
-        parents.append(proc)
-        deadline = time.time() + 10
-        while time.time() < deadline and len(Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")) < 3:
-            time.sleep(0.01)   # until the child has exec'ed python
-        monkeypatch.setattr(os, "getppid", lambda: proc.pid)
-
-    yield parent
-    for proc in parents:
-        proc.kill()
-        proc.wait(timeout=30)
+    return monkeypatch
 
 
-def test_parent_command_line_gives_the_count(launch_env, tmp_path):
-    launch_env("accelerate.commands.launch", "--cpu", "--num_processes", "4", "train/gaal.py", "--num_processes", "1")
-    with pytest.raises(config.ConfigError, match=r"asked for 4 processes \(--num_processes 4\).*"
-                                                 r"accelerate launch --multi_gpu --num_processes 4 train/gaal.py"):
-        distributed.check_world_size()
-    config_file = tmp_path / "cpu.yaml"
-    config_file.write_text(CPU_CONFIG)
-    launch_env("accelerate.commands.launch", "--config_file", str(config_file), "train/gaal.py")
-    with pytest.raises(config.ConfigError, match=rf"num_processes: 2 in {re.escape(str(config_file))}"):
-        distributed.check_world_size()
-    launch_env("accelerate.commands.launch", "--cpu", "--num_processes", "1", "train/gaal.py")
-    distributed.check_world_size()   # one asked for, one started (MASTER_PORT merely inherited)
-    launch_env("/usr/bin/sleep", "100")
-    distributed.check_world_size()   # the parent is not accelerate: a plain `python train/x.py`
+def test_one_process_for_several_is_read_from_the_environment(one_for_several):
+    with pytest.raises(config.ConfigError, match=r"asked for several processes but started ONE: with --cpu.*"
+                                                 r"accelerate launch --multi_gpu --num_processes N train/gaal.py.*"
+                                                 r"torchrun --nproc_per_node N train/gaal.py.*python train/gaal.py"):
+        distributed.check_launch()
+    one_for_several.setenv("ACCELERATE_USE_CPU", "False")   # --num_processes N without --multi_gpu, no GPUs
+    with pytest.raises(config.ConfigError, match="started ONE: without --multi_gpu"):
+        distributed.check_launch()
 
 
-def test_without_the_parent_the_environment_decides(launch_env, monkeypatch):
-    monkeypatch.setattr(os, "getppid", lambda: 2 ** 22 + 1)   # above any pid: /proc unreadable
-    with pytest.raises(config.ConfigError, match="asked for several processes but started ONE"):
-        distributed.check_world_size()
-    monkeypatch.delenv("MASTER_PORT")   # the launcher sets it only for several processes or machines
-    distributed.check_world_size()
-    monkeypatch.setenv("MASTER_PORT", "29999")
-    monkeypatch.setenv("WORLD_SIZE", "2")   # a multi-process launcher (torchrun, --multi_gpu)
-    distributed.check_world_size()
+@pytest.mark.parametrize("change", [
+    {"MASTER_PORT": None},                     # one process asked for: the launcher sets no MASTER_PORT
+    {"ACCELERATE_USE_CPU": None},              # python or torchrun, MASTER_PORT exported
+    {"WORLD_SIZE": "2"},                       # a multi-process launcher (torchrun, --multi_gpu)
+    {"OMPI_COMM_WORLD_SIZE": "2"},             # mpirun (a MULTI_CPU config with a hostfile)
+])
+def test_launches_that_give_the_processes_asked_for_pass(one_for_several, change):
+    for key, value in change.items():
+        if value is None:
+            one_for_several.delenv(key)
+        else:
+            one_for_several.setenv(key, value)
+    distributed.check_launch()
 
 
 def test_accelerate_must_join_every_launched_process(monkeypatch):
@@ -207,9 +185,9 @@ def test_multi_rank_deepspeed_without_cuda_is_refused_in_process(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(sys, "argv", ["train/joint.py"])
     with pytest.raises(config.ConfigError, match="DeepSpeed with 2 processes on a machine without CUDA"):
-        distributed.check_world_size()
+        distributed.check_launch()
     monkeypatch.setenv("WORLD_SIZE", "1")
-    distributed.check_world_size()   # one DeepSpeed process on CPU is fine
+    distributed.check_launch()   # one DeepSpeed process on CPU is fine
 
 
 @pytest.mark.slow
@@ -235,19 +213,11 @@ def test_multi_rank_deepspeed_on_cpu_is_refused_before_compute(seq3_small, tmp_p
 # (b) SIGTERM to a 2-process run
 
 def descendants(pid):
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    """Every process below `pid` (psutil: a dependency of Accelerate)."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def kill_tree(proc):

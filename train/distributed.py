@@ -32,13 +32,13 @@ def setup_accelerator(cfg: dict):
 
     On a machine without CUDA, Accelerate only starts a gloo process group when `cpu=True`;
     without it every launched process believes it is rank 0 of 1 and trains alone. Launches that
-    cannot give the processes asked for (`accelerate launch --cpu --num_processes N`: one process;
-    DeepSpeed with several processes and no CUDA) are refused first (check_world_size).
+    cannot give the processes asked for are refused first (check_launch), processes the
+    Accelerator did not join after it is made (check_world_size).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    check_world_size()   # launches that cannot give the processes the user asked for: refused first
+    check_launch()   # launches that cannot give the processes the user asked for: refused first
     cpu = cfg.get("cpu", False) or not torch.cuda.is_available()
     if deepspeed_requested():   # Accelerate drops a DeepSpeed launch config silently when cpu=True
         if cfg.get("cpu", False) and torch.cuda.is_available():
@@ -54,30 +54,35 @@ def setup_accelerator(cfg: dict):
     return accelerator
 
 
-def check_world_size(accelerator=None) -> None:
-    """Refuse a run whose processes are not the ones the user asked for (ConfigError, one line).
+def launched_script() -> str:
+    """The training script's file name (joint.py), for the commands that refusals suggest."""
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "<script>.py"
 
-    Without an accelerator (called first, before any compute), from the launch environment:
-    - `accelerate launch --cpu --num_processes N` (or N > 1 without --multi_gpu and without GPUs)
-      starts ONE process: its simple launcher only sets ACCELERATE_USE_CPU and MASTER_ADDR/PORT (no
-      WORLD_SIZE); the count asked for is read from that launcher's command line (its config file
-      included), the parent of this process;
-    - DeepSpeed with several processes and no CUDA: Accelerate joins 1 process while DeepSpeed
-      sees WORLD_SIZE of them (multi-rank DeepSpeed through Accelerate needs GPUs here).
-    With an accelerator: the launcher started WORLD_SIZE processes and Accelerate joined them all.
+
+def env_flag(name: str) -> bool:
+    """A boolean the launcher set in the environment, read the way Accelerate reads it (true/yes/on/1)."""
+    return os.environ.get(name, "false").strip().lower() in ("1", "y", "yes", "t", "true", "on")
+
+
+# What a launcher that starts several processes tells each of them (torchrun, `accelerate launch
+# --multi_gpu` and DeepSpeed: WORLD_SIZE; mpirun: its own size variable, which Accelerate reads too).
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_launch() -> None:
+    """Refuse, before any compute, a launch that cannot give the processes asked for (ConfigError, one line).
+
+    Decided from this process's own environment and device:
+    - `accelerate launch --cpu --num_processes N` (or N > 1 without --multi_gpu on a machine with
+      at most one GPU) runs Accelerate's one-process launcher, which starts ONE process: it marks it
+      with ACCELERATE_USE_CPU and, asked for several processes, sets MASTER_ADDR/MASTER_PORT, but no
+      WORLD_SIZE. N itself is not in the environment, so the message says "several". A one-process
+      `accelerate launch` from a shell that exports MASTER_PORT looks the same; the message says so.
+    - DeepSpeed with several processes and no CUDA: Accelerate joins 1 process while DeepSpeed sees
+      WORLD_SIZE of them (multi-rank DeepSpeed through Accelerate needs GPUs here).
     """
     env = os.environ
-    launched = int(env.get("WORLD_SIZE", "1"))
-    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "<script>.py"
-    if accelerator is not None:
-        if accelerator.num_processes != launched:
-            raise ConfigError(
-                f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate joined "
-                f"{accelerator.num_processes}: each process would train alone as rank 0 (without CUDA "
-                "Accelerate joins processes only when created with Accelerator(cpu=True), as train/*.py "
-                f"do); launch with accelerate launch --multi_gpu --num_processes {launched} train/{script} "
-                f"... or torchrun --nproc_per_node {launched} train/{script} ...")
-        return
+    launched, script = int(env.get("WORLD_SIZE", "1")), launched_script()
     if deepspeed_requested() and launched > 1 and not torch.cuda.is_available():
         raise ConfigError(
             f"DeepSpeed with {launched} processes on a machine without CUDA: multi-process DeepSpeed "
@@ -85,63 +90,35 @@ def check_world_size(accelerator=None) -> None:
             f"{launched}). Here run DeepSpeed with one process (--num_processes 1: it works on CPU), "
             f"or {launched} processes without DeepSpeed: accelerate launch --multi_gpu "
             f"--num_processes {launched} train/{script} ...")
-    mpi = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-    if "ACCELERATE_USE_CPU" not in env or "WORLD_SIZE" in env or any(k in env for k in mpi):
-        return   # not started by accelerate's one-process launcher (torchrun, --multi_gpu, mpirun, python)
-
-    # Started by `accelerate launch` without a multi-process launcher: how many did it ask for?
-    requested, with_cpu, known, config_file = None, False, False, None
-    try:
-        argv = [a.decode() for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if a]
-    except (OSError, UnicodeDecodeError):
-        argv = None
-    if argv is not None:
-        start = next((i + 1 for i, a in enumerate(argv) if a == "accelerate.commands.launch"
-                      or Path(a).name == "accelerate-launch"), None)
-        if start is None:
-            start = next((i + 2 for i, a in enumerate(argv[:-1])
-                          if Path(a).name == "accelerate" and argv[i + 1] == "launch"), None)
-        if start is None:
-            return   # the parent is not accelerate: a plain `python train/x.py` with these variables
-        import contextlib
-        import io
-        try:
-            from accelerate.commands.config import default_config_file
-            from accelerate.commands.config.config_args import load_config_from_file
-            from accelerate.commands.launch import launch_command_parser
-            with contextlib.redirect_stderr(io.StringIO()):
-                args = launch_command_parser().parse_args(argv[start:])
-            with_cpu, requested = bool(args.cpu), args.num_processes
-            if requested is None and (args.config_file or (os.path.isfile(default_config_file) and not args.cpu)):
-                config = load_config_from_file(args.config_file)
-                requested, with_cpu = config.num_processes, with_cpu or bool(getattr(config, "use_cpu", False))
-                config_file = args.config_file or default_config_file
-            known = True
-        except (Exception, SystemExit):   # noqa: BLE001 - an unknown launcher version: use the environment
-            known = False
-    if known and (requested is None or requested <= 1):
-        return
-    if not known:   # the launcher sets MASTER_ADDR/PORT only when asked for several processes or machines
-        if "MASTER_PORT" not in env:
-            return
-        requested = None
-    where = f"num_processes: {requested} in {config_file}" if config_file else f"--num_processes {requested}"
-    asked = f"{requested} processes ({where})" if requested else "several processes"
-    how = ("with --cpu (or use_cpu in its config) it" if with_cpu or env["ACCELERATE_USE_CPU"].lower() == "true"
+    if "ACCELERATE_USE_CPU" not in env or "MASTER_PORT" not in env or any(k in env for k in WORLD_SIZE_VARIABLES):
+        return   # not Accelerate's one-process launcher asked for several (torchrun, --multi_gpu, python)
+    how = ("with --cpu (or use_cpu: true in its config) it" if env_flag("ACCELERATE_USE_CPU")
            else "without --multi_gpu (and without several GPUs) it")
-    n = requested or "N"
     raise ConfigError(
-        f"accelerate launch was asked for {asked} but started ONE: {how} never starts more than one "
-        f"process, and this run would silently train alone. For {n} processes on CPU run accelerate "
-        f"launch --multi_gpu --num_processes {n} train/{script} ... (real DDP over gloo) or torchrun "
-        f"--nproc_per_node {n} train/{script} ...; for one process " +
-        (f"set num_processes: 1 in {config_file}" if config_file else "drop --num_processes"))
+        f"accelerate launch was asked for several processes but started ONE: {how} never starts more "
+        "than one (it set MASTER_PORT, as it does when asked for several, but no WORLD_SIZE), and this "
+        "run would silently train alone. For N processes on CPU run accelerate launch --multi_gpu "
+        f"--num_processes N train/{script} ... (real DDP over gloo) or torchrun --nproc_per_node N "
+        f"train/{script} ...; for one process run python train/{script} ... (or ask accelerate launch "
+        "for one, and unset MASTER_PORT if your shell exports it)")
+
+
+def check_world_size(accelerator) -> None:
+    """Refuse processes that the Accelerator did not join (ConfigError, one line): the launcher
+    started WORLD_SIZE processes, Accelerate must report as many, else each trains alone as rank 0."""
+    launched, script = int(os.environ.get("WORLD_SIZE", "1")), launched_script()
+    if accelerator.num_processes != launched:
+        raise ConfigError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate joined "
+            f"{accelerator.num_processes}: each process would train alone as rank 0 (without CUDA "
+            "Accelerate joins processes only when created with Accelerator(cpu=True), as train/*.py "
+            f"do); launch with accelerate launch --multi_gpu --num_processes {launched} train/{script} "
+            f"... or torchrun --nproc_per_node {launched} train/{script} ...")
 
 
 def deepspeed_requested() -> bool:
-    """True when the launcher asked for DeepSpeed (what `accelerate launch` with a DEEPSPEED config sets;
-    read the way Accelerate reads it: true/yes/on/1)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").strip().lower() in ("1", "y", "yes", "t", "true", "on")
+    """True when the launcher asked for DeepSpeed (what `accelerate launch` with a DEEPSPEED config sets)."""
+    return env_flag("ACCELERATE_USE_DEEPSPEED")
 
 
 def deepspeed_stage(accelerator) -> int | None:
@@ -167,7 +144,7 @@ def refuse_deepspeed(accelerator, method: str, reason: str) -> None:
     where = ("and ZeRO-2 partitions the reduced gradients across ranks after backward, so no rank "
              "holds the full gradient to edit" if stage >= 2 else
              "and under ZeRO-1 the reduced gradients sit in DeepSpeed's flat buffers (p.grad is None)")
-    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "<script>.py"
+    script = launched_script()
     raise ConfigError(
         f"{method} does not support DeepSpeed (ZeRO stage {stage}): {reason}. These edits need the "
         "full, all-reduced gradients between backward and the optimizer step; Accelerate's DeepSpeed "

@@ -533,13 +533,10 @@ def run_entry_point(main: Callable[[dict], dict], declared: dict, default_config
     process group. A refusal of the input (config, data, run directory, checkpoint) or a non-finite
     loss ends the process with ONE line on stderr that names the file, field or flag, and exit
     status 2, instead of a traceback. Several processes print it each, prefixed with their rank.
-    With MM_CONFIG_CHECK_ONLY=1 it only resolves the config (exit 0, or the one line and 2).
     `ignored(cfg)`: {key: why} for the keys the resolved config makes meaningless (e.g. IGM's
     official variant ignores `epochs`): see train.config.load_config."""
     try:
         cfg = load_config(declared, default_config=default_config, ignored=ignored)
-        if os.environ.get("MM_CONFIG_CHECK_ONLY") == "1":
-            return   # scripts/bin/accelerate: the config checked once, before N processes start
         main(cfg)
     except (ConfigError, CheckpointError, shards.ShardFormatError, NonFiniteLossError) as err:
         print(f"{_rank_prefix()}error: {err}", file=sys.stderr, flush=True)
