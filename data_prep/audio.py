@@ -32,7 +32,8 @@ Frames:
 - :class:`ClipLoader`: turns clips (wav path + frame paths) into (spectrogram, frames) arrays in
   blocks, optionally on a multiprocessing pool that works on the next block while the caller
   writes the current one (each worker runs torch with one thread, like DataLoader workers).
-- :func:`add_av_args`, :func:`missing_message`, :func:`write_av_splits`: what both converters share.
+- :func:`add_av_args`, :func:`check_common`, :func:`missing_message`, :func:`av_batches`: what both
+  converters share.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ import scipy.signal
 import torch
 
 from data_prep.dvm import natural_key
-from data_prep.image_io import CROPS, ImageLoadError, load_image
+from data_prep.image_io import CROPS, ImageLoadError, decoded_blocks, load_image, resize_rule
 
 N_FFT = 512
 HOP = 353
@@ -291,24 +292,17 @@ class AudioStats:
                 "longest_seconds": round(self.longest, 4)}
 
 
-def write_av_splits(writer, loader, order, clips, labels, sample_ids, audio_key="audio",
-                    video_key="video", log=None):
-    """Stream each split through ``writer``: ``order`` maps split -> clip indices (written in that
-    order); ``clips[i]`` = (wav path, [chosen frame paths]). Returns the AudioStats."""
+def av_batches(order, clips, labels, sample_ids, counts, rate, seconds, size, crop, workers, block, log):
+    """The batches of every split (``order``: split -> clip indices, in writing order; ``clips[i]``
+    = (wav path, [chosen frame paths])): spectrograms and frames computed block by block by a
+    :class:`ClipLoader`. Once every clip is written, ``counts["audio"]`` = their :class:`AudioStats`."""
     stats = AudioStats()
-    for split, idx in order.items():
-        idx = np.asarray(idx, dtype=np.int64)
-        done = 0
-        for start, specs, frames, infos in loader.blocks([clips[i] for i in idx]):
-            rows = idx[start:start + len(specs)]
-            writer.append(split, {audio_key: specs, video_key: frames, "label": labels[rows],
-                                  "sample_id": sample_ids[rows]})
+    with ClipLoader(rate, seconds, size, crop, workers, block) as loader:
+        for split, rows, specs, frames, infos in decoded_blocks(order, loader, clips, log, what="clips"):
+            yield split, {"audio": specs, "video": frames, "label": labels[rows], "sample_id": sample_ids[rows]}
             for info in infos:
                 stats.add(info)
-            done += len(rows)
-            if log is not None and (done == len(idx) or (start // loader.block) % 20 == 19):
-                log(f"{split}: {done}/{len(idx)} clips written")
-    return stats
+    counts["audio"] = stats.as_dict()
 
 
 # ------------------------------------------------------------------------------------- shared
@@ -322,10 +316,8 @@ def missing_message(what, paths, flag=None):
     return f"{what}: {len(paths)} not found: {shown}{more}{hint}"
 
 
-def add_av_args(parser, name_help, frames, image_size=224, seed=0):
+def add_av_args(parser, frames, image_size=224, seed=0):
     """The command-line options both audio-visual converters share (one definition for both)."""
-    parser.add_argument("--out", required=True, help="output directory (dataset goes to <out>/<name>)")
-    parser.add_argument("--name", help=name_help)
     parser.add_argument("--frames", type=int, default=frames, help="frames per clip (evenly spaced)")
     parser.add_argument("--image-size", type=int, default=image_size, help="square frame size S")
     parser.add_argument("--crop", choices=CROPS, default="none",
@@ -335,8 +327,6 @@ def add_av_args(parser, name_help, frames, image_size=224, seed=0):
     parser.add_argument("--seed", type=int, default=seed)
     parser.add_argument("--workers", type=int, default=0, help="clip processing processes (0: in-process)")
     parser.add_argument("--block", type=int, default=64, help="clips processed per block")
-    parser.add_argument("--samples-per-shard", type=int, help="default: about 1 GiB per shard")
-    parser.add_argument("--overwrite", action="store_true")
 
 
 def check_common(frames, image_size, val_frac, block, workers):
@@ -373,7 +363,6 @@ def recipe(rate, seconds, frames, image_size, crop):
                   "sampling": "k frames evenly spaced over the naturally sorted *.jpg files: index "
                               "floor((2i+1)n/(2k)) (segment centres); the released loaders take the "
                               "first k files in os.listdir order instead",
-                  "resize": "PIL bilinear (antialiased), stretched to a square" if crop == "none"
-                            else "centre square crop, then PIL bilinear (antialiased)",
+                  "resize": resize_rule(crop),
                   "normalize": "imagenet"},
     }

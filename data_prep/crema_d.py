@@ -57,20 +57,19 @@ Choices the paper and the released loader leave open:
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import pathlib
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
-from data_prep.audio import (ClipLoader, add_av_args, check_common, list_frames, missing_message,
-                             modalities_spec, num_frames, pick_frames, recipe, write_av_splits)
+from data_prep import converter
+from data_prep.audio import (add_av_args, av_batches, check_common, list_frames, missing_message,
+                             modalities_spec, num_frames, pick_frames, recipe)
 from data_prep.dvm import natural_key
-from data_prep.image_io import stratified_pick, write_index
-from data_prep.shards import ShardWriter
 
 AUDIO_DIR = "AudioWAV"
 FRAME_DIR = "Image-01-FPS"
@@ -83,11 +82,48 @@ SAMPLE_RATE = 22050
 SECONDS = 3.0
 SPLITS = ("released", "actor")
 SEED = 0
+RELEASED_RULE = ("test = annotations/test.csv; val = val_frac of annotations/train.csv, "
+                 "stratified per class (floor(frac*n_c) topped up by largest remainder "
+                 "to ceil(frac*N), >= 1 per class with >= 2 clips; class indices "
+                 "permuted with numpy default_rng([seed, 1])); train = the rest")
+ACTOR_RULE = ("train.csv and test.csv pooled; actors (first field of the clip name) "
+              "in numeric order permuted with numpy default_rng([seed, 2]); test = "
+              "first ceil(test_frac*A) actors, val = next ceil(val_frac*(A-n_test)), "
+              "train = the rest; splits pairwise actor-disjoint")
+
+
+class Clip(NamedTuple):
+    """One annotation row: a sample, sample_id = its position among the rows."""
+    name: str
+    code: str        # emotion code
+    actor: str
+    listed: str      # the list it is in: train or test
 
 
 def _looks_like_clip(text):
     parts = text.split("_")
     return len(parts) >= 3 and parts[2] in CLASSES
+
+
+def _is_header(fields):
+    """The first non-blank row is a header exactly when neither its code nor its clip fits."""
+    code_ok = len(fields) >= 2 and fields[1] in CLASSES
+    return not code_ok and not _looks_like_clip(fields[0])
+
+
+def _annotation(path, line, fields):
+    """One data row -> (line, clip, code); errors name the file, the line and the column."""
+    if len(fields) < 2 or not fields[1]:
+        raise ValueError(f"{path}, line {line}: column 2 (emotion code) is missing; "
+                         "expected rows 'clip,emotion' with a code in "
+                         f"{' '.join(CLASSES)}")
+    clip, code = fields[0], fields[1]
+    if not clip:
+        raise ValueError(f"{path}, line {line}: column 1 (clip) is empty")
+    if code not in CLASSES:
+        raise ValueError(f"{path}, line {line}: column 2 (emotion code) = {code!r} is not "
+                         f"one of {' '.join(CLASSES)}")
+    return line, clip, code
 
 
 def read_annotations(path):
@@ -101,26 +137,13 @@ def read_annotations(path):
             reader = csv.reader(f)
             for row in reader:
                 fields = [v.strip() for v in row]
-                if not fields or not any(fields):
+                if not any(fields):
                     continue   # blank line
-                line = reader.line_num
-                if first:
-                    first = False
-                    code_ok = len(fields) >= 2 and fields[1] in CLASSES
-                    if not code_ok and not _looks_like_clip(fields[0]):
-                        header = fields
-                        continue
-                if len(fields) < 2 or not fields[1]:
-                    raise ValueError(f"{path}, line {line}: column 2 (emotion code) is missing; "
-                                     "expected rows 'clip,emotion' with a code in "
-                                     f"{' '.join(CLASSES)}")
-                clip, code = fields[0], fields[1]
-                if not clip:
-                    raise ValueError(f"{path}, line {line}: column 1 (clip) is empty")
-                if code not in CLASSES:
-                    raise ValueError(f"{path}, line {line}: column 2 (emotion code) = {code!r} is not "
-                                     f"one of {' '.join(CLASSES)}")
-                rows.append((line, clip, code))
+                if first and _is_header(fields):
+                    header = fields
+                else:
+                    rows.append(_annotation(path, reader.line_num, fields))
+                first = False
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from e
     if not rows:
@@ -155,23 +178,13 @@ def _actor_split(actors, test_frac, val_frac, seed):
     return split
 
 
-def convert(raw, out, name=None, split="released", val_frac=0.1, test_frac=0.1, seed=SEED, frames=1,
-            image_size=224, crop="none", skip_missing=False, workers=0, block=64,
-            samples_per_shard=None, overwrite=False, log=None) -> pathlib.Path:
-    """Convert a CREMA-D directory into ``<out>/<name>/`` (see the module docstring)."""
-    log = log or (lambda msg: None)
-    check_common(frames, image_size, val_frac, block, workers)
-    if split not in SPLITS:
-        raise ValueError(f"--split must be one of {SPLITS}, got {split!r}")
-    if not 0 < test_frac < 1:
-        raise ValueError(f"--test-frac must be in (0, 1), got {test_frac}")
-    raw = pathlib.Path(raw)
-    name = name or ("crema_d" if split == "released" else "crema_d_actor")
-    t0 = time.perf_counter()
+# ---------------------------------------------------------------------------------------- read
 
-    # 1. annotations (all errors before any file is touched)
+
+def _read_lists(raw):
+    """Both annotation lists -> (their paths, the clips in row order, the detected CSV headers)."""
     csv_paths = {s: raw / ANNOTATIONS / f for s, f in SPLIT_FILES}
-    clips, codes, actors, listed, where, headers = [], [], [], [], {}, {}
+    clips, where, headers = [], {}, {}
     for s, path in csv_paths.items():
         rows, headers[s] = read_annotations(path)
         for line, clip, code in rows:
@@ -179,17 +192,26 @@ def convert(raw, out, name=None, split="released", val_frac=0.1, test_frac=0.1, 
             if clip in where:
                 raise ValueError(f"{path}, line {line}: clip {clip!r} already listed in {where[clip]}")
             where[clip] = f"{path}, line {line}"
-            clips.append(clip)
-            codes.append(code)
-            actors.append(actor)
-            listed.append(s)
-    n_rows = len(clips)
+            clips.append(Clip(clip, code, actor, s))
+    return csv_paths, clips, headers
 
-    # 2. files
-    wavs = [raw / AUDIO_DIR / f"{c}.wav" for c in clips]
-    dirs = [raw / FRAME_DIR / c for c in clips]
+
+def _missing_text(raw, problems, wavs, dirs):
+    what = {"missing_wav": ("wav file(s)", wavs), "missing_frame_dir": ("frame directory(ies)", dirs),
+            "no_frames": ("*.jpg frames in directory(ies)", dirs)}
+    parts = [missing_message(what[k][0], [what[k][1][i] for i in idx]) for k, idx in problems.items() if idx]
+    return (f"{raw} (CREMA-D): " + "; ".join(parts)
+            + "; pass --skip-missing to drop those clips instead")
+
+
+def _find_files(raw, clips, skip_missing, log):
+    """-> (wav paths, sorted frame files per clip (None: no directory), problems {reason: [clip
+    indices]}, the clip indices kept). Without ``skip_missing`` any problem is an error naming
+    the paths."""
+    wavs = [raw / AUDIO_DIR / f"{c.name}.wav" for c in clips]
+    dirs = [raw / FRAME_DIR / c.name for c in clips]
     frame_files, problems = [], {"missing_wav": [], "missing_frame_dir": [], "no_frames": []}
-    for i in range(n_rows):
+    for i in range(len(clips)):
         if not wavs[i].is_file():
             problems["missing_wav"].append(i)
         try:
@@ -202,62 +224,46 @@ def convert(raw, out, name=None, split="released", val_frac=0.1, test_frac=0.1, 
         frame_files.append(files)
     bad = sorted(set().union(*problems.values()))
     if bad and not skip_missing:
-        parts = []
-        if problems["missing_wav"]:
-            parts.append(missing_message("wav file(s)", [wavs[i] for i in problems["missing_wav"]]))
-        if problems["missing_frame_dir"]:
-            parts.append(missing_message("frame directory(ies)",
-                                         [dirs[i] for i in problems["missing_frame_dir"]]))
-        if problems["no_frames"]:
-            parts.append(missing_message("*.jpg frames in directory(ies)",
-                                         [dirs[i] for i in problems["no_frames"]]))
-        raise FileNotFoundError(f"{raw} (CREMA-D): " + "; ".join(parts)
-                                + "; pass --skip-missing to drop those clips instead")
+        raise FileNotFoundError(_missing_text(raw, problems, wavs, dirs))
     for i in bad:
-        log(f"skipping {clips[i]}: wav or frames missing")
-    keep = np.ones(n_rows, dtype=bool)
-    keep[bad] = False
-    kept = np.nonzero(keep)[0]
+        log(f"skipping {clips[i].name}: wav or frames missing")
+    kept = np.setdiff1d(np.arange(len(clips)), np.array(bad, dtype=np.int64))
     if not len(kept):
         raise ValueError(f"{raw}: no clip left after dropping missing files")
+    return wavs, frame_files, problems, kept
 
-    # 3. split
-    class_index = {c: i for i, c in enumerate(CLASSES)}
-    labels = np.array([class_index[c] for c in codes], dtype=np.int64)
-    split_info = {"mode": split, "seed": seed, "val_frac": val_frac}
+
+# --------------------------------------------------------------------------------------- split
+
+
+def _split(raw, clips, labels, kept, split, val_frac, test_frac, seed):
+    """-> (split -> clip indices, sorted; meta.json's split entry) for --split released | actor."""
+    info = {"mode": split, "seed": seed, "val_frac": val_frac}
     if split == "released":
-        tr = kept[[listed[i] == "train" for i in kept]]
-        te = kept[[listed[i] == "test" for i in kept]]
+        tr = kept[[clips[i].listed == "train" for i in kept]]
+        te = kept[[clips[i].listed == "test" for i in kept]]
         if not len(tr) or not len(te):
             raise ValueError(f"{raw}: no {'train' if not len(tr) else 'test'} clip left")
-        val_mask = stratified_pick(labels[tr], val_frac, np.random.default_rng([seed, 1]),
-                                   min_picked=1 if val_frac > 0 else 0, min_left=1)
-        order = {"train": tr[~val_mask], "val": tr[val_mask], "test": te}
-        split_info["rule"] = ("test = annotations/test.csv; val = val_frac of annotations/train.csv, "
-                              "stratified per class (floor(frac*n_c) topped up by largest remainder "
-                              "to ceil(frac*N), >= 1 per class with >= 2 clips; class indices "
-                              "permuted with numpy default_rng([seed, 1])); train = the rest")
+        train, val = converter.carve_val(tr, labels, val_frac, seed)
+        order = {"train": train, "val": val, "test": te}
+        info["rule"] = RELEASED_RULE
     else:
-        of_actor = _actor_split([actors[i] for i in kept], test_frac, val_frac, seed)
-        order = {s: kept[[of_actor[actors[i]] == s for i in kept]] for s in ("train", "val", "test")}
-        split_info["test_frac"] = test_frac
-        split_info["rule"] = ("train.csv and test.csv pooled; actors (first field of the clip name) "
-                              "in numeric order permuted with numpy default_rng([seed, 2]); test = "
-                              "first ceil(test_frac*A) actors, val = next ceil(val_frac*(A-n_test)), "
-                              "train = the rest; splits pairwise actor-disjoint")
-        split_info["actors"] = {s: sorted({actors[i] for i in order[s]}, key=natural_key)
-                                for s in ("train", "val", "test")}
-    order = {s: np.sort(idx) for s, idx in order.items() if len(idx)}
-    log(f"{len(kept)} clips; splits { {s: len(i) for s, i in order.items()} }")
+        of_actor = _actor_split([clips[i].actor for i in kept], test_frac, val_frac, seed)
+        order = {s: kept[[of_actor[clips[i].actor] == s for i in kept]] for s in ("train", "val", "test")}
+        info.update(test_frac=test_frac, rule=ACTOR_RULE)
+        info["actors"] = {s: sorted({clips[i].actor for i in order[s]}, key=natural_key)
+                          for s in ("train", "val", "test")}
+    return {s: np.sort(idx) for s, idx in order.items() if len(idx)}, info
 
-    n = int(round(SAMPLE_RATE * SECONDS))
-    modalities = modalities_spec(num_frames(n), frames, image_size)
-    source = {
+
+# --------------------------------------------------------------------------------------- write
+
+
+def _source(raw, csv_paths, options, headers, split_info, counts):
+    return {
         "converter": "data_prep.crema_d", "raw": str(raw),
         "annotations": {s: str(p) for s, p in csv_paths.items()},
-        "options": {"split": split, "val_frac": val_frac, "test_frac": test_frac, "seed": seed,
-                    "frames": frames, "image_size": image_size, "crop": crop,
-                    "skip_missing": skip_missing},
+        "options": options,
         "csv": {"rule": "no header expected; the first row is a header (skipped) iff its second "
                         "field is not an emotion code and its first is not a clip name; column 1 "
                         "clip, column 2 emotion code",
@@ -265,48 +271,76 @@ def convert(raw, out, name=None, split="released", val_frac=0.1, test_frac=0.1, 
         "label": {"rule": "emotion code (column 2), checked against the clip name's third field",
                   "class_order": "NEU HAP SAD FEA DIS ANG (released CREMA-D loaders)"},
         "class_descriptions": DESCRIPTIONS,
-        **recipe(SAMPLE_RATE, SECONDS, frames, image_size, crop),
+        **recipe(SAMPLE_RATE, SECONDS, options["frames"], options["image_size"], options["crop"]),
         "split": split_info,
-        "counts": {"rows": {s: listed.count(s) for s, _ in SPLIT_FILES},
-                   "dropped": {k: len(v) for k, v in problems.items()}, "kept": int(len(kept)),
-                   "splits": {s: int(len(i)) for s, i in order.items()},
-                   "per_class": {s: np.bincount(labels[i], minlength=len(CLASSES)).tolist()
-                                 for s, i in order.items()}},
+        "counts": counts,
         "sample_id": "position of the row among the data rows of train.csv then test.csv (0-based)",
     }
-    chosen = [(wavs[i], pick_frames(frame_files[i], frames)) if keep[i] else None for i in range(n_rows)]
-    sample_ids = np.arange(n_rows, dtype=np.int64)
-    with ShardWriter(out, name, "classification", len(CLASSES), modalities,
-                     samples_per_shard=samples_per_shard, class_names=list(CLASSES), source=source,
-                     overwrite=overwrite) as writer:
-        with ClipLoader(SAMPLE_RATE, SECONDS, image_size, crop, workers, block) as loader:
-            stats = write_av_splits(writer, loader, order, chosen, labels, sample_ids, log=log)
-        writer.meta["source"]["counts"]["audio"] = stats.as_dict()
-    write_index(writer.root, ["sample_id", "split", "clip", "emotion", "actor"],
-                [[int(i), s, clips[i], codes[i], actors[i]] for s, idx in order.items() for i in idx])
-    log(f"wrote {writer.root} in {time.perf_counter() - t0:.1f}s")
-    return writer.root
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _index(clips, order):
+    return {"samples.csv": (["sample_id", "split", "clip", "emotion", "actor"],
+                            [[int(i), s, clips[i].name, clips[i].code, clips[i].actor]
+                             for s, idx in order.items() for i in idx])}
+
+
+def convert(raw, out, name=None, split="released", val_frac=0.1, test_frac=0.1, seed=SEED, frames=1,
+            image_size=224, crop="none", skip_missing=False, workers=0, block=64,
+            samples_per_shard=None, overwrite=False, log=None) -> pathlib.Path:
+    """Convert a CREMA-D directory into ``<out>/<name>/`` (see the module docstring)."""
+    log = log or converter.no_log
+    check_common(frames, image_size, val_frac, block, workers)
+    if split not in SPLITS:
+        raise ValueError(f"--split must be one of {SPLITS}, got {split!r}")
+    if not 0 < test_frac < 1:
+        raise ValueError(f"--test-frac must be in (0, 1), got {test_frac}")
+    name = name or ("crema_d" if split == "released" else "crema_d_actor")
+    converter.check_output(out, name, overwrite)
+    raw = pathlib.Path(raw)
+    t0 = time.perf_counter()
+    csv_paths, clips, headers = _read_lists(raw)      # every annotation error before any file is touched
+    wavs, frame_files, problems, kept = _find_files(raw, clips, skip_missing, log)
+
+    class_index = {c: i for i, c in enumerate(CLASSES)}
+    labels = np.array([class_index[c.code] for c in clips], dtype=np.int64)
+    order, split_info = _split(raw, clips, labels, kept, split, val_frac, test_frac, seed)
+    log(f"{len(kept)} clips; splits { {s: len(i) for s, i in order.items()} }")
+
+    options = {"split": split, "val_frac": val_frac, "test_frac": test_frac, "seed": seed,
+               "frames": frames, "image_size": image_size, "crop": crop, "skip_missing": skip_missing}
+    counts = {"rows": {s: sum(c.listed == s for c in clips) for s, _ in SPLIT_FILES},
+              "dropped": {k: len(v) for k, v in problems.items()}, "kept": int(len(kept)),
+              "splits": {s: int(len(i)) for s, i in order.items()},
+              "per_class": {s: np.bincount(labels[i], minlength=len(CLASSES)).tolist()
+                            for s, i in order.items()}}
+    meta = converter.Meta("classification", len(CLASSES),
+                          modalities_spec(num_frames(int(round(SAMPLE_RATE * SECONDS))), frames, image_size),
+                          _source(raw, csv_paths, options, headers, split_info, counts),
+                          class_names=list(CLASSES))
+    chosen = {int(i): (wavs[i], pick_frames(frame_files[i], frames)) for i in kept}
+    batches = av_batches(order, chosen, labels, np.arange(len(clips), dtype=np.int64), counts,
+                         SAMPLE_RATE, SECONDS, image_size, crop, workers, block, log)
+    return converter.write(out, name, meta, batches, lambda: _index(clips, order),
+                           samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _arguments(parser):
     parser.add_argument("--raw", required=True, help="CREMA-D root (AudioWAV/, Image-01-FPS/, annotations/)")
-    add_av_args(parser, "dataset name (default crema_d, or crema_d_actor with --split actor)",
-                frames=1, image_size=224, seed=SEED)
+    add_av_args(parser, frames=1, image_size=224, seed=SEED)
     parser.add_argument("--split", choices=SPLITS, default="released",
                         help="released: the train/test lists; actor: actor-disjoint re-split")
     parser.add_argument("--test-frac", type=float, default=0.1,
                         help="fraction of actors in test (--split actor only)")
     parser.add_argument("--skip-missing", action="store_true",
                         help="drop clips whose wav or frames are missing (default: error)")
-    args = parser.parse_args(argv)
-    convert(args.raw, args.out, name=args.name, split=args.split, val_frac=args.val_frac,
-            test_frac=args.test_frac, seed=args.seed, frames=args.frames, image_size=args.image_size,
-            crop=args.crop, skip_missing=args.skip_missing, workers=args.workers, block=args.block,
-            samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
-            log=lambda msg: print(f"[crema_d] {msg}", file=sys.stderr, flush=True))
-    return 0
+
+
+def main(argv=None):
+    return converter.main(argv, prog="crema_d", doc=__doc__, arguments=_arguments, convert=convert,
+                          name_help="dataset name (default crema_d, or crema_d_actor with --split actor)")
 
 
 if __name__ == "__main__":

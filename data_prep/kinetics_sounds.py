@@ -52,17 +52,16 @@ Choices the paper and the released loader leave open:
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
 
 import numpy as np
 
-from data_prep.audio import (ClipLoader, add_av_args, check_common, list_frames, modalities_spec,
-                             num_frames, pick_frames, recipe, write_av_splits)
-from data_prep.image_io import CsvColumnError, csv_header, read_csv, stratified_pick, to_float, write_index
-from data_prep.shards import ShardWriter
+from data_prep import converter
+from data_prep.audio import (add_av_args, av_batches, check_common, list_frames, modalities_spec,
+                             num_frames, pick_frames, recipe)
+from data_prep.image_io import CsvColumnError, csv_header, read_csv, to_float
 
 ANNOTATIONS = "annotations"
 SPLIT_FILES = (("train", "train.csv"), ("test", "test.csv"))
@@ -136,61 +135,64 @@ class _Resolver:
         return path
 
 
-def convert(raw, out, name="kinetics_sounds", clip_col=None, min_frames=MIN_FRAMES, val_frac=0.1,
-            seed=SEED, frames=3, image_size=224, crop="none", workers=0, block=64,
-            samples_per_shard=None, overwrite=False, log=None) -> pathlib.Path:
-    """Convert a Kinetics-Sounds directory into ``<out>/<name>/`` (see the module docstring)."""
-    log = log or (lambda msg: None)
-    check_common(frames, image_size, val_frac, block, workers)
-    if min_frames < 1:
-        raise ValueError(f"--min-frames must be >= 1, got {min_frames}")
-    raw = pathlib.Path(raw)
-    t0 = time.perf_counter()
-    csv_paths = {s: raw / ANNOTATIONS / f for s, f in SPLIT_FILES}
-    columns = {s: clip_column(p, clip_col) for s, p in csv_paths.items()}   # both headers first
+# ---------------------------------------------------------------------------------------- read
 
-    # 1. annotation rows -> clips
-    rows = []          # (sample_id, split, value, clip, label, line)
-    seen, dup_rows, skipped = {}, 0, {}
-    sid = -1
+
+def _row_values(row, col, where):
+    """-> (clip value, label) of one annotation row; both must be non-empty."""
+    value, label = row[col], row[LABEL_COLUMN]
+    if not value:
+        raise ValueError(f"{where}: column '{col}' is empty")
+    if not label:
+        raise ValueError(f"{where}: column '{LABEL_COLUMN}' is empty")
+    return value, label
+
+
+def _listed_before(seen, clip, split, label, where):
+    """True for a repeated row of ``clip`` (same split and label: skipped and counted); a clip in
+    both files or with two labels is an error."""
+    if clip not in seen:
+        seen[clip] = (split, label, where)
+        return False
+    prev_split, prev_label, prev_where = seen[clip]
+    if prev_split != split:
+        raise ValueError(f"{where}: clip {clip!r} is also listed in {prev_where} "
+                         "(train and test must not share clips)")
+    if prev_label != label:
+        raise ValueError(f"{where}: clip {clip!r} has label {label!r} but "
+                         f"{prev_where} says {prev_label!r}")
+    return True
+
+
+def _read_rows(raw, csv_paths, columns):
+    """Every data row of both CSV files -> (clips [sample_id, split, value, clip, label, resolver]
+    in row order, number of rows, duplicate rows); sample_id = the row's position."""
+    rows, seen, dup_rows, sid = [], {}, 0, -1
     for s, path in csv_paths.items():
         col, header = columns[s]
         timed = "time_start" in header and "time_end" in header
         resolver = _Resolver(raw / f"{s}_img" / FRAME_DIR, raw / f"{s}_wav")
-        skipped[s] = {"missing_audio": 0, "missing_frames": 0, "too_few_frames": 0}
-        optional = ("time_start", "time_end") if timed else ()
-        for line, row in read_csv(path, (col, LABEL_COLUMN), optional):
+        for line, row in read_csv(path, (col, LABEL_COLUMN), ("time_start", "time_end") if timed else ()):
             sid += 1
-            value, label = row[col], row[LABEL_COLUMN]
             where = f"{path}, line {line}"
-            if not value:
-                raise ValueError(f"{where}: column '{col}' is empty")
-            if not label:
-                raise ValueError(f"{where}: column '{LABEL_COLUMN}' is empty")
-            start = _time(row["time_start"]) if timed else None
-            end = _time(row["time_end"]) if timed else None
-            clip = resolver.resolve(value, start, end, where)
-            if clip in seen:
-                prev_split, prev_label, prev_where = seen[clip]
-                if prev_split != s:
-                    raise ValueError(f"{where}: clip {clip!r} is also listed in {prev_where} "
-                                     "(train and test must not share clips)")
-                if prev_label != label:
-                    raise ValueError(f"{where}: clip {clip!r} has label {label!r} but "
-                                     f"{prev_where} says {prev_label!r}")
+            value, label = _row_values(row, col, where)
+            times = (_time(row["time_start"]), _time(row["time_end"])) if timed else (None, None)
+            clip = resolver.resolve(value, *times, where)
+            if _listed_before(seen, clip, s, label, where):
                 dup_rows += 1
                 continue
-            seen[clip] = (s, label, where)
             rows.append([sid, s, value, clip, label, resolver])
-    n_rows = sid + 1
     if not rows:
         raise ValueError(f"{raw}: the annotation files list no clips")
-    classes = sorted({r[4] for r in rows})
-    class_index = {c: i for i, c in enumerate(classes)}
+    return rows, sid + 1, dup_rows
 
-    # 2. files and skip rules
-    kept = []          # (sample_id, split, value, clip, label, wav, chosen frames)
-    for sid_, s, value, clip, label, resolver in rows:
+
+def _keep_clips(rows, splits, min_frames, frames):
+    """The clips with a wav and >= min_frames frame files -> (kept [(sample_id, split, value, clip,
+    label, wav, chosen frames)], skipped counts per split and reason)."""
+    skipped = {s: {"missing_audio": 0, "missing_frames": 0, "too_few_frames": 0} for s in splits}
+    kept = []
+    for sid, s, value, clip, label, resolver in rows:
         wav = resolver.wav(clip, value)
         if not wav.is_file():
             skipped[s]["missing_audio"] += 1
@@ -203,82 +205,115 @@ def convert(raw, out, name="kinetics_sounds", clip_col=None, min_frames=MIN_FRAM
         if len(files) < min_frames:
             skipped[s]["too_few_frames"] += 1
             continue
-        kept.append((sid_, s, value, clip, label, wav, pick_frames(files, frames)))
-    log(f"{n_rows} rows, {len(kept)} clips kept; skipped {skipped}, duplicate rows {dup_rows}")
-    labels_all = np.full(n_rows, -1, dtype=np.int64)
-    clips_all = [None] * n_rows
-    for k in kept:
-        labels_all[k[0]] = class_index[k[4]]
-        clips_all[k[0]] = (k[5], k[6])
+        kept.append((sid, s, value, clip, label, wav, pick_frames(files, frames)))
+    return kept, skipped
+
+
+# --------------------------------------------------------------------------------------- split
+
+
+def _split(raw, kept, labels, classes, skipped, val_frac, seed, log):
+    """-> (split -> sample ids, sorted; the classes without a train clip)."""
     tr = np.array([k[0] for k in kept if k[1] == "train"], dtype=np.int64)
     te = np.array([k[0] for k in kept if k[1] == "test"], dtype=np.int64)
     if not len(tr) or not len(te):
         raise ValueError(f"{raw}: no {'train' if not len(tr) else 'test'} clip left after the skip "
                          f"rules (skipped: {skipped})")
-
-    # 3. split
-    val_mask = stratified_pick(labels_all[tr], val_frac, np.random.default_rng([seed, 1]),
-                               min_picked=1 if val_frac > 0 else 0, min_left=1)
-    order = {"train": tr[~val_mask], "val": tr[val_mask], "test": te}
-    order = {s: np.sort(idx) for s, idx in order.items() if len(idx)}
-    missing_in_train = [c for c in classes if class_index[c] not in set(labels_all[order["train"]].tolist())]
+    train, val = converter.carve_val(tr, labels, val_frac, seed)
+    order = {s: np.sort(idx) for s, idx in {"train": train, "val": val, "test": te}.items() if len(idx)}
+    in_train = set(labels[order["train"]].tolist())
+    missing_in_train = [c for i, c in enumerate(classes) if i not in in_train]
     if missing_in_train:
         log(f"warning: classes without a train clip: {missing_in_train}")
-    log(f"{len(classes)} classes; splits { {s: len(i) for s, i in order.items()} }")
+    return order, missing_in_train
 
-    n = int(round(SAMPLE_RATE * SECONDS))
-    modalities = modalities_spec(num_frames(n), frames, image_size)
-    source = {
+
+# --------------------------------------------------------------------------------------- write
+
+
+def _source(raw, csv_paths, columns, options, counts):
+    min_frames, seed, val_frac = options["min_frames"], options["seed"], options["val_frac"]
+    return {
         "converter": "data_prep.kinetics_sounds", "raw": str(raw),
         "annotations": {s: str(p) for s, p in csv_paths.items()},
         "clip_column": {s: c for s, (c, _) in columns.items()},
-        "options": {"clip_column": clip_col, "min_frames": min_frames, "val_frac": val_frac,
-                    "seed": seed, "frames": frames, "image_size": image_size, "crop": crop},
+        "options": options,
         "label": {"column": LABEL_COLUMN, "class_order": "sorted distinct labels of both CSV files"},
-        **recipe(SAMPLE_RATE, SECONDS, frames, image_size, crop),
+        **recipe(SAMPLE_RATE, SECONDS, options["frames"], options["image_size"], options["crop"]),
         "skip_rule": f"no wav, no frame directory, or fewer than {min_frames} *.jpg frames",
         "split": {"rule": "test = annotations/test.csv; val = val_frac of the kept train.csv clips, "
                           "stratified per class (floor(frac*n_c) topped up by largest remainder to "
                           "ceil(frac*N), >= 1 per class with >= 2 clips; class indices permuted "
                           "with numpy default_rng([seed, 1])); train = the rest",
                   "seed": seed, "val_frac": val_frac},
-        "counts": {"rows": n_rows, "duplicate_rows": dup_rows, "skipped": skipped,
-                   "kept": len(kept), "splits": {s: int(len(i)) for s, i in order.items()},
-                   "classes_without_train_clips": missing_in_train,
-                   "per_class": {s: np.bincount(labels_all[i], minlength=len(classes)).tolist()
-                                 for s, i in order.items()}},
+        "counts": counts,
         "sample_id": "position of the row among the data rows of train.csv then test.csv (0-based)",
     }
-    sample_ids = np.arange(n_rows, dtype=np.int64)
-    with ShardWriter(out, name, "classification", len(classes), modalities,
-                     samples_per_shard=samples_per_shard, class_names=classes, source=source,
-                     overwrite=overwrite) as writer:
-        with ClipLoader(SAMPLE_RATE, SECONDS, image_size, crop, workers, block) as loader:
-            stats = write_av_splits(writer, loader, order, clips_all, labels_all, sample_ids, log=log)
-        writer.meta["source"]["counts"]["audio"] = stats.as_dict()
+
+
+def _index(kept, order):
     split_of = {int(i): s for s, idx in order.items() for i in idx}
-    write_index(writer.root, ["sample_id", "split", "clip", "label", "annotation_value"],
-                [[k[0], split_of[k[0]], k[3], k[4], k[2]] for k in sorted(kept, key=lambda k: k[0])])
-    log(f"wrote {writer.root} in {time.perf_counter() - t0:.1f}s")
-    return writer.root
+    return {"samples.csv": (["sample_id", "split", "clip", "label", "annotation_value"],
+                            [[k[0], split_of[k[0]], k[3], k[4], k[2]] for k in sorted(kept, key=lambda k: k[0])])}
+
+
+def convert(raw, out, name="kinetics_sounds", clip_col=None, min_frames=MIN_FRAMES, val_frac=0.1,
+            seed=SEED, frames=3, image_size=224, crop="none", workers=0, block=64,
+            samples_per_shard=None, overwrite=False, log=None) -> pathlib.Path:
+    """Convert a Kinetics-Sounds directory into ``<out>/<name>/`` (see the module docstring)."""
+    log = log or converter.no_log
+    check_common(frames, image_size, val_frac, block, workers)
+    if min_frames < 1:
+        raise ValueError(f"--min-frames must be >= 1, got {min_frames}")
+    converter.check_output(out, name, overwrite)
+    raw = pathlib.Path(raw)
+    t0 = time.perf_counter()
+    csv_paths = {s: raw / ANNOTATIONS / f for s, f in SPLIT_FILES}
+    columns = {s: clip_column(p, clip_col) for s, p in csv_paths.items()}   # both headers first
+    rows, n_rows, dup_rows = _read_rows(raw, csv_paths, columns)
+    classes = sorted({r[4] for r in rows})
+    kept, skipped = _keep_clips(rows, csv_paths, min_frames, frames)
+    log(f"{n_rows} rows, {len(kept)} clips kept; skipped {skipped}, duplicate rows {dup_rows}")
+
+    class_index = {c: i for i, c in enumerate(classes)}
+    labels = np.full(n_rows, -1, dtype=np.int64)
+    labels[[k[0] for k in kept]] = [class_index[k[4]] for k in kept]
+    order, missing_in_train = _split(raw, kept, labels, classes, skipped, val_frac, seed, log)
+    log(f"{len(classes)} classes; splits { {s: len(i) for s, i in order.items()} }")
+
+    options = {"clip_column": clip_col, "min_frames": min_frames, "val_frac": val_frac,
+               "seed": seed, "frames": frames, "image_size": image_size, "crop": crop}
+    counts = {"rows": n_rows, "duplicate_rows": dup_rows, "skipped": skipped,
+              "kept": len(kept), "splits": {s: int(len(i)) for s, i in order.items()},
+              "classes_without_train_clips": missing_in_train,
+              "per_class": {s: np.bincount(labels[i], minlength=len(classes)).tolist()
+                            for s, i in order.items()}}
+    meta = converter.Meta("classification", len(classes),
+                          modalities_spec(num_frames(int(round(SAMPLE_RATE * SECONDS))), frames, image_size),
+                          _source(raw, csv_paths, columns, options, counts), class_names=classes)
+    clips = {k[0]: (k[5], k[6]) for k in kept}
+    batches = av_batches(order, clips, labels, np.arange(n_rows, dtype=np.int64), counts,
+                         SAMPLE_RATE, SECONDS, image_size, crop, workers, block, log)
+    return converter.write(out, name, meta, batches, lambda: _index(kept, order),
+                           samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _arguments(parser):
+    parser.add_argument("--raw", required=True,
+                        help="Kinetics-Sounds root (annotations/, {train,test}_wav/, {train,test}_img/)")
+    add_av_args(parser, frames=3, image_size=224, seed=SEED)
+    parser.add_argument("--clip-column", dest="clip_col", metavar="CLIP_COLUMN",
+                        help=f"clip column of the CSVs (default: first of {CLIP_COLUMNS})")
+    parser.add_argument("--min-frames", type=int, default=MIN_FRAMES,
+                        help="skip clips with fewer frame files (released rule: > 3 frames)")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--raw", required=True,
-                        help="Kinetics-Sounds root (annotations/, {train,test}_wav/, {train,test}_img/)")
-    add_av_args(parser, "dataset name (default kinetics_sounds)", frames=3, image_size=224, seed=SEED)
-    parser.add_argument("--clip-column", help=f"clip column of the CSVs (default: first of {CLIP_COLUMNS})")
-    parser.add_argument("--min-frames", type=int, default=MIN_FRAMES,
-                        help="skip clips with fewer frame files (released rule: > 3 frames)")
-    args = parser.parse_args(argv)
-    convert(args.raw, args.out, name=args.name or "kinetics_sounds", clip_col=args.clip_column,
-            min_frames=args.min_frames, val_frac=args.val_frac, seed=args.seed, frames=args.frames,
-            image_size=args.image_size, crop=args.crop, workers=args.workers, block=args.block,
-            samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
-            log=lambda msg: print(f"[kinetics_sounds] {msg}", file=sys.stderr, flush=True))
-    return 0
+    return converter.main(argv, prog="kinetics_sounds", doc=__doc__, arguments=_arguments, convert=convert,
+                          name_default="kinetics_sounds", name_help="dataset name (default kinetics_sounds)")
 
 
 if __name__ == "__main__":
