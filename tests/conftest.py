@@ -1,0 +1,114 @@
+"""Shared pytest configuration and helpers for tests/ (each block below is one concern)."""
+
+# ====================================================================================================
+# Test tiers: unit and integration (pytest.ini registers both markers; scripts/test.sh --unit |
+# --integration selects one, plain scripts/test.sh and CI run both).
+#
+# A test is `integration` when it starts another program or process group: a training or other
+# script, a launcher (accelerate, torchrun), a shell script, a SLURM job, torch.multiprocessing.spawn.
+# It is found from the source, so nobody has to remember the marker: the test calls such a starter
+# (subprocess.*, os.system, torch.multiprocessing.spawn) itself, through a function of its module or
+# one it imports from another test module (e.g. tests.test_train.run_script), or uses a fixture that
+# does. `@pytest.mark.integration` marks one by hand. Every other test is `unit`: it runs in the
+# pytest process, and a unit test that starts a Python interpreter, a shell, a launcher or a SLURM
+# command fails (the guard below), so the tiers cannot drift from the rule. Small probes that
+# libraries make (uname, git, ldconfig) are allowed.
+import ast
+import multiprocessing.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+PROCESS_CALLS = ("subprocess.", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "torch.multiprocessing.spawn",
+                 "torch.multiprocessing.start_processes", "mp.spawn")
+CODE_RUNNERS = {"sh", "bash", "dash", "accelerate", "torchrun", "deepspeed", "srun", "sbatch", "salloc", "scontrol",
+                "squeue", "scancel", "sinfo"}
+_starters: dict[Path, set[str]] = {}
+
+
+def _dotted(func: ast.expr) -> str:
+    parts = []
+    while isinstance(func, ast.Attribute):
+        parts.append(func.attr)
+        func = func.value
+    if isinstance(func, ast.Name):
+        parts.append(func.id)
+    return ".".join(reversed(parts))
+
+
+def process_starters(path: Path) -> set[str]:
+    """The names, in test module `path`, of the functions (tests, helpers, fixtures) that start another
+    program or process group directly or through each other, and of such functions it imports from
+    other test modules."""
+    if path in _starters:
+        return _starters[path]
+    starters = _starters[path] = set()   # an import cycle between test modules sees the partial set
+    calls: dict[str, set[str]] = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests."):
+            imported = process_starters(TESTS.joinpath(*node.module.split(".")[1:]).with_suffix(".py"))
+            starters |= {alias.asname or alias.name for alias in node.names if alias.name in imported}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            calls.setdefault(node.name, set()).update(
+                _dotted(n.func) for n in ast.walk(node) if isinstance(n, ast.Call))
+    while new := {name for name, called in calls.items() if name not in starters
+                  and any(c.startswith(PROCESS_CALLS) or c in starters for c in called)}:
+        starters |= new
+    return starters
+
+
+@pytest.hookimpl(tryfirst=True)   # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    shared = process_starters(TESTS / "conftest.py")
+    for item in items:
+        if item.get_closest_marker("integration") is None:
+            starters = shared | process_starters(Path(str(item.path)))
+            if getattr(item, "originalname", item.name) in starters or starters & set(getattr(item, "fixturenames", ())):
+                item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.unit)
+
+
+_unit_test_running: list[str] = []   # the node id while a unit test (setup, call, teardown) runs
+
+
+def _refuse_in_unit_test(program) -> None:
+    program = os.fsdecode(program)
+    name = os.path.basename(program)
+    if _unit_test_running and (name.startswith("python") or name in CODE_RUNNERS or program == sys.executable):
+        raise RuntimeError(f"{_unit_test_running[0]}: a unit test started {name}; a test that starts a program "
+                           "or process group is an integration test (tests/conftest.py: mark it "
+                           "@pytest.mark.integration, or start it through a helper the rule sees)")
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "subprocess.Popen":
+        _refuse_in_unit_test(args[0])     # the executable, set by Popen (the shell under shell=True)
+    elif event == "os.system":
+        _refuse_in_unit_test("sh")
+
+
+sys.addaudithook(_audit)
+_spawnv_passfds = multiprocessing.util.spawnv_passfds   # how the spawn and forkserver start methods start Python
+
+
+def _guarded_spawnv_passfds(path, args, passfds):
+    _refuse_in_unit_test(path)
+    return _spawnv_passfds(path, args, passfds)
+
+
+multiprocessing.util.spawnv_passfds = _guarded_spawnv_passfds
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if item.get_closest_marker("unit") is not None:
+        _unit_test_running.append(item.nodeid)
+    try:
+        yield
+    finally:
+        _unit_test_running.clear()
+# ==================================================================================== end: test tiers
