@@ -34,9 +34,9 @@ float32 arrays.
   preprocessor_config.json when the directory has one (else 0.5 / 0.5, the ViT default) and
   returns the last hidden state (N, 1 + (S/P)^2, hidden): 197 x 768 for ViT-B/16 at 224.
 
-``add_feature_args`` / ``text_image_extractors`` / ``write_text_image_splits`` are the shared
-command-line options and writing loop of the image + text feature converters
-(data_prep.twitter2015, data_prep.sarcasm).
+``add_feature_args`` / ``text_image_extractors`` / ``collect_text_image_rows`` /
+``text_image_batches`` are the shared command-line options, reading and writing of the image + text
+feature converters (data_prep.twitter2015, data_prep.sarcasm).
 
 On CUDA, PyTorch's default cuDNN settings allow TF32 convolutions, so ResNet features there can
 differ from CPU ones by ~1e-3 relative; BERT/ViT matmuls stay float32.
@@ -50,7 +50,7 @@ import pathlib
 import numpy as np
 import torch
 
-from data_prep.image_io import find_missing, missing_message
+from data_prep.image_io import ImageLoader, decoded_blocks, drop_missing
 from models.encoders import IMAGENET_MEAN, IMAGENET_STD, RESNET_ARCHS, load_pretrained
 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
@@ -291,10 +291,8 @@ class ViTExtractor:
 # ------------------------------------------------------------- image + text feature converters
 
 
-def add_feature_args(parser, name_help):
+def add_feature_args(parser):
     """The command-line options the image + text feature converters share (one definition)."""
-    parser.add_argument("--out", required=True, help="output directory (dataset goes to <out>/<name>)")
-    parser.add_argument("--name", help=name_help)
     parser.add_argument("--bert", required=True,
                         help="local Hugging Face BERT directory (config.json, weights, vocab.txt)")
     parser.add_argument("--resnet", required=True,
@@ -314,8 +312,6 @@ def add_feature_args(parser, name_help):
     parser.add_argument("--block", type=int, default=256, help="samples decoded and extracted per block")
     parser.add_argument("--skip-missing-images", action="store_true",
                         help="drop samples whose image file is missing (default: error)")
-    parser.add_argument("--samples-per-shard", type=int, help="default: about 1 GiB per shard")
-    parser.add_argument("--overwrite", action="store_true")
 
 
 def check_feature_weights(bert, resnet, device="cpu"):
@@ -348,44 +344,28 @@ def collect_text_image_rows(rows, files, image_root, skip_missing_images, datase
     texts, paths, labels, kept, order, skipped = [], [], [], [], {}, {}
     for split, split_rows in rows.items():
         split_paths = [image_root / r[2] for r in split_rows]
-        missing = find_missing(split_paths)
-        if missing and not skip_missing_images:
-            raise FileNotFoundError(missing_message(f"{files[split]} ({dataset})", split_paths, missing))
-        gone = set(missing)
-        for i in missing:
-            log(f"skipping {files[split].name} {key_name} {split_rows[i][0]}: image not found: {split_paths[i]}")
-        skipped[split] = len(missing)
-        idx = []
-        for i, row in enumerate(split_rows):
-            if i in gone:
-                continue
-            idx.append(len(texts))
-            texts.append(row[3])
-            paths.append(split_paths[i])
-            labels.append(row[1])
-            kept.append((split, row))
+        name_of = lambda i: f"{files[split].name} {key_name} {split_rows[i][0]}"   # noqa: E731
+        gone = set(drop_missing(split_paths, skip_missing_images, f"{files[split]} ({dataset})", name_of, log))
+        skipped[split] = len(gone)
+        idx = [i for i in range(len(split_rows)) if i not in gone]
         if not idx:
             raise ValueError(f"{files[split]}: no sample left (all images missing)")
-        order[split] = np.array(idx, dtype=np.int64)
+        order[split] = np.arange(len(texts), len(texts) + len(idx), dtype=np.int64)
+        texts += [split_rows[i][3] for i in idx]
+        paths += [split_paths[i] for i in idx]
+        labels += [split_rows[i][1] for i in idx]
+        kept += [(split, split_rows[i]) for i in idx]
     return texts, paths, np.array(labels, dtype=np.int64), kept, order, skipped
 
 
-def write_text_image_splits(writer, loader, order, texts, paths, labels, sample_ids, bert, resnet,
-                            log=None):
-    """Stream each split through ``writer``: ``order`` maps split -> sample indices (written in
-    that order); per block of ``loader.block`` samples the images are decoded (``loader``: an
-    image_io.ImageLoader), passed through ``resnet`` and the texts through ``bert.cls``."""
-    for split, idx in order.items():
-        idx = np.asarray(idx, dtype=np.int64)
-        done = 0
-        for start, images in loader.blocks([paths[i] for i in idx]):
-            rows = idx[start:start + len(images)]
-            writer.append(split, {"text": bert.cls([texts[i] for i in rows]),
-                                  "image": resnet(images),
-                                  "label": labels[rows], "sample_id": sample_ids[rows]})
-            done += len(rows)
-            if log is not None and (done == len(idx) or (start // loader.block) % 10 == 9):
-                log(f"{split}: {done}/{len(idx)} samples written")
+def text_image_batches(order, texts, paths, labels, sample_ids, bert, resnet, size, crop, workers, block, log):
+    """The batches of every split (``order``: split -> sample indices, in writing order): per
+    block of ``block`` samples the images are decoded (image_io.ImageLoader) and passed through
+    ``resnet``, the texts through ``bert.cls``."""
+    with ImageLoader(size, crop, workers, block) as loader:
+        for split, rows, images in decoded_blocks(order, loader, paths, log, every=10):
+            yield split, {"text": bert.cls([texts[i] for i in rows]), "image": resnet(images),
+                          "label": labels[rows], "sample_id": sample_ids[rows]}
 
 
 def weights_source(bert, resnet, image_size, crop):

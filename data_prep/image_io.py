@@ -102,6 +102,21 @@ def read_json(path):
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
+def annotation_files(root, names, overrides=None):
+    """split -> annotation file: ``root / names[split]``, or the path ``overrides[split]`` gives;
+    an unknown split in ``overrides`` or a file that is not there is an error naming it."""
+    files = {s: pathlib.Path(root) / f for s, f in names.items()}
+    for s, p in (overrides or {}).items():
+        if s not in files:
+            raise ValueError(f"unknown split {s!r} (expected {list(files)})")
+        if p:
+            files[s] = pathlib.Path(p)
+    for s, p in files.items():
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: annotation file not found (the {s} split)")
+    return files
+
+
 def csv_header(path):
     """The stripped header names of a CSV file."""
     path = pathlib.Path(path)

@@ -59,7 +59,6 @@ Choices the paper and the released loader leave open:
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import pathlib
 import sys
@@ -68,8 +67,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from data_prep.image_io import find_missing, stratified_pick, write_index
-from data_prep.shards import ShardWriter
+from data_prep import converter
+from data_prep.image_io import find_missing
 
 LISTS = {"train": "nvgesture_train_correct_v2.lst", "test": "nvgesture_test_correct_v2.lst"}
 FLOW_DIR = "flow_data"
@@ -105,6 +104,41 @@ def _sensor(value, where, key):
     return parts[0], start, end
 
 
+def _fields(where, line):
+    """The ``key:value`` fields of one clip line; path, depth, color and label are required."""
+    fields = {}
+    for token in line.split():
+        key, sep, value = token.partition(":")
+        if not sep or not key:
+            raise ValueError(f"{where}: field {token!r} is not <key>:<value>")
+        if key in fields:
+            raise ValueError(f"{where}: field '{key}' appears twice")
+        fields[key] = value
+    for key in ("path", "depth", "color", "label"):
+        if key not in fields:
+            raise ValueError(f"{where}: missing field '{key}'")
+    return fields
+
+
+def _clip(where, n, fields):
+    """One clip line's fields -> {line, path, label (0-based), depth, color}."""
+    rel = fields["path"].strip()
+    while rel.startswith("./"):
+        rel = rel[2:]
+    if not rel:
+        raise ValueError(f"{where}: field 'path' is empty")
+    try:
+        label = int(fields["label"])
+    except ValueError:
+        raise ValueError(f"{where}: field 'label' = {fields['label']!r} is not an integer") from None
+    if not 1 <= label <= NUM_CLASSES:
+        raise ValueError(f"{where}: field 'label' = {label} is outside 1..{NUM_CLASSES}")
+    clip = {"line": n, "path": rel, "label": label - 1}
+    for key in SENSORS:
+        clip[key] = _sensor(fields[key], where, key)
+    return clip
+
+
 def read_list(path):
     """-> list of dicts (line, path, depth=(name, start, end), color=(...), label 0-based)."""
     path = pathlib.Path(path)
@@ -116,35 +150,9 @@ def read_list(path):
         raise ValueError(f"{path}: not UTF-8 text ({e})") from e
     clips = []
     for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {n}"
-        fields = {}
-        for token in line.split():
-            key, sep, value = token.partition(":")
-            if not sep or not key:
-                raise ValueError(f"{where}: field {token!r} is not <key>:<value>")
-            if key in fields:
-                raise ValueError(f"{where}: field '{key}' appears twice")
-            fields[key] = value
-        for key in ("path", "depth", "color", "label"):
-            if key not in fields:
-                raise ValueError(f"{where}: missing field '{key}'")
-        rel = fields["path"].strip()
-        while rel.startswith("./"):
-            rel = rel[2:]
-        if not rel:
-            raise ValueError(f"{where}: field 'path' is empty")
-        try:
-            label = int(fields["label"])
-        except ValueError:
-            raise ValueError(f"{where}: field 'label' = {fields['label']!r} is not an integer") from None
-        if not 1 <= label <= NUM_CLASSES:
-            raise ValueError(f"{where}: field 'label' = {label} is outside 1..{NUM_CLASSES}")
-        clip = {"line": n, "path": rel, "label": label - 1}
-        for key in SENSORS:
-            clip[key] = _sensor(fields[key], where, key)
-        clips.append(clip)
+        if line.strip():
+            where = f"{path}, line {n}"
+            clips.append(_clip(where, n, _fields(where, line)))
     if not clips:
         raise ValueError(f"{path}: no clip lines")
     return clips
@@ -210,14 +218,8 @@ def _flow_layout(shape, path):
                      "(T, H, W, C) or (T, C, H, W)")
 
 
-def read_flow(path, frames, size, channel=0, dtype="uint8", bound=FLOW_BOUND):
-    """-> (array (frames, 1, size, size) uint8|float16, frames padded, NaNs replaced)."""
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: flow file not found") from None
-    except (OSError, ValueError, EOFError) as e:
-        raise VideoError(f"{path}: cannot read the flow array ({e})") from e
+def _flow_channel(arr, path, channel):
+    """The (T, H, W) array of ``channel`` (a (T, H, W) array is its own single channel)."""
     layout = _flow_layout(arr.shape, path)
     if arr.dtype.kind not in "uif":
         raise VideoError(f"{path}: flow array has dtype {arr.dtype}, expected a numeric type")
@@ -229,25 +231,41 @@ def read_flow(path, frames, size, channel=0, dtype="uint8", bound=FLOW_BOUND):
         arr = arr[..., channel] if layout == "THWC" else arr[:, channel]
     if arr.shape[0] == 0 or arr.shape[1] == 0 or arr.shape[2] == 0:
         raise VideoError(f"{path}: flow array of shape {tuple(arr.shape)} has no frames")
-    try:
-        arr = np.array(arr[:frames])
-    except (OSError, ValueError) as e:
-        raise VideoError(f"{path}: cannot read the flow array ({e})") from e
+    return arr
+
+
+def _flow_store(arr, size, dtype, bound):
+    """(T, H, W) flow -> (T, size, size) in the stored dtype (module doc), non-finite count."""
     keep_uint8 = arr.dtype == np.uint8 and dtype == "uint8"
     nonfinite = 0
     if not keep_uint8:
         arr = arr.astype(np.float32)
-        bad = ~np.isfinite(arr)
-        nonfinite = int(bad.sum())
+        nonfinite = int((~np.isfinite(arr)).sum())
         if nonfinite:
             arr = np.nan_to_num(arr, nan=0.0, posinf=bound, neginf=-bound)
     out = np.stack([_resize(np.ascontiguousarray(f), size) for f in arr])
-    if not keep_uint8:
-        if dtype == "uint8":
-            out = np.round((np.clip(out, -bound, bound) + bound) * (255.0 / (2 * bound)))
-            out = out.astype(np.uint8)
-        else:
-            out = out.astype(np.float16)
+    if keep_uint8:
+        return out, nonfinite
+    if dtype == "uint8":
+        out = np.round((np.clip(out, -bound, bound) + bound) * (255.0 / (2 * bound)))
+        return out.astype(np.uint8), nonfinite
+    return out.astype(np.float16), nonfinite
+
+
+def read_flow(path, frames, size, channel=0, dtype="uint8", bound=FLOW_BOUND):
+    """-> (array (frames, 1, size, size) uint8|float16, frames padded, NaNs replaced)."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: flow file not found") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise VideoError(f"{path}: cannot read the flow array ({e})") from e
+    arr = _flow_channel(arr, path, channel)
+    try:
+        arr = np.array(arr[:frames])
+    except (OSError, ValueError) as e:
+        raise VideoError(f"{path}: cannot read the flow array ({e})") from e
+    out, nonfinite = _flow_store(arr, size, dtype, bound)
     padded = frames - len(out)
     if padded:
         out = np.concatenate([out, np.repeat(out[-1:], padded, axis=0)])
@@ -297,15 +315,10 @@ def _blocks(clips, args, block, pool):
         yield s, results
 
 
-# ------------------------------------------------------------------------------------ convert
+# ---------------------------------------------------------------------------------------- read
 
 
-def convert(raw, out, name="nvgesture", train_list=None, test_list=None, flow_root=None,
-            frames=FRAMES, size=SIZE, flow_channel=0, flow_dtype="uint8", flow_bound=FLOW_BOUND,
-            val_frac=VAL_FRAC, seed=SEED, workers=0, block=8, samples_per_shard=None,
-            overwrite=False, log=None) -> pathlib.Path:
-    """Convert NVGesture (layout of the module docstring) into ``<out>/<name>/``."""
-    log = log or (lambda msg: None)
+def _check_options(frames, size, flow_channel, flow_dtype, flow_bound, val_frac, workers, block):
     if frames < 1 or size < 1 or block < 1 or workers < 0:
         raise ValueError(f"need --frames >= 1, --size >= 1, --block >= 1, --workers >= 0 "
                          f"(got {frames}, {size}, {block}, {workers})")
@@ -317,11 +330,11 @@ def convert(raw, out, name="nvgesture", train_list=None, test_list=None, flow_ro
         raise ValueError(f"--flow-channel must be >= 0, got {flow_channel}")
     if not 0 <= val_frac < 1:
         raise ValueError(f"--val-frac must be in [0, 1), got {val_frac}")
-    raw = pathlib.Path(raw)
-    lists = {"train": pathlib.Path(train_list) if train_list else raw / LISTS["train"],
-             "test": pathlib.Path(test_list) if test_list else raw / LISTS["test"]}
-    flow_root = pathlib.Path(flow_root) if flow_root else raw / FLOW_DIR
-    t0 = time.perf_counter()
+
+
+def _read_clips(raw, lists, flow_root):
+    """Both split lists -> {train|test: [clip dicts]}, each with its list, index and file paths;
+    every video and flow file checked to exist (error naming the first missing ones)."""
     clips = {s: read_list(p) for s, p in lists.items()}
     for split, split_clips in clips.items():
         for i, c in enumerate(split_clips):
@@ -339,42 +352,38 @@ def convert(raw, out, name="nvgesture", train_list=None, test_list=None, flow_ro
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise FileNotFoundError(f"{lists[c['list']]}, line {c['line']}: {len(missing)} {kind} "
                                     f"file(s) not found: {shown}{more}")
+    return clips
 
+
+# --------------------------------------------------------------------------------------- split
+
+
+def _split(clips, val_frac, seed):
+    """-> split -> clips in writing order; each clip gets its split and sample_id (module doc)."""
     n_train = len(clips["train"])
-    sample_ids = {"train": np.arange(n_train, dtype=np.int64),
-                  "test": n_train + np.arange(len(clips["test"]), dtype=np.int64)}
     train_labels = np.array([c["label"] for c in clips["train"]], dtype=np.int64)
-    if val_frac > 0:
-        val = stratified_pick(train_labels, val_frac, np.random.default_rng([seed, 1]),
-                              min_picked=1, min_left=1)
-    else:
-        val = np.zeros(n_train, dtype=bool)
-    order = {"train": [clips["train"][i] for i in np.nonzero(~val)[0]]}
-    if val.any():
-        order["val"] = [clips["train"][i] for i in np.nonzero(val)[0]]
+    train, val = converter.carve_val(np.arange(n_train), train_labels, val_frac, seed)
+    order = {"train": [clips["train"][i] for i in train]}
+    if len(val):
+        order["val"] = [clips["train"][i] for i in val]
     order["test"] = clips["test"]
+    first_id = {"train": 0, "test": n_train}
     for split, split_clips in order.items():
         for c in split_clips:
             c["split"] = split
-            c["sample_id"] = int(sample_ids[c["list"]][c["index"]])
-    counts = {s: len(c) for s, c in order.items()}
-    log(f"read lists: {counts} clips ({time.perf_counter() - t0:.1f}s)")
+            c["sample_id"] = first_id[c["list"]] + c["index"]
+    return order
 
-    modalities = {
-        "depth": {"kind": "frames", "shape": [frames, 1, size, size], "dtype": "uint8"},
-        "rgb": {"kind": "frames", "shape": [frames, 3, size, size], "dtype": "uint8"},
-        "of": {"kind": "frames", "shape": [frames, 1, size, size], "dtype": flow_dtype},
-    }
-    off_length = sum(1 for c in everything for k in SENSORS if c[k][2] - c[k][1] != frames)
-    # filled while writing: these dicts are the ones in `source`, which the writer dumps at close
-    padded = {m: {"clips": 0, "frames": 0} for m in MODALITIES}
-    nonfinite = {"clips": 0, "values": 0}
-    source = {
+
+# --------------------------------------------------------------------------------------- write
+
+
+def _source(raw, lists, flow_root, options, counts):
+    frames, flow_dtype, flow_bound = options["frames"], options["flow_dtype"], options["flow_bound"]
+    return {
         "converter": "data_prep.nvgesture", "raw": str(raw.resolve()),
         "lists": {s: str(p.resolve()) for s, p in lists.items()}, "flow_root": str(flow_root.resolve()),
-        "options": {"frames": frames, "size": size, "flow_channel": flow_channel,
-                    "flow_dtype": flow_dtype, "flow_bound": flow_bound, "val_frac": val_frac,
-                    "seed": seed},
+        "options": options,
         "frames": {"rule": f"video frames start .. start+{frames - 1} (decode order, 0-based), "
                            "`end` ignored; short videos padded by repeating the last frame",
                    "resize": "stretched to size x size, PIL bilinear (antialiased)",
@@ -383,7 +392,7 @@ def convert(raw, out, name="nvgesture", train_list=None, test_list=None, flow_ro
         "flow": {"file": "<flow_root>/<train|test>/<index>.npy, index = position in the split list",
                  "frames": f"array frames 0 .. {frames - 1}; short arrays padded by repeating the "
                            "last frame",
-                 "channel": flow_channel,
+                 "channel": options["flow_channel"],
                  "layouts": "(T,H,W), (T,H,W,C), (T,C,H,W) with C <= 3",
                  "resize": "float32, PIL bilinear (antialiased) to size x size",
                  "store": ("uint8: uint8 arrays as is; others clipped to [-bound, bound] and mapped "
@@ -396,52 +405,91 @@ def convert(raw, out, name="nvgesture", train_list=None, test_list=None, flow_ro
                           "floor(frac*n_c) topped up by largest remainder to ceil(frac*N); >= 1 "
                           "per class in val and in train when the class has >= 2 clips); class "
                           "members permuted with numpy default_rng([seed, 1]); test = the test list",
-                  "seed": seed, "val_frac": val_frac},
-        "counts": {"lists": {s: len(c) for s, c in clips.items()}, "splits": counts,
-                   "clip_sensors_with_end_minus_start_not_frames": off_length,
-                   "padded": padded, "flow_nonfinite": nonfinite},
+                  "seed": options["seed"], "val_frac": options["val_frac"]},
+        "counts": counts,
         "sample_id": "position in the train list (train and val), n_train + position in the test list",
     }
-    args = (frames, size, flow_channel, flow_dtype, flow_bound)
+
+
+def _tally(loaded, padded, nonfinite):
+    """Add a block's padded frames and non-finite flow values to the counts in meta.json source."""
+    for _, pads, bad in loaded:
+        for m, p in pads.items():
+            padded[m]["clips"] += p > 0
+            padded[m]["frames"] += p
+        nonfinite["clips"] += bad > 0
+        nonfinite["values"] += bad
+
+
+def _batches(order, args, block, workers, counts, log):
+    """The batches of every split; with ``workers`` > 0 a pool decodes the next block meanwhile."""
     pool = multiprocessing.get_context().Pool(workers) if workers > 0 else None
     try:
-        with ShardWriter(out, name, "classification", NUM_CLASSES, modalities,
-                         samples_per_shard=samples_per_shard, source=source,
-                         overwrite=overwrite) as writer:
-            for split, split_clips in order.items():
-                for start, results in _blocks(split_clips, args, block, pool):
-                    batch = split_clips[start:start + len(results)]
-                    loaded = [_unwrap(r) for r in results]
-                    for _, pads, bad in loaded:
-                        for m, p in pads.items():
-                            padded[m]["clips"] += p > 0
-                            padded[m]["frames"] += p
-                        nonfinite["clips"] += bad > 0
-                        nonfinite["values"] += bad
-                    writer.append(split, {
-                        **{m: np.stack([a[m] for a, _, _ in loaded]) for m in MODALITIES},
-                        "label": np.array([c["label"] for c in batch], dtype=np.int64),
-                        "sample_id": np.array([c["sample_id"] for c in batch], dtype=np.int64)})
-                    log(f"{split}: {start + len(batch)}/{len(split_clips)} clips written")
-            if any(p["clips"] for p in padded.values()):
-                log(f"padded clips (repeating the last frame): {padded}")
+        for split, split_clips in order.items():
+            for start, results in _blocks(split_clips, args, block, pool):
+                batch = split_clips[start:start + len(results)]
+                loaded = [_unwrap(r) for r in results]
+                _tally(loaded, counts["padded"], counts["flow_nonfinite"])
+                yield split, {**{m: np.stack([a[m] for a, _, _ in loaded]) for m in MODALITIES},
+                              "label": np.array([c["label"] for c in batch], dtype=np.int64),
+                              "sample_id": np.array([c["sample_id"] for c in batch], dtype=np.int64)}
+                log(f"{split}: {start + len(batch)}/{len(split_clips)} clips written")
+        if any(p["clips"] for p in counts["padded"].values()):
+            log(f"padded clips (repeating the last frame): {counts['padded']}")
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-    write_index(writer.root, ["sample_id", "split", "list", "index", "path", "label"],
-                sorted([c["sample_id"], c["split"], c["list"], c["index"], c["path"], c["label"]]
-                       for s in order.values() for c in s))
-    log(f"wrote {writer.root} in {time.perf_counter() - t0:.1f}s")
-    return writer.root
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _index(order):
+    return {"samples.csv": (["sample_id", "split", "list", "index", "path", "label"],
+                            sorted([c["sample_id"], c["split"], c["list"], c["index"], c["path"], c["label"]]
+                                   for s in order.values() for c in s))}
+
+
+def convert(raw, out, name="nvgesture", train_list=None, test_list=None, flow_root=None,
+            frames=FRAMES, size=SIZE, flow_channel=0, flow_dtype="uint8", flow_bound=FLOW_BOUND,
+            val_frac=VAL_FRAC, seed=SEED, workers=0, block=8, samples_per_shard=None,
+            overwrite=False, log=None) -> pathlib.Path:
+    """Convert NVGesture (layout of the module docstring) into ``<out>/<name>/``."""
+    log = log or converter.no_log
+    _check_options(frames, size, flow_channel, flow_dtype, flow_bound, val_frac, workers, block)
+    converter.check_output(out, name, overwrite)
+    raw = pathlib.Path(raw)
+    lists = {"train": pathlib.Path(train_list) if train_list else raw / LISTS["train"],
+             "test": pathlib.Path(test_list) if test_list else raw / LISTS["test"]}
+    flow_root = pathlib.Path(flow_root) if flow_root else raw / FLOW_DIR
+    t0 = time.perf_counter()
+    clips = _read_clips(raw, lists, flow_root)
+    order = _split(clips, val_frac, seed)
+    splits = {s: len(c) for s, c in order.items()}
+    log(f"read lists: {splits} clips ({time.perf_counter() - t0:.1f}s)")
+
+    modalities = {
+        "depth": {"kind": "frames", "shape": [frames, 1, size, size], "dtype": "uint8"},
+        "rgb": {"kind": "frames", "shape": [frames, 3, size, size], "dtype": "uint8"},
+        "of": {"kind": "frames", "shape": [frames, 1, size, size], "dtype": flow_dtype},
+    }
+    options = {"frames": frames, "size": size, "flow_channel": flow_channel, "flow_dtype": flow_dtype,
+               "flow_bound": flow_bound, "val_frac": val_frac, "seed": seed}
+    off_length = sum(1 for s in clips.values() for c in s for k in SENSORS if c[k][2] - c[k][1] != frames)
+    counts = {"lists": {s: len(c) for s, c in clips.items()}, "splits": splits,
+              "clip_sensors_with_end_minus_start_not_frames": off_length,
+              "padded": {m: {"clips": 0, "frames": 0} for m in MODALITIES},   # filled while writing
+              "flow_nonfinite": {"clips": 0, "values": 0}}
+    meta = converter.Meta("classification", NUM_CLASSES, modalities,
+                          _source(raw, lists, flow_root, options, counts))
+    batches = _batches(order, (frames, size, flow_channel, flow_dtype, flow_bound), block, workers, counts, log)
+    return converter.write(out, name, meta, batches, lambda: _index(order),
+                           samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _arguments(parser):
     parser.add_argument("--raw", required=True, help="dataset root (the .lst files, Video_data/, flow_data/)")
-    parser.add_argument("--out", required=True, help="output directory (dataset goes to <out>/<name>)")
-    parser.add_argument("--name", default="nvgesture")
     parser.add_argument("--train-list", help=f"default <raw>/{LISTS['train']}")
     parser.add_argument("--test-list", help=f"default <raw>/{LISTS['test']}")
     parser.add_argument("--flow-root", help=f"default <raw>/{FLOW_DIR}")
@@ -455,16 +503,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--workers", type=int, default=0, help="clip decoding processes (0: in-process)")
     parser.add_argument("--block", type=int, default=8, help="clips per write")
-    parser.add_argument("--samples-per-shard", type=int, help="default: about 1 GiB per shard")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    convert(args.raw, args.out, name=args.name, train_list=args.train_list, test_list=args.test_list,
-            flow_root=args.flow_root, frames=args.frames, size=args.size,
-            flow_channel=args.flow_channel, flow_dtype=args.flow_dtype, flow_bound=args.flow_bound,
-            val_frac=args.val_frac, seed=args.seed, workers=args.workers, block=args.block,
-            samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
-            log=lambda msg: print(f"[nvgesture] {msg}", file=sys.stderr, flush=True))
-    return 0
+
+
+def main(argv=None):
+    return converter.main(argv, prog="nvgesture", doc=__doc__, arguments=_arguments, convert=convert,
+                          name_default="nvgesture", name_help="dataset name (default nvgesture)")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ Choices the paper and the released loader leave open:
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import re
 import sys
@@ -43,9 +42,8 @@ import time
 
 import numpy as np
 
-from data_prep import features, image_io
-from data_prep.image_io import ImageLoader, write_index
-from data_prep.shards import ShardWriter
+from data_prep import converter, features, image_io
+from data_prep.image_io import annotation_files
 
 SPLIT_FILES = {"train": "train.json", "val": "valid.json", "test": "test.json"}
 IMAGE_DIR = "images"
@@ -92,86 +90,81 @@ def read_json(path):
     return rows
 
 
+def _source(raw, files, image_root, options, bert_x, resnet_x, counts):
+    return {
+        "converter": "data_prep.sarcasm", "raw": features.abspath(raw),
+        "annotations": {s: features.abspath(p) for s, p in files.items()},
+        "image_root": features.abspath(image_root),
+        "options": options,
+        **features.weights_source(bert_x, resnet_x, options["image_size"], options["crop"]),
+        "text_cleaning": "none: whitespace runs collapsed and stripped; BERT truncates at max_tokens",
+        "image_rule": "last path component of `image` under the image root",
+        "split": {"rule": "official files: train.json -> train, valid.json -> val, test.json -> test"},
+        "counts": counts,
+        "sample_id": "running item number over train, valid, test (0-based), after dropping "
+                     "skipped items; samples.csv maps it to the item index",
+    }
+
+
+def _index(kept):
+    return {"samples.csv": (["sample_id", "split", "item", "image"],
+                            [[i, split, row[0], row[2]] for i, (split, row) in enumerate(kept)])}
+
+
 def convert(raw, out, bert, resnet, name="sarcasm", split_files=None, image_root=None,
             resnet_arch="resnet50", resnet_width=64, device="cpu", batch_size=64, max_tokens=None,
             image_size=224, crop="center", workers=0, block=256, skip_missing_images=False,
             samples_per_shard=None, overwrite=False, log=None) -> pathlib.Path:
     """Convert Sarcasm (layout of the module docstring) into ``<out>/<name>/``.
     ``split_files``: {"train"|"val"|"test": path} overriding the default file names."""
-    log = log or (lambda msg: None)
+    log = log or converter.no_log
     features.check_feature_weights(bert, resnet, device)
+    converter.check_output(out, name, overwrite)
     raw = pathlib.Path(raw)
-    files = {s: raw / f for s, f in SPLIT_FILES.items()}
-    for s, p in (split_files or {}).items():
-        if s not in files:
-            raise ValueError(f"unknown split {s!r} (expected {list(files)})")
-        if p:
-            files[s] = pathlib.Path(p)
     image_root = pathlib.Path(image_root) if image_root else raw / IMAGE_DIR
     t0 = time.perf_counter()
-    for s, p in files.items():
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: annotation file not found (the {s} split)")
+    files = annotation_files(raw, SPLIT_FILES, split_files)
     rows = {s: read_json(p) for s, p in files.items()}
-
     texts, paths, labels, kept, order, skipped = features.collect_text_image_rows(
         rows, files, image_root, skip_missing_images, "Sarcasm", "item", log)
-    index = [(split, row[0], row[2]) for split, row in kept]
-    sample_ids = np.arange(len(texts), dtype=np.int64)
-    counts = {s: int(len(i)) for s, i in order.items()}
-    log(f"read annotations: {counts} samples ({time.perf_counter() - t0:.1f}s)")
+    counts = {"items": {s: len(r) for s, r in rows.items()}, "missing_images_skipped": skipped,
+              "splits": {s: int(len(i)) for s, i in order.items()},
+              "per_class": {s: np.bincount(labels[i], minlength=2).tolist() for s, i in order.items()}}
+    log(f"read annotations: {counts['splits']} samples ({time.perf_counter() - t0:.1f}s)")
 
     bert_x, resnet_x = features.text_image_extractors(bert, resnet, resnet_arch, resnet_width, device,
                                                       batch_size, max_tokens)
-    source = {
-        "converter": "data_prep.sarcasm", "raw": features.abspath(raw),
-        "annotations": {s: features.abspath(p) for s, p in files.items()},
-        "image_root": features.abspath(image_root),
-        "options": {"resnet_arch": resnet_arch, "resnet_width": resnet_width, "device": device,
-                    "batch_size": batch_size, "max_tokens": bert_x.max_length,
-                    "image_size": image_size, "crop": crop, "skip_missing_images": skip_missing_images},
-        **features.weights_source(bert_x, resnet_x, image_size, crop),
-        "text_cleaning": "none: whitespace runs collapsed and stripped; BERT truncates at max_tokens",
-        "image_rule": "last path component of `image` under the image root",
-        "split": {"rule": "official files: train.json -> train, valid.json -> val, test.json -> test"},
-        "counts": {"items": {s: len(r) for s, r in rows.items()}, "missing_images_skipped": skipped,
-                   "splits": counts,
-                   "per_class": {s: np.bincount(labels[i], minlength=2).tolist() for s, i in order.items()}},
-        "sample_id": "running item number over train, valid, test (0-based), after dropping "
-                     "skipped items; samples.csv maps it to the item index",
-    }
-    with ShardWriter(out, name, "classification", len(CLASS_NAMES),
-                     features.text_image_modalities(bert_x, resnet_x),
-                     samples_per_shard=samples_per_shard, class_names=CLASS_NAMES, source=source,
-                     overwrite=overwrite) as writer:
-        with ImageLoader(image_size, crop, workers, block) as loader:
-            features.write_text_image_splits(writer, loader, order, texts, paths, labels, sample_ids,
-                                             bert_x, resnet_x, log=log)
-    write_index(writer.root, ["sample_id", "split", "item", "image"],
-                [[i, *index[i]] for i in range(len(texts))])
-    log(f"wrote {writer.root} in {time.perf_counter() - t0:.1f}s")
-    return writer.root
+    options = {"resnet_arch": resnet_arch, "resnet_width": resnet_width, "device": device,
+               "batch_size": batch_size, "max_tokens": bert_x.max_length,
+               "image_size": image_size, "crop": crop, "skip_missing_images": skip_missing_images}
+    meta = converter.Meta("classification", len(CLASS_NAMES), features.text_image_modalities(bert_x, resnet_x),
+                          _source(raw, files, image_root, options, bert_x, resnet_x, counts),
+                          class_names=CLASS_NAMES)
+    batches = features.text_image_batches(order, texts, paths, labels, np.arange(len(texts), dtype=np.int64),
+                                          bert_x, resnet_x, image_size, crop, workers, block, log)
+    return converter.write(out, name, meta, batches, lambda: _index(kept),
+                           samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _arguments(parser):
     parser.add_argument("--raw", required=True, help="root holding the split JSON files and images/")
-    features.add_feature_args(parser, "dataset name (default sarcasm)")
+    features.add_feature_args(parser)
     parser.add_argument("--train-json", help="default <raw>/train.json")
     parser.add_argument("--val-json", help="default <raw>/valid.json")
     parser.add_argument("--test-json", help="default <raw>/test.json")
     parser.add_argument("--image-root", help=f"image folder (default <raw>/{IMAGE_DIR})")
-    args = parser.parse_args(argv)
-    convert(args.raw, args.out, args.bert, args.resnet, name=args.name or "sarcasm",
-            split_files={"train": args.train_json, "val": args.val_json, "test": args.test_json},
-            image_root=args.image_root, resnet_arch=args.resnet_arch, resnet_width=args.resnet_width,
-            device=args.device, batch_size=args.batch_size, max_tokens=args.max_tokens,
-            image_size=args.image_size, crop=args.crop, workers=args.workers, block=args.block,
-            skip_missing_images=args.skip_missing_images, samples_per_shard=args.samples_per_shard,
-            overwrite=args.overwrite,
-            log=lambda msg: print(f"[sarcasm] {msg}", file=sys.stderr, flush=True))
-    return 0
+
+
+def _options(args):
+    """The parsed options as convert's keywords: the three split files become ``split_files``."""
+    options = vars(args)
+    options["split_files"] = {s: options.pop(f"{s}_json") for s in ("train", "val", "test")}
+    return options
+
+
+def main(argv=None):
+    return converter.main(argv, prog="sarcasm", doc=__doc__, arguments=_arguments, convert=convert,
+                          options=_options, name_default="sarcasm", name_help="dataset name (default sarcasm)")
 
 
 if __name__ == "__main__":

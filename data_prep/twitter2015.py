@@ -43,7 +43,6 @@ Choices the paper and the released loader leave open:
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import re
 import sys
@@ -51,9 +50,8 @@ import time
 
 import numpy as np
 
-from data_prep import features
-from data_prep.image_io import ImageLoader, write_index
-from data_prep.shards import ShardWriter
+from data_prep import converter, features
+from data_prep.image_io import annotation_files
 
 ANNOTATIONS = "annotations"
 IMAGE_DIR = "twitter2015_images"
@@ -75,6 +73,30 @@ def _column(name):
     return _PREFIX.sub("", name.strip()).strip()
 
 
+def _tsv_columns(path, header_line):
+    """-> (position of Label, of ImageID, of the String columns) from the header line."""
+    header = [_column(h) for h in header_line.split("\t")]
+    for col in ("Label", "String", "ImageID"):
+        if col not in header:
+            raise ValueError(f"{path}: missing column '{col}' (header has {header_line.split(chr(9))})")
+    return header.index("Label"), header.index("ImageID"), [i for i, h in enumerate(header) if h == "String"]
+
+
+def _tsv_row(path, n, fields, columns, max_words):
+    """One data line -> (line, label, ImageID, cleaned text)."""
+    i_label, i_image, strings = columns
+    raw_label = fields[i_label].strip()
+    if raw_label not in ("0", "1", "2"):
+        raise ValueError(f"{path}, line {n}: column 'Label' = {raw_label!r} is not 0, 1 or 2")
+    image = fields[i_image].strip()
+    if not image:
+        raise ValueError(f"{path}, line {n}: column 'ImageID' is empty")
+    tweet = fields[strings[0]]
+    if len(strings) > 1 and TARGET in tweet:
+        tweet = tweet.replace(TARGET, fields[strings[1]].strip())
+    return n, int(raw_label), image, clean_text(tweet, max_words)
+
+
 def read_tsv(path, max_words=MAX_WORDS):
     """-> list of (line, label, ImageID, cleaned text) for every data row of ``path``."""
     path = pathlib.Path(path)
@@ -87,33 +109,42 @@ def read_tsv(path, max_words=MAX_WORDS):
         raise ValueError(f"{path}: not UTF-8 text ({e})") from e
     if not lines:
         raise ValueError(f"{path}: empty file (no header row)")
-    header = [_column(h) for h in lines[0].split("\t")]
-    for col in ("Label", "String", "ImageID"):
-        if col not in header:
-            raise ValueError(f"{path}: missing column '{col}' (header has {lines[0].split(chr(9))})")
-    i_label, i_image = header.index("Label"), header.index("ImageID")
-    strings = [i for i, h in enumerate(header) if h == "String"]
+    columns = _tsv_columns(path, lines[0])
+    width = len(lines[0].split("\t"))
     rows = []
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
         fields = line.split("\t")
-        if len(fields) != len(header):
+        if len(fields) != width:
             raise ValueError(f"{path}, line {n}: {len(fields)} tab-separated fields, the header "
-                             f"has {len(header)}")
-        raw_label = fields[i_label].strip()
-        if raw_label not in ("0", "1", "2"):
-            raise ValueError(f"{path}, line {n}: column 'Label' = {raw_label!r} is not 0, 1 or 2")
-        image = fields[i_image].strip()
-        if not image:
-            raise ValueError(f"{path}, line {n}: column 'ImageID' is empty")
-        tweet = fields[strings[0]]
-        if len(strings) > 1 and TARGET in tweet:
-            tweet = tweet.replace(TARGET, fields[strings[1]].strip())
-        rows.append((n, int(raw_label), image, clean_text(tweet, max_words)))
+                             f"has {width}")
+        rows.append(_tsv_row(path, n, fields, columns, max_words))
     if not rows:
         raise ValueError(f"{path}: no data rows")
     return rows
+
+
+def _source(raw, files, image_root, options, bert_x, resnet_x, counts):
+    max_words = options["max_words"]
+    return {
+        "converter": "data_prep.twitter2015", "raw": features.abspath(raw),
+        "annotations": {s: features.abspath(p) for s, p in files.items()},
+        "image_root": features.abspath(image_root),
+        "options": options,
+        **features.weights_source(bert_x, resnet_x, options["image_size"], options["crop"]),
+        "text_cleaning": f"non-ASCII-letters -> spaces, first {max_words or 'all'} words joined by "
+                         "single spaces, case kept; '$T$' replaced by the target column first",
+        "split": {"rule": "official files: train.tsv -> train, dev.tsv -> val, test.tsv -> test"},
+        "counts": counts,
+        "sample_id": "running row number over train.tsv, dev.tsv, test.tsv (0-based), after "
+                     "dropping skipped rows; samples.csv maps it to the file line",
+    }
+
+
+def _index(kept):
+    return {"samples.csv": (["sample_id", "split", "line", "ImageID", "text"],
+                            [[i, split, row[0], row[2], row[3]] for i, (split, row) in enumerate(kept)])}
 
 
 def convert(raw, out, bert, resnet, name="twitter2015", annotations=None, image_root=None,
@@ -121,78 +152,48 @@ def convert(raw, out, bert, resnet, name="twitter2015", annotations=None, image_
             batch_size=64, max_tokens=None, image_size=224, crop="center", workers=0, block=256,
             skip_missing_images=False, samples_per_shard=None, overwrite=False, log=None) -> pathlib.Path:
     """Convert Twitter2015 (layout of the module docstring) into ``<out>/<name>/``."""
-    log = log or (lambda msg: None)
+    log = log or converter.no_log
     if max_words < 0:
         raise ValueError(f"--max-words must be >= 0, got {max_words}")
     features.check_feature_weights(bert, resnet, device)
+    converter.check_output(out, name, overwrite)
     raw = pathlib.Path(raw)
-    ann = pathlib.Path(annotations) if annotations else raw / ANNOTATIONS
     image_root = pathlib.Path(image_root) if image_root else raw / IMAGE_DIR
     t0 = time.perf_counter()
-    files = {s: ann / f for s, f in SPLIT_FILES.items()}
-    for s, p in files.items():
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: annotation file not found (the {s} split)")
+    files = annotation_files(pathlib.Path(annotations) if annotations else raw / ANNOTATIONS, SPLIT_FILES)
     rows = {s: read_tsv(p, max_words) for s, p in files.items()}
-
     texts, paths, labels, kept, order, skipped = features.collect_text_image_rows(
         rows, files, image_root, skip_missing_images, "Twitter2015", "line", log)
-    index = [(split, row[0], row[2], row[3]) for split, row in kept]
-    sample_ids = np.arange(len(texts), dtype=np.int64)
-    counts = {s: int(len(i)) for s, i in order.items()}
-    log(f"read annotations: {counts} samples ({time.perf_counter() - t0:.1f}s)")
+    counts = {"rows": {s: len(r) for s, r in rows.items()}, "missing_images_skipped": skipped,
+              "splits": {s: int(len(i)) for s, i in order.items()},
+              "per_class": {s: np.bincount(labels[i], minlength=3).tolist() for s, i in order.items()}}
+    log(f"read annotations: {counts['splits']} samples ({time.perf_counter() - t0:.1f}s)")
 
     bert_x, resnet_x = features.text_image_extractors(bert, resnet, resnet_arch, resnet_width, device,
                                                       batch_size, max_tokens)
-    source = {
-        "converter": "data_prep.twitter2015", "raw": features.abspath(raw),
-        "annotations": {s: features.abspath(p) for s, p in files.items()},
-        "image_root": features.abspath(image_root),
-        "options": {"max_words": max_words, "resnet_arch": resnet_arch, "resnet_width": resnet_width,
-                    "device": device, "batch_size": batch_size, "max_tokens": bert_x.max_length,
-                    "image_size": image_size, "crop": crop,
-                    "skip_missing_images": skip_missing_images},
-        **features.weights_source(bert_x, resnet_x, image_size, crop),
-        "text_cleaning": f"non-ASCII-letters -> spaces, first {max_words or 'all'} words joined by "
-                         "single spaces, case kept; '$T$' replaced by the target column first",
-        "split": {"rule": "official files: train.tsv -> train, dev.tsv -> val, test.tsv -> test"},
-        "counts": {"rows": {s: len(r) for s, r in rows.items()}, "missing_images_skipped": skipped,
-                   "splits": counts,
-                   "per_class": {s: np.bincount(labels[i], minlength=3).tolist() for s, i in order.items()}},
-        "sample_id": "running row number over train.tsv, dev.tsv, test.tsv (0-based), after "
-                     "dropping skipped rows; samples.csv maps it to the file line",
-    }
-    with ShardWriter(out, name, "classification", len(CLASS_NAMES),
-                     features.text_image_modalities(bert_x, resnet_x),
-                     samples_per_shard=samples_per_shard, class_names=CLASS_NAMES, source=source,
-                     overwrite=overwrite) as writer:
-        with ImageLoader(image_size, crop, workers, block) as loader:
-            features.write_text_image_splits(writer, loader, order, texts, paths, labels, sample_ids,
-                                             bert_x, resnet_x, log=log)
-    write_index(writer.root, ["sample_id", "split", "line", "ImageID", "text"],
-                [[i, *index[i]] for i in range(len(texts))])
-    log(f"wrote {writer.root} in {time.perf_counter() - t0:.1f}s")
-    return writer.root
+    options = {"max_words": max_words, "resnet_arch": resnet_arch, "resnet_width": resnet_width,
+               "device": device, "batch_size": batch_size, "max_tokens": bert_x.max_length,
+               "image_size": image_size, "crop": crop, "skip_missing_images": skip_missing_images}
+    meta = converter.Meta("classification", len(CLASS_NAMES), features.text_image_modalities(bert_x, resnet_x),
+                          _source(raw, files, image_root, options, bert_x, resnet_x, counts),
+                          class_names=CLASS_NAMES)
+    batches = features.text_image_batches(order, texts, paths, labels, np.arange(len(texts), dtype=np.int64),
+                                          bert_x, resnet_x, image_size, crop, workers, block, log)
+    return converter.write(out, name, meta, batches, lambda: _index(kept),
+                           samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _arguments(parser):
     parser.add_argument("--raw", required=True, help="root holding annotations/ and twitter2015_images/")
-    features.add_feature_args(parser, "dataset name (default twitter2015)")
+    features.add_feature_args(parser)
     parser.add_argument("--annotations", help=f"folder of the TSVs (default <raw>/{ANNOTATIONS})")
     parser.add_argument("--image-root", help=f"image folder (default <raw>/{IMAGE_DIR})")
     parser.add_argument("--max-words", type=int, default=MAX_WORDS, help="words kept after cleaning (0: all)")
-    args = parser.parse_args(argv)
-    convert(args.raw, args.out, args.bert, args.resnet, name=args.name or "twitter2015",
-            annotations=args.annotations, image_root=args.image_root, max_words=args.max_words,
-            resnet_arch=args.resnet_arch, resnet_width=args.resnet_width, device=args.device,
-            batch_size=args.batch_size, max_tokens=args.max_tokens, image_size=args.image_size,
-            crop=args.crop, workers=args.workers, block=args.block,
-            skip_missing_images=args.skip_missing_images, samples_per_shard=args.samples_per_shard,
-            overwrite=args.overwrite,
-            log=lambda msg: print(f"[twitter2015] {msg}", file=sys.stderr, flush=True))
-    return 0
+
+
+def main(argv=None):
+    return converter.main(argv, prog="twitter2015", doc=__doc__, arguments=_arguments, convert=convert,
+                          name_default="twitter2015", name_help="dataset name (default twitter2015)")
 
 
 if __name__ == "__main__":
