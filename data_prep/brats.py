@@ -52,7 +52,6 @@ Choices the paper and the released loader leave open:
 """
 from __future__ import annotations
 
-import argparse
 import math
 import multiprocessing
 import pathlib
@@ -61,10 +60,8 @@ import time
 
 import numpy as np
 
-from data_prep import features
+from data_prep import converter, features
 from data_prep.dvm import natural_key
-from data_prep.image_io import write_index
-from data_prep.shards import ShardWriter
 
 MODALITIES = ("flair", "t1ce", "t1", "t2")        # released channel order
 SEG = "seg"
@@ -123,42 +120,51 @@ def _load(path):
     return data
 
 
+def _segmentation(path, crop):
+    """The case's segmentation volume -> labels remapped to 0..3 (uint8), checked."""
+    seg_raw = _load(path)
+    if seg_raw.dtype.kind == "f":
+        if not np.isfinite(seg_raw).all() or (seg_raw != np.round(seg_raw)).any():
+            raise ValueError(f"{path}: segmentation values are not integers")
+    bad = [v for v in np.unique(seg_raw).tolist() if v not in RAW_LABELS]
+    if bad:
+        raise ValueError(f"{path}: label values {bad[:10]} are not BraTS labels {list(RAW_LABELS)}")
+    seg = REMAP[seg_raw.astype(np.int64)]
+    if seg.shape[0] < crop or seg.shape[1] < crop:
+        raise ValueError(f"{path}: volume {seg.shape} is smaller than --crop {crop}")
+    return seg
+
+
+def _modality(path, shape, norm):
+    """One modality volume -> (float64 volume, normalised by ``norm``; (brain voxels, mean, std))."""
+    v = _load(path)
+    if v.shape != shape:
+        raise ValueError(f"{path}: shape {v.shape} differs from the segmentation's {shape}")
+    v = v.astype(np.float64)
+    if not np.isfinite(v).all():
+        raise ValueError(f"{path}: non-finite intensities")
+    brain = v != 0
+    nb = int(brain.sum())
+    if nb == 0:
+        raise ValueError(f"{path}: no non-zero (brain) voxel")
+    mean = float(v[brain].mean())
+    std = float(v[brain].std())
+    if norm == "zscore":
+        v = np.where(brain, (v - mean) / (std if std > 0 else 1.0), 0.0)
+    return v, (nb, mean, std)
+
+
 def process_case(args):
     """Read, check, normalise and slice one case -> dict (see convert). Raises ValueError naming
     the file at fault."""
     case, files, crop, norm, dtype, min_voxels = args
-    seg_raw = _load(files[SEG])
-    if seg_raw.dtype.kind == "f":
-        if not np.isfinite(seg_raw).all() or (seg_raw != np.round(seg_raw)).any():
-            raise ValueError(f"{files[SEG]}: segmentation values are not integers")
-    values = np.unique(seg_raw)
-    bad = [v for v in values.tolist() if v not in RAW_LABELS]
-    if bad:
-        raise ValueError(f"{files[SEG]}: label values {bad[:10]} are not BraTS labels {list(RAW_LABELS)}")
-    seg = REMAP[seg_raw.astype(np.int64)]
-    shape = seg.shape
-    if shape[0] < crop or shape[1] < crop:
-        raise ValueError(f"{files[SEG]}: volume {shape} is smaller than --crop {crop}")
+    seg = _segmentation(files[SEG], crop)
     per_slice = (seg > 0).sum(axis=(0, 1))
     keep = np.nonzero(per_slice >= min_voxels)[0]
-    oy, ox = center_offsets(shape, crop)
+    oy, ox = center_offsets(seg.shape, crop)
     vols, stats = {}, {}
     for m in MODALITIES:
-        v = _load(files[m])
-        if v.shape != shape:
-            raise ValueError(f"{files[m]}: shape {v.shape} differs from the segmentation's {shape}")
-        v = v.astype(np.float64)
-        if not np.isfinite(v).all():
-            raise ValueError(f"{files[m]}: non-finite intensities")
-        brain = v != 0
-        nb = int(brain.sum())
-        if nb == 0:
-            raise ValueError(f"{files[m]}: no non-zero (brain) voxel")
-        mean = float(v[brain].mean())
-        std = float(v[brain].std())
-        if norm == "zscore":
-            v = np.where(brain, (v - mean) / (std if std > 0 else 1.0), 0.0)
-        stats[m] = (nb, mean, std)
+        v, stats[m] = _modality(files[m], seg.shape, norm)
         vols[m] = v[oy:oy + crop, ox:ox + crop][:, :, keep].transpose(2, 0, 1).astype(dtype)
         if not np.isfinite(vols[m]).all():
             raise ValueError(f"{files[m]}: intensities overflow {np.dtype(dtype).name} (use --dtype "
@@ -167,7 +173,7 @@ def process_case(args):
     in_crop = (label > 0).sum(axis=(1, 2))
     return {"case": case, "slices": keep, "images": vols, "label": np.ascontiguousarray(label),
             "tumour_voxels": per_slice[keep], "cropped_away": int((per_slice[keep] - in_crop).sum()),
-            "empty_after_crop": int((in_crop == 0).sum()), "stats": stats, "depth": int(shape[2])}
+            "empty_after_crop": int((in_crop == 0).sum()), "stats": stats, "depth": int(seg.shape[2])}
 
 
 def split_cases(names, val_frac, test_frac, seed):
@@ -185,11 +191,7 @@ def split_cases(names, val_frac, test_frac, seed):
     return split
 
 
-def convert(raw, out, name="brats", crop=CROP, val_frac=0.1, test_frac=0.2, seed=SEED, norm="zscore",
-            dtype="float32", min_tumour_voxels=1, skip_incomplete=False, workers=0,
-            samples_per_shard=None, overwrite=False, log=None) -> pathlib.Path:
-    """Convert a BraTS 2021 folder into ``<out>/<name>/`` (see the module docstring)."""
-    log = log or (lambda msg: None)
+def _check_options(norm, dtype, crop, min_tumour_voxels, workers, val_frac, test_frac):
     if norm not in NORMS:
         raise ValueError(f"--norm must be one of {NORMS}, got {norm!r}")
     if dtype not in DTYPES:
@@ -199,8 +201,11 @@ def convert(raw, out, name="brats", crop=CROP, val_frac=0.1, test_frac=0.2, seed
                          f"{min_tumour_voxels}, {workers})")
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1):
         raise ValueError(f"--val-frac and --test-frac must be in [0, 1), got {val_frac}, {test_frac}")
-    raw = pathlib.Path(raw)
-    t0 = time.perf_counter()
+
+
+def _complete_cases(raw, skip_incomplete, log):
+    """-> ([(case, {modality|'seg': path})] of the complete cases, number of incomplete ones);
+    an incomplete case is an error naming its missing files unless ``skip_incomplete``."""
     cases, incomplete = [], []
     for d in list_cases(raw):
         files, missing = case_files(d)
@@ -217,93 +222,114 @@ def convert(raw, out, name="brats", crop=CROP, val_frac=0.1, test_frac=0.2, seed
         log(f"skipping case {c}: files missing")
     if not cases:
         raise ValueError(f"{raw}: no complete case left")
-    names = [c for c, _ in cases]
-    of_case = split_cases(names, val_frac, test_frac, seed)
-    log(f"{len(cases)} cases: " + ", ".join(f"{s} {sum(v == s for v in of_case.values())}"
-                                            for s in ("train", "val", "test")))
+    return cases, len(incomplete)
 
-    modalities = {m: {"kind": "image", "shape": [1, crop, crop], "dtype": dtype} for m in MODALITIES}
-    counts = {"cases": len(cases), "incomplete_cases_skipped": len(incomplete),
-              "cases_per_split": {s: sum(v == s for v in of_case.values()) for s in ("train", "val", "test")},
-              "cases_without_tumour_slices": 0, "slices_seen": 0, "splits": {},
-              "tumour_voxels_cropped_away": 0, "slices_empty_after_crop": 0,
-              "per_class_voxels": {}}
-    source = {
+
+def _source(raw, options, of_case, counts):
+    min_tumour_voxels, seed = options["min_tumour_voxels"], options["seed"]
+    return {
         "converter": "data_prep.brats", "raw": features.abspath(raw),
-        "options": {"crop": crop, "val_frac": val_frac, "test_frac": test_frac, "seed": seed,
-                    "norm": norm, "dtype": dtype, "min_tumour_voxels": min_tumour_voxels,
-                    "skip_incomplete": skip_incomplete},
+        "options": options,
         "slices": {"axis": "third array axis of the NIfTI data (axial)",
                    "rule": f"kept when the full slice's segmentation has >= {min_tumour_voxels} "
                            "non-zero voxel(s) (tested before the crop, as released)"},
-        "crop": {"size": crop, "rule": "offset int(round((W - C) / 2)) on the first two axes "
-                                       "(the released CenterCrop)"},
+        "crop": {"size": options["crop"], "rule": "offset int(round((W - C) / 2)) on the first two axes "
+                                                  "(the released CenterCrop)"},
         "normalisation": ({"method": "zscore", "rule": "per volume and modality over the non-zero "
                                                        "(brain) voxels, float64, background stays 0; "
                                                        "statistics per case in cases.csv"}
-                          if norm == "zscore" else {"method": "none", "rule": "raw intensities"}),
+                          if options["norm"] == "zscore" else {"method": "none", "rule": "raw intensities"}),
         "label": {"rule": "BraTS labels 0, 1, 2, 4 -> 0, 1, 2, 3 (4 -> 3 as released)",
                   "raw_labels": list(RAW_LABELS)},
         "split": {"rule": "by case: names sorted, permuted with numpy default_rng([seed, 3]); test = "
                           "first ceil(test_frac*n), val = next ceil(val_frac*n), train = the rest",
-                  "seed": seed, "val_frac": val_frac, "test_frac": test_frac,
+                  "seed": seed, "val_frac": options["val_frac"], "test_frac": options["test_frac"],
                   "cases": {s: sorted((c for c, v in of_case.items() if v == s), key=natural_key)
                             for s in ("train", "val", "test")}},
         "counts": counts,
         "sample_id": "running number over cases (sorted by name) then slices (increasing index)",
     }
-    jobs = [(c, f, crop, norm, np.dtype(dtype), min_tumour_voxels) for c, f in cases]
-    index, case_rows, next_id = [], [], 0
-    voxels = {}
+
+
+def _tally(counts, voxels, split, r):
+    """Add one processed case to meta.json's counts (and the voxels per class of its split)."""
+    counts["slices_seen"] += r["depth"]
+    counts["tumour_voxels_cropped_away"] += r["cropped_away"]
+    counts["slices_empty_after_crop"] += r["empty_after_crop"]
+    n = len(r["slices"])
+    if n:
+        counts["splits"][split] = counts["splits"].get(split, 0) + n
+        v = voxels.setdefault(split, np.zeros(4, dtype=np.int64))
+        v += np.bincount(r["label"].ravel(), minlength=4)
+    else:
+        counts["cases_without_tumour_slices"] += 1
+
+
+def _batches(raw, jobs, of_case, workers, counts, index, log):
+    """The tumour slices of every case, case by case (``workers`` > 0: read in a pool, in order);
+    fills ``counts`` and ``index`` (samples.csv and cases.csv rows) as it goes."""
+    voxels, next_id = {}, 0
     pool = multiprocessing.get_context().Pool(workers) if workers > 0 else None
     try:
         results = pool.imap(process_case, jobs) if pool is not None else map(process_case, jobs)
-        with ShardWriter(out, name, "segmentation", 4, modalities, samples_per_shard=samples_per_shard,
-                         class_names=CLASS_NAMES, source=source, label_shape=[crop, crop],
-                         overwrite=overwrite) as writer:
-            for k, r in enumerate(results):
-                split, n = of_case[r["case"]], len(r["slices"])
-                counts["slices_seen"] += r["depth"]
-                counts["tumour_voxels_cropped_away"] += r["cropped_away"]
-                counts["slices_empty_after_crop"] += r["empty_after_crop"]
-                if n:
-                    writer.append(split, {**{m: r["images"][m][:, None] for m in MODALITIES},
-                                          "label": r["label"],
-                                          "sample_id": np.arange(next_id, next_id + n, dtype=np.int64)})
-                    counts["splits"][split] = counts["splits"].get(split, 0) + n
-                    v = voxels.setdefault(split, np.zeros(4, dtype=np.int64))
-                    v += np.bincount(r["label"].ravel(), minlength=4)
-                else:
-                    counts["cases_without_tumour_slices"] += 1
-                index += [[next_id + j, split, r["case"], int(s), int(t)]
-                          for j, (s, t) in enumerate(zip(r["slices"], r["tumour_voxels"]))]
-                case_rows.append([r["case"], split, n] + [f"{x:.6g}" if isinstance(x, float) else x
-                                                          for m in MODALITIES for x in r["stats"][m]])
-                next_id += n
-                if (k + 1) % 25 == 0 or k + 1 == len(jobs):
-                    log(f"{k + 1}/{len(jobs)} cases, {next_id} slices written")
-            counts["per_class_voxels"] = {s: v.tolist() for s, v in voxels.items()}
-            if not next_id:
-                raise ValueError(f"{raw}: no slice with >= {min_tumour_voxels} tumour voxel(s) in any case")
+        for k, r in enumerate(results):
+            split, n = of_case[r["case"]], len(r["slices"])
+            if n:
+                yield split, {**{m: r["images"][m][:, None] for m in MODALITIES}, "label": r["label"],
+                              "sample_id": np.arange(next_id, next_id + n, dtype=np.int64)}
+            _tally(counts, voxels, split, r)
+            index["samples.csv"][1].extend([next_id + j, split, r["case"], int(s), int(t)]
+                                           for j, (s, t) in enumerate(zip(r["slices"], r["tumour_voxels"])))
+            index["cases.csv"][1].append([r["case"], split, n] + [f"{x:.6g}" if isinstance(x, float) else x
+                                                                  for m in MODALITIES for x in r["stats"][m]])
+            next_id += n
+            if (k + 1) % 25 == 0 or k + 1 == len(jobs):
+                log(f"{k + 1}/{len(jobs)} cases, {next_id} slices written")
+        counts["per_class_voxels"] = {s: v.tolist() for s, v in voxels.items()}
+        if not next_id:
+            min_voxels = jobs[0][-1]
+            raise ValueError(f"{raw}: no slice with >= {min_voxels} tumour voxel(s) in any case")
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-    write_index(writer.root, ["sample_id", "split", "case", "slice", "tumour_voxels"], index)
-    write_index(writer.root, ["case", "split", "slices"]
-                + [f"{m}_{k}" for m in MODALITIES for k in ("brain_voxels", "mean", "std")],
-                case_rows, name="cases.csv")
-    log(f"wrote {writer.root} in {time.perf_counter() - t0:.1f}s")
-    return writer.root
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def convert(raw, out, name="brats", crop=CROP, val_frac=0.1, test_frac=0.2, seed=SEED, norm="zscore",
+            dtype="float32", min_tumour_voxels=1, skip_incomplete=False, workers=0,
+            samples_per_shard=None, overwrite=False, log=None) -> pathlib.Path:
+    """Convert a BraTS 2021 folder into ``<out>/<name>/`` (see the module docstring)."""
+    log = log or converter.no_log
+    _check_options(norm, dtype, crop, min_tumour_voxels, workers, val_frac, test_frac)
+    converter.check_output(out, name, overwrite)
+    raw = pathlib.Path(raw)
+    t0 = time.perf_counter()
+    cases, incomplete = _complete_cases(raw, skip_incomplete, log)
+    of_case = split_cases([c for c, _ in cases], val_frac, test_frac, seed)
+    per_split = {s: sum(v == s for v in of_case.values()) for s in ("train", "val", "test")}
+    log(f"{len(cases)} cases: " + ", ".join(f"{s} {n}" for s, n in per_split.items()))
+
+    options = {"crop": crop, "val_frac": val_frac, "test_frac": test_frac, "seed": seed, "norm": norm,
+               "dtype": dtype, "min_tumour_voxels": min_tumour_voxels, "skip_incomplete": skip_incomplete}
+    counts = {"cases": len(cases), "incomplete_cases_skipped": incomplete, "cases_per_split": per_split,
+              "cases_without_tumour_slices": 0, "slices_seen": 0, "splits": {},
+              "tumour_voxels_cropped_away": 0, "slices_empty_after_crop": 0,
+              "per_class_voxels": {}}     # filled while writing
+    meta = converter.Meta("segmentation", 4, {m: {"kind": "image", "shape": [1, crop, crop], "dtype": dtype}
+                                              for m in MODALITIES},
+                          _source(raw, options, of_case, counts), class_names=CLASS_NAMES, label_shape=[crop, crop])
+    index = {"samples.csv": (["sample_id", "split", "case", "slice", "tumour_voxels"], []),
+             "cases.csv": (["case", "split", "slices"]
+                           + [f"{m}_{k}" for m in MODALITIES for k in ("brain_voxels", "mean", "std")], [])}
+    jobs = [(c, f, crop, norm, np.dtype(dtype), min_tumour_voxels) for c, f in cases]
+    batches = _batches(raw, jobs, of_case, workers, counts, index, log)
+    return converter.write(out, name, meta, batches, lambda: index,
+                           samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0)
+
+
+def _arguments(parser):
     parser.add_argument("--raw", required=True,
                         help="folder of case directories (<case>/<case>_flair.nii.gz ...)")
-    parser.add_argument("--out", required=True, help="output directory (dataset goes to <out>/<name>)")
-    parser.add_argument("--name", default="brats", help="dataset name (default brats)")
     parser.add_argument("--crop", type=int, default=CROP, help="centre crop size (default 160)")
     parser.add_argument("--val-frac", type=float, default=0.1, help="fraction of cases in val")
     parser.add_argument("--test-frac", type=float, default=0.2, help="fraction of cases in test")
@@ -316,15 +342,11 @@ def main(argv=None):
     parser.add_argument("--skip-incomplete", action="store_true",
                         help="drop cases missing a file (default: error)")
     parser.add_argument("--workers", type=int, default=0, help="case-reading processes (0: in-process)")
-    parser.add_argument("--samples-per-shard", type=int, help="default: about 1 GiB per shard")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    convert(args.raw, args.out, name=args.name, crop=args.crop, val_frac=args.val_frac,
-            test_frac=args.test_frac, seed=args.seed, norm=args.norm, dtype=args.dtype,
-            min_tumour_voxels=args.min_tumour_voxels, skip_incomplete=args.skip_incomplete,
-            workers=args.workers, samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
-            log=lambda msg: print(f"[brats] {msg}", file=sys.stderr, flush=True))
-    return 0
+
+
+def main(argv=None):
+    return converter.main(argv, prog="brats", doc=__doc__, arguments=_arguments, convert=convert,
+                          name_default="brats", name_help="dataset name (default brats)")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,6 @@ Choices the paper and the released loader leave open:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import re
@@ -78,9 +77,8 @@ import time
 
 import numpy as np
 
-from data_prep import features, image_io
-from data_prep.image_io import ImageLoader, stratified_pick, write_index
-from data_prep.shards import ShardWriter
+from data_prep import converter, features, image_io
+from data_prep.image_io import ImageLoader, annotation_files, decoded_blocks
 
 CLASS_NAMES = [
     "apple_pie", "baby_back_ribs", "baklava", "beef_carpaccio", "beef_tartare", "beet_salad",
@@ -114,10 +112,9 @@ def class_dir(img_path):
     return parts[-2] if len(parts) >= 2 else ""
 
 
-def read_split(path):
-    """-> list of (item id, words, img_path, label, label_from) of one split file (module doc)."""
-    path = pathlib.Path(path)
-    data = image_io.read_json(path)
+def _items(path, data):
+    """The samples of one split file -> [(where, id, item)]: a list of objects with key 'id', or
+    an object id -> sample."""
     if isinstance(data, list):
         items = []
         for i, item in enumerate(data):
@@ -126,13 +123,49 @@ def read_split(path):
             if "id" not in item:
                 raise ValueError(f"{path}, item {i}: missing key 'id'")
             items.append((f"item {i} (id {item['id']!r})", item["id"], item))
-    elif isinstance(data, dict):
-        items = [(f"id {k!r}", k, v) for k, v in data.items()]
-    else:
-        raise ValueError(f"{path}: expected a JSON list of objects or an object id -> sample, got "
-                         f"{type(data).__name__}")
+        return items
+    if isinstance(data, dict):
+        return [(f"id {k!r}", k, v) for k, v in data.items()]
+    raise ValueError(f"{path}: expected a JSON list of objects or an object id -> sample, got "
+                     f"{type(data).__name__}")
+
+
+def _label(where, item, img):
+    """-> (class name, where it came from: 'label' or 'directory')."""
+    if "label" in item:
+        label = item["label"]
+        if not isinstance(label, str) or label not in CLASS_INDEX:
+            raise ValueError(f"{where}: key 'label' = {label!r} is not one of the 101 Food-101 "
+                             "class names")
+        return label, "label"
+    label = class_dir(img)
+    if label not in CLASS_INDEX:
+        raise ValueError(f"{where}: no key 'label', and the image directory {label!r} of "
+                         f"img_path {img!r} is not a Food-101 class name")
+    return label, "directory"
+
+
+def _sample(where, sid, item):
+    """One sample (an object) -> (id, words, img_path, label, label_from)."""
+    for k in ("text_tokens", "img_path"):
+        if k not in item:
+            raise ValueError(f"{where}: missing key '{k}'")
+    words = item["text_tokens"]
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise ValueError(f"{where}: key 'text_tokens' is not a list of strings "
+                         f"(got {type(words).__name__})")
+    img = item["img_path"]
+    if not isinstance(img, str) or not img.strip():
+        raise ValueError(f"{where}: key 'img_path' = {img!r} is not a relative file path")
+    label, source = _label(where, item, img)
+    return str(sid), words, img.strip(), CLASS_INDEX[label], source
+
+
+def read_split(path):
+    """-> list of (item id, words, img_path, label, label_from) of one split file (module doc)."""
+    path = pathlib.Path(path)
     rows, seen = [], {}
-    for where, sid, item in items:
+    for where, sid, item in _items(path, image_io.read_json(path)):
         where = f"{path}, {where}"
         if not isinstance(item, dict):
             raise ValueError(f"{where}: expected an object, got {type(item).__name__}")
@@ -140,29 +173,7 @@ def read_split(path):
         if key in seen:
             raise ValueError(f"{where}: id listed twice (first as {seen[key]})")
         seen[key] = where
-        for k in ("text_tokens", "img_path"):
-            if k not in item:
-                raise ValueError(f"{where}: missing key '{k}'")
-        words = item["text_tokens"]
-        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-            raise ValueError(f"{where}: key 'text_tokens' is not a list of strings "
-                             f"(got {type(words).__name__})")
-        img = item["img_path"]
-        if not isinstance(img, str) or not img.strip():
-            raise ValueError(f"{where}: key 'img_path' = {img!r} is not a relative file path")
-        if "label" in item:
-            label = item["label"]
-            if not isinstance(label, str) or label not in CLASS_INDEX:
-                raise ValueError(f"{where}: key 'label' = {label!r} is not one of the 101 Food-101 "
-                                 "class names")
-            source = "label"
-        else:
-            label = class_dir(img)
-            if label not in CLASS_INDEX:
-                raise ValueError(f"{where}: no key 'label', and the image directory {label!r} of "
-                                 f"img_path {img!r} is not a Food-101 class name")
-            source = "directory"
-        rows.append((str(sid), words, img.strip(), CLASS_INDEX[label], source))
+        rows.append(_sample(where, sid, item))
     if not rows:
         raise ValueError(f"{path}: no samples")
     return rows
@@ -174,14 +185,7 @@ def _token_stats(n_tokens, limit):
             "at_limit": int((n >= limit).sum())}
 
 
-def convert(raw, out, bert, vit, name="food101", split_files=None, image_root=None,
-            max_tokens=MAX_TOKENS, val_frac=0.1, seed=SEED, dtype="float32",
-            vit_normalize="pretrained", crop="none", device="cpu", batch_size=64, workers=0,
-            block=256, skip_missing_images=False, samples_per_shard=None, overwrite=False,
-            log=None) -> pathlib.Path:
-    """Convert UPMC Food-101 (layout of the module docstring) into ``<out>/<name>/``.
-    ``split_files``: {"train"|"test": path} overriding the default file names."""
-    log = log or (lambda msg: None)
+def _check_options(dtype, vit_normalize, val_frac, max_tokens, block, workers):
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     if vit_normalize not in VIT_NORMS:
@@ -192,61 +196,40 @@ def convert(raw, out, bert, vit, name="food101", split_files=None, image_root=No
         raise ValueError(f"--max-tokens must be >= 2 ([CLS] and [SEP]), got {max_tokens}")
     if block < 1 or workers < 0:
         raise ValueError(f"--block must be >= 1 and --workers >= 0, got {block}, {workers}")
-    features.check_hf_dir(bert, "--bert", tokenizer=True)
-    features.check_hf_dir(vit, "--vit")
-    features.resolve_device(device)
-    raw = pathlib.Path(raw)
-    files = {s: raw / f for s, f in SPLIT_FILES.items()}
-    for s, p in (split_files or {}).items():
-        if s not in files:
-            raise ValueError(f"unknown split {s!r} (expected {list(files)})")
-        if p:
-            files[s] = pathlib.Path(p)
-    image_root = pathlib.Path(image_root) if image_root else raw
-    t0 = time.perf_counter()
-    for s, p in files.items():
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: annotation file not found (the {s} split)")
-    rows = {s: read_split(p) for s, p in files.items()}
 
-    # the shared text + image gathering (missing-image error or counted skip, per-split order) wants
-    # (key, label, image, text, ...) rows; the label source rides along for the tallies below
+
+def _collect(rows, files, image_root, skip_missing_images, log):
+    """The samples of both splits (features.collect_text_image_rows) -> (texts, paths, labels,
+    split -> sample indices, skipped per split, label-source tallies, index rows)."""
     texts, paths, labels, kept, listed, skipped = features.collect_text_image_rows(
         {s: [(sid, label, img, words, from_) for sid, words, img, label, from_ in split_rows]
          for s, split_rows in rows.items()}, files, image_root, skip_missing_images, "Food-101", "id", log)
-    mismatch = {"label_dir_mismatch": 0, "label_from_directory": 0}
+    tallies = {"label_dir_mismatch": 0, "label_from_directory": 0}
     index = []
     for split, (sid, label, img, _, from_) in kept:
         if from_ == "directory":
-            mismatch["label_from_directory"] += 1
+            tallies["label_from_directory"] += 1
         elif class_dir(img) in CLASS_INDEX and CLASS_INDEX[class_dir(img)] != label:
-            mismatch["label_dir_mismatch"] += 1
+            tallies["label_dir_mismatch"] += 1
         index.append([files[split].name, sid, img])
-    sample_ids = np.arange(len(texts), dtype=np.int64)
+    return texts, paths, labels, listed, skipped, tallies, index
 
-    tr = listed["train"]
-    val_mask = stratified_pick(labels[tr], val_frac, np.random.default_rng([seed, 1]),
-                               min_picked=1 if val_frac > 0 else 0, min_left=1)
-    order = {"train": tr[~val_mask], "val": tr[val_mask], "test": listed["test"]}
-    order = {s: i for s, i in order.items() if len(i)}
-    counts = {s: int(len(i)) for s, i in order.items()}
-    log(f"read annotations: {counts} samples ({time.perf_counter() - t0:.1f}s)")
 
+def _extractors(bert, vit, device, batch_size, max_tokens, vit_normalize):
     bert_x = features.BertExtractor(bert, device, batch_size, max_length=max_tokens)
     vit_x = features.ViTExtractor(vit, device, batch_size)
     if vit_normalize == "none":     # the released run: ToTensor() pixels in [0, 1] straight in
         vit_x.mean, vit_x.std, vit_x.norm_source = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "none ([0, 1] pixels)"
-    modalities = {
-        "image": {"kind": "sequence", "shape": [vit_x.num_tokens, vit_x.hidden], "dtype": dtype},
-        "text": {"kind": "sequence", "shape": [max_tokens, bert_x.hidden], "dtype": dtype},
-    }
-    source = {
+    return bert_x, vit_x
+
+
+def _source(raw, files, image_root, options, bert_x, vit_x, counts):
+    max_tokens, crop = options["max_tokens"], options["crop"]
+    return {
         "converter": "data_prep.food101", "raw": features.abspath(raw),
         "annotations": {s: features.abspath(p) for s, p in files.items()},
         "image_root": features.abspath(image_root),
-        "options": {"max_tokens": max_tokens, "val_frac": val_frac, "seed": seed, "dtype": dtype,
-                    "vit_normalize": vit_normalize, "crop": crop, "device": device,
-                    "batch_size": batch_size, "skip_missing_images": skip_missing_images},
+        "options": options,
         "text": {"model": bert_x.describe(),
                  "feature": f"last hidden state of the first {max_tokens} tokens ([CLS] ... [SEP], "
                             "truncated), padding rows exactly 0",
@@ -256,7 +239,7 @@ def convert(raw, out, bert, vit, name="food101", split_files=None, image_root=No
                   "resize": ("whole image stretched to size x size, PIL bilinear (antialiased) = "
                              "the released Resize([224, 224])" if crop == "none" else
                              "centred square crop, then PIL bilinear (antialiased) to size x size"),
-                  "input": ("uint8 RGB / 255, then the ViT's mean/std" if vit_normalize == "pretrained"
+                  "input": ("uint8 RGB / 255, then the ViT's mean/std" if options["vit_normalize"] == "pretrained"
                             else "uint8 RGB / 255, no normalisation (the released ToTensor() input)"),
                   "augmentation": "none: the released train-time augmentation is random per epoch "
                                   "and cannot be baked into features extracted once"},
@@ -266,45 +249,81 @@ def convert(raw, out, bert, vit, name="food101", split_files=None, image_root=No
                           "(floor(frac*n_c) topped up by largest remainder to ceil(frac*N), >= 1 per "
                           "class with >= 2 samples; class members permuted with numpy "
                           "default_rng([seed, 1])); train = the rest",
-                  "seed": seed, "val_frac": val_frac},
-        "counts": {"items": {s: len(r) for s, r in rows.items()}, "missing_images_skipped": skipped,
-                   **mismatch, "splits": counts,
-                   "per_class": {s: np.bincount(labels[i], minlength=len(CLASS_NAMES)).tolist()
-                                 for s, i in order.items()}},
+                  "seed": options["seed"], "val_frac": options["val_frac"]},
+        "counts": counts,
         "sample_id": "running item number over train.json then test.json (0-based), file order",
     }
+
+
+def _batches(order, texts, paths, labels, extractors, options, n_tokens, counts, log):
+    """The batches of every split: per block the images decoded and passed through the ViT, the
+    texts through BERT; token counts go to ``n_tokens`` and, at the end, ``counts["tokens"]``."""
+    bert_x, vit_x = extractors
+    max_tokens, dtype = options["max_tokens"], np.dtype(options["dtype"])
+    crop, workers, block = options["crop"], options["workers"], options["block"]
+    with ImageLoader(vit_x.image_size, crop, workers, block) as loader:
+        for split, rows, images in decoded_blocks(order, loader, paths, log, every=10):
+            feats, mask = bert_x.tokens([texts[i] for i in rows], max_tokens)
+            n_tokens[rows] = mask.sum(1)
+            yield split, {"image": vit_x(images).astype(dtype), "text": feats.astype(dtype),
+                          "label": labels[rows], "sample_id": rows}
+    counts["tokens"] = {s: _token_stats(n_tokens[i], max_tokens) for s, i in order.items()}
+
+
+def _index(index, order, n_tokens):
+    return {"samples.csv": (["sample_id", "split", "file", "id", "img_path", "n_tokens"],
+                            [[int(i), s, *index[i], int(n_tokens[i])] for s, idx in order.items() for i in idx])}
+
+
+def convert(raw, out, bert, vit, name="food101", split_files=None, image_root=None,
+            max_tokens=MAX_TOKENS, val_frac=0.1, seed=SEED, dtype="float32",
+            vit_normalize="pretrained", crop="none", device="cpu", batch_size=64, workers=0,
+            block=256, skip_missing_images=False, samples_per_shard=None, overwrite=False,
+            log=None) -> pathlib.Path:
+    """Convert UPMC Food-101 (layout of the module docstring) into ``<out>/<name>/``.
+    ``split_files``: {"train"|"test": path} overriding the default file names."""
+    log = log or converter.no_log
+    _check_options(dtype, vit_normalize, val_frac, max_tokens, block, workers)
+    features.check_hf_dir(bert, "--bert", tokenizer=True)
+    features.check_hf_dir(vit, "--vit")
+    features.resolve_device(device)
+    converter.check_output(out, name, overwrite)
+    raw = pathlib.Path(raw)
+    image_root = pathlib.Path(image_root) if image_root else raw
+    t0 = time.perf_counter()
+    files = annotation_files(raw, SPLIT_FILES, split_files)
+    rows = {s: read_split(p) for s, p in files.items()}
+    texts, paths, labels, listed, skipped, tallies, index = _collect(rows, files, image_root,
+                                                                     skip_missing_images, log)
+    train, val = converter.carve_val(listed["train"], labels, val_frac, seed)
+    order = {s: i for s, i in {"train": train, "val": val, "test": listed["test"]}.items() if len(i)}
+    counts = {"items": {s: len(r) for s, r in rows.items()}, "missing_images_skipped": skipped,
+              **tallies, "splits": {s: int(len(i)) for s, i in order.items()},
+              "per_class": {s: np.bincount(labels[i], minlength=len(CLASS_NAMES)).tolist()
+                            for s, i in order.items()}}
+    log(f"read annotations: {counts['splits']} samples ({time.perf_counter() - t0:.1f}s)")
+
+    bert_x, vit_x = _extractors(bert, vit, device, batch_size, max_tokens, vit_normalize)
+    modalities = {"image": {"kind": "sequence", "shape": [vit_x.num_tokens, vit_x.hidden], "dtype": dtype},
+                  "text": {"kind": "sequence", "shape": [max_tokens, bert_x.hidden], "dtype": dtype}}
+    options = {"max_tokens": max_tokens, "val_frac": val_frac, "seed": seed, "dtype": dtype,
+               "vit_normalize": vit_normalize, "crop": crop, "device": device,
+               "batch_size": batch_size, "skip_missing_images": skip_missing_images}
+    meta = converter.Meta("classification", len(CLASS_NAMES), modalities,
+                          _source(raw, files, image_root, options, bert_x, vit_x, counts),
+                          class_names=CLASS_NAMES)
     n_tokens = np.zeros(len(texts), dtype=np.int64)
-    np_dtype = np.dtype(dtype)
-    with ShardWriter(out, name, "classification", len(CLASS_NAMES), modalities,
-                     samples_per_shard=samples_per_shard, class_names=CLASS_NAMES, source=source,
-                     overwrite=overwrite) as writer:
-        with ImageLoader(vit_x.image_size, crop, workers, block) as loader:
-            for split, idx in order.items():
-                done = 0
-                for start, images in loader.blocks([paths[i] for i in idx]):
-                    rows_ = idx[start:start + len(images)]
-                    feats, mask = bert_x.tokens([texts[i] for i in rows_], max_tokens)
-                    n_tokens[rows_] = mask.sum(1)
-                    writer.append(split, {"image": vit_x(images).astype(np_dtype),
-                                          "text": feats.astype(np_dtype),
-                                          "label": labels[rows_], "sample_id": sample_ids[rows_]})
-                    done += len(rows_)
-                    if done == len(idx) or (start // loader.block) % 10 == 9:
-                        log(f"{split}: {done}/{len(idx)} samples written")
-        writer.meta["source"]["counts"]["tokens"] = {
-            s: _token_stats(n_tokens[i], max_tokens) for s, i in order.items()}
-    write_index(writer.root, ["sample_id", "split", "file", "id", "img_path", "n_tokens"],
-                [[int(i), s, *index[i], int(n_tokens[i])] for s, idx in order.items() for i in idx])
-    log(f"wrote {writer.root} in {time.perf_counter() - t0:.1f}s")
-    return writer.root
+    batches = _batches(order, texts, paths, labels, (bert_x, vit_x),
+                       {**options, "workers": workers, "block": block}, n_tokens, counts, log)
+    return converter.write(out, name, meta, batches, lambda: _index(index, order, n_tokens),
+                           samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _arguments(parser):
     parser.add_argument("--raw", required=True, help="dataset root (train.json, test.json, images)")
-    parser.add_argument("--out", required=True, help="output directory (dataset goes to <out>/<name>)")
-    parser.add_argument("--name", default="food101", help="dataset name (default food101)")
     parser.add_argument("--bert", required=True,
                         help="local Hugging Face BERT directory (config.json, weights, vocab.txt)")
     parser.add_argument("--vit", required=True,
@@ -328,18 +347,18 @@ def main(argv=None):
     parser.add_argument("--block", type=int, default=256, help="samples decoded and extracted per block")
     parser.add_argument("--skip-missing-images", action="store_true",
                         help="drop samples whose image file is missing (default: error)")
-    parser.add_argument("--samples-per-shard", type=int, help="default: about 1 GiB per shard")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    convert(args.raw, args.out, args.bert, args.vit, name=args.name,
-            split_files={"train": args.train_json, "test": args.test_json},
-            image_root=args.image_root, max_tokens=args.max_tokens, val_frac=args.val_frac,
-            seed=args.seed, dtype=args.dtype, vit_normalize=args.vit_normalize, crop=args.crop,
-            device=args.device, batch_size=args.batch_size, workers=args.workers, block=args.block,
-            skip_missing_images=args.skip_missing_images, samples_per_shard=args.samples_per_shard,
-            overwrite=args.overwrite,
-            log=lambda msg: print(f"[food101] {msg}", file=sys.stderr, flush=True))
-    return 0
+
+
+def _options(args):
+    """The parsed options as convert's keywords: the two split files become ``split_files``."""
+    options = vars(args)
+    options["split_files"] = {s: options.pop(f"{s}_json") for s in ("train", "test")}
+    return options
+
+
+def main(argv=None):
+    return converter.main(argv, prog="food101", doc=__doc__, arguments=_arguments, convert=convert,
+                          options=_options, name_default="food101", name_help="dataset name (default food101)")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ Choices the paper and the released loader leave open:
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import pathlib
 import sys
 import time
@@ -56,9 +56,7 @@ import time
 import h5py
 import numpy as np
 
-from data_prep import features
-from data_prep.image_io import write_index
-from data_prep.shards import ShardWriter
+from data_prep import converter, features
 
 SPLITS = {"trn": "train", "val": "val", "tst": "test"}      # file prefix -> shard split
 CLASS_NAMES = ["ang", "hap", "neu", "sad"]
@@ -77,6 +75,24 @@ def _decode(v):
     return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
 
+def _labels(lab, lab_path):
+    """(N, 4) one-hot rows or (N,) class indices -> int64 labels."""
+    if lab.ndim == 2 and lab.shape[1] == len(CLASS_NAMES):
+        one_hot = np.isin(lab, (0, 1)).all(1) & (lab.sum(1) == 1)
+        if not one_hot.all():
+            row = int(np.nonzero(~one_hot)[0][0])
+            raise ValueError(f"{lab_path}: row {row} = {lab[row].tolist()} is not one-hot")
+        return np.argmax(lab, axis=1).astype(np.int64)
+    if lab.ndim == 1 and lab.dtype.kind in "iu":
+        labels = lab.astype(np.int64)
+        bad = np.nonzero((labels < 0) | (labels >= len(CLASS_NAMES)))[0]
+        if len(bad):
+            raise ValueError(f"{lab_path}: row {bad[0]} = {labels[bad[0]]} is outside 0..3")
+        return labels
+    raise ValueError(f"{lab_path}: expected (N, 4) one-hot rows or (N,) class indices, got "
+                     f"{lab.dtype} {lab.shape}")
+
+
 def read_targets(target_dir, prefix):
     """-> (utterance ids, labels int64) of one split of one fold."""
     lab_path = target_dir / f"{prefix}_label.npy"
@@ -89,19 +105,7 @@ def read_targets(target_dir, prefix):
         names = np.load(ids_path, allow_pickle=True)
     except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"{target_dir}/{prefix}_*.npy: unreadable .npy ({e})") from e
-    if lab.ndim == 2 and lab.shape[1] == len(CLASS_NAMES):
-        if not (np.isin(lab, (0, 1)).all() and (lab.sum(1) == 1).all()):
-            row = int(np.nonzero(~(np.isin(lab, (0, 1)).all(1) & (lab.sum(1) == 1)))[0][0])
-            raise ValueError(f"{lab_path}: row {row} = {lab[row].tolist()} is not one-hot")
-        labels = np.argmax(lab, axis=1).astype(np.int64)
-    elif lab.ndim == 1 and lab.dtype.kind in "iu":
-        labels = lab.astype(np.int64)
-        bad = np.nonzero((labels < 0) | (labels >= len(CLASS_NAMES)))[0]
-        if len(bad):
-            raise ValueError(f"{lab_path}: row {bad[0]} = {labels[bad[0]]} is outside 0..3")
-    else:
-        raise ValueError(f"{lab_path}: expected (N, 4) one-hot rows or (N,) class indices, got "
-                         f"{lab.dtype} {lab.shape}")
+    labels = _labels(lab, lab_path)
     if names.ndim == 0 or len(names) != len(labels):
         raise ValueError(f"{ids_path}: {names.size if names.ndim else 0} ids, {lab_path.name} has "
                          f"{len(labels)} labels")
@@ -200,29 +204,31 @@ def _fit(x, length, truncate, counts, name):
     return out
 
 
-def convert(raw, out, name="iemocap", cv=1, feature_names=None, vision=True, lengths=None,
-            truncate=False, audio_norm="train", block=512, samples_per_shard=None, overwrite=False,
-            log=None) -> pathlib.Path:
-    """Convert IEMOCAP features (layout of the module docstring) into ``<out>/<name>/``."""
-    log = log or (lambda msg: None)
+# ---------------------------------------------------------------------------------------- read
+
+
+def _check_options(audio_norm, block, lengths):
     if audio_norm not in AUDIO_NORMS:
         raise ValueError(f"--audio-norm must be one of {AUDIO_NORMS}, got {audio_norm!r}")
     if block < 1:
         raise ValueError(f"--block must be >= 1, got {block}")
-    lengths = {**LENGTHS, **(lengths or {})}
     for m, n in lengths.items():
         if n < 1:
             raise ValueError(f"--{m}-len must be >= 1, got {n}")
-    names = {**DEFAULT_FEATURES, **(feature_names or {})}
-    mods = ["text", "audio"] + (["vision"] if vision else [])
-    raw = pathlib.Path(raw)
-    t0 = time.perf_counter()
+
+
+def _feature_paths(raw, names, mods):
     paths = {m: raw / FOLDERS[m] / f"{names[m]}.h5" for m in mods}
     for m, p in paths.items():
         if not p.is_file():
             hint = "; pass --no-vision to convert text and audio only" if m == "vision" else ""
             raise FileNotFoundError(f"{p}: {m} feature file not found{hint}")
-    target_dir = raw / "target" / str(cv)
+    return paths
+
+
+def _read_targets(target_dir, cv):
+    """The fold's three splits -> {prefix: (utterance ids, labels)}; an utterance in two splits
+    is an error."""
     if not target_dir.is_dir():
         raise FileNotFoundError(f"{target_dir}: target folder of fold --cv {cv} not found")
     targets = {p: read_targets(target_dir, p) for p in SPLITS}
@@ -233,122 +239,169 @@ def convert(raw, out, name="iemocap", cv=1, feature_names=None, vision=True, len
                 raise ValueError(f"{target_dir / (p + '_int2name.npy')}: utterance {u!r} already listed "
                                  f"in the {seen[u]} split")
             seen[u] = SPLITS[p]
+    return targets
 
-    files = {}
-    try:
-        for m in mods:
-            files[m] = FeatureFile(paths[m], m)
-        # 1. every utterance and shape checked before anything is read in full or written
-        lens = {m: {} for m in mods}
-        too_long = {m: [] for m in mods}
-        for p, (ids, _) in targets.items():
-            for u in ids:
-                for m in mods:
-                    t = files[m].check(u, SPLITS[p])
-                    lens[m][u] = t
-                    if t > lengths[m]:
-                        too_long[m].append(u)
-        for m in mods:
-            if too_long[m] and not truncate:
-                u = too_long[m][0]
-                raise ValueError(f"{paths[m]}: utterance {u!r} has {lens[m][u]} {m} frames, more than "
-                                 f"--{m}-len {lengths[m]} ({len(too_long[m])} utterance(s) in all); "
-                                 "pass --truncate to keep the first frames")
+
+def _check_lengths(files, paths, targets, lengths, truncate):
+    """Every utterance's shape in every feature file, checked without reading the data ->
+    {modality: {utterance: frames}}; a sequence longer than its length is an error unless
+    ``truncate``."""
+    lens = {m: {} for m in files}
+    too_long = {m: [] for m in files}
+    for p, (ids, _) in targets.items():
+        for u in ids:
+            for m, f in files.items():
+                lens[m][u] = f.check(u, SPLITS[p])
+                if lens[m][u] > lengths[m]:
+                    too_long[m].append(u)
+    for m in files:
+        if too_long[m] and not truncate:
+            u = too_long[m][0]
+            raise ValueError(f"{paths[m]}: utterance {u!r} has {lens[m][u]} {m} frames, more than "
+                             f"--{m}-len {lengths[m]} ({len(too_long[m])} utterance(s) in all); "
+                             "pass --truncate to keep the first frames")
+    return lens
+
+
+def _audio_norm(audio_norm, audio, train_utts, stats_path, cv):
+    """-> (mean, std or None, None; meta.json's audio_norm entry) for --audio-norm (module doc)."""
+    norm = {"method": audio_norm}
+    mean = std = None
+    if audio_norm == "train":
+        mean, std, frames = _fit_train_audio(audio, train_utts)
+        norm.update(rule="per-dimension mean / population std over every frame of every train "
+                         "utterance (float64); std 0 -> 1", frames=frames)
+    elif audio_norm == "file":
+        mean, std = _file_stats(stats_path, cv, audio.dim)
+        if (std <= 0).any() or not (np.isfinite(mean).all() and np.isfinite(std).all()):
+            raise ValueError(f"{stats_path}: group '{cv}': std must be finite and > 0")
+        norm.update(rule=f"the release's precomputed statistics of fold {cv}",
+                    file=features.abspath(stats_path))
+    elif audio_norm == "utt":
+        norm["rule"] = "per utterance: (x - mean_t) / std_t (unbiased, std 0 -> 1), the released 'utt'"
+    else:
+        norm["rule"] = "none: raw features"
+    if mean is not None:
+        norm["mean"] = [float(v) for v in mean]
+        norm["std"] = [float(v) for v in std]
+    return mean, std, norm
+
+
+# --------------------------------------------------------------------------------------- write
+
+
+def _source(raw, paths, target_dir, options, norm, counts):
+    cv = options["cv"]
+    return {
+        "converter": "data_prep.iemocap", "raw": features.abspath(raw), "cv": cv,
+        "files": {m: features.abspath(p) for m, p in paths.items()},
+        "targets": features.abspath(target_dir),
+        "options": options,
+        "audio_norm": norm,
+        "padding": "zeros after the last frame (after normalisation); lengths in samples.csv",
+        "label": {"rule": "argmax of the one-hot row of {split}_label.npy",
+                  "class_order": "ang 0, hap+exc 1, neu 2, sad 3"},
+        "class_descriptions": CLASS_DESCRIPTIONS,
+        "split": {"rule": f"fold {cv}: trn -> train, val -> val, tst -> test (the release's "
+                          "speaker-independent folds)"},
+        "counts": counts,
+        "sample_id": "running row number over trn, val, tst (0-based)",
+    }
+
+
+def _counts(targets, lens):
+    """meta.json source.counts; ``truncated`` is filled while writing."""
+    return {"splits": {SPLITS[p]: len(ids) for p, (ids, _) in targets.items()},
+            "per_class": {SPLITS[p]: np.bincount(lab, minlength=4).tolist() for p, (_, lab) in targets.items()},
+            "truncated": dict.fromkeys(lens, 0),
+            "empty": {m: int(sum(1 for t in lens[m].values() if t == 0)) for m in lens},
+            "length_max": {m: int(max(lens[m].values())) for m in lens}}
+
+
+def _normalise_audio(x, mean, std, audio_norm):
+    """One utterance's audio (T, d) float64, normalised by --audio-norm."""
+    if mean is not None:
+        return (x - mean) / std
+    if audio_norm == "utt" and len(x):
+        mu = x.mean(0)
+        sd = x.std(0, ddof=1) if len(x) > 1 else np.zeros_like(mu)
+        return (x - mu) / np.where(sd > 0, sd, 1.0)
+    return x
+
+
+def _batches(targets, files, lengths, truncate, norm, block, truncated, log):
+    """Each split in blocks of ``block`` utterances: features read, audio normalised
+    (``norm`` = (mean, std, method)), every sequence zero-padded (or truncated, counted in
+    ``truncated``) to its length."""
+    next_id = 0
+    for p, (ids, labels) in targets.items():
+        split = SPLITS[p]
+        for a in range(0, len(ids), block):
+            chunk = ids[a:a + block]
+            batch = {m: [] for m in files}
+            for u in chunk:
+                for m, f in files.items():
+                    x = _normalise_audio(f.read(u), *norm) if m == "audio" else f.read(u)
+                    batch[m].append(_fit(x, lengths[m], truncate, truncated, m))
+            arrays = {m: np.stack(v) for m, v in batch.items()}
+            arrays["label"] = labels[a:a + block]
+            arrays["sample_id"] = np.arange(next_id + a, next_id + a + len(chunk), dtype=np.int64)
+            yield split, arrays
+        next_id += len(ids)
+        log(f"{split}: {len(ids)} samples written")
+
+
+def _index(targets, lens):
+    rows, next_id = [], 0
+    for p, (ids, _) in targets.items():
+        rows += [[next_id + i, SPLITS[p], u] + [lens[m][u] if m in lens else "" for m in LENGTHS]
+                 for i, u in enumerate(ids)]
+        next_id += len(ids)
+    return {"samples.csv": (["sample_id", "split", "utterance", "text_len", "audio_len", "vision_len"], rows)}
+
+
+def convert(raw, out, name="iemocap", cv=1, feature_names=None, vision=True, lengths=None,
+            truncate=False, audio_norm="train", block=512, samples_per_shard=None, overwrite=False,
+            log=None) -> pathlib.Path:
+    """Convert IEMOCAP features (layout of the module docstring) into ``<out>/<name>/``."""
+    log = log or converter.no_log
+    lengths = {**LENGTHS, **(lengths or {})}
+    _check_options(audio_norm, block, lengths)
+    names = {**DEFAULT_FEATURES, **(feature_names or {})}
+    mods = ["text", "audio"] + (["vision"] if vision else [])
+    converter.check_output(out, name, overwrite)
+    raw = pathlib.Path(raw)
+    t0 = time.perf_counter()
+    paths = _feature_paths(raw, names, mods)
+    target_dir = raw / "target" / str(cv)
+    targets = _read_targets(target_dir, cv)
+    with contextlib.ExitStack() as stack:
+        files = {m: stack.enter_context(contextlib.closing(FeatureFile(paths[m], m))) for m in mods}
+        lens = _check_lengths(files, paths, targets, lengths, truncate)   # before anything is written
+        mean, std, norm = _audio_norm(audio_norm, files["audio"], targets["trn"][0],
+                                      raw / FOLDERS["audio"] / f"{names['audio']}_mean_std.h5", cv)
         dims = {m: files[m].dim for m in mods}
+        log(f"checked {sum(len(ids) for ids, _ in targets.values())} utterances; widths {dims}; "
+            f"audio norm {audio_norm} ({time.perf_counter() - t0:.1f}s)")
 
-        # 2. audio statistics
-        stats_path = raw / FOLDERS["audio"] / f"{names['audio']}_mean_std.h5"
-        norm = {"method": audio_norm}
-        mean = std = None
-        if audio_norm == "train":
-            mean, std, frames = _fit_train_audio(files["audio"], targets["trn"][0])
-            norm.update(rule="per-dimension mean / population std over every frame of every train "
-                             "utterance (float64); std 0 -> 1", frames=frames)
-        elif audio_norm == "file":
-            mean, std = _file_stats(stats_path, cv, dims["audio"])
-            if (std <= 0).any() or not (np.isfinite(mean).all() and np.isfinite(std).all()):
-                raise ValueError(f"{stats_path}: group '{cv}': std must be finite and > 0")
-            norm.update(rule=f"the release's precomputed statistics of fold {cv}",
-                        file=features.abspath(stats_path))
-        elif audio_norm == "utt":
-            norm["rule"] = "per utterance: (x - mean_t) / std_t (unbiased, std 0 -> 1), the released 'utt'"
-        else:
-            norm["rule"] = "none: raw features"
-        if mean is not None:
-            norm["mean"] = [float(v) for v in mean]
-            norm["std"] = [float(v) for v in std]
-        log(f"checked {len(seen)} utterances; widths {dims}; audio norm {audio_norm} "
-            f"({time.perf_counter() - t0:.1f}s)")
-
-        modalities = {m: {"kind": "sequence", "shape": [lengths[m], dims[m]], "dtype": "float32"}
-                      for m in mods}
-        all_labels = {SPLITS[p]: lab for p, (_, lab) in targets.items()}
-        truncated = dict.fromkeys(mods, 0)
-        source = {
-            "converter": "data_prep.iemocap", "raw": features.abspath(raw), "cv": cv,
-            "files": {m: features.abspath(p) for m, p in paths.items()},
-            "targets": features.abspath(target_dir),
-            "options": {"cv": cv, "features": {m: names[m] for m in mods}, "vision": vision,
-                        "lengths": {m: lengths[m] for m in mods}, "truncate": truncate,
-                        "audio_norm": audio_norm},
-            "audio_norm": norm,
-            "padding": "zeros after the last frame (after normalisation); lengths in samples.csv",
-            "label": {"rule": "argmax of the one-hot row of {split}_label.npy",
-                      "class_order": "ang 0, hap+exc 1, neu 2, sad 3"},
-            "class_descriptions": CLASS_DESCRIPTIONS,
-            "split": {"rule": f"fold {cv}: trn -> train, val -> val, tst -> test (the release's "
-                              "speaker-independent folds)"},
-            "counts": {"splits": {SPLITS[p]: len(ids) for p, (ids, _) in targets.items()},
-                       "per_class": {s: np.bincount(lab, minlength=4).tolist()
-                                     for s, lab in all_labels.items()},
-                       "truncated": truncated,
-                       "empty": {m: int(sum(1 for t in lens[m].values() if t == 0)) for m in mods},
-                       "length_max": {m: int(max(lens[m].values())) for m in mods}},
-            "sample_id": "running row number over trn, val, tst (0-based)",
-        }
-        index, next_id = [], 0
-        with ShardWriter(out, name, "classification", len(CLASS_NAMES), modalities,
-                         samples_per_shard=samples_per_shard, class_names=CLASS_NAMES, source=source,
-                         overwrite=overwrite) as writer:
-            for p, (ids, labels) in targets.items():
-                split = SPLITS[p]
-                for a in range(0, len(ids), block):
-                    chunk = ids[a:a + block]
-                    batch = {m: [] for m in mods}
-                    for u in chunk:
-                        for m in mods:
-                            x = files[m].read(u)
-                            if m == "audio":
-                                if mean is not None:
-                                    x = (x - mean) / std
-                                elif audio_norm == "utt" and len(x):
-                                    mu = x.mean(0)
-                                    sd = x.std(0, ddof=1) if len(x) > 1 else np.zeros_like(mu)
-                                    x = (x - mu) / np.where(sd > 0, sd, 1.0)
-                            batch[m].append(_fit(x, lengths[m], truncate, truncated, m))
-                    arrays = {m: np.stack(v) for m, v in batch.items()}
-                    arrays["label"] = labels[a:a + block]
-                    arrays["sample_id"] = np.arange(next_id + a, next_id + a + len(chunk), dtype=np.int64)
-                    writer.append(split, arrays)
-                index += [[next_id + i, split, u] + [lens[m][u] if m in lens else "" for m in LENGTHS]
-                          for i, u in enumerate(ids)]
-                next_id += len(ids)
-                log(f"{split}: {len(ids)} samples written")
-    finally:
-        for f in files.values():
-            f.close()
-    write_index(writer.root, ["sample_id", "split", "utterance", "text_len", "audio_len", "vision_len"],
-                index)
-    log(f"wrote {writer.root} in {time.perf_counter() - t0:.1f}s")
-    return writer.root
+        options = {"cv": cv, "features": {m: names[m] for m in mods}, "vision": vision,
+                   "lengths": {m: lengths[m] for m in mods}, "truncate": truncate, "audio_norm": audio_norm}
+        counts = _counts(targets, lens)
+        meta = converter.Meta("classification", len(CLASS_NAMES),
+                              {m: {"kind": "sequence", "shape": [lengths[m], dims[m]], "dtype": "float32"}
+                               for m in mods},
+                              _source(raw, paths, target_dir, options, norm, counts), class_names=CLASS_NAMES)
+        batches = _batches(targets, files, lengths, truncate, (mean, std, audio_norm), block,
+                           counts["truncated"], log)
+        return converter.write(out, name, meta, batches, lambda: _index(targets, lens),
+                               samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _arguments(parser):
     parser.add_argument("--raw", required=True, help="feature root (L/, A/, V/, target/)")
-    parser.add_argument("--out", required=True, help="output directory (dataset goes to <out>/<name>)")
-    parser.add_argument("--name", default="iemocap", help="dataset name (default iemocap)")
     parser.add_argument("--cv", type=int, default=1, help="cross-validation fold (target/<cv>/)")
     for m in ("text", "audio", "vision"):
         parser.add_argument(f"--{m}-feature", default=DEFAULT_FEATURES[m],
@@ -362,17 +415,20 @@ def main(argv=None):
                         help="train: fit mean/std on train (default); file: the release's "
                              "<audio>_mean_std.h5; utt: per utterance; none")
     parser.add_argument("--block", type=int, default=512, help="utterances written per batch")
-    parser.add_argument("--samples-per-shard", type=int, help="default: about 1 GiB per shard")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    convert(args.raw, args.out, name=args.name, cv=args.cv,
-            feature_names={m: getattr(args, f"{m}_feature") for m in ("text", "audio", "vision")},
-            vision=not args.no_vision,
-            lengths={m: getattr(args, f"{m}_len") for m in ("text", "audio", "vision")},
-            truncate=args.truncate, audio_norm=args.audio_norm, block=args.block,
-            samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
-            log=lambda msg: print(f"[iemocap] {msg}", file=sys.stderr, flush=True))
-    return 0
+
+
+def _options(args):
+    """The parsed options as convert's keywords: per-modality feature names and lengths as dicts."""
+    options = vars(args)
+    options["feature_names"] = {m: options.pop(f"{m}_feature") for m in ("text", "audio", "vision")}
+    options["lengths"] = {m: options.pop(f"{m}_len") for m in ("text", "audio", "vision")}
+    options["vision"] = not options.pop("no_vision")
+    return options
+
+
+def main(argv=None):
+    return converter.main(argv, prog="iemocap", doc=__doc__, arguments=_arguments, convert=convert,
+                          options=_options, name_default="iemocap", name_help="dataset name (default iemocap)")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ Choices the paper and the released loader leave open:
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import pickle
 import sys
@@ -45,9 +44,7 @@ import time
 
 import numpy as np
 
-from data_prep import features
-from data_prep.image_io import write_index
-from data_prep.shards import ShardWriter
+from data_prep import converter, features
 
 SPLITS = {"train": "train", "valid": "val", "test": "test"}    # pickle key -> shard split
 MODALITIES = ("text", "audio", "vision")
@@ -83,6 +80,40 @@ def _id_text(value):
     return str(value)
 
 
+def _array(where, split, m, n):
+    """``split[m]`` as a numeric array of ``n`` rows (``n`` None: the first key's rows)."""
+    if m not in split:
+        raise ValueError(f"{where}: missing key '{m}' (has {sorted(map(str, split))})")
+    try:
+        a = np.asarray(split[m])
+    except Exception as e:   # noqa: BLE001
+        raise ValueError(f"{where}, key '{m}': not an array ({e})") from e
+    if a.dtype.kind not in "fiub":
+        raise ValueError(f"{where}, key '{m}': dtype {a.dtype} is not numeric")
+    if m != LABEL_KEY and a.ndim != 3:
+        raise ValueError(f"{where}, key '{m}': expected (N, T, d), got shape {a.shape}")
+    if a.ndim == 0:
+        raise ValueError(f"{where}, key '{m}': expected N values, got a scalar")
+    if n is not None and a.shape[0] != n:
+        raise ValueError(f"{where}, key '{m}': {a.shape[0]} rows, key 'text' has {n}")
+    return a
+
+
+def _labels(where, lab, shape, label_range):
+    """(N, ...) labels -> float32 (N,): one finite value in [-R, R] per sample."""
+    n = len(lab)
+    lab = lab.reshape(n, -1)
+    if lab.shape[1] != 1:
+        raise ValueError(f"{where}, key '{LABEL_KEY}': {lab.shape[1]} values per sample "
+                         f"(shape {shape}); a sentiment score needs exactly 1")
+    lab = lab[:, 0].astype(np.float64)
+    bad = np.nonzero(~np.isfinite(lab) | (np.abs(lab) > label_range))[0]
+    if len(bad):
+        raise ValueError(f"{where}, key '{LABEL_KEY}': {len(bad)} value(s) not finite or outside "
+                         f"[-{label_range:g}, {label_range:g}], e.g. row {bad[0]} = {float(lab[bad[0]])!r}")
+    return lab.astype(np.float32)
+
+
 def check_split(path, key, split, label_range):
     """-> ({modality: float32 array}, labels float32 (N,), ids list or None, raw description)."""
     where = f"{path}: split '{key}'"
@@ -90,42 +121,18 @@ def check_split(path, key, split, label_range):
         raise ValueError(f"{where}: expected a dict of arrays, got {type(split).__name__}")
     arrays, desc, n = {}, {}, None
     for m in (*MODALITIES, LABEL_KEY):
-        if m not in split:
-            raise ValueError(f"{where}: missing key '{m}' (has {sorted(map(str, split))})")
-        try:
-            a = np.asarray(split[m])
-        except Exception as e:   # noqa: BLE001
-            raise ValueError(f"{where}, key '{m}': not an array ({e})") from e
-        if a.dtype.kind not in "fiub":
-            raise ValueError(f"{where}, key '{m}': dtype {a.dtype} is not numeric")
-        if m != LABEL_KEY and a.ndim != 3:
-            raise ValueError(f"{where}, key '{m}': expected (N, T, d), got shape {a.shape}")
-        if a.ndim == 0:
-            raise ValueError(f"{where}, key '{m}': expected N values, got a scalar")
-        if n is None:
-            n = a.shape[0]
-        elif a.shape[0] != n:
-            raise ValueError(f"{where}, key '{m}': {a.shape[0]} rows, key 'text' has {n}")
-        desc[m] = {"shape": list(a.shape), "dtype": str(a.dtype)}
-        arrays[m] = a
+        arrays[m] = _array(where, split, m, n)
+        n = arrays[m].shape[0]
+        desc[m] = {"shape": list(arrays[m].shape), "dtype": str(arrays[m].dtype)}
     if n == 0:
         raise ValueError(f"{where}: no samples")
-    lab = arrays.pop(LABEL_KEY).reshape(n, -1)
-    if lab.shape[1] != 1:
-        raise ValueError(f"{where}, key '{LABEL_KEY}': {lab.shape[1]} values per sample "
-                         f"(shape {desc[LABEL_KEY]['shape']}); a sentiment score needs exactly 1")
-    lab = lab[:, 0].astype(np.float64)
-    bad = np.nonzero(~np.isfinite(lab) | (np.abs(lab) > label_range))[0]
-    if len(bad):
-        raise ValueError(f"{where}, key '{LABEL_KEY}': {len(bad)} value(s) not finite or outside "
-                         f"[-{label_range:g}, {label_range:g}], e.g. row {bad[0]} = {float(lab[bad[0]])!r}")
+    labels = _labels(where, arrays.pop(LABEL_KEY), desc[LABEL_KEY]["shape"], label_range)
     ids = None
     if "id" in split:
-        raw_ids = split["id"]
-        if len(raw_ids) != n:
-            raise ValueError(f"{where}, key 'id': {len(raw_ids)} entries, the arrays have {n} rows")
-        ids = [_id_text(v) for v in raw_ids]
-    return arrays, lab.astype(np.float32), ids, desc
+        if len(split["id"]) != n:
+            raise ValueError(f"{where}, key 'id': {len(split['id'])} entries, the arrays have {n} rows")
+        ids = [_id_text(v) for v in split["id"]]
+    return arrays, labels, ids, desc
 
 
 def _scan(x, name, block):
@@ -152,16 +159,9 @@ def _clean(x, name, fix):
     return x
 
 
-def convert(pickle_path, out, name="mosi", fix_nonfinite=False, label_range=LABEL_RANGE, block=1024,
-            samples_per_shard=None, overwrite=False, log=None) -> pathlib.Path:
-    """Convert a MulT-layout CMU-MOSI pickle into ``<out>/<name>/`` (see the module docstring)."""
-    log = log or (lambda msg: None)
-    if block < 1:
-        raise ValueError(f"--block must be >= 1, got {block}")
-    if not label_range > 0:
-        raise ValueError(f"--label-range must be > 0, got {label_range}")
-    path = pathlib.Path(pickle_path)
-    t0 = time.perf_counter()
+def _read(path, label_range):
+    """The pickle's three splits, checked -> ({key: (arrays, labels, ids)}, raw descriptions,
+    the modalities' per-sample shapes, equal in every split)."""
     data = load_pickle(path)
     missing = [k for k in SPLITS if k not in data]
     if missing:
@@ -171,19 +171,20 @@ def convert(pickle_path, out, name="mosi", fix_nonfinite=False, label_range=LABE
         arrays, labels, ids, desc = check_split(path, key, data[key], label_range)
         for m in MODALITIES:
             shape = list(arrays[m].shape[1:])
-            if m not in shapes:
-                shapes[m] = (shape, key)
-            elif shapes[m][0] != shape:
+            first = shapes.setdefault(m, (shape, key))
+            if first[0] != shape:
                 raise ValueError(f"{path}: split '{key}', key '{m}': per-sample shape {shape} differs "
-                                 f"from {shapes[m][0]} in split '{shapes[m][1]}'")
+                                 f"from {first[0]} in split '{first[1]}'")
         splits[key] = (arrays, labels, ids)
         raw_desc[key] = desc
-    modalities = {m: {"kind": "sequence", "shape": shapes[m][0], "dtype": "float32"} for m in MODALITIES}
-    log(f"read {path}: " + ", ".join(f"{k} {len(splits[k][1])}" for k in SPLITS)
-        + "; shapes " + ", ".join(f"{m} {shapes[m][0]}" for m in MODALITIES))
+    return splits, raw_desc, {m: shape for m, (shape, _) in shapes.items()}
 
+
+def _count_nonfinite(path, splits, block, fix_nonfinite):
+    """Every value checked before anything is written -> the counts of meta.json source: audio
+    -inf set to 0, and other non-finite values (an error unless ``fix_nonfinite``)."""
     counts = {"audio_neg_inf_zeroed": {}, "nonfinite_zeroed": {}}
-    for key, split in SPLITS.items():     # every value checked before anything is written
+    for key, split in SPLITS.items():
         counts["nonfinite_zeroed"][split] = {}
         for m in MODALITIES:
             neg, other = _scan(splits[key][0][m], m, block)
@@ -194,9 +195,14 @@ def convert(pickle_path, out, name="mosi", fix_nonfinite=False, label_range=LABE
                                  f"(NaN / inf{'' if m == 'audio' else ' / -inf'}) after the cast to "
                                  "float32; pass --fix-nonfinite to set them to 0")
             counts["nonfinite_zeroed"][split][m] = other
-    source = {
+    return counts
+
+
+def _source(path, options, raw_desc, counts):
+    fix_nonfinite = options["fix_nonfinite"]
+    return {
         "converter": "data_prep.mosi", "raw": features.abspath(path),
-        "options": {"fix_nonfinite": fix_nonfinite, "label_range": label_range},
+        "options": options,
         "layout": "MulT pickle: {train, valid, test} x {text, audio, vision, labels[, id]}",
         "raw_arrays": raw_desc,
         "preprocessing": "cast to float32; audio -inf -> 0 (released CMUData); "
@@ -208,48 +214,72 @@ def convert(pickle_path, out, name="mosi", fix_nonfinite=False, label_range=LABE
         "counts": counts,
         "sample_id": "running row number over train, valid, test (0-based)",
     }
-    index, next_id = [], 0
-    with ShardWriter(out, name, "regression", 1, modalities, samples_per_shard=samples_per_shard,
-                     source=source, overwrite=overwrite) as writer:
-        for key, split in SPLITS.items():
-            arrays, labels, ids = splits[key]
-            n = len(labels)
-            for a in range(0, n, block):
-                b = min(n, a + block)
-                batch = {m: _clean(arrays[m][a:b], m, fix_nonfinite) for m in MODALITIES}
-                batch["label"] = labels[a:b]
-                batch["sample_id"] = np.arange(next_id + a, next_id + b, dtype=np.int64)
-                writer.append(split, batch)
-            source["label"]["range"][split] = [float(labels.min()), float(labels.max())]
-            index += [[next_id + i, split, i, ids[i] if ids is not None else ""] for i in range(n)]
-            next_id += n
-            log(f"{split}: {n} samples written ({counts['audio_neg_inf_zeroed'][split]} audio "
-                "-inf -> 0)")
-        counts["splits"] = {s: len(splits[k][1]) for k, s in SPLITS.items()}
-    write_index(writer.root, ["sample_id", "split", "index", "id"], index)
-    log(f"wrote {writer.root} in {time.perf_counter() - t0:.1f}s")
-    return writer.root
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pickle", required=True, help="MulT-layout pickle (e.g. mosi_data.pkl)")
-    parser.add_argument("--out", required=True, help="output directory (dataset goes to <out>/<name>)")
-    parser.add_argument("--name", default="mosi", help="dataset name (default mosi)")
+def _batches(splits, fix_nonfinite, block, source, log):
+    """Each split in blocks of ``block`` rows, cleaned (_clean); the label range of each split
+    and the split sizes go to ``source`` as they are written."""
+    next_id = 0
+    for key, split in SPLITS.items():
+        arrays, labels, _ = splits[key]
+        n = len(labels)
+        for a in range(0, n, block):
+            b = min(n, a + block)
+            batch = {m: _clean(arrays[m][a:b], m, fix_nonfinite) for m in MODALITIES}
+            batch["label"] = labels[a:b]
+            batch["sample_id"] = np.arange(next_id + a, next_id + b, dtype=np.int64)
+            yield split, batch
+        source["label"]["range"][split] = [float(labels.min()), float(labels.max())]
+        next_id += n
+        log(f"{split}: {n} samples written ({source['counts']['audio_neg_inf_zeroed'][split]} audio "
+            "-inf -> 0)")
+    source["counts"]["splits"] = {s: len(splits[k][1]) for k, s in SPLITS.items()}
+
+
+def _index(splits):
+    rows, next_id = [], 0
+    for key, split in SPLITS.items():
+        _, labels, ids = splits[key]
+        rows += [[next_id + i, split, i, ids[i] if ids is not None else ""] for i in range(len(labels))]
+        next_id += len(labels)
+    return {"samples.csv": (["sample_id", "split", "index", "id"], rows)}
+
+
+def convert(pickle_path, out, name="mosi", fix_nonfinite=False, label_range=LABEL_RANGE, block=1024,
+            samples_per_shard=None, overwrite=False, log=None) -> pathlib.Path:
+    """Convert a MulT-layout CMU-MOSI pickle into ``<out>/<name>/`` (see the module docstring)."""
+    log = log or converter.no_log
+    if block < 1:
+        raise ValueError(f"--block must be >= 1, got {block}")
+    if not label_range > 0:
+        raise ValueError(f"--label-range must be > 0, got {label_range}")
+    converter.check_output(out, name, overwrite)
+    path = pathlib.Path(pickle_path)
+    t0 = time.perf_counter()
+    splits, raw_desc, shapes = _read(path, label_range)
+    modalities = {m: {"kind": "sequence", "shape": shapes[m], "dtype": "float32"} for m in MODALITIES}
+    log(f"read {path}: " + ", ".join(f"{k} {len(splits[k][1])}" for k in SPLITS)
+        + "; shapes " + ", ".join(f"{m} {shapes[m]}" for m in MODALITIES))
+    counts = _count_nonfinite(path, splits, block, fix_nonfinite)
+    source = _source(path, {"fix_nonfinite": fix_nonfinite, "label_range": label_range}, raw_desc, counts)
+    return converter.write(out, name, converter.Meta("regression", 1, modalities, source),
+                           _batches(splits, fix_nonfinite, block, source, log), lambda: _index(splits),
+                           samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0)
+
+
+def _arguments(parser):
+    parser.add_argument("--pickle", dest="pickle_path", metavar="PICKLE", required=True,
+                        help="MulT-layout pickle (e.g. mosi_data.pkl)")
     parser.add_argument("--fix-nonfinite", action="store_true",
                         help="set NaN/inf values other than audio -inf to 0 (default: error)")
     parser.add_argument("--label-range", type=float, default=LABEL_RANGE,
                         help="labels must lie in [-R, R] (default 3)")
     parser.add_argument("--block", type=int, default=1024, help="rows written per batch")
-    parser.add_argument("--samples-per-shard", type=int, help="default: about 1 GiB per shard")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    convert(args.pickle, args.out, name=args.name, fix_nonfinite=args.fix_nonfinite,
-            label_range=args.label_range, block=args.block, samples_per_shard=args.samples_per_shard,
-            overwrite=args.overwrite,
-            log=lambda msg: print(f"[mosi] {msg}", file=sys.stderr, flush=True))
-    return 0
+
+
+def main(argv=None):
+    return converter.main(argv, prog="mosi", doc=__doc__, arguments=_arguments, convert=convert,
+                          name_default="mosi", name_help="dataset name (default mosi)")
 
 
 if __name__ == "__main__":
