@@ -152,87 +152,118 @@ def core_parameters(encoder):
     return list((encoder.core if hasattr(encoder, "core") else encoder).parameters())
 
 
-def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1, autocast=contextlib.nullcontext):
-    """One CGGM step. `state` carries metric_prev (M,) and, official, the previous step's direction
-    terms (c, vec_F, vecs); it is updated in place. Returns device tensors to log."""
-    names = model.modalities
+def forward_losses(model, batch, task, autocast):
+    """The forward: the fused prediction's task loss, and each classifier's loss on its (detached)
+    encoder output. Returns (task_loss, classifier losses in model.modalities order, {m: (h_m, f_m logits)})."""
     labels = batch["label"]
-    official = cfg["variant"] == "official"
     with autocast():
         out = model(batch)
         fused = model.fuse(out)
     fused = fused.float()
     task_loss = compute_task_loss(task, fused, labels)
-    clf_losses = [compute_task_loss(task, out[m][1].float(), labels) for m in names]
-    optimizer.zero_grad(set_to_none=True)
-    clf_optimizer.zero_grad(set_to_none=True)
+    clf_losses = [compute_task_loss(task, out[m][1].float(), labels) for m in model.modalities]
+    return task_loss, clf_losses, out
 
-    # classifier gradients and the global batch metrics (official: one backward does both parts)
-    hits_counts = batch_metric_counts_all(task, [out[m][1] for m in names], labels, official,
+
+def balance_coefficients(task, clf_logits, labels, metric_prev, cfg, world):
+    """Steps 3-4: the classifiers' metrics on the GLOBAL batch (counts all-reduced) and c_i from their
+    change since the previous step, clipped to `coeff_clip` if set. Returns (metric_now (M,) float64,
+    c (M,), whether S = sum d was degenerate)."""
+    official = cfg["variant"] == "official"
+    hits_counts = batch_metric_counts_all(task, clf_logits, labels, official,
                                           RELEASED_DICE_EPS if official else 0.0)
     if world > 1:
         dist.all_reduce(hits_counts)
     hits, counts = hits_counts.unbind(1)
     metric_now = hits / counts.clamp_min(1)
-    coeffs = modulation.balance_coefficients_tensor(metric_now, state["metric_prev"])
-    degenerate = modulation.balance_degenerate_tensor(metric_now, state["metric_prev"])
+    coeffs = modulation.balance_coefficients_tensor(metric_now, metric_prev)
+    degenerate = modulation.balance_degenerate_tensor(metric_now, metric_prev)
     if cfg["coeff_clip"]:
         coeffs = modulation.clip_coefficients(coeffs, *cfg["coeff_clip"])
-    scales = (cfg["rho"] * coeffs).float()   # rho * c_i: the encoder cores' multipliers (and paper's B_i)
-    clf_params = list(model.classifiers.parameters())
-    model_params = model.model_parameters()
-    lgm = torch.zeros((), device=labels.device)
-    if official:
-        loss = task_loss
-        lgm_grad = None
-        if cfg["direction"] and state["direction_prev"] is not None:
-            # the previous step's L_gm, at its own values (one evaluation: its value is logged, its
-            # gradient w.r.t. vec_F is added below — only F.out.weight gets it)
-            c_prev, vec_f_prev, vecs_prev = state["direction_prev"]
-            vec = vec_f_prev.detach().requires_grad_(True)
-            with torch.enable_grad():
-                lgm = modulation.direction_loss(c_prev, vec, vecs_prev)
-                (lgm_grad,) = torch.autograd.grad(lgm, vec)
-            lgm = lgm.detach()
-            loss = loss + cfg["lambda_gm"] * lgm
-        (task_loss + sum(clf_losses)).backward()
-        all_reduce_mean_([p.grad for p in model_params + clf_params if p.grad is not None], world)
-        if lgm_grad is not None:
-            model.head.out.weight.grad.add_(lgm_grad.view_as(model.head.out.weight), alpha=cfg["lambda_gm"])
-        if cfg["direction"]:   # this step's terms, copied (vecs stacked: one (M, n) tensor)
-            with torch.no_grad():
-                state["direction_prev"] = (coeffs.float(), model.head.out.weight.flatten().clone(),
-                                           torch.stack([model.classifiers[m].out.weight for m in names]).flatten(1))
-    else:
-        sum(clf_losses).backward()
-        all_reduce_mean_([p.grad for p in clf_params if p.grad is not None], world)
-        loss = task_loss
-        if cfg["direction"]:
-            vec_f = out_weight_grad(task_loss, model.head.out.weight, world).reshape(-1)
-            vecs = [model.classifiers[m].out.weight.grad.reshape(-1) for m in names]
-            lgm = modulation.direction_loss(scales, vec_f, vecs)
-            loss = loss + cfg["lambda_gm"] * lgm
-        loss.backward()
-        all_reduce_mean_([p.grad for p in model_params if p.grad is not None], world)
+    return metric_now, coeffs, degenerate
+
+
+def previous_direction_loss(direction_prev):
+    """Official: the previous step's L_gm at its own values, and its gradient w.r.t. vec_F (one
+    evaluation: the value is logged, the gradient is what F.out.weight receives)."""
+    c_prev, vec_f_prev, vecs_prev = direction_prev
+    vec = vec_f_prev.detach().requires_grad_(True)
+    with torch.enable_grad():
+        lgm = modulation.direction_loss(c_prev, vec, vecs_prev)
+        (lgm_grad,) = torch.autograd.grad(lgm, vec)
+    return lgm.detach(), lgm_grad
+
+
+def official_backward(model, model_params, task_loss, clf_losses, coeffs, state, cfg, world):
+    """Official steps 1-2 and 5: ONE backward of the task and classifier losses, all gradients
+    all-reduced in one bucket; the previous step's lambda_gm * L_gm joins the logged loss and its
+    gradient is added to F.out.weight; this step's direction terms (c, vec_F, the (M, n) vecs) are
+    stored in `state` for the next. Returns (loss, L_gm)."""
+    lgm = torch.zeros((), device=task_loss.device)
+    loss, lgm_grad = task_loss, None
+    if cfg["direction"] and state["direction_prev"] is not None:
+        lgm, lgm_grad = previous_direction_loss(state["direction_prev"])
+        loss = loss + cfg["lambda_gm"] * lgm
+    (task_loss + sum(clf_losses)).backward()
+    params = model_params + list(model.classifiers.parameters())
+    all_reduce_mean_([p.grad for p in params if p.grad is not None], world)
+    out_weight = model.head.out.weight
+    if lgm_grad is not None:
+        out_weight.grad.add_(lgm_grad.view_as(out_weight), alpha=cfg["lambda_gm"])
+    if cfg["direction"]:   # this step's terms, copied (vecs stacked: one (M, n) tensor)
+        clf_weights = [model.classifiers[m].out.weight for m in model.modalities]
+        with torch.no_grad():
+            state["direction_prev"] = (coeffs.float(), out_weight.flatten().clone(),
+                                       torch.stack(clf_weights).flatten(1))
+    return loss, lgm
+
+
+def paper_backward(model, model_params, task_loss, clf_losses, scales, cfg, world):
+    """Paper steps 1-2 and 5: the classifiers' backward first (their F.out-layer gradients are vec_i),
+    then one backward of task_loss + lambda_gm * L_gm, with vec_F = d task_loss / d F.out.weight
+    (differentiable, all-reduced) and B_i = rho * c_i inside L_gm. Returns (loss, L_gm)."""
+    lgm = torch.zeros((), device=task_loss.device)
+    sum(clf_losses).backward()
+    all_reduce_mean_([p.grad for p in model.classifiers.parameters() if p.grad is not None], world)
+    loss = task_loss
+    if cfg["direction"]:
+        vec_f = out_weight_grad(task_loss, model.head.out.weight, world).reshape(-1)
+        vecs = [model.classifiers[m].out.weight.grad.reshape(-1) for m in model.modalities]
+        lgm = modulation.direction_loss(scales, vec_f, vecs)
+        loss = loss + cfg["lambda_gm"] * lgm
+    loss.backward()
+    all_reduce_mean_([p.grad for p in model_params if p.grad is not None], world)
+    return loss, lgm
+
+
+def modulate_cores(model, scales, enabled):
+    """Step 4's edit: each encoder core's gradients times rho * c_i (one foreach multiply per core,
+    when `enabled`). Returns {m: the core's gradient norm after it} (the per-tensor norms of every
+    core in one foreach call, then one norm per modality)."""
+    names = model.modalities
     core_grads = {m: [p.grad for p in core_parameters(model.encoders[m]) if p.grad is not None] for m in names}
-    if cfg["modulation"]:   # one foreach multiply per encoder core (not one per tensor)
+    if enabled:
         for m, scale in zip(names, scales.unbind()):
             if core_grads[m]:
                 torch._foreach_mul_(core_grads[m], scale)
-    # what each encoder core receives: its gradient norm after rho*c_i, and after the global clip
-    # (the per-tensor norms of every core in one foreach call, then one norm per modality)
     all_core = [g for m in names for g in core_grads[m]]
     tensor_norms = iter(torch._foreach_norm(all_core, 2, dtype=torch.float32) if all_core else ())
-    core_norms = {m: torch.linalg.vector_norm(torch.stack([next(tensor_norms) for _ in core_grads[m]]))
-                  if core_grads[m] else torch.zeros((), device=labels.device) for m in names}
-    clf_optimizer.step()
-    if cfg["grad_clip"] > 0:
-        total = torch.nn.utils.clip_grad_norm_(model_params, cfg["grad_clip"])
-        clip_factor = (cfg["grad_clip"] / (total.float() + 1e-6)).clamp(max=1.0)
-    else:
-        clip_factor = torch.ones((), device=labels.device)
-    optimizer.step()
-    state["metric_prev"] = metric_now   # computed without gradient
+    return {m: torch.linalg.vector_norm(torch.stack([next(tensor_norms) for _ in core_grads[m]]))
+            if core_grads[m] else torch.zeros((), device=scales.device) for m in names}
+
+
+def clip_model_gradients(model_params, grad_clip, device):
+    """clip_grad_norm_ of the model (not the classifiers) when grad_clip > 0. Returns the factor the
+    gradients were scaled by (1 without clipping), for the logged core norms."""
+    if grad_clip > 0:
+        total = torch.nn.utils.clip_grad_norm_(model_params, grad_clip)
+        return (grad_clip / (total.float() + 1e-6)).clamp(max=1.0)
+    return torch.ones((), device=device)
+
+
+def step_stats(names, loss, task_loss, lgm, degenerate, coeffs, metric_now, clf_losses, core_norms, clip_factor):
+    """What a step logs: the losses, c_i (always, unclipped or not), the classifiers' losses and
+    metrics, each encoder core's gradient norm after rho * c_i and after the global clip."""
     stats = {"train/loss": loss.detach(), "train/task_loss": task_loss.detach(), "train/lgm": lgm.detach().float(),
              "train/coeff_degenerate": degenerate.float()}
     coeffs32, metrics32 = coeffs.float().unbind(), metric_now.float().unbind()
@@ -243,6 +274,33 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
         stats[f"{m}/grad_norm_core"] = core_norms[m]                        # after rho*c_i, before the clip
         stats[f"{m}/grad_norm_core_clipped"] = core_norms[m] * clip_factor  # what the optimiser receives
     return stats
+
+
+def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1, autocast=contextlib.nullcontext):
+    """One CGGM step (the module docstring's steps 1-6): forward and losses -> the classifiers'
+    global batch metrics and c_i -> the variant's backward (with L_gm) -> rho * c_i on the encoder
+    cores -> classifier step, global clip, model step. `state` carries metric_prev (M,) and,
+    official, the previous step's direction terms (c, vec_F, vecs); it is updated in place.
+    Returns device tensors to log."""
+    labels = batch["label"]
+    task_loss, clf_losses, out = forward_losses(model, batch, task, autocast)
+    optimizer.zero_grad(set_to_none=True)
+    clf_optimizer.zero_grad(set_to_none=True)
+    metric_now, coeffs, degenerate = balance_coefficients(task, [out[m][1] for m in model.modalities], labels,
+                                                          state["metric_prev"], cfg, world)
+    scales = (cfg["rho"] * coeffs).float()   # rho * c_i: the encoder cores' multipliers (and paper's B_i)
+    model_params = model.model_parameters()
+    if cfg["variant"] == "official":
+        loss, lgm = official_backward(model, model_params, task_loss, clf_losses, coeffs, state, cfg, world)
+    else:
+        loss, lgm = paper_backward(model, model_params, task_loss, clf_losses, scales, cfg, world)
+    core_norms = modulate_cores(model, scales, cfg["modulation"])
+    clf_optimizer.step()
+    clip_factor = clip_model_gradients(model_params, cfg["grad_clip"], labels.device)
+    optimizer.step()
+    state["metric_prev"] = metric_now   # computed without gradient
+    return step_stats(model.modalities, loss, task_loss, lgm, degenerate, coeffs, metric_now, clf_losses,
+                      core_norms, clip_factor)
 
 
 # ------------------------------------------------------------------------------------------------
