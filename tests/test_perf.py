@@ -70,6 +70,7 @@ def test_method_steps_never_synchronise_with_the_host(method, shape, row):
 
 
 @pytest.mark.slow
+@pytest.mark.integration   # perf starts step_time.py in a fresh process (not visible to the rule in conftest.py)
 def test_row_memory_probe_counts_the_step():
     # in a fresh process, as perf.py runs it (in a process that already freed memory, malloc reuses
     # resident pages and the high-water mark need not move)
