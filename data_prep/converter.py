@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
+import os
 import pathlib
 import sys
 import time
@@ -30,8 +32,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from data_prep import shards
+from data_prep.image_io import stratified_pick
 from data_prep.shards.format import META_NAME, TMP_PREFIX
-from data_prep.image_io import stratified_pick, write_index
 
 
 class InputError(ValueError):
@@ -113,6 +115,19 @@ class Meta:
     source: dict
     class_names: list | None = None
     label_shape: list | None = None
+
+
+def write_index(root, header, rows, name="samples.csv"):
+    """Write ``<root>/<name>``: one line per sample (sample_id, split, raw identifiers), so a
+    shard row can be traced back to its raw files. Written atomically after the shards."""
+    root = pathlib.Path(root)
+    tmp = root / f"{name}.tmp"
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, root / name)
+    return root / name
 
 
 def write(out, name, meta: Meta, batches: Iterable, index: Callable[[], dict], *, samples_per_shard=None,

@@ -4,7 +4,7 @@ CLI:
   python -m data_prep.from_arrays --out DIR --name NAME --modality NAME=SPEC [--modality ...]
       [--labels SPEC] [--task classification|regression]
       [--split-column SPEC | --split TRAIN,VAL,TEST --seed N]
-      [--samples-per-shard N] [--workers N] [--block N]
+      [--samples-per-shard N] [--workers N] [--block N] [--overwrite]
 
 One ``--modality NAME=SPEC`` per modality, in the dataset's modality order (the default update
 order of the alternating methods). NAME: letters, digits, underscores. SPEC is a path, then
@@ -63,12 +63,12 @@ the categories of each categorical column, the split rule and seed, and the coun
 Bad input is refused in one line, ``error: <file or flag>: <what>``, exit status 2, before
 anything is written: files that are missing or unreadable, an unknown option, column or array,
 rows that differ between inputs, a NaN in a label or a float modality, an empty split, and an
-output directory <out>/<name> that exists and is not empty (nothing already there is touched).
+output directory <out>/<name> that exists and is not empty (nothing already there is touched;
+--overwrite replaces the shards of an earlier conversion there).
 A file that fails to decode while the shards are written removes what this run wrote.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import pathlib
@@ -79,9 +79,10 @@ from contextlib import ExitStack
 
 import numpy as np
 
-from data_prep import shards
+from data_prep import converter, shards
+from data_prep.converter import InputError
 from data_prep.image_io import (NA_STRINGS, CsvColumnError, ImageLoader, ImageLoadError, csv_header, read_csv,
-                                stratified_pick, to_float, write_index, zscore_stats)
+                                to_float, zscore_stats)
 
 CONVERTER = "data_prep.from_arrays"
 ARRAY_KINDS = ("features", "sequence", "spectrogram", "image", "frames")
@@ -95,13 +96,6 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_GUESSED_CODES = 10   # an integer column with at most this many distinct values is categorical
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _DATASET_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-
-
-class InputError(ValueError):
-    """Bad input: ``str(err)`` is ``<file or flag>: <what>`` (printed as ``error: ...``, exit 2)."""
-
-    def __init__(self, where, what):
-        super().__init__(f"{where}: {what}")
 
 
 # ------------------------------------------------------------------------------------ specs
@@ -258,47 +252,49 @@ def read_column(spec, tables):
 # ------------------------------------------------------------------------------------- labels
 
 
-def make_labels(spec, tables, task):
-    """(labels array, task, class names or None, description) from --labels."""
+def _label_values(spec, tables):
+    """--labels -> (values: float64, int64 or str array, where, row namer); NaN, Inf or an empty
+    cell is refused."""
     values, where, row = read_column(spec, tables)
     if values.dtype == object:   # CSV text: numbers where every cell is one
         for i, v in enumerate(values):
             if v in NA_STRINGS:
                 raise InputError(where, f"{row(i)}: missing label {v!r}")
         nums = [to_float(v) for v in values]
-        if all(n is not None for n in nums):
-            values = np.array(nums, dtype=np.float64)
-        else:
-            values = values.astype(str)
+        values = np.array(nums, dtype=np.float64) if all(n is not None for n in nums) else values.astype(str)
     if values.dtype.kind in "US":
-        values = values.astype(str)
-    elif values.dtype.kind in "biuf":
-        values = values.astype(np.float64) if values.dtype.kind == "f" else values.astype(np.int64)
-        bad = np.flatnonzero(~np.isfinite(values)) if values.dtype.kind == "f" else []
-        if len(bad):
-            raise InputError(where, f"{row(int(bad[0]))}: label is {values[bad[0]].item()!r} (NaN and Inf are refused)")
-    else:
+        return values.astype(str), where
+    if values.dtype.kind not in "biuf":
         raise InputError(where, f"labels must be numbers or strings, got dtype {values.dtype}")
+    if values.dtype.kind != "f":
+        return values.astype(np.int64), where
+    values = values.astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise InputError(where, f"{row(int(bad[0]))}: label is {values[bad[0]].item()!r} (NaN and Inf are refused)")
+    return values, where
+
+
+def make_labels(spec, tables, task):
+    """(labels array, task, class names or None, description) from --labels."""
+    values, where = _label_values(spec, tables)
     numeric = values.dtype.kind in "if"
     integral = numeric and bool(np.all(values == np.round(values)))
-    guessed = task is None
+    guessed = " (guessed)" if task is None else ""
     if task is None:
         task = "regression" if numeric and not integral else "classification"
     if task == "regression":
         if not numeric:
             raise InputError("--task", f"regression needs numeric labels; {where} holds text (e.g. {values[0]!r})")
-        return values.astype(np.float32), task, None, f"{task}{' (guessed)' if guessed else ''}"
+        return values.astype(np.float32), task, None, f"{task}{guessed}"
     if numeric and not integral:
         first = values[np.flatnonzero(values != np.round(values))[0]]
         raise InputError("--task", f"classification needs integer or text labels; {where} holds {first!r}")
-    if numeric:
-        values = values.astype(np.int64)
-    classes, codes = np.unique(values, return_inverse=True)
+    classes, codes = np.unique(values.astype(np.int64) if numeric else values, return_inverse=True)
     if len(classes) < 2:
         raise InputError(where, f"only one class ({classes[0]!r}): classification needs two or more")
     names = [str(c) for c in classes.tolist()]
-    text = f"{task}{' (guessed)' if guessed else ''}, {len(names)} classes"
-    return codes.astype(np.int64), task, names, text
+    return codes.astype(np.int64), task, names, f"{task}{guessed}, {len(names)} classes"
 
 
 def make_split(labels, task, split_spec, fractions, seed, tables, n):
@@ -317,12 +313,7 @@ def make_split(labels, task, split_spec, fractions, seed, tables, n):
     else:
         frac_train, frac_val, frac_test = fractions
         strata = labels if task == "classification" else np.zeros(n, dtype=np.int64)
-        test = stratified_pick(strata, frac_test, np.random.default_rng([seed, 1]), min_picked=1, min_left=2)
-        rest = np.flatnonzero(~test)
-        val = np.zeros(n, dtype=bool)
-        val[rest[stratified_pick(strata[rest], frac_val / (frac_val + frac_train),
-                                 np.random.default_rng([seed, 2]), min_picked=1, min_left=1)]] = True
-        order = {"train": np.flatnonzero(~test & ~val), "val": np.flatnonzero(val), "test": np.flatnonzero(test)}
+        order = converter.stratified_split(strata, frac_test, frac_val / (frac_val + frac_train), seed)
         rule = {"rule": ("stratified per class" if task == "classification" else "random") +
                 ": test = frac_test of all (ceil), then val = frac_val / (frac_val + frac_train) of the "
                 "rest (ceil); per class floor(frac * n_c) topped up by largest remainder; indices "
@@ -382,6 +373,21 @@ def _check_finite(where, x):
         raise InputError(where, f"row {int(np.argmax(bad))} holds NaN or Inf (float data must be finite)")
 
 
+def _array_kind(spec, arr, inner):
+    """The kind of an array modality: ``:kind=``, else guessed from its rows -> (kind, guessed)."""
+    kind = spec.options.get("kind")
+    if kind is not None:
+        if kind not in ARRAY_KINDS:
+            raise InputError(spec.flag, f"kind={kind!r}: expected one of {', '.join(ARRAY_KINDS)}")
+        return kind, False
+    if len(inner) in (1, 2):
+        return ("features", "sequence")[len(inner) - 1], True
+    if len(inner) in (3, 4) and arr.dtype == np.uint8:
+        return ("image" if len(inner) == 3 else "frames"), True
+    raise InputError(spec.flag, f"cannot guess the kind of {arr.dtype} rows of shape {inner}: "
+                                f"add :kind= ({', '.join(ARRAY_KINDS)})")
+
+
 def array_modality(name, spec):
     key = spec.options.get("key", name)
     arr = load_array(spec, key)
@@ -393,20 +399,7 @@ def array_modality(name, spec):
     if arr.ndim == 1:
         arr = arr[:, None]
     inner = arr.shape[1:]
-    kind = spec.options.get("kind")
-    guessed = kind is None
-    if kind is None:
-        if len(inner) == 1:
-            kind = "features"
-        elif len(inner) == 2:
-            kind = "sequence"
-        elif len(inner) in (3, 4) and arr.dtype == np.uint8:
-            kind = "image" if len(inner) == 3 else "frames"
-        else:
-            raise InputError(spec.flag, f"cannot guess the kind of {arr.dtype} rows of shape {inner}: "
-                                        f"add :kind= ({', '.join(ARRAY_KINDS)})")
-    elif kind not in ARRAY_KINDS:
-        raise InputError(spec.flag, f"kind={kind!r}: expected one of {', '.join(ARRAY_KINDS)}")
+    kind, guessed = _array_kind(spec, arr, inner)
     if len(inner) != SAMPLE_RANK[kind]:
         raise InputError(where, f"kind {kind} needs rows of {SAMPLE_RANK[kind]} dims, got shape {inner}")
     if kind in ("image", "frames"):
@@ -427,13 +420,12 @@ def _is_number(v):
     return to_float(v) is not None
 
 
-def table_modality(name, spec, tables, used):
-    """A CSV table; ``used``: columns of this file taken by --labels / --split-column / image paths."""
-    path, flag = spec.path, spec.flag
-    header, lines, columns = tables.table(path)
+def _declared_columns(spec, header, columns, used):
+    """cont= and cat= of a table SPEC -> (continuous, categorical); each column must exist and be
+    no label, split or image-path column."""
+    flag, path = spec.flag, spec.path
     cont = _names(flag, spec.options["cont"], "cont") if "cont" in spec.options else []
     cat = _names(flag, spec.options["cat"], "cat") if "cat" in spec.options else []
-    guessed = "cont" not in spec.options and "cat" not in spec.options
     for col in cont + cat:
         if col not in columns:
             raise InputError(path, f"no column {col!r} (it has {', '.join(h for h in header if h)})")
@@ -442,23 +434,29 @@ def table_modality(name, spec, tables, used):
     both = [c for c in cont if c in cat]
     if both:
         raise InputError(flag, f"column {both[0]!r} is in both cont= and cat=")
-    for col in (cont + cat) if not guessed else [h for h in columns if h not in used]:
-        for i, v in enumerate(columns[col]):
-            if v in NA_STRINGS:
-                raise InputError(path, f"line {lines[i]}, column {col!r}: missing value {v!r} "
-                                       "(fill or drop the row first)")
-    if guessed:
-        for col in (h for h in columns if h not in used):
-            vals = columns[col]
-            numbers = [to_float(v) for v in vals] if all(_is_number(v) for v in vals) else None
-            if numbers is None or (all(x == round(x) for x in numbers) and len(set(numbers)) <= MAX_GUESSED_CODES):
-                cat.append(col)
-            else:
-                cont.append(col)
-        if not cont and not cat:
-            raise InputError(path, "no columns left for the table (all are used by --labels / --split-column)")
-    n = len(lines)
-    table = np.zeros((n, len(cont) + len(cat)), dtype=np.float32)
+    return cont, cat
+
+
+def _guessed_columns(path, columns, used):
+    """Every column not used by --labels / --split-column -> (continuous, categorical): a column
+    holding a non-number, or only integers with at most MAX_GUESSED_CODES values, is categorical."""
+    cont, cat = [], []
+    for col in (h for h in columns if h not in used):
+        vals = columns[col]
+        numbers = [to_float(v) for v in vals] if all(_is_number(v) for v in vals) else None
+        if numbers is None or (all(x == round(x) for x in numbers) and len(set(numbers)) <= MAX_GUESSED_CODES):
+            cat.append(col)
+        else:
+            cont.append(col)
+    if not cont and not cat:
+        raise InputError(path, "no columns left for the table (all are used by --labels / --split-column)")
+    return cont, cat
+
+
+def _table_values(path, lines, columns, cont, cat):
+    """-> (table (N, len(cont) + len(cat)) float32: continuous values, then category codes;
+    {categorical column: its sorted distinct values})."""
+    table = np.zeros((len(lines), len(cont) + len(cat)), dtype=np.float32)
     for j, col in enumerate(cont):
         for i, v in enumerate(columns[col]):
             x = to_float(v)
@@ -473,18 +471,38 @@ def table_modality(name, spec, tables, used):
         code = {v: k for k, v in enumerate(distinct)}
         table[:, len(cont) + j] = [code[v] for v in vals]
         categories[col] = distinct
-    shape = [len(cont) + len(cat)]
-    spec_meta = {"kind": "tabular", "shape": shape, "dtype": "float32", "continuous": cont,
+    return table, categories
+
+
+def table_modality(name, spec, tables, used):
+    """A CSV table; ``used``: columns of this file taken by --labels / --split-column / image paths."""
+    path = spec.path
+    header, lines, columns = tables.table(path)
+    guessed = "cont" not in spec.options and "cat" not in spec.options
+    cont, cat = _declared_columns(spec, header, columns, used)
+    for col in (cont + cat) if not guessed else [h for h in columns if h not in used]:
+        for i, v in enumerate(columns[col]):
+            if v in NA_STRINGS:
+                raise InputError(path, f"line {lines[i]}, column {col!r}: missing value {v!r} "
+                                       "(fill or drop the row first)")
+    if guessed:
+        cont, cat = _guessed_columns(path, columns, used)
+    table, categories = _table_values(path, lines, columns, cont, cat)
+    spec_meta = {"kind": "tabular", "shape": [len(cont) + len(cat)], "dtype": "float32", "continuous": cont,
                  "categorical": {c: len(categories[c]) for c in cat}}
+    source = {"file": str(path), "columns_guessed": guessed, "continuous": cont, "categorical": cat,
+              "categories": categories}
+    return Modality(name, spec_meta, source, data=table,
+                    summary=_table_summary(name, path, cont, cat, categories, guessed))
+
+
+def _table_summary(name, path, cont, cat, categories, guessed):
+    """The printed line of a table; guessed columns add the --modality that reproduces them."""
     reuse = ":".join([str(path)] + ([f"cont={','.join(cont)}"] if cont else []) + ([f"cat={','.join(cat)}"] if cat else []))
     summary = (f"tabular from {path}: continuous{' (guessed)' if guessed else ''} "
                f"{', '.join(cont) or '-'}; categorical{' (guessed)' if guessed else ''} "
                + (", ".join(f"{c} ({len(categories[c])})" for c in cat) or "-"))
-    if guessed:
-        summary += f"\n    to fix these: --modality {name}={reuse}"
-    source = {"file": str(path), "columns_guessed": guessed, "continuous": cont, "categorical": cat,
-              "categories": categories}
-    return Modality(name, spec_meta, source, data=table, summary=summary)
+    return summary + (f"\n    to fix these: --modality {name}={reuse}" if guessed else "")
 
 
 def _image_files(folder):
@@ -551,30 +569,22 @@ def standardize_stats(mod, train_idx):
 # ---------------------------------------------------------------------------------- converting
 
 
-def convert(out, name, modalities, labels=None, task=None, split_column=None, split=None, seed=0,
-            samples_per_shard=None, workers=0, block=512, log=print) -> pathlib.Path:
-    """Convert the inputs into ``<out>/<name>/`` (see the module docstring).
-
-    ``modalities``: ``["NAME=SPEC", ...]``; ``labels`` / ``split_column``: per-sample SPECs;
-    ``split``: "TRAIN,VAL,TEST" fractions (default 0.7,0.15,0.15); ``task``: None = guessed.
-    Raises InputError (``<file or flag>: <what>``) before anything is written."""
-    t0 = time.perf_counter()
+def _check_arguments(out, name, modalities, task, split_column, split, overwrite):
+    """The refusals that need no input file -> the split fractions."""
     if not name or not _DATASET_RE.match(name):
         raise InputError("--name", f"{name!r} must be letters, digits, '_', '-' and '.'")
-    root = pathlib.Path(out) / name
-    if pathlib.Path(out).exists() and not pathlib.Path(out).is_dir():
-        raise InputError("--out", f"{out} exists and is not a directory")
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise InputError("--out", f"{root} exists and is not empty (nothing was written; choose "
-                                  "another --name or --out, or remove it)")
+    converter.check_output(out, name, overwrite)
     if not modalities:
         raise InputError("--modality", "give at least one modality (--modality NAME=SPEC)")
     if task not in (None, "classification", "regression"):
         raise InputError("--task", f"expected classification or regression, got {task!r}")
     if split_column is not None and split is not None:
         raise InputError("--split", "give either --split-column or --split, not both")
-    fractions = parse_fractions(split) if split is not None else DEFAULT_SPLIT
+    return parse_fractions(split) if split is not None else DEFAULT_SPLIT
 
+
+def _parse_specs(modalities, labels, split_column):
+    """-> ([(name, Spec)] of the modalities, the --labels Spec or None, the --split-column Spec or None)."""
     parsed = [parse_modality(m) for m in modalities]
     names = [n for n, _ in parsed]
     dup = [n for n in names if names.count(n) > 1]
@@ -582,8 +592,11 @@ def convert(out, name, modalities, labels=None, task=None, split_column=None, sp
         raise InputError(f"--modality {dup[0]}", "modality named twice")
     label_spec = parse_column_spec("--labels", labels) if labels is not None else None
     split_spec = parse_column_spec("--split-column", split_column) if split_column is not None else None
+    return parsed, label_spec, split_spec
 
-    # columns of each CSV that are not features
+
+def _used_columns(parsed, label_spec, split_spec):
+    """{CSV file: {column: what uses it}} of the columns that are not features."""
     used = {}
     for what, s in (("the label column", label_spec), ("the split column", split_spec)):
         if s is not None and s.form == "csv":
@@ -591,8 +604,11 @@ def convert(out, name, modalities, labels=None, task=None, split_column=None, sp
     for n, s in parsed:
         if s.form == "csv" and "path" in s.options:
             used.setdefault(s.path.resolve(), {})[s.options["path"]] = f"the image paths of {n}"
+    return used
 
-    tables = Tables()
+
+def _read_modalities(parsed, used, tables):
+    """Every modality read and checked: the same number of rows, every image file there."""
     mods = []
     for n, s in parsed:
         if s.form == "dir":
@@ -603,63 +619,56 @@ def convert(out, name, modalities, labels=None, task=None, split_column=None, sp
             mods.append(table_modality(n, s, tables, used.get(s.path.resolve(), {})))
         else:
             mods.append(array_modality(n, s))
-
-    rows = mods[0].rows
     for m in mods[1:]:
-        if m.rows != rows:
-            raise InputError(f"--modality {m.name}", f"{m.rows} rows, but {mods[0].name} has {rows}")
-
-    images = [m for m in mods if m.paths is not None]
-    for m in images:
+        if m.rows != mods[0].rows:
+            raise InputError(f"--modality {m.name}", f"{m.rows} rows, but {mods[0].name} has {mods[0].rows}")
+    for m in (m for m in mods if m.paths is not None):
         missing = [p for p in m.paths if not pathlib.Path(p).is_file()]
         if missing:
             where = m.source.get("folder") or m.source["file"]
             shown = ", ".join(missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
             raise InputError(where, f"{len(missing)} image file(s) not found: {shown}")
+    return mods
 
+
+def _folder_labels(folders, label_spec, task):
+    """The labels of the class folders of an image folder (all such modalities must agree)."""
+    first = folders[0]
+    if label_spec is not None:
+        raise InputError("--labels", f"the labels come from the class folders of {first.source['folder']}; "
+                                     "leave --labels out")
+    for m in folders[1:]:
+        if m.class_names != first.class_names or not np.array_equal(m.labels, first.labels):
+            raise InputError(f"--modality {m.name}", f"its class folders do not match those of "
+                                                     f"{first.name} (same classes and counts needed)")
+    if task == "regression":
+        raise InputError("--task", "the class folders of an image folder make a classification task")
+    if len(first.class_names) < 2:
+        raise InputError(first.source["folder"], "only one class folder: classification needs two or more")
+    text = f"classification, {len(first.class_names)} classes from the class folders of {first.source['folder']}"
+    return (first.labels, "classification", first.class_names, text,
+            {"from": "class folders", "folder": first.source["folder"]})
+
+
+def _labels(mods, label_spec, task, tables):
+    """-> (labels, task, class names or None, printed description, meta.json source.labels)."""
     folders = [m for m in mods if m.labels is not None]
     if folders:
-        if label_spec is not None:
-            raise InputError("--labels", f"the labels come from the class folders of {folders[0].source['folder']}; "
-                                         "leave --labels out")
-        for m in folders[1:]:
-            if m.class_names != folders[0].class_names or not np.array_equal(m.labels, folders[0].labels):
-                raise InputError(f"--modality {m.name}", f"its class folders do not match those of "
-                                                         f"{folders[0].name} (same classes and counts needed)")
-        if task == "regression":
-            raise InputError("--task", "the class folders of an image folder make a classification task")
-        y, task, class_names = folders[0].labels, "classification", folders[0].class_names
-        label_text = f"classification, {len(class_names)} classes from the class folders of {folders[0].source['folder']}"
-        label_source = {"from": "class folders", "folder": folders[0].source["folder"]}
-        if len(class_names) < 2:
-            raise InputError(folders[0].source["folder"], "only one class folder: classification needs two or more")
-    else:
-        if label_spec is None:
-            raise InputError("--labels", "required (a per-sample SPEC), unless a modality is a folder of class folders")
-        task_guessed = task is None
-        y, task, class_names, label_text = make_labels(label_spec, tables, task)
-        if len(y) != rows:
-            raise InputError("--labels", f"{len(y)} labels, but the modalities have {rows} rows")
-        label_source = {"file": str(label_spec.path), **label_spec.options, "task_guessed": task_guessed}
-        if class_names:
-            label_text += f": {', '.join(class_names[:10])}{', ...' if len(class_names) > 10 else ''}"
+        return _folder_labels(folders, label_spec, task)
+    if label_spec is None:
+        raise InputError("--labels", "required (a per-sample SPEC), unless a modality is a folder of class folders")
+    task_guessed = task is None
+    y, task, class_names, label_text = make_labels(label_spec, tables, task)
+    if len(y) != mods[0].rows:
+        raise InputError("--labels", f"{len(y)} labels, but the modalities have {mods[0].rows} rows")
+    if class_names:
+        label_text += f": {', '.join(class_names[:10])}{', ...' if len(class_names) > 10 else ''}"
+    return y, task, class_names, label_text, {"file": str(label_spec.path), **label_spec.options,
+                                              "task_guessed": task_guessed}
 
-    order, split_rule = make_split(y, task, split_spec, fractions, seed, tables, rows)
-    for m in mods:
-        stats = standardize_stats(m, order["train"])
-        if stats is not None:
-            m.spec["standardize"] = stats
 
-    for m in mods:
-        log(f"{m.name}: {m.summary}")
-    log(f"labels: {label_text}")
-    counts = {s: int(len(order[s])) for s in SPLITS}
-    how = (f"from {split_rule['column']}" if split_rule["rule"] == "given" else
-           f"fractions {','.join(f'{f:g}' for f in fractions)}, seed {seed}"
-           + (" (stratified)" if task == "classification" else ""))
-    log(f"split: {how}: train {counts['train']}, val {counts['val']}, test {counts['test']}")
-
-    source = {
+def _source(mods, label_source, split_rule, counts):
+    return {
         "converter": CONVERTER,
         "inputs": {m.name: m.source for m in mods},
         "labels": label_source,
@@ -670,53 +679,76 @@ def convert(out, name, modalities, labels=None, task=None, split_column=None, sp
                                 "the loader standardises when the run config says standardize: true"},
         "sample_id": "the row index of the inputs",
     }
-    modalities_meta = {m.name: m.spec for m in mods}
-    with shards.ShardWriter(out, name, task, len(class_names) if class_names else 1, modalities_meta,
-                            samples_per_shard=samples_per_shard, class_names=class_names,
-                            source=source) as writer, ExitStack() as stack:
-        loaders = {m.name: stack.enter_context(ImageLoader(m.size, m.crop, workers, block)) for m in images}
-        for s in SPLITS:
-            write_split(writer, s, order[s], mods, y, loaders, block)
-    split_of = np.empty(rows, dtype=object)
+
+
+def _batches(order, mods, y, workers, block):
+    """Every split in blocks of ``block`` rows; image modalities decoded block by block, each by
+    its ImageLoader."""
+    with ExitStack() as stack:
+        loaders = {m.name: stack.enter_context(ImageLoader(m.size, m.crop, workers, block))
+                   for m in mods if m.paths is not None}
+        for split in SPLITS:
+            idx = order[split]
+            images = {m.name: loaders[m.name].blocks([m.paths[i] for i in idx]) for m in mods if m.paths is not None}
+            for start in range(0, len(idx), block):
+                rows = idx[start:start + block]
+                batch = {"label": y[rows], "sample_id": rows.astype(np.int64)}
+                for m in mods:
+                    batch[m.name] = next(images[m.name])[1] if m.paths is not None else m.data[rows]
+                yield split, batch
+
+
+def _index(mods, order):
+    images = [m for m in mods if m.paths is not None]
+    split_of = np.empty(mods[0].rows, dtype=object)
     for s in SPLITS:
         split_of[order[s]] = s
-    write_index(writer.root, ["sample_id", "split", *[f"{m.name}_path" for m in images]],
-                [[i, split_of[i], *[m.paths[i] for m in images]] for i in range(rows)])
-    shards.validate(writer.root)
-    log(f"wrote {writer.root} ({rows} samples, {len(mods)} modalities, task {task}) in "
-        f"{time.perf_counter() - t0:.1f}s; validated")
-    return writer.root
+    return {"samples.csv": (["sample_id", "split", *[f"{m.name}_path" for m in images]],
+                            [[i, split_of[i], *[m.paths[i] for m in images]] for i in range(mods[0].rows)])}
 
 
-def write_split(writer, split, idx, mods, y, loaders, block):
-    """Append the samples ``idx`` of ``split`` in blocks of ``block`` rows; image modalities are
-    decoded block by block by their ImageLoader (``loaders``: {name: loader})."""
-    images = {m.name: loaders[m.name].blocks([m.paths[i] for i in idx]) for m in mods if m.paths is not None}
-    for start in range(0, len(idx), block):
-        rows = idx[start:start + block]
-        batch = {"label": y[rows], "sample_id": rows.astype(np.int64)}
-        for m in mods:
-            batch[m.name] = next(images[m.name])[1] if m.paths is not None else m.data[rows]
-        writer.append(split, batch)
+def convert(out, name, modalities, labels=None, task=None, split_column=None, split=None, seed=0,
+            samples_per_shard=None, workers=0, block=512, overwrite=False, log=print) -> pathlib.Path:
+    """Convert the inputs into ``<out>/<name>/`` (see the module docstring).
+
+    ``modalities``: ``["NAME=SPEC", ...]``; ``labels`` / ``split_column``: per-sample SPECs;
+    ``split``: "TRAIN,VAL,TEST" fractions (default 0.7,0.15,0.15); ``task``: None = guessed.
+    Raises InputError (``<file or flag>: <what>``), or FileExistsError for an output directory
+    that is not empty (``--out: ...``; ``overwrite`` replaces its shards), before anything is written."""
+    t0 = time.perf_counter()
+    fractions = _check_arguments(out, name, modalities, task, split_column, split, overwrite)
+    parsed, label_spec, split_spec = _parse_specs(modalities, labels, split_column)
+    tables = Tables()
+    mods = _read_modalities(parsed, _used_columns(parsed, label_spec, split_spec), tables)
+    y, task, class_names, label_text, label_source = _labels(mods, label_spec, task, tables)
+    rows = mods[0].rows
+
+    order, split_rule = make_split(y, task, split_spec, fractions, seed, tables, rows)
+    for m in mods:
+        stats = standardize_stats(m, order["train"])
+        if stats is not None:
+            m.spec["standardize"] = stats
+    for m in mods:
+        log(f"{m.name}: {m.summary}")
+    log(f"labels: {label_text}")
+    counts = {s: int(len(order[s])) for s in SPLITS}
+    how = (f"from {split_rule['column']}" if split_rule["rule"] == "given" else
+           f"fractions {','.join(f'{f:g}' for f in fractions)}, seed {seed}"
+           + (" (stratified)" if task == "classification" else ""))
+    log(f"split: {how}: train {counts['train']}, val {counts['val']}, test {counts['test']}")
+
+    meta = converter.Meta(task, len(class_names) if class_names else 1, {m.name: m.spec for m in mods},
+                          _source(mods, label_source, split_rule, counts), class_names=class_names)
+    return converter.write(out, name, meta, _batches(order, mods, y, workers, block), lambda: _index(mods, order),
+                           samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0,
+                           validate=True, what=f"{rows} samples, {len(mods)} modalities, task {task}")
 
 
 # ---------------------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):   # one line, exit 2, as every other refusal
-        required = "the following arguments are required: "
-        if message.startswith(required):
-            message = f"{message[len(required):]}: required"
-        self.exit(2, f"error: {message}\n")
-
-
-def main(argv=None):
-    parser = _Parser(prog="python -m data_prep.from_arrays", description=__doc__.split("\n\n")[0],
-                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output directory (the dataset goes to <out>/<name>)")
-    parser.add_argument("--name", required=True, help="dataset name (letters, digits, _ - .)")
-    parser.add_argument("--modality", action="append", default=[], metavar="NAME=SPEC",
+def _arguments(parser):
+    parser.add_argument("--modality", dest="modalities", action="append", default=[], metavar="NAME=SPEC",
                         help="one modality: a .npy/.npz array, a CSV table, a CSV of image paths, "
                              "or a folder of images per class (repeat, in modality order)")
     parser.add_argument("--labels", metavar="SPEC", help="FILE.npy | FILE.npz:key=K | FILE.csv:column=C "
@@ -725,23 +757,14 @@ def main(argv=None):
     parser.add_argument("--split-column", metavar="SPEC", help="per-sample train/val/test (same SPEC forms as --labels)")
     parser.add_argument("--split", metavar="TRAIN,VAL,TEST", help="fractions (default 0.7,0.15,0.15)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --split fractions")
-    parser.add_argument("--samples-per-shard", type=int, help="default: about 1 GiB per shard")
     parser.add_argument("--workers", type=int, default=0, help="image decoding processes (0: in-process)")
     parser.add_argument("--block", type=int, default=512, help="samples written (and images decoded) per block")
-    args = parser.parse_args(argv)
-    for flag, value, low in (("--samples-per-shard", args.samples_per_shard, 1), ("--workers", args.workers, 0),
-                             ("--block", args.block, 1)):
-        if value is not None and value < low:
-            parser.error(f"{flag}: must be >= {low}, got {value}")
-    try:
-        convert(args.out, args.name, args.modality, labels=args.labels, task=args.task,
-                split_column=args.split_column, split=args.split, seed=args.seed,
-                samples_per_shard=args.samples_per_shard, workers=args.workers, block=args.block,
-                log=lambda msg: print(f"[from_arrays] {msg}", flush=True))
-    except (InputError, ImageLoadError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+
+def main(argv=None):
+    return converter.main(argv, prog="from_arrays", doc=__doc__, arguments=_arguments, convert=convert,
+                          name_required=True, name_help="dataset name (letters, digits, _ - .)", log_to="stdout",
+                          refusals=(InputError, ImageLoadError, FileNotFoundError, FileExistsError))
 
 
 if __name__ == "__main__":

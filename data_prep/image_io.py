@@ -351,23 +351,6 @@ def drop_missing(paths, skip, where, name_of, log):
     return missing
 
 
-# --------------------------------------------------------------------------------------- index
-
-
-def write_index(root, header, rows, name="samples.csv"):
-    """Write ``<root>/<name>``: one line per sample (sample_id, split, raw identifiers), so a
-    shard row can be traced back to its raw files. Written atomically after the shards."""
-    root = pathlib.Path(root)
-    tmp = root / f"{name}.tmp"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, root / name)
-    return root / name
-
-
-
 # ------------------------------------------------------------------------- image + table converters
 
 
