@@ -7,16 +7,24 @@
     python scripts/summarize.py --trace runs/cggm_av/off_s0 runs/cggm_av/official_s0
 The first reads <dir>/joint_<flavour>/result.json and <dir>/unimodal_<flavour>/<modality>/result.json;
 the second groups <dir>/<config>_s<seed>/result.json by config and prints mean ± std (over seeds)
-of the test accuracy of each modality and of the fused prediction (the model each run selected on
-validation: fused accuracy unless the run says `--select_on modality_mean`), and, for the weakest modality (lowest Bayes limit), its best validation
-accuracy over all epochs (from metrics.jsonl): what the method taught that modality at any point,
-whether or not model selection kept it. The third reads CGGM's TensorBoard scalars (each logged
+of the test accuracy of each modality's head (`<m>: head`, the method's own per-modality output:
+what it is differs by method, docs/evaluation.md) and of the fused prediction (the model each run
+selected on validation: fused accuracy unless the run says `--select_on modality_mean`), for the
+weakest modality (lowest Bayes limit) its head's best validation accuracy over all epochs (from
+metrics.jsonl): what the method taught that modality at any point, whether or not model selection
+kept it, and the two readings that mean the same for every method, from each run's
+evaluation.json (train.evaluate): `fused, only <m>`, the fused test accuracy with every other
+modality absent, and `Shapley <m>`, m's Shapley contribution to the fused test accuracy (a row
+whose runs are not all evaluated shows "-" there, and a line under the table gives the command that
+fills it). The third reads CGGM's TensorBoard scalars (each logged
 value is the mean over `log_every` steps) and prints, per config, the median over logged values and
 seeds of each modality's c_i and the share of steps where the accuracy changes summed to zero.
 The fourth compares configs seed by seed: for the seeds that <dir>/<A>_s<seed> and <dir>/<B>_s<seed>
 both finished, the weakest modality's test accuracy and best validation accuracy at any epoch of
 each, the paired difference A − B per seed, and over seeds the mean ± std of the differences (with
-the standard error of the mean, std/√n) and how many seeds A is above, tied with and below B (the first config against each of the others).
+the standard error of the mean, std/√n) and how many seeds A is above, tied with and below B (the first config against each of the others),
+then the same for the uniform readings `fused, only <m>` and `Shapley <m>` of that modality when
+every compared run has its evaluation.json (else a line saying which runs to evaluate).
 The fifth traces CGGM runs epoch by epoch from TensorBoard (best with `--log_every 1`: then every
 value is one step's): per modality the median of rho·c_i, the share of steps with c_i < -0.001
 (gradient ascent on that encoder when modulation is on), |c_i| <= 0.001 (no gradient: with two
@@ -25,8 +33,9 @@ did not change) and rho·c_i < 1 (its gradient shrunk), the classifier's mean ba
 standard deviation of its step-to-step change d_i, and the classifier's validation accuracy at the
 end of the epoch (metrics.jsonl); a last row `all` covers the whole run.
 
-Every file it reads (result.json, metrics.jsonl, config.yaml, jobs.txt) goes through read_result,
-read_jsonl, read_yaml (train/runfiles.py) or jobs_listed (scripts/report.py reads them through the same functions): a
+Every file it reads (result.json, metrics.jsonl, config.yaml, jobs.txt, evaluation.json) goes through
+read_result, read_jsonl, read_yaml (train/runfiles.py), jobs_listed or read_evaluation (scripts/report.py
+reads them through the same functions, evaluation.json through train.evaluate.stored_evaluation): a
 file that is not UTF-8, not JSON/YAML, or of the wrong top-level type ends the program with ONE line
 on stderr, `error: <file>: <what is wrong>` (metrics.jsonl: with the line number), and exit status
 2, as train/loop.py refuses bad input. A metrics.jsonl whose LAST line is cut short (a run killed
@@ -39,9 +48,18 @@ from collections import defaultdict
 from pathlib import Path
 
 from train.config import ConfigError
-from train.runfiles import read_json, read_jsonl, read_text, read_yaml
+from train.runfiles import json_type, read_json, read_jsonl, read_text, read_yaml
 
 RESULT = "a result.json of train/loop.py"
+EVALUATION_FILE = "evaluation.json"
+EVALUATION = "an evaluation.json of train.evaluate"
+#: what the columns of the comparison tables are (summarize --ablation, report.py's summary)
+READINGS = ("`<m>: head`: the method's own output for modality m, which differs by method (joint, OGM-GE: m's "
+            "block of the fused layer; IGM: m's own head; MLA, GAAL: the shared head on m's features; MMPareto: "
+            "its unimodal head; CGGM: its classifier on m's detached features; a unimodal run: the model itself; "
+            "docs/evaluation.md). `fused, only <m>`: the fused model with every other modality absent; "
+            "`Shapley <m>`: m's Shapley contribution to the fused metric (both from train.evaluate's "
+            "evaluation.json): the same reading for every method.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,6 +77,82 @@ def jobs_listed(root) -> list | None:
     if not jobs.is_file():
         return None
     return [line.split()[0] for line in read_text(jobs).splitlines() if line.strip()]
+
+
+def read_evaluation(run_dir, split: str = "test") -> dict | None:
+    """The `split` entry of <run_dir>/evaluation.json (train.evaluate), None without the file or the
+    entry; ConfigError naming the file when it is not JSON or the entry not an object (the checks of
+    train.evaluate.stored_evaluation, which needs torch)."""
+    path = Path(run_dir) / EVALUATION_FILE
+    if not path.is_file():
+        return None
+    entry = read_json(path, EVALUATION).get(split)
+    if entry is not None and not isinstance(entry, dict):
+        raise ConfigError(f"{path}: its {split!r} entry is a JSON {json_type(entry)}, not an object (not {EVALUATION})")
+    return entry
+
+
+# --------------------------------------------------------------------------------------------------
+# The readings that mean the same for every method (docs/evaluation.md): a method's own per-modality
+# output ("head") is a block of the fused layer for one method, a separately trained head for
+# another, so only the fused model with modalities absent and the Shapley values compare across them.
+
+def uniform_readings(entry: dict, where) -> dict:
+    """{"only": {m: the fused metric with m the only modality present}, "shapley": {m: phi_m}, "absent":
+    the rule that stood for an absent modality (mean, zero)} of one evaluation.json entry (for
+    regression the fused MAE and the Shapley values of −MAE); ConfigError
+    naming `where` when the entry is not in train.evaluate's layout."""
+    try:
+        key = entry["shapley"]["metric"].lstrip("-")
+        only = {row["present"][0]: float(row["fused"][key]) for row in entry["subsets"] if len(row["present"]) == 1}
+        shapley = {m: float(value) for m, value in entry["shapley"]["values"].items()}
+        absent = str(entry.get("rules", {}).get("absent", "?"))
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{where}: not the layout of train.evaluate ({type(err).__name__}: {err})") from None
+    return {"only": only, "shapley": shapley, "absent": absent}
+
+
+def run_readings(run_dirs: list, split: str = "test") -> tuple[list, list]:
+    """(uniform_readings of each run directory that has an evaluation.json entry for `split`, the
+    run directories that have none)."""
+    readings, missing = [], []
+    for run_dir in run_dirs:
+        entry = read_evaluation(run_dir, split)
+        if entry is None:
+            missing.append(Path(run_dir))
+        else:
+            readings.append(uniform_readings(entry, Path(run_dir) / EVALUATION_FILE))
+    return readings, missing
+
+
+def uniform_headings(modalities: list) -> list[str]:
+    return [f"fused, only {m}" for m in modalities] + [f"Shapley {m}" for m in modalities]
+
+
+def uniform_cells(readings: list, missing: list, modalities: list, format_cell) -> list[str]:
+    """The cells under uniform_headings for one row of runs: format_cell(values over the runs), "-"
+    where some run has no evaluation (`missing`) or lacks the modality (a unimodal run)."""
+    cells = []
+    for kind in ("only", "shapley"):
+        for m in modalities:
+            values = [r[kind][m] for r in readings if m in r[kind]]
+            cells.append(format_cell(values) if values and not missing and len(values) == len(readings) else "-")
+    return cells
+
+
+def fill_hint(missing: list) -> str:
+    """The line saying which runs lack an evaluation.json and the command that fills them."""
+    dirs = list(dict.fromkeys(str(d) for d in missing))
+    return (f"{len(dirs)} run(s) without an evaluation.json: fill them with `python -m train.evaluate "
+            f"{' '.join(dirs)}`, then run this again.")
+
+
+def cell(values: list, digits: int = 3) -> str:
+    """mean ± sample std over seeds (0 for one value); "-" for none."""
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,39 +190,54 @@ def in_listed_order(groups: dict, root: str) -> dict:
     return dict(sorted(groups.items(), key=lambda kv: listed.index(kv[0]) if kv[0] in listed else len(listed)))
 
 
-def ablation(root: str) -> None:
+def ablation_runs(root: str) -> dict:
+    """{config: [(run directory, its result.json)]} of <root>/<config>_s<seed>, in the listed order."""
     groups = defaultdict(list)
     for result_file in sorted(Path(root).glob("*_s*/result.json")):
         config = result_file.parent.name.rsplit("_s", 1)[0]
-        groups[config].append(read_result(result_file))
+        groups[config].append((result_file.parent, read_result(result_file)))
     if not groups:
         raise SystemExit(f"no <config>_s<seed>/result.json under {root}")
-    groups = in_listed_order(groups, root)
-    first = max((r for results in groups.values() for r in results), key=lambda r: len(r["test"]))
+    return in_listed_order(groups, root)
+
+
+def ablation_head_cells(runs: list, names: list, weak: str) -> list[str]:
+    """The cells of one row's own readings: each modality's head and the fused prediction (test
+    accuracy; "-" where a run lacks the modality: a unimodal reference row), then the weak modality's
+    head's best validation accuracy at any epoch."""
+    cells = [cell([r["test"][n]["acc"] for _, r in runs]) if all(n in r["test"] for _, r in runs) else "-"
+             for n in names]
+    return cells + [cell([best_val_any_epoch(run_dir, weak) for run_dir, r in runs if weak in r["test"]])]
+
+
+def ablation(root: str) -> None:
+    groups = ablation_runs(root)
+    results = [r for runs in groups.values() for _, r in runs]
+    first = max(results, key=lambda r: len(r["test"]))
     names = list(first["test"])
-    weak = weakest_modality(first, [r for results in groups.values() for r in results])
+    modalities = [n for n in names if n != "fused"]
+    weak = weakest_modality(first, results)
 
     def heading(n):
         limit = bayes_limit(first, n)
-        return n if limit is None else f"{n} (Bayes {limit:.3f})"
-
-    def cell(values):
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.3f} ± {std:.3f}"
-    rows = []   # every metrics.jsonl read before the table is printed (a corrupt one: no half table)
-    for config, results in groups.items():
-        # a run without some modality (a unimodal reference row) shows "-" there
-        cells = [cell([r["test"][n]["acc"] for r in results]) if all(n in r["test"] for r in results) else "-"
-                 for n in names]
-        best_val = []
-        for r in results:
-            if weak in r["test"]:
-                best_val.append(best_val_any_epoch(Path(r["run_dir"]), weak))
-        rows.append(f"| {config} | {len(results)} | " + " | ".join(cells)
-                    + f" | {cell(best_val) if best_val else '-'} |")
-    print("| run | seeds | " + " | ".join(heading(n) for n in names) + f" | {weak}: best val, any epoch |")
-    print("|---|---|" + "---|" * (len(names) + 1))
+        label = n if n == "fused" else f"{n}: head"
+        return label if limit is None else f"{label} (Bayes {limit:.3f})"
+    rows, unevaluated, absent = [], [], set()   # every file read before the table is printed (a corrupt one: no half table)
+    for config, runs in groups.items():
+        readings, missing = run_readings([run_dir for run_dir, _ in runs])
+        unevaluated += missing
+        absent |= {r["absent"] for r in readings}
+        cells = ablation_head_cells(runs, names, weak) + uniform_cells(readings, missing, modalities, cell)
+        rows.append(f"| {config} | {len(runs)} | " + " | ".join(cells) + " |")
+    print("| run | seeds | " + " | ".join(heading(n) for n in names) + f" | {weak}: head, best val, any epoch | "
+          + " | ".join(uniform_headings(modalities)) + " |")
+    print("|---|---|" + "---|" * (len(names) + 1 + 2 * len(modalities)))
     print("\n".join(rows))
+    rule = f" (train.evaluate --absent {', '.join(sorted(absent))})" if absent else ""
+    print(f"\n{READINGS} Test accuracy, mean ± std over seeds; absent modalities{rule}: ABSENT_RULES of "
+          f"train/evaluate.py; `{weak}: head, best val, any epoch` from metrics.jsonl.")
+    if unevaluated:
+        print("`-` under `fused, only <m>` / `Shapley <m>`: " + fill_hint(unevaluated))
 
 
 def weakest_modality(result: dict, runs: list | None = None) -> str:
@@ -184,23 +293,49 @@ def paired_stats(diffs: list) -> dict:
             "below": sum(d < 0 for d in diffs)}
 
 
+def paired_uniform_rows(root: str, a: str, b: str, modality: str, seeds: list) -> tuple[list, list]:
+    """([(seed, fused_only_a, fused_only_b, shapley_a, shapley_b)] of `modality` over `seeds`, from the
+    runs' evaluation.json, and the run directories without one (then no rows)."""
+    dirs = [Path(root) / f"{config}_s{seed}" for seed in seeds for config in (a, b)]
+    readings, missing = run_readings(dirs)
+    if missing:
+        return [], missing
+    for run_dir, reading in zip(dirs, readings):
+        if modality not in reading["only"] or modality not in reading["shapley"]:
+            raise ConfigError(f"{run_dir / EVALUATION_FILE}: no {modality} among its modalities (its result.json has it)")
+    return [(seed, ra["only"][modality], rb["only"][modality], ra["shapley"][modality], rb["shapley"][modality])
+            for seed, ra, rb in zip(seeds, readings[0::2], readings[1::2])], []
+
+
+def print_paired(a: str, b: str, readings: list, rows: list) -> None:
+    """A seed-by-seed table of two readings (a value of A, of B and A − B each); rows: (seed, a_1, b_1,
+    a_2, b_2). Under it, per reading, the paired_stats of A − B."""
+    print("| seed | " + " | ".join(f"{a}: {r} | {b}: {r} | {r}: {a} − {b}" for r in readings) + " |")
+    print("|---|" + "---|---|---|" * len(readings))
+    for seed, *values in rows:
+        pairs = list(zip(values[0::2], values[1::2]))
+        print(f"| {seed} | " + " | ".join(f"{va:.4f} | {vb:.4f} | {va - vb:+.4f}" for va, vb in pairs) + " |")
+    stats = [paired_stats([row[1 + 2 * i] - row[2 + 2 * i] for row in rows]) for i in range(len(readings))]
+    # each reading's statistic goes under its A − B column (the third of its three)
+    print(f"| mean ± std (standard error), {stats[0]['n']} pairs "
+          + "".join(f"| | | {s['mean']:+.4f} ± {s['std']:.4f} ({s['se']:.4f}) " for s in stats) + "|")
+    print(f"| {a} above / tied / below " + "".join(f"| | | {s['above']} / {s['tied']} / {s['below']} " for s in stats) + "|")
+
+
 def paired(root: str, configs: list, modality: str | None = None) -> None:
     if len(configs) < 2:
         raise SystemExit("--paired DIR A B [C ...]: at least two configs")
     a = configs[0]
     for b in configs[1:]:
         m, rows = paired_rows(root, a, b, modality)
-        print(f"\n{m}, {a} against {b} (same seed), accuracy:\n")
-        print(f"| seed | {a}: test | {b}: test | test: {a} − {b} | {a}: best val | {b}: best val "
-              f"| best val: {a} − {b} |")
-        print("|---|---|---|---|---|---|---|")
-        for seed, ta, tb, va, vb in rows:
-            print(f"| {seed} | {ta:.4f} | {tb:.4f} | {ta - tb:+.4f} | {va:.4f} | {vb:.4f} | {va - vb:+.4f} |")
-        test, val = paired_stats([r[1] - r[2] for r in rows]), paired_stats([r[3] - r[4] for r in rows])
-        print(f"| mean ± std (standard error), {test['n']} pairs | | | {test['mean']:+.4f} ± {test['std']:.4f} "
-              f"({test['se']:.4f}) | | | {val['mean']:+.4f} ± {val['std']:.4f} ({val['se']:.4f}) |")
-        print(f"| {a} above / tied / below | | | {test['above']} / {test['tied']} / {test['below']} | | "
-              f"| {val['above']} / {val['tied']} / {val['below']} |")
+        uniform, missing = paired_uniform_rows(root, a, b, m, [row[0] for row in rows])
+        print(f"\n{m}: head, {a} against {b} (same seed), accuracy:\n")
+        print_paired(a, b, ["test", "best val"], rows)
+        print(f"\n{m}: the readings the same for every method (evaluation.json), {a} against {b} (same seed):\n")
+        if missing:
+            print(fill_hint(missing))
+        else:
+            print_paired(a, b, [f"fused, only {m}", f"Shapley {m}"], uniform)
 
 
 def read_scalars(tb_dir: Path, keep) -> dict:

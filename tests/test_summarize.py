@@ -1,6 +1,7 @@
 """scripts/summarize.py --paired and --trace on synthetic run directories (result.json, metrics.jsonl,
 TensorBoard scalars)."""
 import importlib.util
+import itertools
 import json
 import statistics
 import subprocess
@@ -121,13 +122,80 @@ def test_ablation_and_baselines_without_bayes_limits(tmp_path, capsys):
             "image": {"acc": 0.5 + seed / 10}, "table": {"acc": 0.9}, "fused": {"acc": 0.96}}}) + "\n")
     summarize.ablation(str(tmp_path / "abl"))
     out = capsys.readouterr().out
-    assert "| run | seeds | image | table | fused | image: best val, any epoch |" in out
+    assert "| run | seeds | image: head | table: head | fused | image: head, best val, any epoch |" in out
     assert "| official | 2 | 0.560 ± 0.014 | 0.940 ± 0.014 | 0.970 ± 0.000 | 0.550 ± 0.071 |" in out
     joint = tmp_path / "base" / "joint_mine"
     joint.mkdir(parents=True)
     (joint / "result.json").write_text(json.dumps({"bayes_accuracy": None, "test": {"image": {"acc": 0.5}}}))
     summarize.main(str(tmp_path / "base"))
     assert "| mine | image | - | 0.500 | - | - |" in capsys.readouterr().out
+
+
+def fake_evaluation(run_dir: Path, only: dict, shapley: dict) -> None:
+    """An evaluation.json of train.evaluate's layout (test split): the fused accuracy with each single
+    modality present is `only[m]`, the Shapley values `shapley`; every other subset 0.5."""
+    modalities = list(shapley)
+    subsets = []
+    for k in range(len(modalities) + 1):
+        for present in itertools.combinations(modalities, k):
+            acc = only[present[0]] if len(present) == 1 else 0.5
+            subsets.append({"present": list(present), "absent": [m for m in modalities if m not in present],
+                            "fused": {"acc": acc, "macro_f1": acc}})
+    entry = {"modalities": modalities, "subsets": subsets,
+             "shapley": {"metric": "acc", "values": shapley, "v_all": 0.97, "v_empty": 0.1}}
+    (run_dir / "evaluation.json").write_text(json.dumps({"run_dir": str(run_dir), "test": entry}))
+
+
+def test_ablation_adds_the_readings_that_are_the_same_for_every_method(runs, capsys):
+    """Besides each method's own head, every modality gets `fused, only <m>` and `Shapley <m>` from
+    evaluation.json (mean ± std over seeds); a row with a run not evaluated shows "-" there and the
+    line under the table names the runs and the command that fills them; a unimodal row shows "-" for
+    the modality it lacks."""
+    for seed, (image, table, phi) in enumerate([(0.45, 0.90, 0.20), (0.47, 0.92, 0.22), (0.49, 0.94, 0.24)]):
+        fake_evaluation(runs / f"A_s{seed}", {"image": image, "table": table}, {"image": phi, "table": 0.6})
+    fake_evaluation(runs / "A_s3", {"image": 0.45, "table": 0.90}, {"image": 0.2, "table": 0.6})
+    fake_evaluation(runs / "B_s0", {"image": 0.40, "table": 0.95}, {"image": 0.1, "table": 0.7})   # B_s1 ... not
+    alone = runs / "image_alone_s0"
+    alone.mkdir()
+    (alone / "result.json").write_text(json.dumps({"run_dir": str(alone), "bayes_accuracy": BAYES,
+                                                   "test": {"image": {"acc": 0.56}, "fused": {"acc": 0.56}}}))
+    (alone / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 10, "val": {
+        "image": {"acc": 0.55}, "fused": {"acc": 0.55}}}) + "\n")
+    fake_evaluation(alone, {"image": 0.56}, {"image": 0.46})
+    summarize.ablation(str(runs))
+    out = capsys.readouterr().out
+    assert ("| run | seeds | image: head (Bayes 0.645) | table: head (Bayes 0.951) | fused (Bayes 0.978) "
+            "| image: head, best val, any epoch | fused, only image | fused, only table | Shapley image "
+            "| Shapley table |") in out
+    assert "|---|---|" + "---|" * 8 + "\n" in out
+    assert ("| A | 4 | 0.635 ± 0.177 | 0.950 ± 0.000 | 0.970 ± 0.000 | 0.672 ± 0.152 "
+            "| 0.465 ± 0.019 | 0.915 ± 0.019 | 0.215 ± 0.019 | 0.600 ± 0.000 |") in out
+    assert "| B | 4 | 0.430 ± 0.220 | 0.950 ± 0.000 | 0.970 ± 0.000 | 0.450 ± 0.234 | - | - | - | - |" in out
+    assert "| image_alone | 1 | 0.560 ± 0.000 | - | 0.560 ± 0.000 | 0.550 ± 0.000 | 0.560 ± 0.000 | - | 0.460 ± 0.000 | - |" in out
+    assert "| A_long | 1 |" in out and "`fused, only <m>`: the fused model with every other modality absent" in out
+    missing = [runs / name for name in ("B_s1", "B_s2", "B_s4", "A_long_s0")]
+    hint = out.strip().splitlines()[-1]
+    assert hint.startswith("`-` under `fused, only <m>` / `Shapley <m>`: 4 run(s) without an evaluation.json")
+    assert sorted(hint.split("`python -m train.evaluate ")[1].split("`")[0].split()) == sorted(map(str, missing))
+
+
+def test_paired_adds_the_uniform_readings_of_the_compared_modality(runs, capsys):
+    """--paired: after the heads' table, the same seed-by-seed comparison of `fused, only <m>` and
+    `Shapley <m>` from evaluation.json; without every run evaluated, the command that fills them."""
+    summarize.paired(str(runs), ["A", "B"])
+    out = capsys.readouterr().out
+    assert "image: head, A against B (same seed), accuracy:" in out
+    assert "fill them with `python -m train.evaluate " in out
+    for seed, (a, b) in enumerate([(0.45, 0.40), (0.47, 0.44), (0.49, 0.49)]):
+        fake_evaluation(runs / f"A_s{seed}", {"image": a, "table": 0.9}, {"image": a / 2, "table": 0.6})
+        fake_evaluation(runs / f"B_s{seed}", {"image": b, "table": 0.9}, {"image": b / 2, "table": 0.6})
+    summarize.paired(str(runs), ["A", "B"])
+    out = capsys.readouterr().out.split("the readings the same for every method (evaluation.json)", 1)[1]
+    assert ("| seed | A: fused, only image | B: fused, only image | fused, only image: A − B | A: Shapley image "
+            "| B: Shapley image | Shapley image: A − B |") in out
+    assert "| 0 | 0.4500 | 0.4000 | +0.0500 | 0.2250 | 0.2000 | +0.0250 |" in out
+    assert "| mean ± std (standard error), 3 pairs | | | +0.0267 ± 0.0252 (0.0145) | | | +0.0133 ± 0.0126 (0.0073) |" in out
+    assert "| A above / tied / below | | | 2 / 1 / 0 | | | 2 / 1 / 0 |" in out
 
 
 def run_summarize(*args):
@@ -142,10 +210,15 @@ def run_summarize(*args):
     ("--paired", "B_s0", "metrics.jsonl", lambda text: text.replace("}\n", "\n", 1)),   # line 1 cut, line 2 whole
     ("--ablation", "A_s2", "metrics.jsonl", lambda text: text.replace("\n", "\n\"a\"\n", 1)),
     ("--ablation", ".", "jobs.txt", lambda text: "A_s0\n\udcff\n"),
+    ("--ablation", "A_s1", "evaluation.json", lambda text: '{"test": {"rules": {"ab'),         # cut short
+    ("--ablation", "A_s1", "evaluation.json", lambda text: '{"test": []}'),
+    ("--ablation", "B_s2", "evaluation.json", lambda text: '{"test": {"subsets": []}}'),     # no shapley
+    ("--paired", "B_s1", "evaluation.json", lambda text: '{"test": {"shapley": {"metric": "acc"}, "subsets": []}}'),
 ])
 def test_a_corrupt_run_file_is_refused_in_one_line(runs, mode, run, name, corrupt):
     """summarize.py on a truncated result.json, a cut metrics.jsonl line that is not the last, a jobs
-    list that is not text: exit 2, one `error:` line naming the file, no traceback."""
+    list that is not text, an evaluation.json cut short or not of train.evaluate's layout: exit 2, one
+    `error:` line naming the file, no traceback."""
     path = runs / run / name
     text = path.read_text() if path.is_file() else ""
     path.write_bytes(corrupt(text).encode("utf-8", "surrogateescape"))
