@@ -112,3 +112,38 @@ def pytest_runtest_protocol(item, nextitem):
     finally:
         _unit_test_running.clear()
 # ==================================================================================== end: test tiers
+
+
+# ====================================================================================================
+# Converter test helpers (tests/test_converters_*.py, tests/test_from_arrays.py): read back what a
+# converter wrote, and write small CSV inputs. Imported as `from tests.conftest import ...`; the
+# shard reader is imported inside, so collecting the other tests does not load it.
+import csv
+
+
+def read_shards(root, standardize=False):
+    """Validate the dataset ``root`` -> (meta, {split: {field: numpy array of every sample}})."""
+    from data_prep.shards import ShardDataset, validate
+    meta = validate(root)
+    out = {}
+    for split in meta["splits"]:
+        ds = ShardDataset(root, split, meta=meta, standardize=standardize)
+        out[split] = {k: v.numpy() for k, v in ds[list(range(len(ds)))].items()}
+    return meta, out
+
+
+def read_samples(root):
+    """``<root>/samples.csv`` -> {sample_id: row as a dict}."""
+    with open(Path(root) / "samples.csv", newline="", encoding="utf-8") as f:
+        return {int(r["sample_id"]): r for r in csv.DictReader(f)}
+
+
+def write_csv(path, header, rows):
+    """A CSV file (folders created); ``header`` None: no header row, as some raw lists have none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        if header:
+            w.writerow(header)
+        w.writerows(rows)
+# ========================================================================== end: converter helpers

@@ -10,30 +10,11 @@ from PIL import Image
 
 from data_prep import audio, crema_d, kinetics_sounds
 from data_prep.image_io import CsvColumnError
-from data_prep.shards import ShardDataset, validate
+from data_prep.shards import validate
+from tests.conftest import read_samples, read_shards, write_csv
 
 
-def _read_all(root):
-    meta = validate(root)
-    out = {}
-    for split in meta["splits"]:
-        ds = ShardDataset(root, split, meta=meta)
-        out[split] = {k: v.numpy() for k, v in ds[list(range(len(ds)))].items()}
-    return meta, out
 
-
-def _index(root):
-    with open(root / "samples.csv", newline="") as f:
-        return {int(r["sample_id"]): r for r in csv.DictReader(f)}
-
-
-def _write_csv(path, header, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        if header:
-            w.writerow(header)
-        w.writerows(rows)
 
 
 def _freq(bin_, rate):
@@ -175,8 +156,8 @@ def crema_raw(tmp_path_factory):
                 (test if sentence == "IEO" and actor in ("1001", "1002") else train).append([clip, code])
                 truth[clip] = {"k": k, "code": code, "actor": actor, "rate": rate}
                 k += 1
-    _write_csv(raw / "annotations" / "train.csv", None, train)     # released files: no header
-    _write_csv(raw / "annotations" / "test.csv", None, test)
+    write_csv(raw / "annotations" / "train.csv", None, train)     # released files: no header
+    write_csv(raw / "annotations" / "test.csv", None, test)
     return raw, truth
 
 
@@ -186,7 +167,7 @@ def crema_out(crema_raw, tmp_path_factory):
     out = tmp_path_factory.mktemp("crema_out")
     assert crema_d.main(["--raw", str(raw), "--out", str(out), "--image-size", "32"]) == 0
     root = out / "crema_d"
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     return root, meta, data
 
 
@@ -205,7 +186,7 @@ def test_crema_d_released_split(crema_raw, crema_out):
     assert src["counts"]["dropped"] == {"missing_wav": 0, "missing_frame_dir": 0, "no_frames": 0}
     assert src["counts"]["audio"]["tiled_clips"] == 60
     assert src["counts"]["audio"]["source_rates"] == {"11025": 15, "16000": 30, "48000": 15}
-    index = _index(root)
+    index = read_samples(root)
     ids = np.concatenate([d["sample_id"] for d in data.values()])
     assert len(ids) == len(set(ids.tolist())) == 60
     with open(raw / "annotations" / "train.csv") as f:
@@ -236,9 +217,9 @@ def test_crema_d_actor_split_and_workers(crema_raw, crema_out, tmp_path):
     root0, _, data0 = crema_out
     root = crema_d.convert(raw, tmp_path, split="actor", image_size=32, frames=3, workers=1, block=7)
     assert root.name == "crema_d_actor"
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     assert meta["modalities"]["video"]["shape"] == [3, 3, 32, 32]
-    index = _index(root)
+    index = read_samples(root)
     actors = {s: {index[int(i)]["actor"] for i in d["sample_id"]} for s, d in data.items()}
     assert not actors["train"] & actors["val"] and not actors["train"] & actors["test"]
     assert not actors["val"] & actors["test"]
@@ -246,7 +227,7 @@ def test_crema_d_actor_split_and_workers(crema_raw, crema_out, tmp_path):
     assert meta["source"]["split"]["actors"] == {s: sorted(a) for s, a in actors.items()}
     assert sum(len(d["label"]) for d in data.values()) == 60
     # the same clip has the same sample_id under both split modes
-    index0 = _index(root0)
+    index0 = read_samples(root0)
     assert {i: r["clip"] for i, r in index.items()} == {i: r["clip"] for i, r in index0.items()}
     for d in data.values():
         for sid, video in zip(d["sample_id"], d["video"]):
@@ -255,7 +236,7 @@ def test_crema_d_actor_split_and_workers(crema_raw, crema_out, tmp_path):
                 _assert_colour(f, _colour(k, j))
     # the same clips in-process give the same arrays as through the worker pool
     again = crema_d.convert(raw, tmp_path, name="again", split="actor", image_size=32, frames=3)
-    _, data2 = _read_all(again)
+    _, data2 = read_shards(again)
     for s in data:
         for key in data[s]:
             assert np.array_equal(data[s][key], data2[s][key]), (s, key)
@@ -272,7 +253,7 @@ def test_crema_d_header_accepted_and_bad_annotations(crema_raw, tmp_path):
     ann = bad / "annotations"
     with open(ann / "train.csv") as f:
         rows = list(csv.reader(f))
-    _write_csv(ann / "train.csv", ["clip", "emotion"], rows)
+    write_csv(ann / "train.csv", ["clip", "emotion"], rows)
     root = crema_d.convert(bad, tmp_path / "o1", image_size=8, val_frac=0.25)
     meta = validate(root)
     assert meta["source"]["csv"]["headers"]["train"] == ["clip", "emotion"]
@@ -281,18 +262,18 @@ def test_crema_d_header_accepted_and_bad_annotations(crema_raw, tmp_path):
     # the code in column 2 disagrees with the file name
     rows2 = [r[:] for r in rows]
     rows2[3][1] = "SAD" if rows2[3][1] != "SAD" else "HAP"
-    _write_csv(ann / "train.csv", None, rows2)
+    write_csv(ann / "train.csv", None, rows2)
     with pytest.raises(ValueError, match=rf"train\.csv, line 4: clip '{rows2[3][0]}'.*does not match"):
         crema_d.convert(bad, tmp_path / "o2", image_size=8)
     # a code that is none of the six; a missing code column
     rows2[3][1] = "XYZ"
-    _write_csv(ann / "train.csv", None, rows2)
+    write_csv(ann / "train.csv", None, rows2)
     with pytest.raises(ValueError, match=r"train\.csv, line 4: column 2 \(emotion code\) = 'XYZ'"):
         crema_d.convert(bad, tmp_path / "o2", image_size=8)
-    _write_csv(ann / "train.csv", None, [r[:1] for r in rows])
+    write_csv(ann / "train.csv", None, [r[:1] for r in rows])
     with pytest.raises(ValueError, match=r"train\.csv, line 1: column 2 \(emotion code\) is missing"):
         crema_d.convert(bad, tmp_path / "o2", image_size=8)
-    _write_csv(ann / "train.csv", None, rows + [rows[0]])
+    write_csv(ann / "train.csv", None, rows + [rows[0]])
     with pytest.raises(ValueError, match=f"clip '{rows[0][0]}' already listed"):
         crema_d.convert(bad, tmp_path / "o2", image_size=8)
     assert not (tmp_path / "o2").exists()
@@ -312,10 +293,10 @@ def test_crema_d_missing_files_and_atomic_output(crema_raw, tmp_path):
     assert not (tmp_path / "o1").exists()
     assert crema_d.main(["--raw", str(bad), "--out", str(tmp_path / "o1"), "--image-size", "8",
                          "--skip-missing"]) == 0
-    meta, data = _read_all(tmp_path / "o1" / "crema_d")
+    meta, data = read_shards(tmp_path / "o1" / "crema_d")
     assert meta["source"]["counts"]["dropped"] == {"missing_wav": 1, "missing_frame_dir": 1, "no_frames": 0}
     assert sum(len(d["label"]) for d in data.values()) == 58
-    kept = {r["clip"] for r in _index(tmp_path / "o1" / "crema_d").values()}
+    kept = {r["clip"] for r in read_samples(tmp_path / "o1" / "crema_d").values()}
     assert clip_a not in kept and clip_b not in kept
     # an existing dataset is kept unless --overwrite
     with pytest.raises(FileExistsError, match="overwrite"):
@@ -375,9 +356,9 @@ def ks_raw(tmp_path_factory):
     add("train", "chopping wood", wav=False)                       # no audio: skipped
     add("train", "playing drums", frames=False)                    # no frames: skipped
     add("test", "chopping wood", n_frames=2)                       # skipped
-    _write_csv(raw / "annotations" / "train.csv", ["label", "youtube_id", "time_start", "time_end", "split"],
+    write_csv(raw / "annotations" / "train.csv", ["label", "youtube_id", "time_start", "time_end", "split"],
                train_rows)
-    _write_csv(raw / "annotations" / "test.csv", ["clip", "label"], test_rows)
+    write_csv(raw / "annotations" / "test.csv", ["clip", "label"], test_rows)
     return raw, truth
 
 
@@ -388,7 +369,7 @@ def ks_out(ks_raw, tmp_path_factory):
     assert kinetics_sounds.main(["--raw", str(raw), "--out", str(out), "--image-size", "32",
                                  "--val-frac", "0.2"]) == 0
     root = out / "kinetics_sounds"
-    return (root, *_read_all(root))
+    return (root, *read_shards(root))
 
 
 def test_kinetics_sounds(ks_raw, ks_out):
@@ -406,7 +387,7 @@ def test_kinetics_sounds(ks_raw, ks_out):
     assert src["clip_column"] == {"train": "youtube_id", "test": "clip"}
     assert src["split"]["val_frac"] == 0.2 and src["split"]["seed"] == 0
     assert src["counts"]["audio"]["tiled_clips"] == 18      # the three 11 s test clips are cut
-    index = _index(root)
+    index = read_samples(root)
     ids = np.concatenate([d["sample_id"] for d in data.values()])
     assert len(set(ids.tolist())) == len(ids) == 21
     kept = {c for c, t in truth.items() if t["kept"]}
@@ -432,24 +413,24 @@ def test_kinetics_sounds_bad_inputs(ks_raw, tmp_path):
     test_csv = bad / "annotations" / "test.csv"
     with open(test_csv) as f:
         rows = list(csv.reader(f))
-    _write_csv(test_csv, ["clip", "class"], rows[1:])
+    write_csv(test_csv, ["clip", "class"], rows[1:])
     with pytest.raises(CsvColumnError, match=r"test\.csv: missing column 'label'"):
         kinetics_sounds.convert(bad, tmp_path / "o", image_size=8)
-    _write_csv(test_csv, ["name", "label"], rows[1:])
+    write_csv(test_csv, ["name", "label"], rows[1:])
     with pytest.raises(CsvColumnError, match=r"test\.csv: no clip column: expected one of clip, youtube_id, id"):
         kinetics_sounds.convert(bad, tmp_path / "o", image_size=8)
     train_csv = bad / "annotations" / "train.csv"
     with open(train_csv) as f:
         train_rows = list(csv.reader(f))
-    _write_csv(train_csv, [h.replace("youtube_id", "name") for h in train_rows[0]], train_rows[1:])
+    write_csv(train_csv, [h.replace("youtube_id", "name") for h in train_rows[0]], train_rows[1:])
     root = kinetics_sounds.convert(bad, tmp_path / "o", clip_col="name", image_size=8)   # --clip-column
-    _write_csv(train_csv, train_rows[0], train_rows[1:])
+    write_csv(train_csv, train_rows[0], train_rows[1:])
     assert validate(root)["splits"]["test"]["num_samples"] == 6
-    _write_csv(test_csv, rows[0], rows[1:] + [[rows[1][0], "tapping pen" if rows[1][1] != "tapping pen" else "x"]])
+    write_csv(test_csv, rows[0], rows[1:] + [[rows[1][0], "tapping pen" if rows[1][1] != "tapping pen" else "x"]])
     with pytest.raises(ValueError, match=r"test\.csv, line 9: clip .* has label"):
         kinetics_sounds.convert(bad, tmp_path / "o2", image_size=8)
     # a corrupt frame found while writing: error naming it, no half-written dataset
-    _write_csv(test_csv, rows[0], rows[1:])
+    write_csv(test_csv, rows[0], rows[1:])
     frame = bad / "test_img" / "Image-01-FPS" / rows[1][0] / "frame_4.jpg"
     frame.write_bytes(b"\xff\xd8 not a jpeg")
     with pytest.raises(ValueError, match="frame_4.jpg"):

@@ -15,7 +15,8 @@ from PIL import Image
 
 from data_prep import brats, features, food101, iemocap, mosi
 from data_prep.image_io import load_image
-from data_prep.shards import ShardDataset, validate
+from data_prep.shards import validate
+from tests.conftest import read_shards
 
 torch.set_num_threads(1)   # 2 threads on a shared 2-core machine were 50x slower (OpenMP spin)
 
@@ -23,14 +24,6 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
     "the a and of with in to add salt sugar butter flour egg eggs cheese tomato rice fish bake "
     "mix cook minutes oven sauce fresh apple pie pizza sushi dough roll cut serve hot cold").split()
 
-
-def _read_all(root):
-    meta = validate(root)
-    out = {}
-    for split in meta["splits"]:
-        ds = ShardDataset(root, split, meta=meta)
-        out[split] = {k: v.numpy() for k, v in ds[list(range(len(ds)))].items()}
-    return meta, out
 
 
 def _csv(root, name="samples.csv"):
@@ -114,7 +107,7 @@ def test_food101_end_to_end(food_raw, weights, tmp_path):
     raw, truth = food_raw
     assert food101.main(_food_args(raw, tmp_path, weights)) == 0
     root = tmp_path / "food101"
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     assert meta["task"] == "classification" and meta["num_classes"] == 101
     assert meta["class_names"][:3] == ["apple_pie", "baby_back_ribs", "baklava"]
     assert meta["modalities"] == {"image": {"kind": "sequence", "shape": [5, 32], "dtype": "float32"},
@@ -156,8 +149,8 @@ def test_food101_float16_and_released_pixels(food_raw, weights, tmp_path):
                           vit_normalize="none", batch_size=8)
     r16 = food101.convert(raw, tmp_path, weights["bert"], weights["vit"], name="f16", max_tokens=8,
                           val_frac=0, vit_normalize="none", dtype="float16", batch_size=8)
-    m32, d32 = _read_all(r32)
-    m16, d16 = _read_all(r16)
+    m32, d32 = read_shards(r32)
+    m16, d16 = read_shards(r16)
     assert set(d32) == {"train", "test"} and m16["modalities"]["image"]["dtype"] == "float16"
     assert m32["source"]["image"]["model"]["mean"] == [0.0, 0.0, 0.0]
     from transformers import ViTModel
@@ -256,7 +249,7 @@ def test_mosi_end_to_end(tmp_path):
     pkl.write_bytes(pickle.dumps(data))
     assert mosi.main(["--pickle", str(pkl), "--out", str(tmp_path), "--block", "4"]) == 0
     root = tmp_path / "mosi"
-    meta, out = _read_all(root)
+    meta, out = read_shards(root)
     assert meta["task"] == "regression" and meta["num_classes"] == 1
     assert list(meta["modalities"]) == ["text", "audio", "vision"]
     assert meta["modalities"]["audio"] == {"kind": "sequence", "shape": [7, 3], "dtype": "float32"}
@@ -298,7 +291,7 @@ def test_mosi_errors(tmp_path):
     with pytest.raises(ValueError, match=r"o1\.pkl: split 'valid', key 'vision': 1 non-finite value"):
         run("o1", data)
     root = run("o1b", data, fix_nonfinite=True)
-    meta, out = _read_all(root)
+    meta, out = read_shards(root)
     assert out["val"]["vision"][1, 2, 0] == 0 and meta["source"]["counts"]["nonfinite_zeroed"]["val"]["vision"] == 1
     data = _mosi_data()
     data["test"]["labels"] = np.zeros((4, 1, 2), np.float32)
@@ -375,7 +368,7 @@ def test_iemocap_end_to_end(iemo_raw, tmp_path):
     raw, feats, labels = iemo_raw
     assert iemocap.main(_iemo_args(raw, tmp_path)) == 0
     root = tmp_path / "iemocap"
-    meta, out = _read_all(root)
+    meta, out = read_shards(root)
     assert meta["class_names"] == ["ang", "hap", "neu", "sad"] and meta["num_classes"] == 4
     assert meta["modalities"] == {m: {"kind": "sequence", "shape": [LENS[m], DIMS[m]], "dtype": "float32"}
                                   for m in ("text", "audio", "vision")}
@@ -411,7 +404,7 @@ def test_iemocap_options(iemo_raw, tmp_path):
     raw, feats, labels = iemo_raw
     root = iemocap.convert(raw, tmp_path, audio_norm="file", vision=False, truncate=True,
                            lengths={"text": 3, "audio": 5})
-    meta, out = _read_all(root)
+    meta, out = read_shards(root)
     assert list(meta["modalities"]) == ["text", "audio"]
     assert meta["source"]["audio_norm"]["mean"] == [2.0] * 6
     u = labels["trn"][0][4]                           # 7 audio frames, cut to 5
@@ -497,7 +490,7 @@ def test_brats_end_to_end(brats_raw, tmp_path):
     assert brats.main(["--raw", str(brats_raw), "--out", str(tmp_path), "--crop", "16",
                        "--val-frac", "0.2", "--test-frac", "0.2", "--seed", "1"]) == 0
     root = tmp_path / "brats"
-    meta, out = _read_all(root)
+    meta, out = read_shards(root)
     assert meta["task"] == "segmentation" and meta["num_classes"] == 4 and meta["label_shape"] == [16, 16]
     assert list(meta["modalities"]) == ["flair", "t1ce", "t1", "t2"]
     assert all(s == {"kind": "image", "shape": [1, 16, 16], "dtype": "float32"} for s in meta["modalities"].values())
@@ -540,7 +533,7 @@ def test_brats_end_to_end(brats_raw, tmp_path):
     # the same split again from 2 reading processes
     again = brats.convert(brats_raw, tmp_path, name="again", crop=16, val_frac=0.2, test_frac=0.2,
                           seed=1, workers=2)
-    _, out2 = _read_all(again)
+    _, out2 = read_shards(again)
     for split in out:
         for key in out[split]:
             assert np.array_equal(out[split][key], out2[split][key]), (split, key)

@@ -1,7 +1,6 @@
 """Feature extractors (BERT, ResNet, ViT from local weights) and the IGM converters (Twitter2015,
 Sarcasm, NVGesture) end to end on small files in the raw formats, with tiny random models saved
 in the real on-disk layouts."""
-import csv
 import json
 import shutil
 
@@ -13,8 +12,9 @@ from PIL import Image
 
 from data_prep import features, nvgesture, sarcasm, twitter2015
 from data_prep.image_io import load_image
-from data_prep.shards import ShardDataset, validate
+from data_prep.shards import validate
 from models.encoders import resnet50
+from tests.conftest import read_samples, read_shards
 
 torch.set_num_threads(1)   # 2 threads on a shared 2-core machine were 50x slower (OpenMP spin)
 
@@ -25,18 +25,6 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
     "##s", "##ing", "##ed", "##ly", "##er"]
 
 
-def _read_all(root):
-    meta = validate(root)
-    out = {}
-    for split in meta["splits"]:
-        ds = ShardDataset(root, split, meta=meta)
-        out[split] = {k: v.numpy() for k, v in ds[list(range(len(ds)))].items()}
-    return meta, out
-
-
-def _index(root):
-    with open(root / "samples.csv", newline="", encoding="utf-8") as f:
-        return {int(r["sample_id"]): r for r in csv.DictReader(f)}
 
 
 def _pattern_image(path, seed, size=(41, 29), fmt="JPEG"):
@@ -213,7 +201,7 @@ def test_twitter2015_end_to_end(twitter_raw, weights, tmp_path):
     raw, truth = twitter_raw
     assert twitter2015.main(["--raw", str(raw), "--out", str(tmp_path), *_feature_args(weights)]) == 0
     root = tmp_path / "twitter2015"
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     assert meta["num_classes"] == 3 and meta["class_names"] == ["negative", "neutral", "positive"]
     assert list(meta["modalities"]) == ["text", "image"]
     assert meta["modalities"]["text"] == {"kind": "features", "shape": [32], "dtype": "float32"}
@@ -223,7 +211,7 @@ def test_twitter2015_end_to_end(twitter_raw, weights, tmp_path):
     assert src["text"]["model"]["path"] == str(weights["bert"].resolve())
     assert src["image"]["model"]["path"] == str(weights["resnet"].resolve())
     assert src["image"]["model"]["arch"] == "resnet50" and src["options"]["max_words"] == 50
-    index = _index(root)
+    index = read_samples(root)
     bert = features.BertExtractor(weights["bert"])
     res = features.ResNetExtractor(weights["resnet"], base_width=4)
     split_file = {"train": "train", "val": "dev", "test": "test"}
@@ -319,11 +307,11 @@ def test_sarcasm_end_to_end(sarcasm_raw, weights, tmp_path):
     assert sarcasm.main(["--raw", str(raw), "--out", str(tmp_path), *_feature_args(weights),
                          "--crop", "none", "--image-size", "64", "--max-tokens", "12"]) == 0
     root = tmp_path / "sarcasm"
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     assert meta["num_classes"] == 2 and list(meta["modalities"]) == ["text", "image"]
     assert {s: len(d["label"]) for s, d in data.items()} == {"train": 5, "val": 3, "test": 2}
     assert meta["source"]["options"]["max_tokens"] == 12 and meta["source"]["options"]["crop"] == "none"
-    index = _index(root)
+    index = read_samples(root)
     bert = features.BertExtractor(weights["bert"], max_length=12)
     res = features.ResNetExtractor(weights["resnet"], base_width=4)
     for split, d in data.items():
@@ -455,7 +443,7 @@ def test_nvgesture_end_to_end(nv_raw, tmp_path):
     assert nvgesture.main(["--raw", str(raw), "--out", str(tmp_path), "--frames", str(T), "--size", str(S),
                            "--val-frac", "0.25", "--block", "3"]) == 0
     root = tmp_path / "nvgesture"
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     assert list(meta["modalities"]) == ["depth", "rgb", "of"] and meta["num_classes"] == 25
     assert meta["modalities"]["depth"] == {"kind": "frames", "shape": [T, 1, S, S], "dtype": "uint8"}
     assert meta["modalities"]["rgb"] == {"kind": "frames", "shape": [T, 3, S, S], "dtype": "uint8"}
@@ -470,7 +458,7 @@ def test_nvgesture_end_to_end(nv_raw, tmp_path):
     assert src["counts"]["padded"]["depth"] == {"clips": 1, "frames": 3}      # start 87 of 90
     assert src["counts"]["padded"]["rgb"] == {"clips": 1, "frames": 3}
     assert src["counts"]["padded"]["of"] == {"clips": 1, "frames": 2}         # 4-frame flow
-    index = _index(root)
+    index = read_samples(root)
     for split, d in data.items():
         for j, sid in enumerate(d["sample_id"]):
             row = index[int(sid)]
@@ -480,7 +468,7 @@ def test_nvgesture_end_to_end(nv_raw, tmp_path):
             _check_clip(d["depth"][j], d["rgb"][j], d["of"][j], t)
     # 2 decoding processes write the same dataset
     again = nvgesture.convert(raw, tmp_path, name="again", frames=T, size=S, val_frac=0.25, workers=2)
-    _, data2 = _read_all(again)
+    _, data2 = read_shards(again)
     for split in data:
         for key in data[split]:
             assert np.array_equal(data[split][key], data2[split][key]), (split, key)
@@ -490,7 +478,7 @@ def test_nvgesture_flow_float16_and_channel(nv_raw, tmp_path):
     raw, truth = nv_raw
     root = nvgesture.convert(raw, tmp_path, frames=T, size=S, flow_dtype="float16", flow_channel=1,
                              val_frac=0)
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     assert set(data) == {"train", "test"} and meta["modalities"]["of"]["dtype"] == "float16"
     for of in data["test"]["of"]:
         assert (of == 99.0).all()                                               # channel 1, raw values

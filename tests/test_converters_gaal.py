@@ -8,34 +8,16 @@ from PIL import Image
 
 from data_prep import celeba, dvm, sun_attribute
 from data_prep.image_io import allocate, load_image
-from data_prep.shards import ShardDataset, validate
+from data_prep.shards import validate
+from tests.conftest import read_samples, read_shards, write_csv
 
 
-def _read_all(root):
-    meta = validate(root)
-    out = {}
-    for split in meta["splits"]:
-        ds = ShardDataset(root, split, meta=meta)
-        out[split] = {k: v.numpy() for k, v in ds[list(range(len(ds)))].items()}
-    return meta, out
-
-
-def _write_csv(path, header, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def _solid(path, colour, size=(37, 29), fmt=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path, format=fmt)
 
-
-def _index(root):
-    with open(root / "samples.csv", newline="") as f:
-        return {int(r["sample_id"]): r for r in csv.DictReader(f)}
 
 
 # ----------------------------------------------------------------------------------------- DVM
@@ -117,11 +99,11 @@ def dvm_raw(tmp_path_factory):
             images.append(["1_1", f"{adv}$$0", name, 0, "P"])
             _solid(raw.joinpath("resized_DVM", "Abarth", "124 Spider", "2018", "Black", name), (0, 0, 0))
     images.append(["9_9", "9_9$$1$$0", "X$$Y$$2000$$Red$$9_9$$1$$image_0.jpg", 0, "P"])   # no advert
-    _write_csv(tables / "Ad_table.csv", AD_HEADER, ads)
-    _write_csv(tables / "Price_table.csv", ["Genmodel", " Genmodel_ID", " Year", " Entry_price"], prices)
-    _write_csv(tables / "Image_table.csv", ["Genmodel_ID", " Image_ID", " Image_name",
+    write_csv(tables / "Ad_table.csv", AD_HEADER, ads)
+    write_csv(tables / "Price_table.csv", ["Genmodel", " Genmodel_ID", " Year", " Entry_price"], prices)
+    write_csv(tables / "Image_table.csv", ["Genmodel_ID", " Image_ID", " Image_name",
                                             " Predicted_viewpoint", " Quality_check"], images)
-    _write_csv(tables / "Ad_table (extra).csv", ["Adv_ID", " Genmodel_ID", " Wheelbase", " Length",
+    write_csv(tables / "Ad_table (extra).csv", ["Adv_ID", " Genmodel_ID", " Wheelbase", " Length",
                                                  " Width", " Height", " Annual_Tax"], ex.values())
     kept = {a: t for a, t in truth.items() if t["gid"] != "2_1"}
     return raw, kept
@@ -132,7 +114,7 @@ def dvm_full(dvm_raw, tmp_path_factory):
     raw, truth = dvm_raw
     out = tmp_path_factory.mktemp("dvm_out")
     root = dvm.convert(raw, out, min_class_count=5, block=5)
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     return root, meta, data, truth
 
 
@@ -152,7 +134,7 @@ def test_dvm_meta_and_filtering(dvm_full):
     assert dropped == {"no_price_match": 1, "missing_value": 2, "no_image": 1,
                        "missing_image_file": 0, "small_class": 3}
     assert meta["source"]["split"]["seed"] == 2022
-    index = _index(root)
+    index = read_samples(root)
     ids = np.concatenate([d["sample_id"] for d in data.values()])
     assert sorted(ids.tolist()) == list(range(len(truth)))          # every kept advert once
     assert sorted(r["Adv_ID"] for r in index.values()) == sorted(truth)
@@ -170,7 +152,7 @@ def test_dvm_split_stratified(dvm_full):
 
 def test_dvm_table_values(dvm_full):
     root, meta, data, truth = dvm_full
-    index = _index(root)
+    index = read_samples(root)
     std = meta["source"]["standardisation"]["table"]
     mean, sd = np.array(std["mean"]), np.array(std["std"])
     assert std["fitted_on"] == "train"
@@ -217,7 +199,7 @@ def test_dvm_table_values(dvm_full):
 
 def test_dvm_one_image_per_advert_content_preserved(dvm_full):
     root, meta, data, truth = dvm_full
-    index = _index(root)
+    index = read_samples(root)
     for d in data.values():
         assert d["image"].shape[1:] == (3, 128, 128) and d["image"].dtype == np.uint8
         for sid, img in zip(d["sample_id"], d["image"]):
@@ -231,13 +213,13 @@ def test_dvm_deterministic_with_workers_and_low_data(dvm_raw, dvm_full, tmp_path
     raw, truth = dvm_raw
     _, meta, data, _ = dvm_full
     again = dvm.convert(raw, tmp_path, name="again", min_class_count=5, workers=2, block=3)
-    meta2, data2 = _read_all(again)
+    meta2, data2 = read_shards(again)
     for split in data:
         for key in data[split]:
             assert np.array_equal(data[split][key], data2[split][key]), (split, key)
     low = dvm.convert(raw, tmp_path, low_data=0.1, min_class_count=5)
     assert low.name == "dvm_low0.1"
-    meta3, data3 = _read_all(low)
+    meta3, data3 = read_shards(low)
     assert set(data3["train"]["label"].tolist()) == {0, 1}                   # >= 1 per class
     assert len(data3["train"]["label"]) == 2
     assert set(data3["train"]["sample_id"]) <= set(data["train"]["sample_id"])
@@ -258,7 +240,7 @@ def test_dvm_missing_column_and_image(dvm_raw, tmp_path):
     with open(raw / "tables_V2.0" / "Ad_table.csv", newline="") as f:
         rows = list(csv.reader(f))
     drop = [h.strip() for h in rows[0]].index("Price")
-    _write_csv(bad / "tables_V2.0" / "Ad_table.csv", rows[0][:drop] + rows[0][drop + 1:],
+    write_csv(bad / "tables_V2.0" / "Ad_table.csv", rows[0][:drop] + rows[0][drop + 1:],
                [r[:drop] + r[drop + 1:] for r in rows[1:]])
     with pytest.raises(ValueError, match=r"Ad_table\.csv: missing column 'Price'"):
         dvm.convert(bad, tmp_path / "o1", min_class_count=5)
@@ -275,10 +257,10 @@ def test_dvm_missing_column_and_image(dvm_raw, tmp_path):
     assert str(gone) in str(e.value)
     assert not (tmp_path / "o2" / "dvm" / "meta.json").exists()
     root = dvm.convert(bad, tmp_path / "o3", min_class_count=5, skip_missing_images=True)
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     assert sum(len(d["label"]) for d in data.values()) == len(truth) - 1
     assert meta["source"]["counts"]["dropped"]["missing_image_file"] == 1
-    assert "1_2$$3" not in {r["Adv_ID"] for r in _index(root).values()}
+    assert "1_2$$3" not in {r["Adv_ID"] for r in read_samples(root).values()}
     # a class below the default threshold of 100: nothing left
     with pytest.raises(ValueError, match="no advert left"):
         dvm.convert(raw, tmp_path / "o4")
@@ -335,14 +317,14 @@ def sun_raw(tmp_path_factory):
         colour = (i * 5, 255 - i * 6, 128)
         _solid(raw / "images" / rel, colour, size=(30, 21), fmt="JPEG" if i % 4 else "PNG")
         truth[rel] = (v, colour)
-    _write_csv(raw / "attributes.csv", ["image"] + SUN_ATTRS, rows)
+    write_csv(raw / "attributes.csv", ["image"] + SUN_ATTRS, rows)
     return raw, truth
 
 
 def test_sun_attribute(sun_raw, tmp_path):
     raw, truth = sun_raw
     root = sun_attribute.convert(raw, tmp_path, block=16)
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     assert meta["class_names"] == ["not open area", "open area"]
     tab = meta["modalities"]["table"]
     assert tab["shape"] == [101] and tab["categorical"] == {}
@@ -354,7 +336,7 @@ def test_sun_attribute(sun_raw, tmp_path):
     for split, d in data.items():
         assert set(d["label"].tolist()) == {0, 1}, split
     assert abs(data["test"]["label"].mean() - 0.4) < 0.15
-    index = _index(root)
+    index = read_samples(root)
     for d in data.values():
         for sid, lab, feats, img in zip(d["sample_id"], d["label"], d["table"], d["image"]):
             v, colour = truth[index[int(sid)]["image"]]
@@ -362,7 +344,7 @@ def test_sun_attribute(sun_raw, tmp_path):
             assert feats.tolist() == (np.delete(v, 40) > 0).astype(np.float32).tolist()
             assert np.abs(img.reshape(3, -1).astype(int) - np.array(colour)[:, None]).max() <= 4
     again = sun_attribute.convert(raw, tmp_path, name="again", block=7, workers=2)
-    _, data2 = _read_all(again)
+    _, data2 = read_shards(again)
     assert all(np.array_equal(data[s]["sample_id"], data2[s]["sample_id"]) for s in data)
 
 
@@ -372,20 +354,20 @@ def test_sun_attribute_errors(sun_raw, tmp_path):
         rows = list(csv.reader(f))
     bad = tmp_path / "bad.csv"
     no_label = [[c for j, c in enumerate(r) if j != 41] for r in rows]   # drop "open area"
-    _write_csv(bad, no_label[0], no_label[1:])
+    write_csv(bad, no_label[0], no_label[1:])
     with pytest.raises(ValueError, match=r"bad\.csv: missing column 'open area'"):
         sun_attribute.convert(raw, tmp_path / "o", csv_path=bad, image_root=raw / "images")
     rows2 = [r[:] for r in rows]
     rows2[3][5] = "yes"
-    _write_csv(bad, rows2[0], rows2[1:])
+    write_csv(bad, rows2[0], rows2[1:])
     with pytest.raises(ValueError, match=r"bad\.csv, line 4: column 'attribute 4'"):
         sun_attribute.convert(raw, tmp_path / "o", csv_path=bad, image_root=raw / "images")
-    _write_csv(bad, rows[0][:-1], [r[:-1] for r in rows[1:]])
+    write_csv(bad, rows[0][:-1], [r[:-1] for r in rows[1:]])
     with pytest.raises(ValueError, match="101 attribute columns, expected 102"):
         sun_attribute.convert(raw, tmp_path / "o", csv_path=bad, image_root=raw / "images")
     rows3 = [r[:] for r in rows]
     rows3[2][0] = "a/scene_0/nope.jpg"
-    _write_csv(bad, rows3[0], rows3[1:])
+    write_csv(bad, rows3[0], rows3[1:])
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
         sun_attribute.convert(raw, tmp_path / "o", csv_path=bad, image_root=raw / "images")
     root = sun_attribute.convert(raw, tmp_path / "o", csv_path=bad, image_root=raw / "images",
@@ -410,20 +392,20 @@ def celeba_raw(tmp_path_factory):
         colour = (250 - 20 * i, 20 * i, 77)
         _solid(raw / "img_align_celeba" / "img_align_celeba" / iid, colour, size=(178, 218), fmt="JPEG")
         truth[iid] = (v, colour, ["train", "val", "test"][parts[-1][1]])
-    _write_csv(raw / "list_attr_celeba.csv", ["image_id", *celeba.ATTRIBUTES], attrs)
-    _write_csv(raw / "list_eval_partition.csv", ["image_id", "partition"], parts)
+    write_csv(raw / "list_attr_celeba.csv", ["image_id", *celeba.ATTRIBUTES], attrs)
+    write_csv(raw / "list_eval_partition.csv", ["image_id", "partition"], parts)
     return raw, truth
 
 
 def test_celeba(celeba_raw, tmp_path):
     raw, truth = celeba_raw
     root = celeba.convert(raw, tmp_path, image_size=64)
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     assert meta["class_names"] == ["not Attractive", "Attractive"]
     tab = meta["modalities"]["table"]
     assert tab["shape"] == [39] and "Attractive" not in tab["continuous"] and tab["categorical"] == {}
     assert {s: len(d["label"]) for s, d in data.items()} == {"train": 6, "val": 3, "test": 3}
-    index = _index(root)
+    index = read_samples(root)
     for split, d in data.items():
         for sid, lab, feats, img in zip(d["sample_id"], d["label"], d["table"], d["image"]):
             iid = index[int(sid)]["image_id"]
@@ -440,10 +422,10 @@ def test_celeba_errors(celeba_raw, tmp_path):
         rows = list(csv.reader(f))
     bad = tmp_path / "attr.csv"
     rows[5][8] = "0"
-    _write_csv(bad, rows[0], rows[1:])
+    write_csv(bad, rows[0], rows[1:])
     with pytest.raises(ValueError, match=rf"attr\.csv, line 6: column '{celeba.ATTRIBUTES[7]}'"):
         celeba.convert(raw, tmp_path / "o", attr_csv=bad)
-    _write_csv(bad, rows[0][:-1], [r[:-1] for r in rows[1:]])
+    write_csv(bad, rows[0][:-1], [r[:-1] for r in rows[1:]])
     with pytest.raises(ValueError, match=r"attr\.csv: missing column 'Young'"):
         celeba.convert(raw, tmp_path / "o", attr_csv=bad)
     img_root = tmp_path / "imgs"

@@ -21,6 +21,7 @@ from data_prep.image_io import load_image
 from data_prep.shards import ShardDataset, ShardFormatError, validate, write_dataset
 from train.config import ConfigError
 from train.data import make_loader
+from tests.conftest import read_shards, write_csv
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,25 +31,11 @@ def _convert(tmp_path, *args, name="ds"):
     return from_arrays.main(["--out", str(tmp_path / "out"), "--name", name, *map(str, args)]), tmp_path / "out" / name
 
 
-def _read_all(root, standardize=False):
-    meta = validate(root)
-    out = {}
-    for split in meta["splits"]:
-        ds = ShardDataset(root, split, meta=meta, standardize=standardize)
-        out[split] = {k: v.numpy() for k, v in ds[list(range(len(ds)))].items()}
-    return meta, out
-
 
 def _by_id(data, key):
     """{sample_id: row} over all splits."""
     return {int(i): row for split in data.values() for i, row in zip(split["sample_id"], split[key])}
 
-
-def _write_csv(path, header, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 @pytest.fixture
@@ -74,7 +61,7 @@ def test_arrays_round_trip_kinds_guessed(arrays, capsys):
     assert rc == 0
     assert "feats: features (guessed) 5 float32" in out and "seq: sequence (guessed) 4x3" in out
     assert "pix: image (guessed) 3x8x8 uint8" in out and "classification (guessed), 3 classes" in out
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     mods = meta["modalities"]
     assert list(mods) == ["feats", "seq", "pix"]
     assert [mods[m]["kind"] for m in mods] == ["features", "sequence", "image"]
@@ -105,7 +92,7 @@ def test_regression_labels_and_random_split(tmp_path, capsys):
     rc, root = _convert(tmp_path, "--modality", f"x={tmp_path}/x.npy", "--labels", f"{tmp_path}/t.npy",
                         "--split", "0.5,0.25,0.25", "--seed", "3")
     assert rc == 0 and "regression (guessed)" in capsys.readouterr().out
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     assert meta["task"] == "regression" and meta["num_classes"] == 1 and "class_names" not in meta
     assert {s: len(d["label"]) for s, d in data.items()} == {"train": 20, "val": 10, "test": 10}
     got = _by_id(data, "label")
@@ -115,14 +102,14 @@ def test_regression_labels_and_random_split(tmp_path, capsys):
 def test_csv_table_guessed_and_declared(tmp_path, capsys):
     rows = [[20 + i * 0.5, 100 + (i * 7) % 13, ["f", "m"][i % 2], i % 3, ["cat", "dog"][i % 2 == 0 and i % 3 == 0],
              ["train", "val", "test"][0 if i % 4 < 2 else i % 4 - 1]] for i in range(24)]
-    _write_csv(tmp_path / "t.csv", ["age", "bp", "sex", "site", "animal", "split"], rows)
+    write_csv(tmp_path / "t.csv", ["age", "bp", "sex", "site", "animal", "split"], rows)
     rc, root = _convert(tmp_path, "--modality", f"clin={tmp_path}/t.csv", "--labels", f"{tmp_path}/t.csv:column=animal",
                         "--split-column", f"{tmp_path}/t.csv:column=split")
     out = capsys.readouterr().out
     assert rc == 0
     assert "continuous (guessed) age, bp; categorical (guessed) sex (2), site (3)" in out
     assert f"--modality clin={tmp_path}/t.csv:cont=age,bp:cat=sex,site" in out
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     spec = meta["modalities"]["clin"]
     assert spec["kind"] == "tabular" and spec["continuous"] == ["age", "bp"]
     assert spec["categorical"] == {"sex": 2, "site": 3} and spec["shape"] == [4]
@@ -156,7 +143,7 @@ def test_image_folder_and_csv_of_paths(tmp_path, capsys):
     rc, root = _convert(tmp_path, "--modality", f"photo={tmp_path}/imgs:size=6", "--modality", f"f={tmp_path}/f.npy",
                         "--split", "0.5,0.25,0.25")
     assert rc == 0, capsys.readouterr().err
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     assert meta["class_names"] == ["apple", "kiwi"] and meta["modalities"]["photo"]["shape"] == [3, 6, 6]
     photo, labels = _by_id(data, "photo"), _by_id(data, "label")
     files = [tmp_path / "imgs" / c / f"{k}.png" for c in colours for k in range(4)]   # sorted (class, name)
@@ -167,12 +154,12 @@ def test_image_folder_and_csv_of_paths(tmp_path, capsys):
         index = list(csv.DictReader(fh))
     assert [r["photo_path"] for r in index] == [str(f) for f in files]
     # a CSV of paths (relative to the CSV) with the labels in the same CSV
-    _write_csv(tmp_path / "imgs" / "list.csv", ["file", "fruit"],
+    write_csv(tmp_path / "imgs" / "list.csv", ["file", "fruit"],
                [[f"{c}/{k}.png", c] for c in reversed(list(colours)) for k in range(4)])
     rc, root = _convert(tmp_path, "--modality", f"photo={tmp_path}/imgs/list.csv:path=file:size=5:crop=center",
                         "--labels", f"{tmp_path}/imgs/list.csv:column=fruit", name="ds2")
     assert rc == 0
-    meta, data = _read_all(root)
+    meta, data = read_shards(root)
     photo, labels = _by_id(data, "photo"), _by_id(data, "label")
     assert labels[0] == 1 and labels[7] == 0   # kiwi rows first in the CSV; classes sorted
     np.testing.assert_array_equal(photo[0], load_image(tmp_path / "imgs/kiwi/0.png", 5, "center"))
@@ -187,7 +174,7 @@ def test_split_by_fractions_is_stratified_and_deterministic(arrays):
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         rc, root = _convert(arrays, *args, "--seed", seed, name=name)
         assert rc == 0
-        meta, data = _read_all(root)
+        meta, data = read_shards(root)
         ids[name] = {s: sorted(d["sample_id"].tolist()) for s, d in data.items()}
         for s, frac in (("train", 0.6), ("val", 0.2), ("test", 0.2)):
             assert np.bincount(data[s]["label"], minlength=3).tolist() == [round(20 * frac)] * 3
@@ -201,7 +188,7 @@ def test_split_by_column(arrays):
     rc, root = _convert(arrays, "--modality", f"feats={arrays}/feats.npy", "--labels", f"{arrays}/labels.npy",
                         "--split-column", f"{arrays}/split.npy")
     assert rc == 0
-    _, data = _read_all(root)
+    _, data = read_shards(root)
     assert sorted(data["val"]["sample_id"].tolist()) == list(range(1, 60, 4))
     assert sorted(data["test"]["sample_id"].tolist()) == list(range(2, 60, 4))
     assert len(data["train"]["sample_id"]) == 30
@@ -218,13 +205,13 @@ def test_statistics_fitted_on_training_split_only_and_applied(arrays):
     feats[30:] += 1000.0                               # val/test far off: must not move the statistics
     np.save(arrays / "feats.npy", feats)
     np.save(arrays / "split.npy", split)
-    _write_csv(arrays / "t.csv", ["x", "c"], [[float(v), i % 2] for i, v in enumerate(rng.normal(5, 2, 60))])
+    write_csv(arrays / "t.csv", ["x", "c"], [[float(v), i % 2] for i, v in enumerate(rng.normal(5, 2, 60))])
     rc, root = _convert(arrays, "--modality", f"feats={arrays}/feats.npy", "--modality", f"seq={arrays}/more.npz",
                         "--modality", f"tab={arrays}/t.csv:cont=x:cat=c",
                         "--labels", f"{arrays}/labels.npy", "--split-column", f"{arrays}/split.npy",
                         "--samples-per-shard", 7)   # batches across shards too
     assert rc == 0
-    meta, raw = _read_all(root)
+    meta, raw = read_shards(root)
     mods = meta["modalities"]
     train = feats[:30].astype(np.float32).astype(np.float64)
     np.testing.assert_allclose(mods["feats"]["standardize"]["mean"], train.mean(0), rtol=1e-6)
@@ -234,7 +221,7 @@ def test_statistics_fitted_on_training_split_only_and_applied(arrays):
     np.testing.assert_allclose(mods["seq"]["standardize"]["mean"], seq.mean(0), rtol=1e-6)
     assert len(mods["tab"]["standardize"]["mean"]) == 1   # the continuous column only
     # the shards hold the raw values; the dataset standardises on request
-    _, std = _read_all(root, standardize=True)
+    _, std = read_shards(root, standardize=True)
     for key in ("feats", "seq", "tab"):
         s = mods[key]["standardize"]
         mean, sd = np.array(s["mean"], dtype=np.float32), np.array(s["std"], dtype=np.float32)
@@ -341,7 +328,7 @@ def test_refusals(arrays, capsys, case):
     bad_feats[4, 1] = np.inf
     np.save(a / "inf.npy", bad_feats)
     np.save(a / "nosplit.npy", np.array(["train", "test"] * 30))
-    _write_csv(a / "t.csv", ["x", "y"], [[i, i % 2] for i in range(59)] + [["", 1]])
+    write_csv(a / "t.csv", ["x", "y"], [[i, i % 2] for i in range(59)] + [["", 1]])
     args, match = REFUSALS[case]
     expand = {"F": ["--modality", "feats={a}/feats.npy"], "L": ["--labels", "{a}/labels.npy"]}
     argv = [x.format(a=a) for arg in args for x in expand.get(arg, [arg])]
@@ -370,7 +357,7 @@ def test_image_folder_refusals(tmp_path, capsys):
     np.save(tmp_path / "y.npy", np.array([0, 1]))
     _refused(capsys, tmp_path, "--modality", f"p={tmp_path}/imgs", "--labels", f"{tmp_path}/y.npy",
              match=r"^error: --labels: the labels come from the class folders")
-    _write_csv(tmp_path / "list.csv", ["file", "y"], [["imgs/a/0.png", 0], ["imgs/a/gone.png", 1]])
+    write_csv(tmp_path / "list.csv", ["file", "y"], [["imgs/a/0.png", 0], ["imgs/a/gone.png", 1]])
     _refused(capsys, tmp_path, "--modality", f"p={tmp_path}/list.csv:path=file", "--labels",
              f"{tmp_path}/list.csv:column=y", match=r"list\.csv: 1 image file\(s\) not found: .*gone\.png")
     (tmp_path / "imgs" / "c").mkdir()
