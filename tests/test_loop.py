@@ -139,6 +139,70 @@ def test_a_nan_on_one_rank_stops_every_rank_through_the_loop(seq3, tmp_path):
     assert not (out / "checkpoints").exists()
 
 
+PHASED_METHOD = '''
+"""A method with a plan of its own (loop.Schedule): 3 epochs whatever `epochs` says, the scheduler
+stepped before each epoch, a warm-up phase (epoch 1) then a main one, both in metrics.jsonl."""
+import torch.nn.functional as F
+
+from models.fusion import LateFusionModel
+from train import loop, optim
+from train.config import declare
+from train.loop_config import LOOP_CONFIG
+
+CONFIG = declare(LOOP_CONFIG, data={data!r}, epochs=1, log_every=2, scheduler="step", step_size=1, gamma=0.5,
+                 optimizer="sgd", lr=0.08)
+
+
+def build(cfg, ctx):
+    model = LateFusionModel(ctx.meta, {{}}, ctx.modalities)
+    optimizer = optim.build_optimizer(cfg, model.parameters())
+    model, optimizer = ctx.accelerator.prepare(model, optimizer)
+
+    state = {{"phase": "warm-up"}}
+    phase = lambda: loop.Phase(state["phase"], {{"phase": state["phase"]}})  # noqa: E731
+    return loop.Setup(model, optimizer, optim.build_scheduler(cfg, optimizer), fuse=LateFusionModel.fuse,
+                      state=state, schedule=loop.Schedule(3, scheduler_before_epoch=True, phase=phase))
+
+
+def epoch_end(setup, ctx, val):   # the phase changes here, after the epoch's validation
+    setup.state["phase"] = "main"
+
+
+def step(setup, batch, ctx):
+    loss = F.cross_entropy(LateFusionModel.fuse(setup.model(batch)), batch["label"])
+    setup.optimizer.zero_grad()
+    ctx.accelerator.backward(loss)
+    setup.optimizer.step()
+    return {{"train/loss": loss.detach()}}
+
+
+if __name__ == "__main__":
+    loop.run_entry_point(lambda cfg: loop.train(cfg, method="phased", build=build, step=step, epoch_end=epoch_end),
+                         CONFIG, None)
+'''
+
+
+@pytest.mark.slow
+def test_a_schedule_sets_the_runs_length_its_scheduler_steps_and_its_phase(seq3, tmp_path):
+    """loop.Schedule, used by a method other than IGM: the run lasts the schedule's 3 epochs (not
+    `epochs`), the scheduler steps before each epoch (lr 0.04, 0.02, 0.01 over the epochs of 4
+    steps), each metrics.jsonl record carries the phase; a plateau scheduler is refused with it."""
+    script = tmp_path / "phased.py"
+    script.write_text(PHASED_METHOD.format(data=str(seq3)))
+    out = tmp_path / "run"
+    run_script(str(script), ["--out_dir", str(out), "--batch_size", "64", "--progress", "false"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(list(r)[:4], r["epoch"], r["phase"]) for r in records] == [
+        (["epoch", "phase", "step", "val"], 1, "warm-up"), (["epoch", "phase", "step", "val"], 2, "main"),
+        (["epoch", "phase", "step", "val"], 3, "main")]
+    assert tb_scalars(out)["train/lr"] == pytest.approx({2: 0.04, 4: 0.04, 6: 0.02, 8: 0.02, 10: 0.01, 12: 0.01})
+    proc = run_script(str(script), ["--out_dir", str(tmp_path / "plateau"), "--scheduler", "plateau"], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: scheduler=plateau: phased () steps its scheduler before each epoch, before any validation loss "
+        "exists; choose another scheduler"]
+    assert not (tmp_path / "plateau").exists()
+
+
 # A training loop, structurally: a loop over epochs (its target, iterable or condition names an
 # epoch), or a loop that takes batches (its iterable names a loader, the batches or the progress bar,
 # or its target is a batch) and updates the model in its body (a call of backward or of a step: a

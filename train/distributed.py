@@ -27,13 +27,14 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-def setup_accelerator(cfg: dict):
+def setup_accelerator(cfg: dict, log_with: list | None = None):
     """Accelerator with real DDP on CPU-only machines, and a refusal of silent rank-0 clones.
 
     On a machine without CUDA, Accelerate only starts a gloo process group when `cpu=True`;
     without it every launched process believes it is rank 0 of 1 and trains alone. Launches that
     cannot give the processes asked for are refused first (check_launch), processes the
-    Accelerator did not join after it is made (check_world_size).
+    Accelerator did not join after it is made (check_world_size). `log_with`: the experiment
+    trackers (train.rundir.trackers), opened later by accelerator.init_trackers.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -45,7 +46,7 @@ def setup_accelerator(cfg: dict):
             raise ConfigError("cpu=true cannot be combined with a DeepSpeed launch config (DeepSpeed "
                               "would still run on the GPU): drop --cpu or launch without DeepSpeed")
         cpu = False   # without CUDA, DeepSpeed's CPU accelerator (gloo) is used
-    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.get("mixed_precision", "no"))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.get("mixed_precision", "no"), log_with=log_with or None)
     check_world_size(accelerator)
     if cfg["batch_size"] % accelerator.num_processes:
         raise ConfigError(f"batch_size={cfg['batch_size']} (the global batch) is not divisible by "

@@ -397,16 +397,19 @@ def build(cfg: dict, ctx: loop.Context) -> loop.Setup:
                  prev_turn_grad=None)
     stages = stage_modalities(cfg, order)
 
-    def describe():
-        return f"stage {state['stage'] + 1}/{len(stages)} ({stages[min(state['stage'], len(stages) - 1)]})"
+    def phase():   # the stage in the progress label (official) and in every metrics.jsonl record
+        s = state["stage"]
+        label = f"stage {s + 1}/{len(stages)} ({stages[min(s, len(stages) - 1)]})" if official else ""
+        return loop.Phase(label, {"stage": s})
 
     if official and not cfg["resume"]:
         ctx.print(f"stage 1/{len(stages)}: {stages[0]} for {cfg['stage_epochs'][0]} epochs")
+    schedule = loop.Schedule(epochs=sum(cfg["stage_epochs"]) if official else cfg["epochs"],
+                             scheduler_before_epoch=official,   # the released scripts step it before each epoch
+                             phase=phase)
     return loop.Setup(model, optimizer, optim.build_scheduler(cfg, optimizer),
                       fuse=IGMModel.fuse if cfg["fusion"] == "mean" else IGMModel.fuse_entropy, state=state,
-                      epochs=sum(cfg["stage_epochs"]) if official else cfg["epochs"],
-                      scheduler_before_epoch=official,   # the released scripts step it before each epoch
-                      describe=describe if official else None, record=lambda: {"stage": state["stage"]},
+                      schedule=schedule,
                       result=dict(variant=cfg["variant"], projection=cfg["projection"], projector=cfg["projector"], sam=cfg["sam"],
                                   rho=cfg["rho"], tau=cfg["tau"]))
 

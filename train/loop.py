@@ -10,8 +10,21 @@ and `train()` owns the rest: the accelerator and the refusals before any compute
 (validated shards, loaders, the sampler position), the run directory, tqdm progress over the whole run,
 the logging window, the NaN/Inf check, preemption, checkpoints and exact resume, validation every
 `eval_every` epochs, model selection (`select_on`, `select_metric`), early stopping (`patience`,
-`min_delta`), the scheduler (per epoch, or on the validation loss for `plateau`), and the final test
-of the selected model. docs/adding-a-method.md walks through a complete method.
+`min_delta`), the scheduler (per epoch, or on the validation loss for `plateau`), the experiment
+trackers (`report_to`, through Accelerate's tracker API: `ctx.log` is `accelerator.log` at the current
+step), and the final test of the selected model. docs/adding-a-method.md walks through a complete method.
+
+train() is a sequence of named phases: start (refusals, accelerator, data, build, run directory),
+resume (on --resume), open_progress, then per epoch start_epoch, run_epoch (step, log_window,
+checkpoint_if_due; stop when a signal or stop_after_steps ends the run) and end_epoch (scheduler,
+validate_and_select, the method's epoch_end, checkpoint), and finally test_selected_model.
+
+A method whose run follows a plan of its own sets `Setup.schedule` to a `Schedule`, the one hook for
+that: the run's length in epochs, whether the scheduler steps before each epoch instead of after it,
+and `phase()` -> `Phase(label, record)`, where the run is now: the progress label beside the epoch and
+the fields added to each metrics.jsonl record. IGM's stages are one (train/igm.py: sum(stage_epochs)
+epochs, the scheduler before each epoch as the released scripts do, "stage 2/12 (audio)" and
+{"stage": 1}); any method with phases, a curriculum or a warm-up stage of its own can use it.
 
 Conventions the loop relies on:
 - the logging window sums what `step` returns on the device and divides each key by the number of
@@ -47,6 +60,28 @@ from train.checkpoint import CheckpointError
 from train.config import COMMAND_LINE, ConfigError, check_choice, load_config, main_script, source_of, warn
 
 
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """Where a run is within a method's own plan (Schedule.phase), e.g. IGM's stage."""
+    label: str = ""                        # beside "epoch e/E" in the progress bar, e.g. "stage 2/12 (audio)"
+    record: dict = dataclasses.field(default_factory=dict)   # fields added to each metrics.jsonl record
+
+
+@dataclasses.dataclass
+class Schedule:
+    """How a run is laid out over its epochs, for a method whose run follows a plan of its own
+    (IGM's stages): the loop asks it for the run's length, whether the learning-rate scheduler steps
+    at the start of each epoch instead of its end, and, through `phase()`, where the run is now —
+    asked at each epoch's start (the progress label) and at each validation (the metrics.jsonl
+    record), which comes after the epoch ended and before the method's `epoch_end` (where a method
+    moves to its next phase, as IGM's next_stage does). Without one (Setup.schedule None) a run is
+    cfg["epochs"] epochs, the scheduler steps after each epoch (on the validation loss for
+    `plateau`) and there is no phase."""
+    epochs: int                            # epochs of the whole run
+    scheduler_before_epoch: bool = False   # step the scheduler before each epoch (released IGM scripts)
+    phase: Callable[[], Phase] = Phase     # the current phase; by default none (Phase())
+
+
 @dataclasses.dataclass
 class Setup:
     """What a method's `build(cfg, ctx)` returns: what the loop trains, evaluates and checkpoints.
@@ -61,10 +96,7 @@ class Setup:
     state: dict = dataclasses.field(default_factory=dict)
     objects: dict = dataclasses.field(default_factory=dict)
     generators: dict = dataclasses.field(default_factory=dict)
-    epochs: int | None = None              # epochs of the whole run; default cfg["epochs"]
-    scheduler_before_epoch: bool = False   # step the scheduler before each epoch (released IGM scripts)
-    describe: Callable[[], str] | None = None   # progress label beside the epoch, e.g. "stage 2/4 (audio)"
-    record: Callable[[], dict] | None = None    # fields added to each metrics.jsonl record (IGM: the stage)
+    schedule: Schedule | None = None       # the method's own plan of the run; default cfg["epochs"] epochs
     result: dict = dataclasses.field(default_factory=dict)   # recorded in result.json
     parts: dict = dataclasses.field(default_factory=dict)    # the method's own objects (not checkpointed)
 
@@ -81,9 +113,9 @@ class Context:
     train_sampler: shards.ShardBatchSampler
     position: dict = dataclasses.field(default_factory=dict)   # step, epoch, batch_in_epoch, best, ...
     log_step: bool = False                 # this step's window is logged: compute costly diagnostics
-    run_dir: Path | None = None
-    writer: rundir.TensorBoardLog | None = None
+    run_dir: Path | None = None            # set once the run directory is accepted
     quiet: bool = False                    # print() says nothing (train.evaluate rebuilding a finished run)
+    trackers_open: bool = False            # log() has opened the experiment trackers
 
     @property
     def device(self):
@@ -102,8 +134,16 @@ class Context:
         return self.accelerator.autocast
 
     def log(self, scalars: dict) -> None:
-        """TensorBoard scalars (already identical on every rank) at the current step, main process."""
-        rundir.log_scalars(self.writer, scalars, self.position["step"])
+        """Scalars (already identical on every rank) at the current step, to the trackers of
+        `report_to` (accelerator.log), from the main process. The trackers open at the run's first
+        scalar (rundir.start_trackers): before the run directory is accepted nothing is logged, and a
+        run refused before it logs (a --resume whose checkpoint does not fit) writes no tracker file."""
+        if self.run_dir is None or not self.accelerator.is_main_process:
+            return
+        if not self.trackers_open:
+            rundir.start_trackers(self.accelerator, self.cfg, self.run_dir)
+            self.trackers_open = True
+        self.accelerator.log({key: float(value) for key, value in scalars.items()}, step=self.position["step"])
 
     def print(self, text: str) -> None:
         """A line on the main process's stdout that does not break the progress bar."""
@@ -287,6 +327,23 @@ def check_config(cfg: dict) -> None:
     rundir.report_to(cfg["report_to"])   # an unknown tracker, or one whose package is not installed
 
 
+def run_modalities(cfg: dict, meta: dict, method: str, min_modalities: int, max_modalities: int | None) -> list:
+    """The modalities a run trains (`modalities`, or the dataset's), refused in one line when one is
+    not in the dataset, named twice, or their number is not what `method` trains."""
+    modalities = list(cfg["modalities"] or meta["modalities"])
+    unknown = [m for m in modalities if m not in meta["modalities"]]
+    if unknown or len(set(modalities)) != len(modalities):
+        raise ConfigError(f"modalities={modalities}: " + (f"{unknown} not in {cfg['data']}" if unknown else
+                                                         "a modality is named twice")
+                          + f" (it has {', '.join(meta['modalities'])})")
+    if len(modalities) < min_modalities or (max_modalities and len(modalities) > max_modalities):
+        need = (f"exactly {min_modalities}" if min_modalities == max_modalities else
+                f"{min_modalities} or more" if not max_modalities else f"{min_modalities} to {max_modalities}")
+        raise ConfigError(f"modalities={modalities}: {method} trains {need} modalities "
+                          f"(set --modalities to {need} of {list(meta['modalities'])})")
+    return modalities
+
+
 def prepare(cfg: dict, accelerator, *, method: str, build: Callable, tasks=("classification",),
             min_modalities: int = 1, max_modalities: int | None = None,
             feature_dim: int | None = None, quiet: bool = False) -> tuple[dict, Context, Setup]:
@@ -299,17 +356,7 @@ def prepare(cfg: dict, accelerator, *, method: str, build: Callable, tasks=("cla
     task = meta["task"]
     if tasks is not None and task not in tasks:
         raise ConfigError(f"data={cfg['data']}: its task is {task}; {method} supports {', '.join(tasks)}")
-    modalities = list(cfg["modalities"] or meta["modalities"])
-    unknown = [m for m in modalities if m not in meta["modalities"]]
-    if unknown or len(set(modalities)) != len(modalities):
-        raise ConfigError(f"modalities={modalities}: " + (f"{unknown} not in {cfg['data']}" if unknown else
-                                                         "a modality is named twice")
-                          + f" (it has {', '.join(meta['modalities'])})")
-    if len(modalities) < min_modalities or (max_modalities and len(modalities) > max_modalities):
-        need = (f"exactly {min_modalities}" if min_modalities == max_modalities else
-                f"{min_modalities} or more" if not max_modalities else f"{min_modalities} to {max_modalities}")
-        raise ConfigError(f"modalities={modalities}: {method} trains {need} modalities "
-                          f"(set --modalities to {need} of {list(meta['modalities'])})")
+    modalities = run_modalities(cfg, meta, method, min_modalities, max_modalities)
     if task != "segmentation":   # BraTS's model reads `segmentation`, not `encoders`
         # entries for modalities this dataset lacks dropped (from a YAML) or refused (from the
         # command line); a default encoder for each modality without one
@@ -345,6 +392,52 @@ def script_module(build: Callable) -> str:
     return name
 
 
+@dataclasses.dataclass
+class Run:
+    """A run in progress: what the phases of train() share."""
+    setup: Setup
+    ctx: Context
+    schedule: Schedule
+    fuse: Callable                         # the model's outputs -> the fused prediction
+    plateau: bool                          # the scheduler steps on the validation loss (ReduceLROnPlateau)
+    preemption: Preemption
+    nonfinite: torch.Tensor                # ~isfinite of the losses since the last check, on the device
+    window: Window = dataclasses.field(default_factory=Window)
+    bar: tqdm | None = None
+
+    @property
+    def position(self) -> dict:
+        return self.ctx.position
+
+    @property
+    def more_epochs(self) -> bool:
+        """Epochs are left and early stopping has not ended the run."""
+        return self.position["epoch"] < self.schedule.epochs and not self.position["stopped_early"]
+
+
+def start(cfg: dict, *, method: str, build: Callable, deepspeed: bool | str, **prepare_kwargs) -> Run:
+    """A run up to its first step: the refusals before any compute, the accelerator (with the
+    trackers of `report_to`, not yet opened), the stop signals, the data and the method's setup
+    (prepare), a schedule the scheduler cannot follow refused, then the run directory checked,
+    locked and its config.yaml written (rundir.setup_run_dir)."""
+    check_config(cfg)
+    accelerator = distributed.setup_accelerator(cfg, log_with=rundir.trackers(cfg))
+    if deepspeed is not True:
+        distributed.refuse_deepspeed(accelerator, method, deepspeed or "its script does not declare DeepSpeed support "
+                                     "(loop.train(..., deepspeed=True))")
+    preemption = Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1/SIGINT -> checkpoint, exit
+    cfg, ctx, setup = prepare(cfg, accelerator, method=method, build=build, **prepare_kwargs)
+    schedule = setup.schedule or Schedule(cfg["epochs"])
+    plateau = isinstance(setup.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if plateau and schedule.scheduler_before_epoch:
+        raise ConfigError(f"scheduler=plateau: {method} ({cfg.get('variant', '')}) steps its scheduler before each "
+                          "epoch, before any validation loss exists; choose another scheduler")
+    ctx.run_dir = rundir.setup_run_dir(cfg, accelerator)
+    fuse = setup.fuse or accelerator.unwrap_model(setup.model).fuse
+    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+    return Run(setup, ctx, schedule, fuse, plateau, preemption, nonfinite)
+
+
 def resume(setup: Setup, ctx: Context, changes: list) -> None:
     """Restore the run's latest checkpoint into `setup` and `ctx.position`; record the config changes
     the resume was allowed (train.rundir.resumed_config) with the step they took effect at."""
@@ -361,19 +454,134 @@ def resume(setup: Setup, ctx: Context, changes: list) -> None:
             [change | {"step": position["step"]} for change in changes]
 
 
-def validate_and_select(setup: Setup, ctx: Context, fuse: Callable, epochs: int, plateau: bool) -> dict:
+def open_progress(run: Run) -> None:
+    """Before the first epoch: a warning when a fresh run would log its training diagnostics fewer
+    than 10 times, the progress bar over the whole run (from a resumed step), the model in training mode."""
+    cfg, accelerator, position = run.ctx.cfg, run.ctx.accelerator, run.position
+    total = run.schedule.epochs * len(run.ctx.train_sampler)
+    points = total // cfg["log_every"]
+    if points < 10 and not cfg["resume"]:
+        warn(f"log_every={cfg['log_every']}: this run logs its training diagnostics {points} time(s) over its "
+             f"{total} steps; --log_every {max(1, total // 20)} gives ~20 points")
+    run.bar = tqdm(total=total, initial=min(position["step"], total),
+                   disable=not (cfg["progress"] and accelerator.is_main_process and sys.stderr.isatty()),
+                   dynamic_ncols=True)
+    run.setup.model.train()
+
+
+def start_epoch(run: Run) -> None:
+    """Before an epoch's first batch: the scheduler stepped when the schedule steps it before each
+    epoch (not again when a resume continues the epoch), the progress label, the sampler at the
+    epoch and at the batch a resume continues from."""
+    position, schedule, setup = run.position, run.schedule, run.setup
+    if schedule.scheduler_before_epoch and position["batch_in_epoch"] == 0:
+        with warnings.catch_warnings():   # "scheduler.step() before optimizer.step()": intended
+            warnings.simplefilter("ignore", UserWarning)
+            setup.scheduler.step()
+    label = schedule.phase().label
+    run.bar.set_description(f"epoch {position['epoch'] + 1}/{schedule.epochs}" + (f" {label}" if label else ""))
+    run.ctx.train_sampler.set_epoch(position["epoch"], start_batch=position["batch_in_epoch"])
+
+
+def run_epoch(run: Run, step: Callable, after_step: Callable | None) -> bool:
+    """The epoch's batches (the rest of them after a resume): the method's step, the logging window,
+    the periodic checkpoint. True when the run stops here (a signal, stop_after_steps)."""
+    ctx, position, cfg = run.ctx, run.position, run.ctx.cfg
+    for batch in ctx.loaders["train"]:
+        batch = data.to_device(batch, ctx.device)
+        ctx.log_step = (position["step"] + 1) % cfg["log_every"] == 0
+        stats = step(run.setup, batch, ctx)
+        run.window.add(stats)
+        run.nonfinite = _nonfinite_in(stats, run.nonfinite)
+        position["step"] += 1
+        position["batch_in_epoch"] += 1
+        run.bar.update()
+        if after_step is not None:
+            after_step(run.setup, ctx)
+        if ctx.log_step:
+            log_window(run)
+        if checkpoint_if_due(run):
+            return True
+    return False
+
+
+def log_window(run: Run) -> None:
+    """A log step: the NaN/Inf check, the window's means (averaged over ranks) and the learning
+    rate logged, the losses shown beside the progress bar."""
+    ctx = run.ctx
+    check_finite(run.nonfinite, run.position["step"], ctx.accelerator)
+    scalars = run.window.means(ctx.accelerator)
+    scalars["train/lr"] = run.setup.optimizer.param_groups[0]["lr"]
+    ctx.log(scalars)
+    run.bar.set_postfix({k.removeprefix("train/").replace("/loss", ""): f"{v:.3f}"
+                         for k, v in scalars.items() if k.endswith("/loss")}, refresh=False)
+
+
+def checkpoint_if_due(run: Run) -> bool:
+    """After a step: a checkpoint every `ckpt_every_steps` and when a stop is requested (a signal,
+    `stop_after_steps`), after the NaN/Inf check. True when the run stops here."""
+    cfg, position = run.ctx.cfg, run.position
+    stop = bool(cfg["stop_after_steps"] and position["step"] >= cfg["stop_after_steps"]) \
+        or run.preemption.requested(position["step"])
+    if stop or (cfg["ckpt_every_steps"] and position["step"] % cfg["ckpt_every_steps"] == 0):
+        if not run.ctx.log_step:   # a log step has just checked the flag
+            check_finite(run.nonfinite, position["step"], run.ctx.accelerator)
+        save(run)
+    return stop
+
+
+def save(run: Run) -> None:
+    """A checkpoint of the run now: the setup's objects, the position and the method's state."""
+    ctx, setup = run.ctx, run.setup
+    checkpoint.save_checkpoint(ctx.run_dir, ctx.accelerator, checkpointed(setup),
+                               run.position | {"method": setup.state}, ctx.cfg["keep_checkpoints"], setup.generators)
+
+
+def stop(run: Run) -> dict:
+    """The end of a run stopped by a signal or `stop_after_steps` (its checkpoint written): every
+    further stop signal ignored, the trackers ended as unfinished, the run directory unlocked."""
+    accelerator, position = run.ctx.accelerator, run.position
+    run.preemption.done()
+    run.bar.close()
+    reason = run.preemption.received or f"stop_after_steps={run.ctx.cfg['stop_after_steps']}"
+    accelerator.print(f"[stop] {reason} at step {position['step']}: checkpoint written, exiting (resume with --resume)")
+    rundir.close_trackers(accelerator, finished=False)
+    rundir.unlock_run_dir(run.ctx.run_dir)
+    return {"stopped_at_step": position["step"], "run_dir": str(run.ctx.run_dir)}
+
+
+def end_epoch(run: Run, epoch_end: Callable | None) -> None:
+    """After an epoch's last batch: the NaN/Inf check, the scheduler's per-epoch step, validation
+    and model selection every `eval_every` epochs and at the last, the method's hook, the checkpoint."""
+    ctx, setup, position = run.ctx, run.setup, run.position
+    check_finite(run.nonfinite, position["step"], ctx.accelerator)
+    if setup.scheduler is not None and not (run.plateau or run.schedule.scheduler_before_epoch):
+        setup.scheduler.step()
+    position["epoch"] += 1
+    position["batch_in_epoch"] = 0
+    val = None
+    if position["epoch"] % ctx.cfg["eval_every"] == 0 or position["epoch"] == run.schedule.epochs:
+        val = validate_and_select(run)
+    if epoch_end is not None:
+        epoch_end(setup, ctx, val)
+    save(run)
+
+
+def validate_and_select(run: Run) -> dict:
     """An epoch end's validation: every rank takes the main process's BatchNorm statistics, then the
-    validation metrics are logged and appended to metrics.jsonl, the plateau scheduler steps on the
-    loss, and the model is selected (best.pt) or early stopping counts. Returns the metrics."""
-    cfg, accelerator, position, run_dir = ctx.cfg, ctx.accelerator, ctx.position, ctx.run_dir
+    validation metrics are logged and appended to metrics.jsonl (with the schedule's phase record),
+    the plateau scheduler steps on the loss, and the model is selected (best.pt) or early stopping
+    counts. Returns the metrics."""
+    setup, ctx, position = run.setup, run.ctx, run.position
+    cfg, accelerator, run_dir = ctx.cfg, ctx.accelerator, ctx.run_dir
     select_key, better = selection(cfg, ctx.task)
     # every rank validates (and best.pt, the checkpoint hold) the main process's BatchNorm statistics
     distributed.sync_buffers([o for o in checkpointed(setup).values() if isinstance(o, torch.nn.Module)], accelerator)
-    val = metrics.evaluate(setup.model, ctx.loaders["val"], accelerator, ctx.task, fuse)
-    if plateau:
+    val = metrics.evaluate(setup.model, ctx.loaders["val"], accelerator, ctx.task, run.fuse)
+    if run.plateau:
         setup.scheduler.step(val["fused"]["loss"])
     ctx.log({f"val_{k}/{name}": v for k, mets in val.items() for name, v in mets.items()})
-    record = {"epoch": position["epoch"], **(setup.record() if setup.record else {}), "step": position["step"]}
+    record = {"epoch": position["epoch"], **run.schedule.phase().record, "step": position["step"]}
     rundir.append_jsonl(run_dir, record | {"val": val}, accelerator)
     score = metrics.selection_score(val, cfg["select_on"], select_key)
     if position["best"] is None or better(score, position["best"]):
@@ -386,20 +594,22 @@ def validate_and_select(setup: Setup, ctx: Context, fuse: Callable, epochs: int,
     else:
         position["bad_evals"] += 1
         position["stopped_early"] = bool(cfg["patience"]) and position["bad_evals"] >= cfg["patience"]
-    ctx.print(f"epoch {position['epoch']}/{epochs}: val " + "  ".join(f"{k} {v[select_key]:.4f}" for k, v in val.items())
+    ctx.print(f"epoch {position['epoch']}/{run.schedule.epochs}: val "
+              + "  ".join(f"{k} {v[select_key]:.4f}" for k, v in val.items())
               + ("  [early stop]" if position["stopped_early"] else ""))
     return val
 
 
-def test_selected_model(setup: Setup, ctx: Context, fuse: Callable, method: str, script: str) -> dict:
+def test_selected_model(run: Run, method: str, script: str) -> dict:
     """The end of a run: the model selected on validation (best.pt) evaluated on test and validation,
-    result.json written, the closing table printed, TensorBoard closed and the run directory unlocked."""
-    cfg, accelerator, position, run_dir = ctx.cfg, ctx.accelerator, ctx.position, ctx.run_dir
+    result.json written, the closing table printed, the trackers ended and the run directory unlocked."""
+    setup, ctx, position = run.setup, run.ctx, run.position
+    cfg, accelerator, run_dir = ctx.cfg, ctx.accelerator, ctx.run_dir
     select_key, _ = selection(cfg, ctx.task)
     accelerator.wait_for_everyone()
     accelerator.unwrap_model(setup.model).load_state_dict(checkpoint.load_trusted(run_dir / "best.pt"))
-    test = metrics.evaluate(setup.model, ctx.loaders["test"], accelerator, ctx.task, fuse)
-    val = metrics.evaluate(setup.model, ctx.loaders["val"], accelerator, ctx.task, fuse)
+    test = metrics.evaluate(setup.model, ctx.loaders["test"], accelerator, ctx.task, run.fuse)
+    val = metrics.evaluate(setup.model, ctx.loaders["val"], accelerator, ctx.task, run.fuse)
     result = {"run_dir": str(run_dir), "method": method, "script": script,
               "best_epoch": position["best_epoch"], "val": val, "test": test,
               "bayes_accuracy": ctx.meta.get("source", {}).get("bayes_accuracy"),
@@ -409,7 +619,7 @@ def test_selected_model(setup: Setup, ctx: Context, fuse: Callable, method: str,
     if accelerator.is_main_process:
         rundir.write_result(run_dir, result)
         rundir.print_result_table(result, select_key)
-        ctx.writer.close()
+        rundir.close_trackers(accelerator)
         rundir.unlock_run_dir(run_dir)
     return result
 
@@ -424,103 +634,21 @@ def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step
     accelerator and `step` steps the engine); otherwise the reason the method cannot run under
     it, refused before any compute. feature_dim: the width every encoder entry that leaves it unset
     gives (CGGM: d_model); see resolve_encoders."""
-    # refusals before any compute, then before anything is written ---------------------------------
-    resume_changes = []
+    changes = []
     if cfg["resume"]:   # the run's own config.yaml is the config; flags that would change it are refused
-        cfg, resume_changes = rundir.resumed_config(cfg)
-    check_config(cfg)
-    accelerator = distributed.setup_accelerator(cfg)
-    if deepspeed is not True:
-        distributed.refuse_deepspeed(accelerator, method, deepspeed or "its script does not declare DeepSpeed support "
-                                     "(loop.train(..., deepspeed=True))")
-    preemption = Preemption(accelerator, cfg["preempt_check_every"])   # SIGTERM/SIGUSR1/SIGINT -> checkpoint, exit
-    cfg, ctx, setup = prepare(cfg, accelerator, method=method, build=build, tasks=tasks, min_modalities=min_modalities,
-                              max_modalities=max_modalities, feature_dim=feature_dim)
-    loaders, position = ctx.loaders, ctx.position
-    steps_per_epoch = len(ctx.train_sampler)
-    fuse = setup.fuse or accelerator.unwrap_model(setup.model).fuse
-    epochs = setup.epochs or cfg["epochs"]
-    plateau = isinstance(setup.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    if plateau and setup.scheduler_before_epoch:
-        raise ConfigError(f"scheduler=plateau: {method} ({cfg.get('variant', '')}) steps its scheduler before each "
-                          "epoch, before any validation loss exists; choose another scheduler")
-    ctx.run_dir, ctx.writer = rundir.setup_run_dir(cfg, accelerator)
-    run_dir = ctx.run_dir
-
+        cfg, changes = rundir.resumed_config(cfg)
+    run = start(cfg, method=method, build=build, deepspeed=deepspeed, tasks=tasks, min_modalities=min_modalities,
+                max_modalities=max_modalities, feature_dim=feature_dim)
     if cfg["resume"]:
-        resume(setup, ctx, resume_changes)
-
-    def save():
-        checkpoint.save_checkpoint(run_dir, accelerator, checkpointed(setup), position | {"method": setup.state},
-                                   cfg["keep_checkpoints"], setup.generators)
-
-    window, nonfinite = Window(), torch.zeros((), dtype=torch.bool, device=accelerator.device)
-    points = epochs * steps_per_epoch // cfg["log_every"]
-    if points < 10 and not cfg["resume"]:
-        warn(f"log_every={cfg['log_every']}: this run logs its training diagnostics {points} time(s) over its "
-             f"{epochs * steps_per_epoch} steps; --log_every {max(1, epochs * steps_per_epoch // 20)} gives ~20 points")
-    bar = tqdm(total=epochs * steps_per_epoch, initial=min(position["step"], epochs * steps_per_epoch),
-               disable=not (cfg["progress"] and accelerator.is_main_process and sys.stderr.isatty()),
-               dynamic_ncols=True)
-    setup.model.train()
-    while position["epoch"] < epochs and not position["stopped_early"]:
-        if setup.scheduler_before_epoch and position["batch_in_epoch"] == 0:
-            with warnings.catch_warnings():   # "scheduler.step() before optimizer.step()": intended
-                warnings.simplefilter("ignore", UserWarning)
-                setup.scheduler.step()
-        label = f"epoch {position['epoch'] + 1}/{epochs}" + (f" {setup.describe()}" if setup.describe else "")
-        bar.set_description(label)
-        ctx.train_sampler.set_epoch(position["epoch"], start_batch=position["batch_in_epoch"])
-        for batch in loaders["train"]:
-            batch = data.to_device(batch, accelerator.device)
-            ctx.log_step = (position["step"] + 1) % cfg["log_every"] == 0
-            stats = step(setup, batch, ctx)
-            window.add(stats)
-            nonfinite = _nonfinite_in(stats, nonfinite)
-            position["step"] += 1
-            position["batch_in_epoch"] += 1
-            bar.update()
-            if after_step is not None:
-                after_step(setup, ctx)
-            if ctx.log_step:
-                check_finite(nonfinite, position["step"], accelerator)
-                scalars = window.means(accelerator)
-                scalars["train/lr"] = setup.optimizer.param_groups[0]["lr"]
-                ctx.log(scalars)
-                bar.set_postfix({k.removeprefix("train/").replace("/loss", ""): f"{v:.3f}"
-                                 for k, v in scalars.items() if k.endswith("/loss")}, refresh=False)
-            stop = bool(cfg["stop_after_steps"] and position["step"] >= cfg["stop_after_steps"]) \
-                or preemption.requested(position["step"])
-            if stop or (cfg["ckpt_every_steps"] and position["step"] % cfg["ckpt_every_steps"] == 0):
-                if not ctx.log_step:   # a log step has just checked the flag
-                    check_finite(nonfinite, position["step"], accelerator)
-                save()
-            if stop:
-                preemption.done()
-                bar.close()
-                reason = preemption.received or f"stop_after_steps={cfg['stop_after_steps']}"
-                accelerator.print(f"[stop] {reason} at step {position['step']}: checkpoint written, "
-                                  "exiting (resume with --resume)")
-                if accelerator.is_main_process:
-                    ctx.writer.close(finished=False)
-                rundir.unlock_run_dir(run_dir)
-                return {"stopped_at_step": position["step"], "run_dir": str(run_dir)}
-
-        # end of epoch: scheduler, validation, selection, early stopping, the method's hook, checkpoint
-        check_finite(nonfinite, position["step"], accelerator)
-        if setup.scheduler is not None and not (plateau or setup.scheduler_before_epoch):
-            setup.scheduler.step()
-        position["epoch"] += 1
-        position["batch_in_epoch"] = 0
-        val = None
-        if position["epoch"] % cfg["eval_every"] == 0 or position["epoch"] == epochs:
-            val = validate_and_select(setup, ctx, fuse, epochs, plateau)
-        if epoch_end is not None:
-            epoch_end(setup, ctx, val)
-        save()
-    bar.close()
-
-    return test_selected_model(setup, ctx, fuse, method, script_module(build))
+        resume(run.setup, run.ctx, changes)
+    open_progress(run)
+    while run.more_epochs:
+        start_epoch(run)
+        if run_epoch(run, step, after_step):
+            return stop(run)
+        end_epoch(run, epoch_end)
+    run.bar.close()
+    return test_selected_model(run, method, script_module(build))
 
 
 def _rank_prefix() -> str:

@@ -1,7 +1,7 @@
 """The run directory: checked before anything is written, locked for the whole run, the resolved
 config (and, on --resume, its reconciliation with the config the run was started with),
-the experiment trackers (`report_to`: TensorBoard, wandb, MLflow), metrics.jsonl, result.json and
-the closing table."""
+the experiment trackers (`report_to`: TensorBoard, wandb, MLflow, through Accelerate's tracker
+API), metrics.jsonl, result.json and the closing table."""
 from __future__ import annotations
 
 import copy
@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from train import distributed
-from train.checkpoint import (atomic_write_text, checkpoint_step, has_checkpoint, resume_checkpoint,
-                              write_run_config)
+from train.checkpoint import (CheckpointError, atomic_write_text, checkpoint_step, has_checkpoint,
+                              resume_checkpoint, write_run_config)
 from train.config import COMMAND_LINE, ConfigError, load_yaml, source_of
 
 
@@ -157,8 +157,8 @@ def unlock_run_dir(run_dir: Path) -> None:
 _HELD: dict[str, object] = {}
 
 
-def setup_run_dir(cfg: dict, accelerator):
-    """Check the run directory, lock it, then write the resolved config and open TensorBoard.
+def setup_run_dir(cfg: dict, accelerator) -> Path:
+    """Check the run directory, lock it, then write the resolved config; return the directory.
 
     The main process takes the directory's lock (lock_run_dir) before the checks: a second run on
     the same directory — simultaneous resumes, a fresh run into a running one — is refused in one
@@ -166,15 +166,14 @@ def setup_run_dir(cfg: dict, accelerator):
     is on a shared file system), so all refuse together. A fresh run refuses a directory that holds
     any file of a previous run (RUN_FILES): nothing already written is lost; --resume needs a
     checkpoint. A resumed run leaves config.yaml alone here: load_checkpoint rewrites it once the
-    checkpoint has been accepted, so a rejected --resume changes nothing. TensorBoard events logged
-    after the checkpoint (by the run that was stopped) are purged: they are logged again.
+    checkpoint has been accepted, so a rejected --resume changes nothing. The trackers open later,
+    at the run's first scalar (start_trackers).
     """
     run_dir = Path(cfg["out_dir"])
     if cfg["resume"]:
         if not has_checkpoint(run_dir):
             raise ConfigError(f"--resume: no checkpoint under {run_dir / 'checkpoints'} "
                               "(drop --resume to start a run there)")
-        purge_step = checkpoint_step(resume_checkpoint(run_dir / "checkpoints")[0]) + 1
     holder = None
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)   # a fresh run's (no check below can refuse a new one)
@@ -194,62 +193,114 @@ def setup_run_dir(cfg: dict, accelerator):
                 unlock_run_dir(run_dir)
             raise ConfigError(f"out_dir={run_dir} holds a previous run's files ({', '.join(previous)}): {what}")
     accelerator.wait_for_everyone()
-    writer = None
-    if accelerator.is_main_process:
-        if not cfg["resume"]:
-            write_run_config(run_dir, cfg)
-        writer = open_trackers(cfg, run_dir, purge_step=purge_step if cfg["resume"] else None)
+    if accelerator.is_main_process and not cfg["resume"]:
+        write_run_config(run_dir, cfg)
     accelerator.wait_for_everyone()
-    return run_dir, writer
+    return run_dir
 
 
 # --------------------------------------------------------------------------------------------------
-# Experiment trackers (`report_to`): each has add_scalar(tag, value, step) and close(finished=True),
-# opens lazily at the first scalar (a run refused before it logs leaves nothing behind) and exists on
-# the main process only. TensorBoard is our own writer (it purges events after the checkpoint on
-# --resume); wandb and MLflow are optional extras (pip install -e ".[trackers]").
+# Experiment trackers (`report_to`), through Accelerate's tracker API: trackers(cfg) makes Accelerate's
+# own tracker objects for Accelerator(log_with=...) without opening anything; start_trackers opens
+# them (accelerator.init_trackers) at the run's first scalar, once the run directory and a resumed
+# checkpoint are accepted, so a refused run leaves nothing behind; every scalar goes through
+# accelerator.log; close_trackers ends them. Main process only: Accelerate's init_trackers and log
+# run there only. wandb and MLflow are optional extras (pip install -e ".[trackers]").
 
 #: report_to's tracker names and the package each needs ("all": tensorboard and every installed other).
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+#: MLflow's experiment when MLFLOW_EXPERIMENT_NAME is not set (Accelerate reads the variable first).
+MLFLOW_EXPERIMENT = "mm-balance"
 
 
 def report_to(value) -> list[str]:
     """The trackers that `report_to` names (a name, a comma-separated list or a list), in
     TRACKERS' order; ConfigError, one line, for an unknown name or a tracker not installed."""
-    listed = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else None
-    names = [str(n).strip() for n in listed or [] if str(n).strip()]
-    unknown = [n for n in names if n not in (*TRACKERS, "all", "none")]
-    if unknown or not names or ("none" in names and len(names) > 1):
+    names = _listed_names(value)
+    if not names or not set(names) <= {*TRACKERS, "all", "none"} or ("none" in names and len(names) > 1):
         raise ConfigError(f"report_to='{value}': choose tensorboard, wandb, mlflow, all or none "
                           "(or a comma-separated list of the first three)")
+    installed = [n for n, package in TRACKERS.items() if importlib.util.find_spec(package)]
     if "all" in names:
-        return ["tensorboard"] + [n for n, pkg in TRACKERS.items() if n != "tensorboard" and importlib.util.find_spec(pkg)]
-    for name in names:
-        if name != "none" and importlib.util.find_spec(TRACKERS[name]) is None:
-            raise ConfigError(f"report_to={name}: the {TRACKERS[name]} package is not installed (pip install "
-                              f"{TRACKERS[name]}, or pip install -e \".[trackers]\")")
+        return ["tensorboard"] + [n for n in installed if n != "tensorboard"]
+    missing = [n for n in names if n in TRACKERS and n not in installed]
+    if missing:
+        raise ConfigError(f"report_to={missing[0]}: the {TRACKERS[missing[0]]} package is not installed (pip install "
+                          f"{TRACKERS[missing[0]]}, or pip install -e \".[trackers]\")")
     return [n for n in TRACKERS if n in names]
 
 
-def open_trackers(cfg: dict, run_dir: Path, purge_step: int | None = None) -> "Trackers":
-    names = report_to(cfg.get("report_to", "tensorboard"))
-    return Trackers([TensorBoardLog(run_dir / "tb", purge_step=purge_step) if name == "tensorboard" else
-                     WandbLog(run_dir, cfg) if name == "wandb" else MlflowLog(run_dir, cfg) for name in names])
+def _listed_names(value) -> list[str]:
+    """The names of a report_to value (a name, a comma-separated list or a list), blanks dropped."""
+    listed = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else []
+    return [str(n).strip() for n in listed if str(n).strip()]
 
 
-class Trackers:
-    """The trackers of `report_to` as one writer (none at all for report_to=none)."""
+def trackers(cfg: dict) -> list:
+    """Accelerate's trackers for `report_to`, to pass as Accelerator(log_with=...): made, not opened
+    (no package imported, nothing written). TensorBoard writes <out_dir>/tb/; on --resume its events
+    after the checkpoint the run resumes from are purged (they are logged again). wandb logs under
+    the run directory, named after it; MLflow names its run after it in experiment
+    MLFLOW_EXPERIMENT. A --resume continues the wandb/MLflow run whose id tracker_ids.json holds."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+    run_dir = Path(cfg["out_dir"])
+    made = []
+    for name in report_to(cfg["report_to"]):
+        if name == "tensorboard":
+            resumed = resume_step(run_dir) if cfg["resume"] else None
+            made.append(TensorBoardTracker("tb", str(run_dir), purge_step=None if resumed is None else resumed + 1))
+        elif name == "wandb":   # project None: WANDB_PROJECT or wandb's default, as wandb.init decides
+            made.append(WandBTracker(None, dir=str(run_dir), id=tracker_id(run_dir, "wandb"), resume="allow",
+                                     name=run_dir.name))
+        else:
+            made.append(MLflowTracker(MLFLOW_EXPERIMENT, run_id=tracker_id(run_dir, "mlflow"), run_name=run_dir.name))
+    return made
 
-    def __init__(self, trackers: list):
-        self.trackers = trackers
 
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        for tracker in self.trackers:
-            tracker.add_scalar(tag, value, step)
+def resume_step(run_dir: Path) -> int | None:
+    """The step of the checkpoint a --resume of `run_dir` loads (checkpoint.resume_checkpoint), None
+    when it has none to load (setup_run_dir or load_checkpoint refuses the resume then)."""
+    if not has_checkpoint(run_dir):
+        return None
+    try:
+        return checkpoint_step(resume_checkpoint(Path(run_dir) / "checkpoints")[0])
+    except CheckpointError:
+        return None
 
-    def close(self, finished: bool = True) -> None:
-        for tracker in self.trackers:
-            tracker.close(finished)
+
+def start_trackers(accelerator, cfg: dict, run_dir: Path) -> None:
+    """Open the Accelerator's trackers (accelerator.init_trackers), on the main process. MLflow gets
+    a file store in <run_dir>/mlruns unless MLFLOW_TRACKING_URI is set; the resolved config goes to
+    wandb (every start) and to a new MLflow run as its parameters; each tracker's run id is kept in
+    <run_dir>/tracker_ids.json for --resume."""
+    if not accelerator.is_main_process:
+        return
+    if "mlflow" in report_to(cfg["report_to"]) and not os.environ.get("MLFLOW_TRACKING_URI"):
+        import mlflow
+        mlflow.set_tracking_uri((Path(run_dir) / "mlruns").resolve().as_uri())
+    accelerator.init_trackers(Path(run_dir).name)
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.store_init_configuration(_plain(cfg))
+            tracker_id(run_dir, "wandb", tracker.tracker.id)
+        elif tracker.name == "mlflow" and tracker_id(run_dir, "mlflow") is None:
+            tracker_id(run_dir, "mlflow", tracker.tracker.info.run_id)
+            tracker.store_init_configuration({key: str(value)[:500] for key, value in _flat(_plain(cfg)).items()})
+
+
+def close_trackers(accelerator, finished: bool = True) -> None:
+    """End the trackers' runs (main process). A run stopped to be resumed (finished=False) says so:
+    wandb exit code 1, MLflow status KILLED; --resume continues them."""
+    if not accelerator.is_main_process:
+        return
+    for tracker in accelerator.trackers:
+        if finished or tracker.name not in ("wandb", "mlflow"):
+            tracker.finish()
+        elif tracker.name == "wandb":
+            tracker.tracker.finish(exit_code=1)
+        else:
+            import mlflow
+            mlflow.end_run(status="KILLED")
 
 
 def tracker_id(run_dir: Path, name: str, new_id: str | None = None) -> str | None:
@@ -265,83 +316,6 @@ def tracker_id(run_dir: Path, name: str, new_id: str | None = None) -> str | Non
 
 def _plain(cfg: dict) -> dict:
     return json.loads(json.dumps(cfg, default=str))
-
-
-class WandbLog:
-    """A wandb run with the run directory as its dir, the resolved config as its config, and its
-    id in tracker_ids.json: --resume continues it (resume="allow"). wandb keeps the points it has:
-    those the stopped run logged after its checkpoint are not replaced (TensorBoard's are)."""
-
-    def __init__(self, run_dir: Path, cfg: dict):
-        self.run_dir, self.cfg, self._run = Path(run_dir), cfg, None
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        if self._run is None:
-            import wandb
-            run_id = tracker_id(self.run_dir, "wandb", wandb.util.generate_id())
-            self._run = wandb.init(dir=str(self.run_dir), config=_plain(self.cfg), id=run_id, resume="allow",
-                                   name=self.run_dir.name)
-        self._run.log({tag: value}, step=step)
-
-    def close(self, finished: bool = True) -> None:
-        if self._run is not None:
-            self._run.finish(exit_code=0 if finished else 1)
-
-
-class MlflowLog:
-    """An MLflow run in a file store under <run_dir>/mlruns (MLFLOW_TRACKING_URI, when set, is used
-    instead; MLFLOW_EXPERIMENT_NAME names the experiment, else "mm-balance"), its id in
-    tracker_ids.json: --resume logs into the same run."""
-
-    def __init__(self, run_dir: Path, cfg: dict):
-        self.run_dir, self.cfg, self._client, self._run_id = Path(run_dir), cfg, None, None
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        if self._client is None:
-            from mlflow.tracking import MlflowClient
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or (self.run_dir / "mlruns").resolve().as_uri()
-            client = MlflowClient(tracking_uri=uri)
-            run_id = tracker_id(self.run_dir, "mlflow")
-            if run_id is None:
-                name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "mm-balance")
-                experiment = client.get_experiment_by_name(name)
-                experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-                run_id = tracker_id(self.run_dir, "mlflow",
-                                    client.create_run(experiment_id, run_name=self.run_dir.name).info.run_id)
-                for key, value in _flat(_plain(self.cfg)).items():
-                    client.log_param(run_id, key, str(value)[:500])
-            else:
-                client.update_run(run_id, status="RUNNING")
-            self._client, self._run_id = client, run_id
-        self._client.log_metric(self._run_id, tag, value, step=step)
-
-    def close(self, finished: bool = True) -> None:
-        if self._client is not None:
-            self._client.set_terminated(self._run_id, "FINISHED" if finished else "KILLED")
-
-
-class TensorBoardLog:
-    """TensorBoard's SummaryWriter, opened at the first scalar: a run refused before it logs
-    anything (a --resume whose checkpoint does not fit) leaves tb/ exactly as it was."""
-
-    def __init__(self, log_dir: Path, purge_step: int | None = None):
-        self.log_dir, self.purge_step, self._writer = Path(log_dir), purge_step, None
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(str(self.log_dir), purge_step=self.purge_step)
-        self._writer.add_scalar(tag, value, step)
-
-    def close(self, finished: bool = True) -> None:
-        if self._writer is not None:
-            self._writer.close()
-
-
-def log_scalars(writer, scalars: dict, step: int) -> None:
-    if writer is not None:
-        for key, value in scalars.items():
-            writer.add_scalar(key, float(value), step)
 
 
 def append_jsonl(run_dir: Path, record: dict, accelerator) -> None:
