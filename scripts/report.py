@@ -19,7 +19,10 @@ Writes <out>/report.md and beside it:
   shapley.png        the Shapley contribution of each modality (train.evaluate), mean ± std over seeds;
   missing.png        the fused metric with each subset of modalities present, the others absent;
   noise.png          the fused metric against the noise level added to one modality;
-and the summary table: test metrics mean ± std over seeds and the paired difference against joint.
+and the summary table: test metrics mean ± std over seeds and the paired difference against joint,
+each with, per modality m, the method's own output (`m: head`: what it is differs by method,
+docs/evaluation.md), the fused prediction, and the two readings that mean the same for every method:
+the fused model with only m present (`fused, only m`) and m's Shapley value (`Shapley m`).
 The Shapley, missing and noise parts read <run>/evaluation.json; a run without an entry for the
 split is evaluated first (train.evaluate with its default rules, written to its evaluation.json).
 
@@ -122,10 +125,7 @@ def mean_std(values: list) -> tuple[float, float]:
 
 
 def cell(values: list) -> str:
-    if not values:
-        return "-"
-    mean, std = mean_std(values)
-    return f"{mean:.4f} ± {std:.4f}"
+    return summarize.cell(values, digits=4)
 
 
 def read_records(run_dir: Path) -> list:
@@ -310,31 +310,48 @@ def noise_figure(groups: dict, evaluations: dict, key: str, out: Path) -> str:
 # --------------------------------------------------------------------------------------------------
 # Tables
 
-def summary_table(groups: dict, metric: str, split: str) -> list[str]:
+def columns(groups: dict, evaluations: dict, metric: str, split: str) -> list[tuple[str, object]]:
+    """[(heading, value(run, result) or None)] of the comparison tables: each modality's head (the
+    method's own per-modality output), the fused prediction, then the readings that mean the same for
+    every method (summarize.uniform_headings: the fused model with only m present, m's Shapley value)."""
     names = list(dict.fromkeys(n for runs in groups.values() for _, _, r in runs for n in r[split]))
-    names = [n for n in names if n != "fused"] + ["fused"]
-    lines = ["| run | seeds | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    modalities = [n for n in names if n != "fused"]
+    readings = {run: summarize.uniform_readings(evaluations[run], run / evaluate.EVALUATION_FILE)
+                for runs in groups.values() for _, run, _ in runs}
+
+    def own(n):
+        return lambda run, result: result[split][n][metric] if n in result[split] else None
+
+    def uniform(kind, m):
+        return lambda run, result: readings[run][kind].get(m)
+    return ([(f"{n}: head", own(n)) for n in modalities] + [("fused", own("fused"))]
+            + list(zip(summarize.uniform_headings(modalities),
+                       [uniform(kind, m) for kind in ("only", "shapley") for m in modalities])))
+
+
+def summary_table(groups: dict, columns_: list) -> list[str]:
+    """Per group and column (columns()): mean ± std over its seeds."""
+    lines = ["| run | seeds | " + " | ".join(h for h, _ in columns_) + " |", "|---|---|" + "---|" * len(columns_)]
     for group, runs in groups.items():
-        cells = [cell([r[split][n][metric] for _, _, r in runs if n in r[split]]) for n in names]
+        cells = [cell([v for _, run, r in runs if (v := value(run, r)) is not None]) for _, value in columns_]
         lines.append(f"| {group} | {len(runs)} | " + " | ".join(cells) + " |")
     return lines
 
 
-def paired_table(groups: dict, metric: str, split: str, baseline: str = "joint") -> list[str]:
-    """Per group and column: mean ± std (n pairs) of group − baseline over the seeds both finished."""
+def paired_table(groups: dict, columns_: list, baseline: str = "joint") -> list[str]:
+    """Per group and column (columns()): mean ± std (n pairs) of group − baseline over the seeds both finished."""
     if baseline not in groups:
         return [f"No `{baseline}` group among the runs: no paired differences."]
-    base = {seed: r for seed, _, r in groups[baseline] if seed is not None}
-    names = list(dict.fromkeys(n for runs in groups.values() for _, _, r in runs for n in r[split]))
-    names = [n for n in names if n != "fused"] + ["fused"]
-    lines = [f"| run − {baseline} | pairs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    base = {seed: (run, r) for seed, run, r in groups[baseline] if seed is not None}
+    lines = [f"| run − {baseline} | pairs | " + " | ".join(h for h, _ in columns_) + " |",
+             "|---|---|" + "---|" * len(columns_)]
     for group, runs in groups.items():
         if group == baseline:
             continue
-        pairs = [(r, base[seed]) for seed, _, r in runs if seed in base]
+        pairs = [((run, r), base[seed]) for seed, run, r in runs if seed in base]
         cells = []
-        for n in names:
-            diffs = [a[split][n][metric] - b[split][n][metric] for a, b in pairs if n in a[split] and n in b[split]]
+        for _, value in columns_:
+            diffs = [va - vb for a, b in pairs if (va := value(*a)) is not None and (vb := value(*b)) is not None]
             if diffs:
                 stats = summarize.paired_stats(diffs)
                 cells.append(f"{stats['mean']:+.4f} ± {stats['std']:.4f}")
@@ -402,10 +419,12 @@ def write_report(paths: list, out: Path, split: str = "test", reference: str = "
           "| run | seeds | directories |", "|---|---|---|"]
     md += [f"| {g} | {', '.join(str(s) for s, _, _ in rs)} | {', '.join(f'`{r}`' for _, r, _ in rs)} |"
            for g, rs in groups.items()]
+    columns_ = columns(groups, evaluations, metric, split)
     md += ["", f"## Summary: {split} {metric} (mean ± std over seeds)", "",
-           "The model each run selected on validation (best.pt).", "", *summary_table(groups, metric, split),
+           f"The model each run selected on validation (best.pt). {summarize.READINGS} Absent modalities: "
+           f"{rules['absent_rule']}.", "", *summary_table(groups, columns_),
            "", f"### Paired difference against {reference} ({split} {metric}, same seed; mean ± std over pairs)", "",
-           *paired_table(groups, metric, split, reference)]
+           *paired_table(groups, columns_, reference)]
     curves = val_curves(groups, records, metric, out)
     if curves:
         md += ["", f"## Validation {metric} over epochs", "", f"![validation curves]({curves})"]

@@ -1,5 +1,6 @@
 """scripts/report.py on two real tiny runs (joint and GAAL on the three-sequence set, text + audio):
 the report and its figures exist, the images decode, the tables hold the runs' numbers."""
+import importlib.util
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from PIL import Image
 
 from data_prep import embedded
 from tests.test_evaluate import assert_one_error_line
+from tests.test_summarize import evaluation_entry
 from tests.test_train import REPO, SEQ_ENCODER, run_script
 
 MODALITIES = ["text", "audio"]
@@ -68,18 +70,67 @@ def test_report_renders_from_two_runs(ablation, tmp_path):
     evaluations = {g: json.loads((ablation / f"{g}_s0" / "evaluation.json").read_text())["test"] for g in results}
     summary = rows(md, "## Summary")
     assert list(summary) == ["run", "joint", "gaal"]   # jobs.txt order
-    assert summary["run"] == ["seeds", *MODALITIES, "fused"]
-    for g, result in results.items():
-        assert summary[g] == ["1", *[f"{result['test'][n]['acc']:.4f} ± 0.0000" for n in [*MODALITIES, "fused"]]]
+    assert summary["run"] == ["seeds", *[f"{m}: head" for m in MODALITIES], "fused",
+                              *[f"fused, only {m}" for m in MODALITIES], *[f"Shapley {m}" for m in MODALITIES]]
+
+    def readings(g):   # each column's value of the group's one run: its own, then evaluation.json's
+        only = {row["present"][0]: row["fused"]["acc"] for row in evaluations[g]["subsets"] if len(row["present"]) == 1}
+        return ([results[g]["test"][n]["acc"] for n in [*MODALITIES, "fused"]] + [only[m] for m in MODALITIES]
+                + [evaluations[g]["shapley"]["values"][m] for m in MODALITIES])
+    for g in results:
+        assert summary[g] == ["1", *[f"{v:.4f} ± 0.0000" for v in readings(g)]]
     paired = rows(md, "### Paired difference against joint")
     assert list(paired) == ["run − joint", "gaal"]
-    assert paired["gaal"] == ["1", *[f"{results['gaal']['test'][n]['acc'] - results['joint']['test'][n]['acc']:+.4f}"
-                                     f" ± 0.0000" for n in [*MODALITIES, "fused"]]]
+    assert paired["gaal"] == ["1", *[f"{a - b:+.4f} ± 0.0000" for a, b in zip(readings("gaal"), readings("joint"))]]
+    assert "`fused, only <m>`: the fused model with every other modality absent" in md
     shapley = rows(md, "## Modality contribution")
     for g, entry in evaluations.items():
         assert shapley[g][:2] == [f"{entry['shapley']['values'][m]:.4f} ± 0.0000" for m in MODALITIES]
         assert shapley[g][2] == f"{entry['shapley']['v_all']:.4f} ± 0.0000"
         assert entry["metrics"] == results[g]["test"]
+
+
+@pytest.fixture
+def report_module(monkeypatch):
+    """scripts/report.py as a module (a script: it imports summarize from its own folder)."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location("report", REPO / "scripts" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_and_paired_tables_add_the_uniform_readings(report_module, tmp_path):
+    """The comparison tables of the report on hand-written result.json and evaluation.json entries:
+    each modality's head, fused, then `fused, only <m>` and `Shapley <m>` for every modality, mean ±
+    std over seeds and paired against joint; a unimodal run shows "-" for the modality it lacks."""
+    values = {   # (group, seed): (audio head, video head, fused, only audio, only video, Shapley audio, video)
+        ("joint", 0): (0.94, 0.50, 0.96, 0.90, 0.42, 0.50, 0.16),
+        ("joint", 1): (0.95, 0.52, 0.96, 0.92, 0.44, 0.52, 0.18),
+        ("mla", 0): (0.93, 0.55, 0.95, 0.88, 0.52, 0.48, 0.22),
+        ("mla", 1): (0.93, 0.57, 0.95, 0.90, 0.54, 0.50, 0.24),
+        ("video_alone", 0): (None, 0.56, 0.56, None, 0.56, None, 0.46)}
+    groups, evaluations = {}, {}
+    for (group, seed), (audio, video, fused, only_a, only_v, phi_a, phi_v) in values.items():
+        run = tmp_path / f"{group}_s{seed}"
+        test = ({} if audio is None else {"audio": {"acc": audio}}) | {"video": {"acc": video}, "fused": {"acc": fused}}
+        groups.setdefault(group, []).append((seed, run, {"test": test}))
+        only, phi = {"video": only_v}, {"video": phi_v}
+        if audio is not None:
+            only, phi = {"audio": only_a, **only}, {"audio": phi_a, **phi}
+        evaluations[run] = evaluation_entry(only, phi)
+    columns = report_module.columns(groups, evaluations, "acc", "test")
+    summary = report_module.summary_table(groups, columns)
+    assert summary[0] == ("| run | seeds | audio: head | video: head | fused | fused, only audio | fused, only video "
+                          "| Shapley audio | Shapley video |")
+    assert summary[2] == ("| joint | 2 | 0.9450 ± 0.0071 | 0.5100 ± 0.0141 | 0.9600 ± 0.0000 | 0.9100 ± 0.0141 "
+                          "| 0.4300 ± 0.0141 | 0.5100 ± 0.0141 | 0.1700 ± 0.0141 |")
+    assert summary[4] == "| video_alone | 1 | - | 0.5600 ± 0.0000 | 0.5600 ± 0.0000 | - | 0.5600 ± 0.0000 | - | 0.4600 ± 0.0000 |"
+    paired = report_module.paired_table(groups, columns)
+    assert paired[0] == summary[0].replace("| run | seeds |", "| run − joint | pairs |")
+    assert paired[2] == ("| mla | 2 | -0.0150 ± 0.0071 | +0.0500 ± 0.0000 | -0.0100 ± 0.0000 | -0.0200 ± 0.0000 "
+                         "| +0.1000 ± 0.0000 | -0.0200 ± 0.0000 | +0.0600 ± 0.0000 |")
+    assert paired[3] == "| video_alone | 1 | - | +0.0600 ± 0.0000 | -0.4000 ± 0.0000 | - | +0.1400 ± 0.0000 | - | +0.3000 ± 0.0000 |"
 
 
 def test_report_refuses_a_directory_without_runs(tmp_path):

@@ -131,8 +131,8 @@ def test_ablation_and_baselines_without_bayes_limits(tmp_path, capsys):
     assert "| mine | image | - | 0.500 | - | - |" in capsys.readouterr().out
 
 
-def fake_evaluation(run_dir: Path, only: dict, shapley: dict) -> None:
-    """An evaluation.json of train.evaluate's layout (test split): the fused accuracy with each single
+def evaluation_entry(only: dict, shapley: dict) -> dict:
+    """An entry of evaluation.json in train.evaluate's layout: the fused accuracy with each single
     modality present is `only[m]`, the Shapley values `shapley`; every other subset 0.5."""
     modalities = list(shapley)
     subsets = []
@@ -141,8 +141,13 @@ def fake_evaluation(run_dir: Path, only: dict, shapley: dict) -> None:
             acc = only[present[0]] if len(present) == 1 else 0.5
             subsets.append({"present": list(present), "absent": [m for m in modalities if m not in present],
                             "fused": {"acc": acc, "macro_f1": acc}})
-    entry = {"modalities": modalities, "subsets": subsets,
-             "shapley": {"metric": "acc", "values": shapley, "v_all": 0.97, "v_empty": 0.1}}
+    return {"rules": {"absent": "mean"}, "modalities": modalities, "subsets": subsets,
+            "shapley": {"metric": "acc", "values": shapley, "v_all": 0.97, "v_empty": 0.1}}
+
+
+def fake_evaluation(run_dir: Path, only: dict, shapley: dict) -> None:
+    """<run_dir>/evaluation.json with the test entry evaluation_entry(only, shapley)."""
+    entry = evaluation_entry(only, shapley)
     (run_dir / "evaluation.json").write_text(json.dumps({"run_dir": str(run_dir), "test": entry}))
 
 
@@ -173,6 +178,7 @@ def test_ablation_adds_the_readings_that_are_the_same_for_every_method(runs, cap
     assert "| B | 4 | 0.430 ± 0.220 | 0.950 ± 0.000 | 0.970 ± 0.000 | 0.450 ± 0.234 | - | - | - | - |" in out
     assert "| image_alone | 1 | 0.560 ± 0.000 | - | 0.560 ± 0.000 | 0.550 ± 0.000 | 0.560 ± 0.000 | - | 0.460 ± 0.000 | - |" in out
     assert "| A_long | 1 |" in out and "`fused, only <m>`: the fused model with every other modality absent" in out
+    assert "absent modalities (train.evaluate --absent mean)" in out
     missing = [runs / name for name in ("B_s1", "B_s2", "B_s4", "A_long_s0")]
     hint = out.strip().splitlines()[-1]
     assert hint.startswith("`-` under `fused, only <m>` / `Shapley <m>`: 4 run(s) without an evaluation.json")
