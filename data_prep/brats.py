@@ -317,7 +317,8 @@ def convert(raw, out, name="brats", crop=CROP, val_frac=0.1, test_frac=0.2, seed
               "per_class_voxels": {}}     # filled while writing
     meta = converter.Meta("segmentation", 4, {m: {"kind": "image", "shape": [1, crop, crop], "dtype": dtype}
                                               for m in MODALITIES},
-                          _source(raw, options, of_case, counts), class_names=CLASS_NAMES, label_shape=[crop, crop])
+                          _source(raw, options, of_case, counts), class_names=CLASS_NAMES,
+                          label_shape=[crop, crop])
     index = {"samples.csv": (["sample_id", "split", "case", "slice", "tumour_voxels"], []),
              "cases.csv": (["case", "split", "slices"]
                            + [f"{m}_{k}" for m in MODALITIES for k in ("brain_voxels", "mean", "std")], [])}

@@ -139,7 +139,8 @@ def write(out, name, meta: Meta, batches: Iterable, index: Callable[[], dict], *
     pools stop); ``index()``, called once the shards are complete, returns
     ``{file name: (header, rows)}`` written next to them (samples.csv, ...). ``validate``: check the
     written dataset with ``shards.validate``. Logs ``wrote <root> (<what>) in <s>s`` (seconds since
-    ``started``)."""
+    ``started``, default: since this call)."""
+    started = time.perf_counter() if started is None else started
     with shards.ShardWriter(out, name, meta.task, meta.num_classes, meta.modalities,
                             samples_per_shard=samples_per_shard, class_names=meta.class_names,
                             source=meta.source, label_shape=meta.label_shape,
@@ -150,8 +151,8 @@ def write(out, name, meta: Meta, batches: Iterable, index: Callable[[], dict], *
         write_index(writer.root, header, rows, name=file_name)
     if validate:
         shards.validate(writer.root)
-    elapsed = time.perf_counter() - (started if started is not None else time.perf_counter())
-    log(f"wrote {writer.root}{f' ({what})' if what else ''} in {elapsed:.1f}s" + ("; validated" if validate else ""))
+    log(f"wrote {writer.root}{f' ({what})' if what else ''} in {time.perf_counter() - started:.1f}s"
+        + ("; validated" if validate else ""))
     return writer.root
 
 

@@ -414,8 +414,8 @@ def convert(raw, out, name=None, low_data=1.0, image_size=128, workers=0,
     meta = converter.Meta("classification", len(classes), image_table_modalities(
         image_size, CONTINUOUS, {c: len(categories[c]) for c in CATEGORICAL}),
         _source(raw, paths, options, counts, categories, mean, std, rows, classes), class_names=list(classes))
-    batches = image_table_batches(order, [r.path for r in rows], table, labels, np.arange(len(rows), dtype=np.int64),
-                                  image_size, crop, workers, block, log)
+    batches = image_table_batches(order, [r.path for r in rows], table, labels,
+                                  np.arange(len(rows), dtype=np.int64), image_size, crop, workers, block, log)
     return converter.write(out, name, meta, batches, lambda: _index(rows, order),
                            samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0)
 

@@ -689,7 +689,8 @@ def _batches(order, mods, y, workers, block):
                    for m in mods if m.paths is not None}
         for split in SPLITS:
             idx = order[split]
-            images = {m.name: loaders[m.name].blocks([m.paths[i] for i in idx]) for m in mods if m.paths is not None}
+            images = {m.name: loaders[m.name].blocks([m.paths[i] for i in idx])
+                      for m in mods if m.paths is not None}
             for start in range(0, len(idx), block):
                 rows = idx[start:start + block]
                 batch = {"label": y[rows], "sample_id": rows.astype(np.int64)}
