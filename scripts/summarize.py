@@ -5,7 +5,9 @@
     python scripts/summarize.py --coefficients runs/cggm_ablation
     python scripts/summarize.py --paired runs/gaal_paired official no_surgery full_guidance
     python scripts/summarize.py --trace runs/cggm_av/off_s0 runs/cggm_av/official_s0
-The first reads <dir>/joint_<flavour>/result.json and <dir>/unimodal_<flavour>/<modality>/result.json;
+The first reads <dir>/joint_<flavour>/result.json and <dir>/unimodal_<flavour>/<modality>/result.json
+(and the joint run's evaluation.json, for its fused model with only that modality and the modality's
+Shapley value);
 the second groups <dir>/<config>_s<seed>/result.json by config and prints mean ± std (over seeds)
 of the test accuracy of each modality's head (`<m>: head`, the method's own per-modality output:
 what it is differs by method, docs/evaluation.md) and of the fused prediction (the model each run
@@ -167,18 +169,29 @@ def bayes_limit(result: dict, name: str):
 
 def main(root: str) -> None:
     root = Path(root)
-    print("| flavour | modality | Bayes limit | joint: test acc | alone: test acc | joint gap to limit |")
-    print("|---|---|---|---|---|---|")
+    print("| flavour | modality | Bayes limit | joint: head, test acc | alone: test acc | joint gap to limit "
+          "| joint: fused, only modality | joint: Shapley |")
+    print("|---|---|---|---|---|---|---|---|")
+    unevaluated = []
     for joint_dir in sorted(root.glob("joint_*")):
         flavour = joint_dir.name[len("joint_"):]
         joint = read_result(joint_dir / "result.json")
+        readings, missing = run_readings([joint_dir])
+        unevaluated += missing
         for name, metrics in joint["test"].items():
             limit = bayes_limit(joint, name)
             alone_file = root / f"unimodal_{flavour}" / name / "result.json"
             alone = read_result(alone_file)["test"][name]["acc"] if alone_file.exists() else None
             gap = "-" if limit is None else f"{limit - metrics['acc']:+.3f}"
+            uniform = uniform_cells(readings, missing, [name], lambda values: f"{values[0]:.3f}")
             print(f"| {flavour} | {name} | {'-' if limit is None else f'{limit:.3f}'} | {metrics['acc']:.3f} | "
-                  f"{'-' if alone is None else f'{alone:.3f}'} | {gap} |")
+                  f"{'-' if alone is None else f'{alone:.3f}'} | {gap} | " + " | ".join(uniform) + " |")
+    print("\njoint: its modality's head (its block of the late-fusion layer; the fused row: the fused prediction); "
+          "alone: the unimodal model; joint: fused, only modality / Shapley: the joint model with every other "
+          "modality absent / the modality's Shapley value (train.evaluate's evaluation.json), the readings that "
+          "compare with other methods (docs/evaluation.md).")
+    if unevaluated:
+        print("`-` in the last two columns: " + fill_hint(unevaluated))
 
 
 def in_listed_order(groups: dict, root: str) -> dict:

@@ -127,8 +127,18 @@ def test_ablation_and_baselines_without_bayes_limits(tmp_path, capsys):
     joint = tmp_path / "base" / "joint_mine"
     joint.mkdir(parents=True)
     (joint / "result.json").write_text(json.dumps({"bayes_accuracy": None, "test": {"image": {"acc": 0.5}}}))
+    other = tmp_path / "base" / "joint_other"   # evaluated: its fused model with only the image, the image's Shapley value
+    other.mkdir()
+    (other / "result.json").write_text(json.dumps({"bayes_accuracy": None, "test": {
+        "image": {"acc": 0.6}, "table": {"acc": 0.9}, "fused": {"acc": 0.95}}}))
+    fake_evaluation(other, {"image": 0.45, "table": 0.85}, {"image": 0.2, "table": 0.6})
     summarize.main(str(tmp_path / "base"))
-    assert "| mine | image | - | 0.500 | - | - |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| mine | image | - | 0.500 | - | - | - | - |" in out
+    assert "| other | image | - | 0.600 | - | - | 0.450 | 0.200 |" in out
+    assert "| other | fused | - | 0.950 | - | - | - | - |" in out
+    assert out.strip().splitlines()[-1] == ("`-` in the last two columns: 1 run(s) without an evaluation.json: fill them "
+                                            f"with `python -m train.evaluate {joint}`, then run this again.")
 
 
 def evaluation_entry(only: dict, shapley: dict) -> dict:
