@@ -104,6 +104,7 @@ if __name__ == "__main__":   # --help needs nothing below: answered before torch
     exit_on_help(CONFIG, DEFAULT_CONFIG)
 
 import contextlib
+import dataclasses
 import itertools
 
 import torch
@@ -124,12 +125,23 @@ REWEIGHTED_MAX_RHO = 1e-8   # above this the released move is visible in float32
 def check_config(cfg):
     loop.check_config(cfg)
     check_declared(cfg, CONFIG)   # choices and bounds, for a config built by hand too
+    check_schedule(cfg)
+    check_projection_and_sam(cfg)
+    check_mixup(cfg)
+
+
+def check_schedule(cfg):
+    """Official: the stages (stage_epochs); projector orthogonal needs them (it is built per stage)."""
     if cfg["variant"] == "official" and (not cfg["stage_epochs"] or any(
             not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in cfg["stage_epochs"])):
         raise ConfigError(f"stage_epochs={cfg['stage_epochs']}: a non-empty list of positive integers")
     if cfg["projector"] == "orthogonal" and cfg["variant"] != "official":
         raise ConfigError("projector=orthogonal: built from a pass over the previous stage's inputs, so "
                           "variant official only (the paper variant keeps moving moments, not inputs)")
+
+
+def check_projection_and_sam(cfg):
+    """The projected layers, T's and SAM's numbers, the head's widths; the reweighted SAM's rho limit."""
     if not set(cfg["project_layers"]) <= {0, 1, 2} or not cfg["project_layers"] and cfg["projection"]:
         raise ConfigError(f"project_layers={cfg['project_layers']}: a non-empty subset of [0, 1, 2]")
     if cfg["tau"] <= 0 or cfg["rho"] < 0 or not 0 <= cfg["sam_weight"] <= 1 or not 0 <= cfg["moment_decay"] < 1:
@@ -138,7 +150,11 @@ def check_config(cfg):
         raise ConfigError("need refresh_every >= 1 and head_hidden = [h0, h1]")
     if cfg["variant"] == "official" and cfg["sam"] and cfg["sam_impl"] == "reweighted" and cfg["rho"] > REWEIGHTED_MAX_RHO:
         raise ConfigError(f"rho={cfg['rho']}: the released SAM move is visible in float32 above "
-                                 f"{REWEIGHTED_MAX_RHO}; set sam_impl: exact (two backwards) for it")
+                          f"{REWEIGHTED_MAX_RHO}; set sam_impl: exact (two backwards) for it")
+
+
+def check_mixup(cfg):
+    """mixup_alpha and every mixup_alpha_by_modality value: a number >= 0."""
     for m, a in {"": cfg["mixup_alpha"], **cfg["mixup_alpha_by_modality"]}.items():
         if not isinstance(a, (int, float)) or a < 0:
             raise ConfigError(f"mixup_alpha{'_by_modality.' + m if m else ''}={a}: must be a number >= 0")
@@ -251,13 +267,136 @@ def frozen_batchnorm_stats(module):
             m.momentum = momentum
 
 
+@dataclasses.dataclass
+class Turn:
+    """What one update of modality m works on: E_m and H_m (and their parameters), the (mixed) input,
+    the labels and the mixup draw (lam 1, perm None: no mixup), the ranks and the forward's autocast."""
+    encoder: torch.nn.Module
+    head: torch.nn.Module
+    params: list
+    x: torch.Tensor
+    y: torch.Tensor
+    lam: float
+    perm: torch.Tensor | None
+    world: int
+    autocast: object
+
+    def forward(self):
+        """(features as float32, H_m's logits)."""
+        with self.autocast():
+            features = self.encoder(self.x)
+        features = features.float()
+        return features, self.head(features)
+
+    def mixup_loss(self, logits):
+        """L_ori per sample: lam CE(o, y) + (1 - lam) CE(o, y[perm]) (plain CE without mixup)."""
+        if self.perm is None:
+            return F.cross_entropy(logits, self.y, reduction="none")
+        return flat_sam.mixup_cross_entropy(logits, self.y, self.perm, self.lam)
+
+    def reduce_grads(self):
+        """E_m's and H_m's gradients averaged over the ranks (one bucket)."""
+        all_reduce_mean_([p.grad for p in self.params if p.grad is not None], self.world)
+
+
+def official_backward(turn, features, logits, optimizer, cfg):
+    """Official: the backward of L_ori (sam off), of the reweighted released step (sam_impl
+    reweighted) or the released procedure itself (sam_impl exact); gradients all-reduced. Returns the loss."""
+    if not cfg["sam"]:
+        loss = turn.mixup_loss(logits).mean()
+    elif cfg["sam_impl"] == "reweighted":
+        loss = reweighted_sam_loss(turn, logits, cfg["sam_weight"])
+    else:
+        return released_sam_backward(turn, features, logits, optimizer, cfg)
+    loss.backward()
+    turn.reduce_grads()
+    return loss
+
+
+def reweighted_sam_loss(turn, logits, w):
+    """(1 - w) L_ori + w CE(o, y), batch mean: what the released step computes at rho below fp32
+    resolution, in one backward."""
+    y, lam, perm = turn.y, turn.lam, turn.perm
+    ce = F.cross_entropy(logits, y, reduction="none")
+    per_sample = ce if perm is None else ((w + (1 - w) * lam) * ce
+                                          + (1 - w) * (1 - lam) * F.cross_entropy(logits, y[perm], reduction="none"))
+    return per_sample.mean()
+
+
+def released_sam_backward(turn, features, logits, optimizer, cfg):
+    """The released procedure: g of L_ori (used only to move the parameters), each tensor moved by
+    rho g/|g| with `p.data = p.data + eps` (not restored, invisible to autograd), the head
+    re-evaluated on the same features with un-mixed labels, then ONE backward of (1 - w) L_ori +
+    w L_sam through L_ori's retained graph. Which weights L_ori's backward then sees is the layer's
+    business, as in the released step: a layer that saved the parameter itself (convolutions) sees
+    theta + eps, one that saved a view of it (Linear saves weight.t()) still sees theta — so the
+    assignment is kept, not an in-place add. Returns the (detached) loss."""
+    w = cfg["sam_weight"]
+    loss_ori = turn.mixup_loss(logits).mean()
+    loss_ori.backward(retain_graph=True)
+    turn.reduce_grads()
+    with torch.no_grad():
+        moved = [(p, e) for p, e in zip(turn.params, flat_sam.sam_perturbation_per_tensor(
+            [p.grad for p in turn.params], cfg["rho"])) if e is not None]
+        if moved:
+            ps, es = zip(*moved)
+            for p, new in zip(ps, torch._foreach_add([p.data for p in ps], list(es))):
+                p.data = new
+    optimizer.zero_grad(set_to_none=True)
+    loss_sam = F.cross_entropy(turn.head(features), turn.y).mean()
+    loss = (1 - w) * loss_ori + w * loss_sam
+    loss.backward()
+    turn.reduce_grads()
+    return loss.detach()
+
+
+def paper_backward(turn, logits, optimizer, cfg, head_hooks):
+    """Paper: the backward of L_ori, then (sam) Foret SAM's gradient in its place. Returns L_ori."""
+    loss = turn.mixup_loss(logits).mean()
+    loss.backward()
+    turn.reduce_grads()
+    if cfg["sam"]:
+        sam_gradient(turn, optimizer, cfg["rho"], head_hooks)
+    return loss
+
+
+def sam_gradient(turn, optimizer, rho, head_hooks):
+    """Foret SAM: eps = rho g/|g| (global norm of the reduced gradients), the gradient of L_ori
+    re-forwarded at theta + eps (BatchNorm statistics and the head-input hooks paused), theta restored."""
+    eps = flat_sam.sam_perturbation_global([p.grad for p in turn.params], rho)
+    moved = [p for p, e in zip(turn.params, eps) if e is not None]
+    eps = [e for e in eps if e is not None]
+    with torch.no_grad():   # theta + eps, one multi-tensor add (restored below by one subtract)
+        torch._foreach_add_(moved, eps)
+    optimizer.zero_grad(set_to_none=True)
+    hooks_off = head_hooks.paused() if head_hooks is not None else contextlib.nullcontext()
+    with frozen_batchnorm_stats(turn.encoder), hooks_off:
+        _, logits_sam = turn.forward()
+    turn.mixup_loss(logits_sam).mean().backward()
+    turn.reduce_grads()
+    with torch.no_grad():
+        torch._foreach_sub_(moved, eps)
+
+
+def project_head_grads(head, projections):
+    """T: weight.grad <- weight.grad @ T for each projected Linear of the head. One matmul per layer
+    (their weight shapes, (256, D), (64, 256), (C, 64), all differ: nothing to batch); the product
+    replaces the gradient tensor instead of being copied into it."""
+    for i, T in projections.items():
+        weight = head.linears[i].weight
+        if weight.grad is not None:
+            weight.grad = flat_sam.project_weight_grad(weight.grad, T)
+
+
 def igm_step(model, m, batch, optimizer, projections, cfg, world=1, autocast=contextlib.nullcontext,
              head_hooks=None):
-    """One update of modality m on its part of the batch: mixup, the variant's SAM, T, the step.
+    """One update of modality m on its part of the batch: mixup -> forward -> the variant's backward
+    (official: L_ori, reweighted or released SAM; paper: L_ori, Foret SAM) -> T on H_m's weight
+    gradients -> the optimiser step.
 
-    projections: {layer index: T} for H_m (empty = no projection). Returns device tensors to log."""
+    projections: {layer index: T} for H_m (empty = no projection). head_hooks: the paper variant's
+    HeadInputSums on H_m (paused during SAM's second forward) or None. Returns device tensors to log."""
     encoder, head = model.encoders[m], model.heads[m]
-    params = list(encoder.parameters()) + list(head.parameters())
     x, y = batch[m], batch["label"]
     alpha = float(cfg["mixup_alpha_by_modality"].get(m, cfg["mixup_alpha"]))
     lam, perm = 1.0, None
@@ -268,86 +407,14 @@ def igm_step(model, m, batch, optimizer, projections, cfg, world=1, autocast=con
         # pinned + non_blocking: a pageable host-to-device copy would wait for the GPU's queue to drain
         perm = torch.randperm(y.shape[0], pin_memory=y.is_cuda).to(y.device, non_blocking=True)
         x = flat_sam.mix_inputs(to_float(x), lam, perm)   # mixup needs floats
-
-    def forward():
-        with autocast():
-            features = encoder(x)
-        features = features.float()
-        return features, head(features)
-
-    def mixup_loss(logits):   # per sample
-        if perm is None:
-            return F.cross_entropy(logits, y, reduction="none")
-        return flat_sam.mixup_cross_entropy(logits, y, perm, lam)
-
-    def reduce_grads():
-        all_reduce_mean_([p.grad for p in params if p.grad is not None], world)
-
+    turn = Turn(encoder, head, list(encoder.parameters()) + list(head.parameters()), x, y, lam, perm, world, autocast)
     optimizer.zero_grad(set_to_none=True)
+    features, logits = turn.forward()
     if cfg["variant"] == "official":
-        features, logits = forward()
-        w = cfg["sam_weight"]
-        if not cfg["sam"]:
-            loss = mixup_loss(logits).mean()
-            loss.backward()
-            reduce_grads()
-        elif cfg["sam_impl"] == "reweighted":
-            # (1 - w) L_ori + w CE(o, y): what the released step computes at rho below fp32 resolution
-            ce = F.cross_entropy(logits, y, reduction="none")
-            per_sample = ce if perm is None else ((w + (1 - w) * lam) * ce
-                                                  + (1 - w) * (1 - lam) * F.cross_entropy(logits, y[perm], reduction="none"))
-            loss = per_sample.mean()
-            loss.backward()
-            reduce_grads()
-        else:
-            # the released procedure: g of L_ori (used only to move the parameters), each tensor
-            # moved by rho g/|g| with `p.data = p.data + eps` (not restored, invisible to autograd),
-            # the head re-evaluated on the same features with un-mixed labels, then ONE backward of
-            # (1 - w) L_ori + w L_sam through L_ori's retained graph. Which weights L_ori's backward
-            # then sees is the layer's business, as in the released step: a layer that saved the
-            # parameter itself (convolutions) sees theta + eps, one that saved a view of it (Linear
-            # saves weight.t()) still sees theta — so the assignment is kept, not an in-place add
-            loss_ori = mixup_loss(logits).mean()
-            loss_ori.backward(retain_graph=True)
-            reduce_grads()
-            with torch.no_grad():
-                moved = [(p, e) for p, e in zip(params, flat_sam.sam_perturbation_per_tensor(
-                    [p.grad for p in params], cfg["rho"])) if e is not None]
-                if moved:
-                    ps, es = zip(*moved)
-                    for p, new in zip(ps, torch._foreach_add([p.data for p in ps], list(es))):
-                        p.data = new
-            optimizer.zero_grad(set_to_none=True)
-            loss_sam = F.cross_entropy(head(features), y).mean()
-            loss = (1 - w) * loss_ori + w * loss_sam
-            loss.backward()
-            reduce_grads()
-            loss = loss.detach()
+        loss = official_backward(turn, features, logits, optimizer, cfg)
     else:
-        features, logits = forward()
-        loss = mixup_loss(logits).mean()
-        loss.backward()
-        reduce_grads()
-        if cfg["sam"]:
-            eps = flat_sam.sam_perturbation_global([p.grad for p in params], cfg["rho"])
-            moved = [p for p, e in zip(params, eps) if e is not None]
-            eps = [e for e in eps if e is not None]
-            with torch.no_grad():   # theta + eps, one multi-tensor add (restored below by one subtract)
-                torch._foreach_add_(moved, eps)
-            optimizer.zero_grad(set_to_none=True)
-            hooks_off = head_hooks.paused() if head_hooks is not None else contextlib.nullcontext()
-            with frozen_batchnorm_stats(encoder), hooks_off:
-                _, logits_sam = forward()
-            mixup_loss(logits_sam).mean().backward()
-            reduce_grads()
-            with torch.no_grad():
-                torch._foreach_sub_(moved, eps)
-    # one matmul per projected layer (their weight shapes, (256, D), (64, 256), (C, 64), all differ:
-    # nothing to batch); the product replaces the gradient tensor instead of being copied into it
-    for i, T in projections.items():
-        weight = head.linears[i].weight
-        if weight.grad is not None:
-            weight.grad = flat_sam.project_weight_grad(weight.grad, T)
+        loss = paper_backward(turn, logits, optimizer, cfg, head_hooks)
+    project_head_grads(head, projections)
     optimizer.step()
     return {f"{m}/loss": loss.detach(), f"{m}/acc": (logits.argmax(1) == y).float().mean()}   # argmax: no graph
 
