@@ -14,9 +14,10 @@
 #   perf        `python benchmarks/perf.py --device cuda --shapes full --fast --profile_fast --steps 3
 #               --repeats 3`: steps, GPU path (+ its torch.profiler tables), data path, scaling
 #                                                                            -> perf.log, perf.md (tables)
-#   compile     the GPU-path section again with torch.compile of the encoders (its own stage: compiling
-#               ResNet-50 can take minutes, and a stage that runs past its limit loses only itself)
-#                                                                            -> compile.log, compile.md
+#   compile     benchmarks/capture.py: GAAL official (DVM shape) and IGM official (CREMA-D shape) as one
+#               torch.compile'd step (mode reduce-overhead: CUDA graphs) against eager: parameter
+#               difference, graphs and breaks, compilation time, step times (its own stage: compiling
+#               can take minutes, and a stage that runs past its limit loses only itself) -> compile.log
 # Everything goes to one folder: $OUT if set, else runs/gpu_check_<UTC date-time>; summary.txt lists
 # each stage's exit code and duration (`<stage> rc=<code> seconds=<s>`), and the script exits non-zero
 # when a stage failed. The interpreter is $PYTHON, else `python`, else `python3`.
@@ -110,8 +111,10 @@ fi
 # shellcheck disable=SC2086  # PERF_ARGS is a list of words
 stage perf "$T_PERF" "$OUT/perf.log" "$PY" benchmarks/perf.py $PERF_ARGS --markdown "$OUT/perf.md" || FAILED=1
 if [ "$DRY_RUN" != 1 ]; then
-    stage compile "$T_COMPILE" "$OUT/compile.log" "$PY" benchmarks/perf.py --device cuda --shapes full \
-        --sections fast --compile --markdown "$OUT/compile.md" || FAILED=1
+    # the whole step compiled (train/capture.py, `compile: step`) at the GPU path's shapes
+    stage compile "$T_COMPILE" "$OUT/compile.log" bash -c "'$PY' benchmarks/capture.py --device cuda --methods gaal \
+        --rows 'gaal official' --shape dvm && '$PY' benchmarks/capture.py --device cuda --methods igm \
+        --rows 'igm official' --shape crema_d" || FAILED=1
 fi
 
 echo "failed: $FAILED" >> "$SUMMARY"

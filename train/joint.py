@@ -124,7 +124,7 @@ def main(cfg: dict, method: str = "joint") -> dict:
     if cfg["mixed_precision"] not in ("no", "bf16", "fp16"):
         raise ConfigError(f"mixed_precision='{cfg['mixed_precision']}': choose no, bf16 or fp16")
     return loop.train(cfg, method=method, build=build, step=step, tasks=("classification", "regression"),
-                      deepspeed=True)
+                      deepspeed=True, compile_step=True)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from data_prep import shards
 from models.encoders import ModelConfigError, resolve_encoder_configs
-from train import checkpoint, data, distributed, metrics, optim, rundir
+from train import capture, checkpoint, data, distributed, metrics, optim, rundir
 from train.checkpoint import CheckpointError
 from train.config import COMMAND_LINE, ConfigError, check_choice, load_config, main_script, source_of, warn
 
@@ -402,6 +402,7 @@ class Run:
     plateau: bool                          # the scheduler steps on the validation loss (ReduceLROnPlateau)
     preemption: Preemption
     nonfinite: torch.Tensor                # ~isfinite of the losses since the last check, on the device
+    step: Callable                         # the method's step, compiled where `compile: step` asks
     window: Window = dataclasses.field(default_factory=Window)
     bar: tqdm | None = None
 
@@ -415,11 +416,13 @@ class Run:
         return self.position["epoch"] < self.schedule.epochs and not self.position["stopped_early"]
 
 
-def start(cfg: dict, *, method: str, build: Callable, deepspeed: bool | str, **prepare_kwargs) -> Run:
+def start(cfg: dict, *, method: str, build: Callable, step: Callable, deepspeed: bool | str,
+          compile_step: bool | str, **prepare_kwargs) -> Run:
     """A run up to its first step: the refusals before any compute, the accelerator (with the
     trackers of `report_to`, not yet opened), the stop signals, the data and the method's setup
-    (prepare), a schedule the scheduler cannot follow refused, then the run directory checked,
-    locked and its config.yaml written (rundir.setup_run_dir)."""
+    (prepare), a schedule the scheduler cannot follow refused, `compile` applied (train.capture;
+    Run.step is the step to call), then the run directory checked, locked and its config.yaml
+    written (rundir.setup_run_dir)."""
     check_config(cfg)
     accelerator = distributed.setup_accelerator(cfg, log_with=rundir.trackers(cfg))
     if deepspeed is not True:
@@ -432,10 +435,12 @@ def start(cfg: dict, *, method: str, build: Callable, deepspeed: bool | str, **p
     if plateau and schedule.scheduler_before_epoch:
         raise ConfigError(f"scheduler=plateau: {method} ({cfg.get('variant', '')}) steps its scheduler before each "
                           "epoch, before any validation loss exists; choose another scheduler")
+    step = capture.apply_compile(cfg, accelerator.unwrap_model(setup.model), step, accelerator.device, method=method,
+                                 compile_step=compile_step, deepspeed=distributed.deepspeed_stage(accelerator) is not None)
     ctx.run_dir = rundir.setup_run_dir(cfg, accelerator)
     fuse = setup.fuse or accelerator.unwrap_model(setup.model).fuse
     nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
-    return Run(setup, ctx, schedule, fuse, plateau, preemption, nonfinite)
+    return Run(setup, ctx, schedule, fuse, plateau, preemption, nonfinite, step)
 
 
 def resume(setup: Setup, ctx: Context, changes: list) -> None:
@@ -626,25 +631,28 @@ def test_selected_model(run: Run, method: str, script: str) -> dict:
 
 def train(cfg: dict, *, method: str, build: Callable, step: Callable, after_step: Callable | None = None,
           epoch_end: Callable | None = None, tasks=("classification",), min_modalities: int = 1,
-          max_modalities: int | None = None, deepspeed: bool | str = False, feature_dim: int | None = None) -> dict:
+          max_modalities: int | None = None, deepspeed: bool | str = False, feature_dim: int | None = None,
+          compile_step: bool | str = "its script does not declare that its step compiles "
+                                     "(loop.train(..., compile_step=True))") -> dict:
     """Train `method` as configured by `cfg`; return result.json's content (or, when stopped by a
     signal or `stop_after_steps`, {"stopped_at_step", "run_dir"}).
 
     deepspeed: True when `build` supports DeepSpeed ZeRO-1/2 (it prepares the model with the
     accelerator and `step` steps the engine); otherwise the reason the method cannot run under
     it, refused before any compute. feature_dim: the width every encoder entry that leaves it unset
-    gives (CGGM: d_model); see resolve_encoders."""
+    gives (CGGM: d_model); see resolve_encoders. compile_step: True when `step` can run under
+    torch.compile (`compile: step`, train.capture), else the reason it cannot, refused before any compute."""
     changes = []
     if cfg["resume"]:   # the run's own config.yaml is the config; flags that would change it are refused
         cfg, changes = rundir.resumed_config(cfg)
-    run = start(cfg, method=method, build=build, deepspeed=deepspeed, tasks=tasks, min_modalities=min_modalities,
-                max_modalities=max_modalities, feature_dim=feature_dim)
+    run = start(cfg, method=method, build=build, step=step, deepspeed=deepspeed, compile_step=compile_step, tasks=tasks,
+                min_modalities=min_modalities, max_modalities=max_modalities, feature_dim=feature_dim)
     if cfg["resume"]:
         resume(run.setup, run.ctx, changes)
     open_progress(run)
     while run.more_epochs:
         start_epoch(run)
-        if run_epoch(run, step, after_step):
+        if run_epoch(run, run.step, after_step):
             return stop(run)
         end_epoch(run, epoch_end)
     run.bar.close()

@@ -40,6 +40,9 @@ LOOP_CONFIG = declare(
     min_delta=Key(0.0, "an improvement must exceed this", **NON_NEGATIVE),
     mixed_precision=Key("no", "no | bf16"),
     cpu=Key(False, "force CPU even where CUDA exists"),
+    compile=Key("none", "none | encoders (torch.compile of each encoder) | step (the whole step; CUDA graphs on "
+                        "CUDA): opt-in, not bit-identical to eager (train/capture.py)",
+                choices=("none", "encoders", "step")),
     log_every=Key(25, "steps between TensorBoard scalars (and the NaN check)", **POSITIVE),
     report_to=Key("tensorboard", "tensorboard | wandb | mlflow | all | none; a comma-separated list is accepted"),
     ckpt_every_steps=Key(0, "also checkpoint every N steps inside an epoch (0 = at epoch ends only)", **NON_NEGATIVE),
