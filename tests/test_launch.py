@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import psutil
 import pytest
 import torch
 
@@ -213,11 +212,18 @@ def test_multi_rank_deepspeed_on_cpu_is_refused_before_compute(seq3_small, tmp_p
 # (b) SIGTERM to a 2-process run
 
 def descendants(pid):
-    """Every process below `pid` (psutil: a dependency of Accelerate)."""
-    try:
-        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
+    """Every process below `pid`, from the process table `ps` prints."""
+    table = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True, text=True, check=True)
+    children = {}
+    for line in table.stdout.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def kill_tree(proc):
