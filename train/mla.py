@@ -142,9 +142,39 @@ def check_config(cfg):
 # ------------------------------------------------------------------------------------------------
 # The update
 
+def project_head_grad(grad, mean, state, cfg, alpha):
+    """With `projection`: P updated by OWM from r (this turn's batch-mean head input, projector_features
+    current, or the previous turn's, previous), then the head weight gradient replaced in place by
+    its projection — neither at the run's very first turn (released). Returns the gradient as it was
+    before (a copy; `grad` itself without projection), for the kept-norm ratio."""
+    if not cfg["projection"]:
+        return grad
+    raw = grad.clone()
+    r = mean if cfg["projector_features"] == "current" else state["prev_mean"]
+    first = state["turns"] == 0 if cfg["projector_features"] == "current" else r is None
+    if not first:   # released: no update and no projection at the run's very first turn
+        state["P"] = mla.owm_update(state["P"], r, alpha, cfg["normalize_projector"], cfg["owm_denominator"])
+        grad.copy_(mla.project_weight_grad(grad, state["P"]))
+    return raw
+
+
+def batch_end_stats(cosines, P, log_projector):
+    """The batch's plasticity (mean cosine of consecutive turns' applied head gradients) and, on a
+    logging step with the projection, P's mean diagonal and Frobenius norm."""
+    stats = {}
+    if cosines:
+        stats["plasticity/cos_consecutive_stages"] = torch.stack(cosines).mean()
+    if log_projector:
+        stats["projector/mean_scale"] = torch.diagonal(P).mean()
+        stats["projector/fro_norm"] = torch.linalg.matrix_norm(P)
+    return stats
+
+
 def mla_step(encoders, head, optimizer, batch, order, state, cfg, batch_in_epoch=0, batches_per_epoch=1,
              world=1, autocast=contextlib.nullcontext, log_step=False):
-    """One training batch of MLA: a turn per modality in `order`, each one optimiser step.
+    """One training batch of MLA: every encoder forwarded once, then a turn per modality in `order`:
+    the shared head's loss on its features -> backward (all-reduced) -> the head weight gradient
+    projected with P (project_head_grad) -> one optimiser step.
 
     state: {"P": (d, d) projector, "turns": turns so far (the released exp_count), "prev_mean": the
     previous turn's batch-mean head input or None, "prev_grad": the head weight gradient the previous
@@ -164,13 +194,7 @@ def mla_step(encoders, head, optimizer, batch, order, state, cfg, batch_in_epoch
         active = [p for p in list(encoders[m].parameters()) + list(head.parameters()) if p.grad is not None]
         all_reduce_mean_([p.grad for p in active] + [mean], world)
         grad = head.weight.grad
-        raw = grad.clone() if cfg["projection"] else grad
-        if cfg["projection"]:
-            r = mean if cfg["projector_features"] == "current" else state["prev_mean"]
-            first = state["turns"] == 0 if cfg["projector_features"] == "current" else r is None
-            if not first:   # released: no update and no projection at the run's very first turn
-                state["P"] = mla.owm_update(state["P"], r, alpha, cfg["normalize_projector"], cfg["owm_denominator"])
-                grad.copy_(mla.project_weight_grad(grad, state["P"]))
+        raw = project_head_grad(grad, mean, state, cfg, alpha)
         stats[f"{m}/grad_kept"] = torch.linalg.vector_norm(grad) / torch.linalg.vector_norm(raw).clamp_min(1e-30)
         if state["prev_grad"] is not None:
             cosines.append(F.cosine_similarity(grad.flatten(), state["prev_grad"].flatten(), dim=0))
@@ -183,13 +207,7 @@ def mla_step(encoders, head, optimizer, batch, order, state, cfg, batch_in_epoch
         stats[f"{m}/loss"] = loss.detach()
         stats[f"{m}/acc"] = (logits.detach().argmax(1) == labels).float().mean()
     optimizer.zero_grad(set_to_none=True)   # released: `del p.grad` for every parameter at the batch end
-    if cosines:
-        stats["plasticity/cos_consecutive_stages"] = torch.stack(cosines).mean()
-    if log_step and cfg["projection"]:
-        P = state["P"]
-        stats["projector/mean_scale"] = torch.diagonal(P).mean()
-        stats["projector/fro_norm"] = torch.linalg.matrix_norm(P)
-    return stats
+    return stats | batch_end_stats(cosines, state["P"], log_step and cfg["projection"])
 
 
 # ------------------------------------------------------------------------------------------------
