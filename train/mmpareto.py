@@ -111,10 +111,46 @@ def _segments(sizes, device):
     return _SEGMENT_IDS[key]
 
 
-def mmpareto_step(model, optimizer, batch, cfg, world=1, autocast=contextlib.nullcontext):
-    """One MMPareto update of a ConcatAndUnimodalHeadsModel on a batch (see the module docstring).
+def set_grads(params, grads):
+    """p.grad = g for each pair (the tensors themselves, not copies)."""
+    for p, g in zip(params, grads):
+        p.grad = g
 
-    Both gradient sets are averaged over the `world` ranks before anything is decided from them.
+
+def integrate_encoder_grads(params, g_mm, g_u, cfg):
+    """One encoder's gradient: the Pareto integration of its multimodal and unimodal gradients
+    (official: the magnitude rescaled per tensor, paper: over the whole encoder), set as the
+    parameters' .grad (views of one flat buffer). Returns (the Pareto weights, the magnitude factor)."""
+    per_tensor = cfg["variant"] == "official"
+    # one flat buffer per encoder and gradient set: the cosine, the dot products, h and the final
+    # gradient are a few operators on it, the per-tensor norms one foreach norm over its segments
+    sizes = [p.numel() for p in params]
+    flat_mm, flat_u = mmpareto.flatten(g_mm), mmpareto.flatten(g_u)
+    weights = mmpareto.pareto_weights_flat(flat_mm, flat_u)
+    final, factor = mmpareto.integrate_flat(flat_mm, flat_u, weights, sizes, cfg["magnitude_scale"],
+                                            per_tensor=per_tensor,
+                                            segments=_segments(sizes, flat_mm.device) if per_tensor else None)
+    for p, g in zip(params, final.split(sizes)):
+        p.grad = g if g.dim() == p.dim() else g.view(p.shape)   # views of one buffer (a 1-d one as is)
+    return weights, factor
+
+
+def encoder_stats(m, loss, logits, labels, weights, factor, g_mm, g_u):
+    """What one modality logs: its head's loss and batch accuracy, the cosine of g_mm and g_u on its
+    encoder, the conflict flag, a_mm, the magnitude factor, |g_mm| and |g_u|."""
+    return {f"{m}/loss": loss.detach(), f"{m}/acc": (logits.detach().argmax(1) == labels).float().mean(),
+            f"{m}/cos_mm_uni": weights.cos, f"{m}/conflict": weights.conflict.float(),
+            f"{m}/alpha_mm": weights.alpha_m, f"{m}/magnitude_factor": factor,
+            f"{m}/grad_norm_mm": torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g_mm))),
+            f"{m}/grad_norm_uni": torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g_u)))}
+
+
+def mmpareto_step(model, optimizer, batch, cfg, world=1, autocast=contextlib.nullcontext):
+    """One MMPareto update of a ConcatAndUnimodalHeadsModel on a batch (see the module docstring):
+    forward and losses -> the multimodal and the unimodal gradients apart (averaged over the `world`
+    ranks before anything is decided from them) -> the heads take their own, each encoder the Pareto
+    integration of its two -> one optimiser step.
+
     Returns device tensors to log: per modality its head's loss and batch accuracy, the cosine of
     g_mm and g_u on its encoder, the conflict flag, a_mm, the mean magnitude factor, |g_mm|, |g_u|;
     the fused loss and accuracy and the total loss L_mm + sum_m L_m."""
@@ -135,33 +171,15 @@ def mmpareto_step(model, optimizer, batch, cfg, world=1, autocast=contextlib.nul
 
     optimizer.zero_grad(set_to_none=True)
     n = len(encoders)
-    for p, g in zip(fused_head, grads_mm[n:]):
-        p.grad = g
-    for p, g in zip(unimodal_heads, grads_u[n:]):
-        p.grad = g
+    set_grads(fused_head, grads_mm[n:])
+    set_grads(unimodal_heads, grads_u[n:])
     stats, offset = {}, 0
-    per_tensor = cfg["variant"] == "official"
     for m in modalities:
-        params = encoder_params[m]
-        k = len(params)
+        k = len(encoder_params[m])
         g_mm, g_u = grads_mm[offset:offset + k], grads_u[offset:offset + k]
         offset += k
-        # one flat buffer per encoder and gradient set: the cosine, the dot products, h and the final
-        # gradient are a few operators on it, the per-tensor norms one foreach norm over its segments
-        sizes = [p.numel() for p in params]
-        flat_mm, flat_u = mmpareto.flatten(g_mm), mmpareto.flatten(g_u)
-        weights = mmpareto.pareto_weights_flat(flat_mm, flat_u)
-        final, factor = mmpareto.integrate_flat(flat_mm, flat_u, weights, sizes, cfg["magnitude_scale"],
-                                                per_tensor=per_tensor,
-                                                segments=_segments(sizes, flat_mm.device) if per_tensor else None)
-        for p, g in zip(params, final.split(sizes)):
-            p.grad = g if g.dim() == p.dim() else g.view(p.shape)   # views of one buffer (a 1-d one as is)
-        logits = out[m][1].detach()
-        stats |= {f"{m}/loss": losses[m].detach(), f"{m}/acc": (logits.argmax(1) == labels).float().mean(),
-                  f"{m}/cos_mm_uni": weights.cos, f"{m}/conflict": weights.conflict.float(),
-                  f"{m}/alpha_mm": weights.alpha_m, f"{m}/magnitude_factor": factor,
-                  f"{m}/grad_norm_mm": torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g_mm))),
-                  f"{m}/grad_norm_uni": torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g_u)))}
+        weights, factor = integrate_encoder_grads(encoder_params[m], g_mm, g_u, cfg)
+        stats |= encoder_stats(m, losses[m], out[m][1], labels, weights, factor, g_mm, g_u)
     optimizer.step()
     total = loss_mm.detach() + _sum(loss.detach() for loss in losses.values())
     return stats | {"fused/loss": loss_mm.detach(), "fused/acc": (fused.detach().argmax(1) == labels).float().mean(),
