@@ -107,9 +107,41 @@ def modulated_parameters(encoder: torch.nn.Module, which: str) -> list:
     return params
 
 
+def discrepancy_coefficients(logits, labels, cfg, world):
+    """s_m over the global batch (the per-rank sums, all-reduced: the ratio is scale-free, but a sum
+    keeps it the released quantity), the discrepancy ratios rho_m and the coefficients k_m
+    (two modalities, official: the released formula). Returns (scores, ratios, coeffs), (M,) each."""
+    scores = torch.stack([ogm_ge.target_score_sum(x, labels) for x in logits.values()])
+    if world > 1:
+        dist.all_reduce(scores)
+    if len(logits) == 2 and cfg["variant"] == "official":
+        coeffs, ratios = ogm_ge.released_two_modality_coefficients(scores, cfg["alpha"])
+    else:
+        ratios = ogm_ge.discrepancy_ratios(scores, cfg["ratio_reference"])
+        coeffs = ogm_ge.modulation_coefficients(ratios, cfg["alpha"])
+    return scores, ratios, coeffs
+
+
+def modulate_gradients(params_by_modality, coeffs, with_noise, generator):
+    """OGM (each modulated gradient times k_m) and, with_noise, GE (plus Gaussian noise of the
+    gradient's std): one draw per tensor, in modality then parameter order (as released), then a few
+    operators for all the tensors (flat stds, foreach scaling and noise: methods/ogm_ge.py)."""
+    grads = [[p.grad for p in params if p.grad is not None] for params in params_by_modality.values()]
+    noises = None
+    if with_noise:
+        noises = [[torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype) for g in group]
+                  for group in grads]
+    flat = [g for group in grads for g in group]
+    if flat:
+        lengths = _lengths(tuple(g.numel() for g in flat), flat[0].device) if noises is not None else None
+        ogm_ge.modulate_gradients_(grads, coeffs, noises, lengths)
+
+
 def ogm_ge_step(model, optimizer, batch, cfg, epoch, params_by_modality, world=1, generator=None,
                 autocast=contextlib.nullcontext, diagnostics=False):
-    """One OGM-GE update of the whole model on a batch (this rank's part of it).
+    """One OGM-GE update of the whole model on a batch (this rank's part of it): forward, the fused
+    loss's backward (all-reduced) -> the discrepancy coefficients -> inside the modulation window,
+    the gradient edit -> one optimiser step.
 
     params_by_modality: {m: the parameters of E_m to modulate} (modulated_parameters). epoch: the
     0-based epoch, for the window. generator: the GE noise stream, identical on every rank.
@@ -124,35 +156,13 @@ def ogm_ge_step(model, optimizer, batch, cfg, epoch, params_by_modality, world=1
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     all_reduce_mean_([p.grad for p in model.parameters() if p.grad is not None], world)
-
-    # s_m over the global batch: the per-rank sums, all-reduced (the ratio is scale-free, but a sum
-    # keeps it the released quantity)
-    scores = torch.stack([ogm_ge.target_score_sum(logits[m], labels) for m in modalities])
-    if world > 1:
-        dist.all_reduce(scores)
-    if len(modalities) == 2 and cfg["variant"] == "official":
-        coeffs, ratios = ogm_ge.released_two_modality_coefficients(scores, cfg["alpha"])
-    else:
-        ratios = ogm_ge.discrepancy_ratios(scores, cfg["ratio_reference"])
-        coeffs = ogm_ge.modulation_coefficients(ratios, cfg["alpha"])
-
+    scores, ratios, coeffs = discrepancy_coefficients(logits, labels, cfg, world)
     modulating = cfg["modulation"] != "none" and cfg["modulation_starts"] <= epoch <= cfg["modulation_ends"]
     stats = {"train/loss": loss.detach(), "train/modulating": torch.tensor(float(modulating))}
-    norms_before = {}
-    if diagnostics:
-        norms_before = {m: _grad_norm(params_by_modality[m]) for m in modalities}
+    norms_before = {m: _grad_norm(params_by_modality[m]) for m in modalities} if diagnostics else {}
     if modulating:
-        grads = [[p.grad for p in params_by_modality[m] if p.grad is not None] for m in modalities]
-        noises = None
-        if cfg["modulation"] == "ogm_ge":   # one draw per tensor, in modality then parameter order (as released)
-            noises = [[torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype) for g in group]
-                      for group in grads]
-        flat = [g for group in grads for g in group]
-        if flat:   # a few operators for all the tensors: flat stds, foreach scaling and noise (methods/ogm_ge.py)
-            lengths = _lengths(tuple(g.numel() for g in flat), flat[0].device) if noises is not None else None
-            ogm_ge.modulate_gradients_(grads, coeffs, noises, lengths)
+        modulate_gradients(params_by_modality, coeffs, cfg["modulation"] == "ogm_ge", generator)
     optimizer.step()
-
     batch_size = labels.shape[0] * world
     for i, m in enumerate(modalities):
         stats |= {f"{m}/loss": F.cross_entropy(logits[m].detach(), labels),
