@@ -172,6 +172,89 @@ def test_official_step_equals_the_released_step_from_the_first_batch():
     assert steps(ours[2]) == steps(released[2]) == [6] * len(steps(released[2]))   # 2 phases x 3 batches
 
 
+def written_out_step(encoders, head, opt, batch, order, cfg):
+    """GAAL's step with every formula written out here, nothing from methods.surgery: entropy of
+    softmax over the CLASSES, the top floor(topk_frac B) of the OTHER modality by entropy (guidance
+    hard) or its whole batch (full), g . g_ref < 0 -> g + max(margin, -g.g_ref / (|g_ref|^2 + qp_eps))
+    g_ref in float64 (surgery on). official: the released procedure (reference loss back-propagated
+    through the other encoder, zero_grad(set_to_none=False)); paper: clean alternation, the other
+    encoder in eval mode for the reference and not stepped."""
+    labels = batch["label"]
+    official = cfg["variant"] == "official"
+    for m, other in ((order[0], order[1]), (order[1], order[0])):
+        opt.zero_grad(set_to_none=not official)
+        if official:
+            logits_other = head(encoders[other](batch[other]))
+        else:
+            encoders[other].eval()
+            with torch.no_grad():
+                features = encoders[other](batch[other])
+            encoders[other].train()
+            logits_other = head(features)
+        if cfg["guidance"] == "hard":
+            p = torch.softmax(logits_other.detach().double(), dim=1)
+            k = max(1, int(cfg["topk_frac"] * labels.shape[0]))
+            chosen = torch.topk(-(p * torch.log(p)).sum(dim=1), k).indices
+        else:
+            chosen = torch.arange(labels.shape[0])
+        ce = torch.nn.functional.cross_entropy(logits_other[chosen], labels[chosen])
+        if official:   # released: a backward through the other encoder too (its gradients then zeroed)
+            ce.backward()
+            g_ref = torch.cat([head.weight.grad.flatten(), head.bias.grad]).clone()
+        else:
+            g_ref = torch.cat([g.flatten() for g in torch.autograd.grad(ce, [head.weight, head.bias])])
+        opt.zero_grad(set_to_none=not official)
+        torch.nn.functional.cross_entropy(head(encoders[m](batch[m])), labels).backward()
+        g = torch.cat([head.weight.grad.flatten(), head.bias.grad])
+        if cfg["surgery"] and float(g @ g_ref) < 0:
+            g64, r64 = g.double(), g_ref.double()
+            v = max(cfg["margin"], -float(g64 @ r64) / (float(r64 @ r64) + cfg["qp_eps"]))
+            g = (g64 + v * r64).float()
+        n = head.weight.numel()
+        head.weight.grad.copy_(g[:n].view_as(head.weight))
+        head.bias.grad.copy_(g[n:])
+        opt.step()
+
+
+def toy_gaal_bn(seed=1):
+    """toy_gaal with BatchNorm in each encoder (eval vs training mode of the reference forward, and how
+    often the running statistics move, change the result) and no squashing: with this seed the head
+    gradients of the two modalities conflict in some phases of the first batches, with either guidance."""
+    torch.manual_seed(seed)
+    encoders = torch.nn.ModuleDict({m: torch.nn.Sequential(torch.nn.Linear(d, 8), torch.nn.BatchNorm1d(8))
+                                    for m, d in (("image", 6), ("table", 4))})
+    head = torch.nn.Linear(8, 5)
+    params = list(encoders.parameters()) + list(head.parameters())
+    return encoders, head, torch.optim.Adam(params, lr=1e-2, weight_decay=1e-4)
+
+
+@pytest.mark.parametrize("variant, guidance, surgery", [
+    ("official", "hard", True), ("official", "full", True), ("official", "hard", False),
+    ("paper", "hard", True), ("paper", "full", True)])
+def test_step_equals_the_written_out_step_for_every_switch(variant, guidance, surgery):
+    """gaal_step against written_out_step on a BatchNorm toy (3 batches): parameters and running
+    statistics. Each switch must matter on this toy: the same run with the switch flipped differs."""
+    from train.gaal import gaal_step
+    cfg = dict(STEP_CFG, variant=variant, guidance=guidance, surgery=surgery)
+    flipped = [dict(cfg, surgery=not surgery), dict(cfg, variant="paper" if variant == "official" else "official")]
+    if surgery:   # without surgery the reference has no effect, so guidance cannot matter
+        flipped.append(dict(cfg, guidance="full" if guidance == "hard" else "hard"))
+    ours, written = toy_gaal_bn(), toy_gaal_bn()
+    for batch in toy_batches():
+        gaal_step(*ours, batch, ["image", "table"], cfg)
+        written_out_step(*written, batch, ["image", "table"], cfg)
+    got = {**ours[0].state_dict(), **ours[1].state_dict()}
+    want = {**written[0].state_dict(), **written[1].state_dict()}
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for other_cfg in flipped:
+        other = toy_gaal_bn()
+        for batch in toy_batches():
+            written_out_step(*other, batch, ["image", "table"], other_cfg)
+        state = {**other[0].state_dict(), **other[1].state_dict()}
+        assert max((state[k].double() - v.double()).abs().max().item() for k, v in want.items()) > 1e-4, other_cfg
+
+
 # the image and table each converter writes with its defaults (data_prep/<dataset>.py)
 CONVERTED = {
     "dvm": (286, [3, 128, 128], {"continuous": [f"c{i}" for i in range(13)],

@@ -214,6 +214,111 @@ def test_orthogonal_projector_removes_the_previous_inputs_span():
     torch.testing.assert_close(got - torch.outer(along_got, unit), grad - torch.outer(along, unit), rtol=1e-3, atol=1e-5)
 
 
+def written_out_T(Y, tau):
+    """T = V diag(exp(-tau (lam - lam_min) / (lam_max - lam_min))) V^T from eigh(Y), written out."""
+    lam, V = torch.linalg.eigh(Y.double())
+    return V @ torch.diag(torch.exp(-tau * (lam - lam[0]) / (lam[-1] - lam[0]))) @ V.T
+
+
+def head_input_means(model, m, batches):
+    """{layer: (n_batches, d)}: the batch mean of the input of each Linear of H_m, eval mode, no grad."""
+    model.eval()
+    with torch.no_grad():
+        inputs = [model.heads[m](model.encoders[m](b[m]), return_inputs=True)[1] for b in batches]
+    model.train()
+    return {i: torch.stack([a[i].double().mean(0) for a in inputs]) for i in range(3)}
+
+
+def fake_ctx(cfg, **fields):
+    """The part of loop.Context the IGM hooks read, for a one-process CPU run."""
+    import contextlib
+    from types import SimpleNamespace
+    return SimpleNamespace(cfg=cfg, modalities=["audio", "video"], log=lambda scalars: None, print=lambda line: None,
+                           accelerator=SimpleNamespace(wait_for_everyone=lambda: None),
+                           train_sampler=SimpleNamespace(set_epoch=lambda epoch: None), device=torch.device("cpu"),
+                           world=1, autocast=contextlib.nullcontext, **fields)
+
+
+def test_official_stage_start_builds_T_from_the_previous_modalitys_uncentred_moments(tmp_path):
+    """Official, at the end of stage 0 (audio): the video stage's T of each head layer comes from one
+    pass over the training loader through the AUDIO head: Y = sum_b outer(mean_b, mean_b) (uncentred),
+    T written out. T from the video head's own inputs, or from centred moments, would differ."""
+    from types import SimpleNamespace
+    cfg = dict(config.defaults(igm.CONFIG), stage_epochs=[1, 1], tau=0.4)
+    model, batches = Toy(), toy_batches(3)
+    state = dict(stage=0, T={"audio": {}, "video": {}}, Y={"audio": {}, "video": {}}, stage_grad=None,
+                 prev_stage_grad=None, prev_turn_grad=None)
+    setup = SimpleNamespace(model=model, optimizer=None, scheduler=None, state=state)
+    igm.next_stage(setup, fake_ctx(cfg, position={"epoch": 1}, run_dir=tmp_path, loaders={"train": batches}), None)
+    assert state["stage"] == 1 and not state["T"]["audio"] and sorted(state["T"]["video"]) == [0, 1, 2]
+    audio, video = head_input_means(model, "audio", batches), head_input_means(model, "video", batches)
+    for i in range(3):
+        want = written_out_T(audio[i].T @ audio[i], 0.4)
+        torch.testing.assert_close(state["T"]["video"][i].double(), want, rtol=1e-4, atol=1e-5)
+        centred = audio[i] - audio[i].mean(0)
+        assert (written_out_T(video[i].T @ video[i], 0.4) - want).abs().max() > 1e-2
+        assert (written_out_T(centred.T @ centred, 0.4) - want).abs().max() > 1e-2
+
+
+def test_paper_refresh_builds_each_T_from_the_modality_before_it():
+    """Paper, every refresh_every steps: T of modality j from the moments Y of modality j - 1 (cyclic:
+    audio's from video's), and not at other steps."""
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(5)
+
+    def psd(d):
+        a = torch.randn(d, 3, generator=g, dtype=torch.float64)
+        return a @ a.T
+    Y = {m: {0: psd(8), 1: psd(16), 2: psd(8)} for m in ("audio", "video")}
+    cfg = dict(config.defaults(igm.CONFIG), variant="paper", refresh_every=5, tau=0.4)
+    setup = SimpleNamespace(model=Toy(), state=dict(T={"audio": {}, "video": {}}, Y=Y))
+    igm.refresh_paper_projections(setup, fake_ctx(cfg, position={"step": 7}))
+    assert setup.state["T"] == {"audio": {}, "video": {}}
+    igm.refresh_paper_projections(setup, fake_ctx(cfg, position={"step": 10}))
+    for m, previous in (("video", "audio"), ("audio", "video")):
+        for i in range(3):
+            want = written_out_T(Y[previous][i], 0.4)
+            torch.testing.assert_close(setup.state["T"][m][i].double(), want, rtol=1e-5, atol=1e-6)
+            assert (written_out_T(Y[m][i], 0.4) - want).abs().max() > 1e-2
+
+
+def test_paper_moments_are_an_exponential_moving_average():
+    """Paper step: Y_m <- moment_decay Y_m + outer(mean, mean) of each head layer's input in modality
+    m's training forward (recorded here by forward hooks of our own), over two steps."""
+    from types import SimpleNamespace
+    cfg = dict(config.defaults(igm.CONFIG), variant="paper", moment_decay=0.5, sam=False, mixup_alpha=0.0)
+    model = Toy()
+    seen = {i: [] for i in range(3)}
+    for i in range(3):
+        model.heads["audio"].linears[i].register_forward_pre_hook(
+            lambda module, args, i=i: seen[i].append(args[0].detach().double().mean(0)))
+    state = dict(stage=0, T={"audio": {}, "video": {}}, Y={"audio": {}, "video": {}}, prev_turn_grad=None)
+    setup = SimpleNamespace(model=model, optimizer=sgd(model), state=state)
+    for batch in toy_batches(2):
+        igm.step(setup, batch, fake_ctx(cfg))
+    for i in range(3):
+        first, second = seen[i]
+        want = 0.5 * torch.outer(first, first) + torch.outer(second, second)
+        torch.testing.assert_close(state["Y"]["audio"][i], want, rtol=1e-5, atol=1e-7)
+        assert (0.5 * torch.outer(first, first)).abs().max() > 1e-3   # what a plain sum (decay 1) would add
+
+
+def test_orthogonal_projector_recursion_over_several_batches():
+    """projector: orthogonal over L = 4 batch means r_b: from P = I, k = P r_b,
+    P <- P - k k^T / (alpha_b + r_b^T k), alpha_b = 0.1 ** (1 + b / L), written out."""
+    means = torch.randn(4, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 0.3
+
+    def recursion(alphas):
+        P = torch.eye(8, dtype=torch.float64)
+        for r, alpha in zip(means, alphas):
+            k = P @ r
+            P = P - torch.outer(k, k) / (alpha + r @ k)
+        return P
+    want = recursion([0.1 ** (1 + b / 4) for b in range(4)])
+    torch.testing.assert_close(igm.orthogonal_projections({0: means})[0].double(), want, rtol=1e-5, atol=1e-6)
+    assert (recursion([0.1] * 4) - want).abs().max() > 1e-3   # the schedule matters on this case
+
+
 def test_moments_from_hooks_match_the_definition():
     model, batches = Toy(), toy_batches(3)
     hooks = igm.HeadInputSums(model.heads["audio"], [0, 1, 2])

@@ -100,6 +100,62 @@ def test_entropy_fusion_hand_cases():
     torch.testing.assert_close(mla_maths.fixed_fusion(logits, [0.25, 0.75]), 0.25 * logits[0] + 0.75 * logits[1])
 
 
+def released_entropy_weights(logits):
+    """The released calculate_entropy + calculate_gating_weights, written out: per modality o (B, C),
+    q = exp(o) / sum over the BATCH of exp(o) (softmax(o, dim=0)), e = -sum_{b,c} q log q; then
+    w_m = exp(max_k e_k - e_m) / sum_j exp(max_k e_k - e_j)."""
+    ent = []
+    for o in logits.double():
+        q = torch.exp(o) / torch.exp(o).sum(0, keepdim=True)
+        ent.append(-(q * torch.log(q)).sum())
+    ent = torch.stack(ent)
+    return torch.exp(ent.max() - ent) / torch.exp(ent.max() - ent).sum()
+
+
+def per_sample_entropy_weights(logits):
+    """The paper's per-prediction uncertainty written out: per modality and sample p = softmax over the
+    classes, e = -sum_c p log p, w = softmax over the modalities of -e -> (M, B)."""
+    p = torch.exp(logits.double()) / torch.exp(logits.double()).sum(2, keepdim=True)
+    ent = -(p * torch.log(p)).sum(2)
+    return torch.exp(-ent) / torch.exp(-ent).sum(0, keepdim=True)
+
+
+# Asymmetric (3 samples x 2 classes, not square): modality 0 is confident on every sample but says the
+# same thing for the whole batch (low per-sample entropy, a uniform softmax over the batch axis: high
+# batch entropy); modality 1 is less confident per sample but varies along the batch. The released
+# batch axis favours modality 1, the per-sample (class) axis modality 0: an axis swap changes the winner.
+AXIS_LOGITS = torch.tensor([[[2.5, 0.0], [2.5, 0.0], [2.5, 0.0]],
+                            [[1.0, 0.0], [-1.0, 0.5], [0.0, 1.5]]])
+
+
+def test_entropy_axis_hand_case_is_asymmetric():
+    """Batch axis (official) and per-sample class axis (paper) on logits where the two axes disagree:
+    each against its transcription, and each differs from what the other axis would give."""
+    batch_w = released_entropy_weights(AXIS_LOGITS).float()
+    sample_w = per_sample_entropy_weights(AXIS_LOGITS).float()
+    assert batch_w[1] > 0.6 and bool((sample_w[0] > 0.55).all())         # the axes pick different winners
+    torch.testing.assert_close(mla_maths.entropy_weights(AXIS_LOGITS, "batch").reshape(2), batch_w)
+    torch.testing.assert_close(mla_maths.entropy_weights(AXIS_LOGITS, "sample").reshape(2, 3), sample_w)
+    torch.testing.assert_close(mla_maths.entropy_fusion(AXIS_LOGITS, "batch"),
+                               batch_w[0] * AXIS_LOGITS[0] + batch_w[1] * AXIS_LOGITS[1])
+    torch.testing.assert_close(mla_maths.entropy_fusion(AXIS_LOGITS, "sample"),
+                               sample_w[0, :, None] * AXIS_LOGITS[0] + sample_w[1, :, None] * AXIS_LOGITS[1])
+
+
+def test_each_variant_fuses_on_its_entropy_axis():
+    """make_fuse: official = the released batch-axis weights, paper = per-sample weights (the switch's
+    null resolves to the variant's axis; an explicit fusion_entropy wins)."""
+    outputs = {m: (None, AXIS_LOGITS[i]) for i, m in enumerate(("audio", "video"))}
+    batch_w = released_entropy_weights(AXIS_LOGITS).float()
+    sample_w = per_sample_entropy_weights(AXIS_LOGITS).float()
+    want_batch = batch_w[0] * AXIS_LOGITS[0] + batch_w[1] * AXIS_LOGITS[1]
+    want_sample = sample_w[0, :, None] * AXIS_LOGITS[0] + sample_w[1, :, None] * AXIS_LOGITS[1]
+    assert (want_batch - want_sample).abs().max() > 0.1
+    torch.testing.assert_close(mla.make_fuse(OFFICIAL, 2)(outputs), want_batch)
+    torch.testing.assert_close(mla.make_fuse(PAPER, 2)(outputs), want_sample)
+    torch.testing.assert_close(mla.make_fuse(dict(OFFICIAL, fusion_entropy="sample"), 2)(outputs), want_sample)
+
+
 # ------------------------------------------------------------------------------------------------
 # The step against the released step written out
 

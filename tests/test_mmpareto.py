@@ -49,6 +49,19 @@ def test_weights_are_equal_without_conflict_and_min_norm_with_it_over_the_whole_
     assert not mmpareto.pareto_weights([t(0, 1)], [t(0, 1)]).conflict
 
 
+def test_orthogonal_gradients_take_the_min_norm_branch():
+    """cos = 0 exactly: the released `if cos > 0` sends it to the min-norm solver. Asymmetric lengths,
+    so that branch differs from 1/2: g_m = (2, 0), g_u = (0, 1): c = (1 - 0) / (4 + 1) = 0.2 —
+    (0.2, 0.8), not (0.5, 0.5) (which orthogonal gradients of EQUAL length would give either way)."""
+    w = mmpareto.pareto_weights([t(2, 0)], [t(0, 1)])
+    assert w.cos.item() == 0.0 and bool(w.conflict)
+    assert w.alpha_m.item() == pytest.approx(0.2) and w.alpha_u.item() == pytest.approx(0.8)
+    # h = 2 (0.2 g_m + 0.8 g_u) = (0.8, 1.6); per encoder |g_m + g_u| / |h| = sqrt(5) / sqrt(3.2) > 1
+    final, factor = mmpareto.integrate([t(2, 0)], [t(0, 1)], w, gamma=1.0, per_tensor=False)
+    torch.testing.assert_close(final[0], math.sqrt(5 / 3.2) * t(0.8, 1.6))
+    assert factor.item() == pytest.approx(math.sqrt(5 / 3.2))
+
+
 def test_magnitude_per_tensor_and_per_encoder():
     g_m, g_u = [t(2, 0), t(0, 1)], [t(-3, 1), t(0, 1)]
     w = mmpareto.pareto_weights(g_m, g_u)

@@ -167,6 +167,25 @@ def params_of_plain(model):
     return {m: ogm_ge.modulated_parameters(model.encoders[m], "conv") for m in model.modalities}
 
 
+@pytest.mark.parametrize("epoch, inside", [(1, False), (2, True), (4, True), (5, False)])
+def test_modulation_window_is_inclusive_at_both_ends(epoch, inside):
+    """modulation_starts <= epoch <= modulation_ends (0-based, both ends inclusive, main.py): with the
+    window [2, 4] epochs 2 and 4 are modulated, 1 and 5 are plain joint steps."""
+    cfg = dict(STEP_CFG, modulation="ogm", alpha=2.0, modulation_starts=2, modulation_ends=4)
+    runs = {}
+    for modulation in ("ogm", "none"):
+        model = Toy()
+        stats = ogm_ge.ogm_ge_step(model, released_sgd(model), toy_batches()[0], dict(cfg, modulation=modulation),
+                                   epoch, params_of_plain(model))
+        runs[modulation] = (params_of(model), stats)
+    (modulated, stats), (plain, _) = runs["ogm"], runs["none"]
+    assert stats["train/modulating"].item() == float(inside)
+    assert min(stats["audio/coeff"].item(), stats["video/coeff"].item()) < 1 if inside else \
+        stats["audio/coeff"].item() == stats["video/coeff"].item() == 1.0
+    differs = any(not torch.equal(modulated[k], plain[k]) for k in plain)
+    assert differs == inside
+
+
 def test_paper_variant_modulates_every_encoder_parameter_and_has_no_tie_artefact():
     model = Toy()
     params = {m: ogm_ge.modulated_parameters(model.encoders[m], "all") for m in model.modalities}
