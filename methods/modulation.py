@@ -18,6 +18,14 @@ c_i ≈ −d_i/eps ≈ ±1e7; mixed-sign d also gives negative multipliers (grad
 encoder). :func:`balance_degenerate` reports it, :func:`clip_coefficients` implements the
 ``coeff_clip: [lo, hi]`` option.
 
+Not in the paper or the released code — the ``progress_estimate: ema | window`` variant: d_i
+from two consecutive batch accuracies is binomial noise (std ≈ √(2p(1−p)/B), 0.06 at p = 0.5,
+B = 128) against a real per-step gain of order 1e-4, so c_i follows the noise. Two estimators of
+the per-step gain whose noise is far smaller — :func:`ema_progress` (an exponential average of
+d_i, bias-corrected) and :func:`window_progress` (the mean of the last h batch metrics minus the
+mean of the h before, over h) — and :func:`rectified_balance_coefficients`, the same c_i from
+max(d_i, 0): every c_i in (0, 1], 1 for all when no modality progresses.
+
 Imports: torch only.
 """
 from __future__ import annotations
@@ -34,6 +42,9 @@ __all__ = [
     "balance_degenerate_tensor",
     "clip_coefficients",
     "direction_loss",
+    "ema_progress",
+    "rectified_balance_coefficients",
+    "window_progress",
 ]
 
 Metrics = Union[Sequence[float], Sequence[torch.Tensor], torch.Tensor]
@@ -121,6 +132,62 @@ def clip_coefficients(coeffs, lo: float, hi: float):
     if isinstance(coeffs, torch.Tensor):
         return coeffs.clamp(min=lo, max=hi)
     return [min(max(float(c), lo), hi) for c in coeffs]
+
+
+def ema_progress(average: torch.Tensor, change: torch.Tensor, decay: float,
+                 count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the exponential average of the per-step metric change d_i (``progress_estimate:
+    ema``). Returns (the new average, its bias-corrected value: the progress estimate).
+
+    average ← decay·average + (1 − decay)·change, started at 0; ``count`` is the number of changes
+    averaged so far, this one included, and the estimate is average / (1 − decay**count) — for
+    count ≪ 1/(1 − decay) about the mean change since the first one, later an average over the
+    last ~1/(1 − decay) steps. Equivalently the per-step change of an exponential average of the
+    metric (the sum telescopes to (1 − decay)·(metric now − the average of the earlier ones)), so
+    for batch metrics of standard deviation σ its noise is about (1 − decay)·σ, against the mean
+    gain per step as its signal.
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    if count < 1:
+        raise ValueError(f"count must be >= 1 (this change included), got {count}")
+    average = decay * average + (1.0 - decay) * change
+    return average, average / (1.0 - decay ** count)
+
+
+def window_progress(history: torch.Tensor, filled: int) -> torch.Tensor:
+    """The per-step gain of each modality over a window of batches (``progress_estimate:
+    window``): with h = filled // 2, (mean of the newest h rows of ``history`` − mean of the h rows
+    before) / h; zeros while h = 0.
+
+    ``history``: (n, M), the last n batch metrics, oldest first, of which the newest ``filled``
+    (≤ n) are real. For a metric rising by g per step plus independent noise of standard deviation
+    σ the estimate has mean g and standard deviation σ·√(2/h)/h (σ·√2/h^1.5).
+    """
+    if not 0 <= filled <= history.shape[0]:
+        raise ValueError(f"filled must be in [0, {history.shape[0]}], got {filled}")
+    h = filled // 2
+    if h == 0:
+        return torch.zeros_like(history[0])
+    n = history.shape[0]
+    recent, before = history[n - h:], history[n - 2 * h:n - h]
+    return (recent.mean(0) - before.mean(0)) / h
+
+
+def rectified_balance_coefficients(progress: torch.Tensor,
+                                   eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """c_i = (S − d⁺_i)/S with d⁺_i = max(d_i, 0) and S = Σ_i d⁺_i + eps: CGGM's coefficient from
+    non-negative progress. Returns (c (M,), whether Σ d⁺ ≤ eps as a 0-d bool tensor; no host sync).
+
+    Each c_i = (Σ_{j≠i} d⁺_j + eps)/S lies in (0, 1] — never negative, never the ±1e7 of the
+    released form — and Σ c_i = M − 1 + eps/S; a modality that does not progress gets 1, and all
+    get 1 when none does. A falling metric (d_i < 0) counts as no progress rather than as a
+    negative one that would flip the signs of the others' coefficients.
+    """
+    d = progress.clamp_min(0.0)
+    total = d.sum()
+    s = total + eps
+    return (s - d) / s, total <= eps
 
 
 def direction_loss(coeffs, fused_vec: torch.Tensor,

@@ -20,6 +20,8 @@ Per step t
      with the released eps 1e-3 in the official variant, the exact Dice (eps 0) in the paper one).
   4. d_i = now_i - prev_i; S = sum d + 1e-8; c_i = (S - d_i)/S; encoder-core gradients of modality i
      are multiplied by rho * c_i (`modulation`); c_i always logged, optionally clipped (`coeff_clip`).
+     Not released: `progress_estimate` ema | window puts a smoothed estimate of each modality's gain
+     per step in place of d_i and takes c_i from max(d_i, 0) (methods.modulation; docs/methods/cggm.md).
   5. `direction`: L_gm = (sum |c_i| - sum c_i cos(vec_i, vec_F)) / M.
        official: vec = the flattened WEIGHTS of F.out and f_i.out; L_gm enters the NEXT step's loss,
          so only F.out.weight receives its gradient, taken at this step's values. We add that gradient
@@ -56,6 +58,12 @@ CONFIG = declare(LOOP_CONFIG,   # + the loop's keys (data, optimiser, selection,
     rho=Key(1.3, "the modulation's scale", at_least=0),
     lambda_gm=Key(0.2, "weight of the direction loss L_gm", at_least=0),
     coeff_clip=Key([], "[] = none (official) | [lo, hi]"),
+    progress_estimate=Key("batch", "d_i, each modality's progress: batch (released: the change between two "
+                          "consecutive batch metrics) | ema (an exponential average of that change) | window "
+                          "(mean of the last progress_window batch metrics minus the window's before); ema and "
+                          "window take c_i from max(d_i, 0), so 0 < c_i <= 1", choices=("batch", "ema", "window")),
+    progress_decay=Key(0.995, "progress_estimate ema: the average's decay, in [0, 1)", at_least=0),
+    progress_window=Key(50, "progress_estimate window: batches in each of the two windows compared", above=0),
     epochs=30,
     batch_size=64,
     optimizer="adam",
@@ -91,6 +99,8 @@ def check_config(cfg):
     clip = cfg["coeff_clip"]
     if clip and (len(clip) != 2 or not all(isinstance(v, (int, float)) for v in clip) or clip[0] > clip[1]):
         raise ConfigError(f"coeff_clip={clip}: [] or [lo, hi] with lo <= hi")
+    if cfg["progress_decay"] >= 1:
+        raise ConfigError(f"progress_decay={cfg['progress_decay']}: must be below 1 (an average that never moves)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,10 +175,13 @@ def forward_losses(model, batch, task, autocast):
     return task_loss, clf_losses, out
 
 
-def balance_coefficients(task, clf_logits, labels, metric_prev, cfg, world):
-    """Steps 3-4: the classifiers' metrics on the GLOBAL batch (counts all-reduced) and c_i from their
-    change since the previous step, clipped to `coeff_clip` if set. Returns (metric_now (M,) float64,
-    c (M,), whether S = sum d was degenerate)."""
+def balance_coefficients(task, clf_logits, labels, state, cfg, world):
+    """Steps 3-4: the classifiers' metrics on the GLOBAL batch (counts all-reduced) and c_i from each
+    modality's progress (`progress_estimate`; batch, released: the change since the previous step),
+    clipped to `coeff_clip` if set. Reads state["metric_prev"]; ema and window update their estimator
+    in state["progress"]. Returns (metric_now (M,) float64, c (M,), whether the progress summed to
+    zero (batch: S = sum d degenerate; ema, window: no modality progressed, every c_i = 1), the
+    progress estimate (M,) or None for batch)."""
     official = cfg["variant"] == "official"
     hits_counts = batch_metric_counts_all(task, clf_logits, labels, official,
                                           RELEASED_DICE_EPS if official else 0.0)
@@ -176,11 +189,46 @@ def balance_coefficients(task, clf_logits, labels, metric_prev, cfg, world):
         dist.all_reduce(hits_counts)
     hits, counts = hits_counts.unbind(1)
     metric_now = hits / counts.clamp_min(1)
-    coeffs = modulation.balance_coefficients_tensor(metric_now, metric_prev)
-    degenerate = modulation.balance_degenerate_tensor(metric_now, metric_prev)
+    progress = None
+    if cfg["progress_estimate"] == "batch":
+        coeffs = modulation.balance_coefficients_tensor(metric_now, state["metric_prev"])
+        degenerate = modulation.balance_degenerate_tensor(metric_now, state["metric_prev"])
+    else:
+        progress = estimate_progress(metric_now, state, cfg)
+        coeffs, degenerate = modulation.rectified_balance_coefficients(progress)
     if cfg["coeff_clip"]:
         coeffs = modulation.clip_coefficients(coeffs, *cfg["coeff_clip"])
-    return metric_now, coeffs, degenerate
+    return metric_now, coeffs, degenerate, progress
+
+
+def progress_state(cfg, n_modalities, device):
+    """The estimator's state for `progress_estimate` ema or window, checkpointed with the method's
+    state (None for batch, which needs only metric_prev): `steps`, the batches seen (a host int, so
+    the step reads no device value), and the (M,) average of the changes (ema) or the (2W, M) last
+    batch metrics, oldest first (window)."""
+    if cfg["progress_estimate"] == "batch":
+        return None
+    if cfg["progress_estimate"] == "ema":
+        return {"steps": 0, "average": torch.zeros(n_modalities, dtype=torch.float64, device=device)}
+    rows = 2 * cfg["progress_window"]
+    return {"steps": 0, "history": torch.zeros(rows, n_modalities, dtype=torch.float64, device=device)}
+
+
+def estimate_progress(metric_now, state, cfg):
+    """d_i of ema and window from this step's global batch metrics (identical on every rank, so the
+    estimator is too); updates state["progress"]. ema averages the changes from the second batch on
+    (the first has no previous metric: its estimate is 0); window compares the two halves of the
+    batches seen, up to progress_window each."""
+    est = state.setdefault("progress", progress_state(cfg, metric_now.numel(), metric_now.device))
+    est["steps"] += 1
+    if cfg["progress_estimate"] == "ema":
+        if est["steps"] == 1:
+            return torch.zeros_like(metric_now)
+        est["average"], progress = modulation.ema_progress(est["average"], metric_now - state["metric_prev"],
+                                                           cfg["progress_decay"], est["steps"] - 1)
+        return progress
+    est["history"] = torch.cat([est["history"][1:], metric_now.unsqueeze(0)])
+    return modulation.window_progress(est["history"], min(est["steps"], est["history"].shape[0]))
 
 
 def previous_direction_loss(direction_prev):
@@ -286,8 +334,8 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
     task_loss, clf_losses, out = forward_losses(model, batch, task, autocast)
     optimizer.zero_grad(set_to_none=True)
     clf_optimizer.zero_grad(set_to_none=True)
-    metric_now, coeffs, degenerate = balance_coefficients(task, [out[m][1] for m in model.modalities], labels,
-                                                          state["metric_prev"], cfg, world)
+    metric_now, coeffs, degenerate, progress = balance_coefficients(task, [out[m][1] for m in model.modalities],
+                                                                    labels, state, cfg, world)
     scales = (cfg["rho"] * coeffs).float()   # rho * c_i: the encoder cores' multipliers (and paper's B_i)
     model_params = model.model_parameters()
     if cfg["variant"] == "official":
@@ -299,8 +347,11 @@ def cggm_step(model, batch, optimizer, clf_optimizer, state, cfg, task, world=1,
     clip_factor = clip_model_gradients(model_params, cfg["grad_clip"], labels.device)
     optimizer.step()
     state["metric_prev"] = metric_now   # computed without gradient
-    return step_stats(model.modalities, loss, task_loss, lgm, degenerate, coeffs, metric_now, clf_losses,
-                      core_norms, clip_factor)
+    stats = step_stats(model.modalities, loss, task_loss, lgm, degenerate, coeffs, metric_now, clf_losses,
+                       core_norms, clip_factor)
+    if progress is not None:   # ema, window: the estimate c_i was built from
+        stats.update(zip([f"{m}/progress" for m in model.modalities], progress.float().unbind()))
+    return stats
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,10 +375,13 @@ def build(cfg: dict, ctx: loop.Context) -> loop.Setup:
     clf_optimizer = optim.build_optimizer(dict(cfg, lr=cfg["clf_lr"], weight_decay=cfg["clf_weight_decay"]),
                                           model.classifiers.parameters())
     state = dict(metric_prev=torch.zeros(len(names), dtype=torch.float64, device=ctx.device), direction_prev=None)
+    if cfg["progress_estimate"] != "batch":
+        state["progress"] = progress_state(cfg, len(names), ctx.device)
     return loop.Setup(model, optimizer, optim.build_scheduler(cfg, optimizer), state=state,
                       objects={"clf_optimizer": clf_optimizer},
                       result=dict(variant=cfg["variant"], modulation=cfg["modulation"], direction=cfg["direction"],
-                                  rho=cfg["rho"], lambda_gm=cfg["lambda_gm"], coeff_clip=cfg["coeff_clip"]))
+                                  rho=cfg["rho"], lambda_gm=cfg["lambda_gm"], coeff_clip=cfg["coeff_clip"],
+                                  progress_estimate=cfg["progress_estimate"]))
 
 
 def step(setup: loop.Setup, batch: dict, ctx: loop.Context) -> dict:
