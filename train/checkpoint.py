@@ -283,6 +283,101 @@ def _trim_metrics(run_dir: Path, epoch: int) -> None:
         atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
+def _read_trainer_state(path: Path) -> dict:
+    """<checkpoint>/state.pt, refused in one line unless it is a training checkpoint."""
+    state = load_trusted(path / "state.pt")
+    if not isinstance(state, dict) or "trainer" not in state or "world_size" not in state:
+        raise CheckpointError(f"{path / 'state.pt'}: not a training checkpoint (no trainer state)")
+    return state
+
+
+def _check_deepspeed_stage(path: Path, state: dict, accelerator) -> None:
+    """The run's DeepSpeed ZeRO stage (or none) must be the one the checkpoint was written under."""
+    written, running = state.get("deepspeed_stage"), deepspeed_stage(accelerator)
+    if written != running:
+        raise CheckpointError(f"checkpoint {path} was written " +
+                              (f"under DeepSpeed ZeRO-{written}" if written is not None else "without DeepSpeed") +
+                              " but this run " + (f"uses ZeRO-{running}" if running is not None else
+                                                 "does not use DeepSpeed") +
+                              ": resume with the launch config that wrote it")
+
+
+def _check_objects_fit(path: Path, run_dir: Path, state: dict, objects: dict, accelerator, engine) -> None:
+    """Every object is in the checkpoint (DeepSpeed's optimiser is in its own files), and every
+    module is of the class that wrote it with the same parameter names and shapes: else one line
+    saying what differs, before anything is loaded."""
+    for key, obj in objects.items():
+        if engine is not None and is_deepspeed_optimizer(obj):
+            continue   # in DeepSpeed's own files (<ckpt>/deepspeed), not in state.pt
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path} has no '{key}' (it holds {sorted(state)}): it was "
+                                  f"written by another training script")
+        if not isinstance(obj, torch.nn.Module):
+            continue
+        module = accelerator.unwrap_model(obj)
+        if engine is not None and obj is engine:
+            module = engine.module
+        written_class = state.get("model_classes", {}).get(key)
+        if written_class is not None and written_class != type(module).__name__:
+            raise CheckpointError(f"checkpoint {path} holds a {written_class} as '{key}', this script builds a "
+                                  f"{type(module).__name__}: it was written by another training script "
+                                  f"(see {run_dir / 'config.yaml'}); resume with that script")
+        mismatch = _module_mismatch(key, state[key], module)
+        if mismatch:
+            raise CheckpointError(f"checkpoint {path}: {mismatch}")
+
+
+def _load_deepspeed(path: Path, state: dict, engine, accelerator) -> None:
+    """The engine's module and optimiser partitions from <checkpoint>/deepspeed: written by as many
+    processes as this run has, every file checked with load_trusted before DeepSpeed unpickles it."""
+    if state["world_size"] != accelerator.num_processes:
+        raise CheckpointError(f"checkpoint {path}: DeepSpeed optimizer partitions were written by "
+                              f"{state['world_size']} processes; resume with that many (this run has "
+                              f"{accelerator.num_processes})")
+    for file in sorted((path / "deepspeed").glob("*.pt")):   # before DeepSpeed unpickles them itself
+        load_trusted(file, deepspeed_checkpoint_globals(), mmap=True)
+    loaded, _ = engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=True,
+                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+    if loaded is None:
+        raise CheckpointError(f"cannot read the DeepSpeed checkpoint {path / 'deepspeed'}")
+
+
+def _load_objects(path: Path, state: dict, objects: dict, accelerator, engine) -> None:
+    """load_state_dict of every object from state.pt (not the DeepSpeed engine's: restored already);
+    a refusal becomes one line naming the object."""
+    for key, obj in objects.items():
+        if engine is not None and (obj is engine or is_deepspeed_optimizer(obj)):
+            continue   # restored by engine.load_checkpoint
+        if isinstance(obj, torch.nn.Module):
+            obj = accelerator.unwrap_model(obj)
+        try:
+            obj.load_state_dict(state[key])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"checkpoint {path}: '{key}' does not fit this run's "
+                                  f"{type(obj).__name__}: {first}") from None
+
+
+def _restore_rng(path: Path, state: dict, accelerator, objects: dict, engine, generators: dict | None) -> None:
+    """This rank's RNG states and its modules' own buffers, at the world size that wrote them; at
+    another world size the RNG streams restart (the data order stays exact) and the main process says so."""
+    rng_file = path / f"rng-rank{accelerator.process_index}.pt"
+    if state["world_size"] == accelerator.num_processes and rng_file.exists():
+        rng = load_trusted(rng_file, RNG_STATE_GLOBALS)
+        try:
+            _set_rng_state(rng, generators)
+            for key, module in _modules(accelerator, objects, engine).items():   # this rank's own buffers
+                saved = rng.get("buffers", {}).get(key, {})
+                for name, buffer in module.named_buffers():
+                    if name in saved:
+                        buffer.copy_(saved[name])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            raise CheckpointError(f"{rng_file}: not this run's RNG state ({type(err).__name__}: {err})") from None
+    elif accelerator.is_main_process:
+        print(f"[resume] world size changed ({state['world_size']} -> {accelerator.num_processes}): "
+              "RNG streams restart; the data order stays exact", flush=True)
+
+
 def load_checkpoint(run_dir: Path, accelerator, objects: dict, generators: dict | None = None,
                     cfg: dict | None = None) -> dict:
     """Restore `objects` and this rank's RNG states from the latest checkpoint; return trainer state.
@@ -299,72 +394,14 @@ def load_checkpoint(run_dir: Path, accelerator, objects: dict, generators: dict 
     path, note = resume_checkpoint(run_dir / "checkpoints")
     if note and accelerator.is_main_process:
         print(f"[resume] {note}", flush=True)
-    state = load_trusted(path / "state.pt")
-    if not isinstance(state, dict) or "trainer" not in state or "world_size" not in state:
-        raise CheckpointError(f"{path / 'state.pt'}: not a training checkpoint (no trainer state)")
+    state = _read_trainer_state(path)
     engine = deepspeed_engine(accelerator, objects)
-    written, running = state.get("deepspeed_stage"), deepspeed_stage(accelerator)
-    if written != running:
-        raise CheckpointError(f"checkpoint {path} was written " +
-                              (f"under DeepSpeed ZeRO-{written}" if written is not None else "without DeepSpeed") +
-                              " but this run " + (f"uses ZeRO-{running}" if running is not None else
-                                                 "does not use DeepSpeed") +
-                              ": resume with the launch config that wrote it")
-    for key, obj in objects.items():
-        if engine is not None and is_deepspeed_optimizer(obj):
-            continue   # in DeepSpeed's own files (<ckpt>/deepspeed), not in state.pt
-        if key not in state:
-            raise CheckpointError(f"checkpoint {path} has no '{key}' (it holds {sorted(state)}): it was "
-                                  f"written by another training script")
-        if isinstance(obj, torch.nn.Module):
-            module = accelerator.unwrap_model(obj)
-            if engine is not None and obj is engine:
-                module = engine.module
-            written_class = state.get("model_classes", {}).get(key)
-            if written_class is not None and written_class != type(module).__name__:
-                raise CheckpointError(f"checkpoint {path} holds a {written_class} as '{key}', this script builds a "
-                                      f"{type(module).__name__}: it was written by another training script "
-                                      f"(see {run_dir / 'config.yaml'}); resume with that script")
-            mismatch = _module_mismatch(key, state[key], module)
-            if mismatch:
-                raise CheckpointError(f"checkpoint {path}: {mismatch}")
+    _check_deepspeed_stage(path, state, accelerator)
+    _check_objects_fit(path, run_dir, state, objects, accelerator, engine)
     if engine is not None:
-        if state["world_size"] != accelerator.num_processes:
-            raise CheckpointError(f"checkpoint {path}: DeepSpeed optimizer partitions were written by "
-                                  f"{state['world_size']} processes; resume with that many (this run has "
-                                  f"{accelerator.num_processes})")
-        for file in sorted((path / "deepspeed").glob("*.pt")):   # before DeepSpeed unpickles them itself
-            load_trusted(file, deepspeed_checkpoint_globals(), mmap=True)
-        loaded, _ = engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=True,
-                                           load_optimizer_states=True, load_lr_scheduler_states=False)
-        if loaded is None:
-            raise CheckpointError(f"cannot read the DeepSpeed checkpoint {path / 'deepspeed'}")
-    for key, obj in objects.items():
-        if engine is not None and (obj is engine or is_deepspeed_optimizer(obj)):
-            continue   # restored by engine.load_checkpoint
-        if isinstance(obj, torch.nn.Module):
-            obj = accelerator.unwrap_model(obj)
-        try:
-            obj.load_state_dict(state[key])
-        except (RuntimeError, ValueError, KeyError, TypeError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"checkpoint {path}: '{key}' does not fit this run's "
-                                  f"{type(obj).__name__}: {first}") from None
-    rng_file = path / f"rng-rank{accelerator.process_index}.pt"
-    if state["world_size"] == accelerator.num_processes and rng_file.exists():
-        rng = load_trusted(rng_file, RNG_STATE_GLOBALS)
-        try:
-            _set_rng_state(rng, generators)
-            for key, module in _modules(accelerator, objects, engine).items():   # this rank's own buffers
-                saved = rng.get("buffers", {}).get(key, {})
-                for name, buffer in module.named_buffers():
-                    if name in saved:
-                        buffer.copy_(saved[name])
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-            raise CheckpointError(f"{rng_file}: not this run's RNG state ({type(err).__name__}: {err})") from None
-    elif accelerator.is_main_process:
-        print(f"[resume] world size changed ({state['world_size']} -> {accelerator.num_processes}): "
-              "RNG streams restart; the data order stays exact", flush=True)
+        _load_deepspeed(path, state, engine, accelerator)
+    _load_objects(path, state, objects, accelerator, engine)
+    _restore_rng(path, state, accelerator, objects, engine, generators)
     trainer = state["trainer"]
     if cfg is not None:
         accelerator.wait_for_everyone()   # every rank restored its state: now the run may change
