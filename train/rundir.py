@@ -69,22 +69,8 @@ def _why_not(key: str, old, new, saved: dict) -> str | None:
     return "a resumed run continues the run that was started"
 
 
-def resumed_config(cfg: dict) -> tuple[dict, list[dict]]:
-    """The config of the run in cfg["out_dir"] that --resume continues, and the changes it records.
-
-    The run's config.yaml is the config: the script's defaults and YAML do not reach a resumed run
-    (a longer default `epochs` does not lengthen it). A command-line flag that sets a key to another
-    value is refused in one line naming the key, the run's value and the flag's — except the keys of
-    RESUME_FREE_KEYS (taken as given) and RESUME_CHANGEABLE_KEYS under their condition (taken, and
-    returned as {"key", "from", "to"} for the run to record). A finished run (result.json) is refused.
-    Reads files only: nothing is written."""
-    run_dir = Path(cfg["out_dir"])
-    if (run_dir / "result.json").exists():
-        raise ConfigError(f"out_dir={run_dir}: finished: result.json holds its result; --resume continues an "
-                          "interrupted run only: choose another out_dir to train again")
-    path = run_dir / "config.yaml"
-    if not path.exists() and not has_checkpoint(run_dir):
-        return cfg, []   # nothing to resume: setup_run_dir says so
+def _read_run_config(path: Path, cfg: dict) -> dict:
+    """The run's config.yaml, refused in one line unless it reads as a mapping of this script's keys."""
     try:
         saved = load_yaml(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
@@ -96,6 +82,13 @@ def resumed_config(cfg: dict) -> tuple[dict, list[dict]]:
     if foreign:
         raise ConfigError(f"{path}: keys {', '.join(foreign[:3])} are not keys of this script: the run was "
                           "trained by another script; resume it with that one")
+    return saved
+
+
+def _flag_changes(cfg: dict, saved: dict, path: Path) -> list[dict]:
+    """The command-line flags that set a key (dotted, nested keys too) to another value than the run's
+    config.yaml: those RESUME_CHANGEABLE_KEYS allows, as {"key", "from", "to"}; any other refused in
+    one line (the first three named). Free keys, unchanged values and the same data path are skipped."""
     old_flat, new_flat = _flat(saved), _flat(cfg)
     refused, changes = [], []
     for key in sorted(set(old_flat) & set(new_flat)):
@@ -114,6 +107,27 @@ def resumed_config(cfg: dict) -> tuple[dict, list[dict]]:
     if refused:
         raise ConfigError(f"--resume: {'; '.join(refused[:3])}; the run's config is {path}: drop the flag "
                           "or start a new run in another out_dir")
+    return changes
+
+
+def resumed_config(cfg: dict) -> tuple[dict, list[dict]]:
+    """The config of the run in cfg["out_dir"] that --resume continues, and the changes it records.
+
+    The run's config.yaml is the config: the script's defaults and YAML do not reach a resumed run
+    (a longer default `epochs` does not lengthen it). A command-line flag that sets a key to another
+    value is refused in one line naming the key, the run's value and the flag's — except the keys of
+    RESUME_FREE_KEYS (taken as given) and RESUME_CHANGEABLE_KEYS under their condition (taken, and
+    returned as {"key", "from", "to"} for the run to record). A finished run (result.json) is refused.
+    Reads files only: nothing is written."""
+    run_dir = Path(cfg["out_dir"])
+    if (run_dir / "result.json").exists():
+        raise ConfigError(f"out_dir={run_dir}: finished: result.json holds its result; --resume continues an "
+                          "interrupted run only: choose another out_dir to train again")
+    path = run_dir / "config.yaml"
+    if not path.exists() and not has_checkpoint(run_dir):
+        return cfg, []   # nothing to resume: setup_run_dir says so
+    saved = _read_run_config(path, cfg)
+    changes = _flag_changes(cfg, saved, path)
     resumed = copy.deepcopy(cfg)
     for key, value in saved.items():
         if key not in RESUME_FREE_KEYS:
