@@ -269,7 +269,9 @@ def ignored_keys(cfg: dict) -> dict:
 def main(cfg: dict) -> dict:
     check_config(cfg)
     return loop.train(resolve_switches(cfg), method="MLA", build=build, step=step, min_modalities=2,
-                      deepspeed="it replaces the shared head's reduced weight gradient by its projection with P")
+                      deepspeed="it replaces the shared head's reduced weight gradient by its projection with P",
+                      compile_step="compiled, its turns backward through a freed graph a second time "
+                                   "(benchmarks/capture.py)")
 
 
 if __name__ == "__main__":
