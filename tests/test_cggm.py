@@ -89,6 +89,59 @@ def test_official_direction_gradient_is_the_previous_steps_l_gm():
     torch.testing.assert_close(extra, STEP_CFG["lambda_gm"] * w.grad.view_as(extra), rtol=1e-5, atol=1e-7)
 
 
+def hand_coefficients(model, batch, metric_prev):
+    """c_i = (S - d_i) / S, d_i = acc_i - prev_i, S = sum d + 1e-8, from the classifiers' batch
+    accuracies computed here (not by the code under test)."""
+    with torch.no_grad():
+        out = model(batch)
+    acc = [float((out[m][1].argmax(-1) == batch["label"]).double().mean()) for m in model.modalities]
+    d = [a - p for a, p in zip(acc, metric_prev)]
+    s = sum(d) + 1e-8
+    assert abs(s) > 0.05, "the hand case must not be the degenerate S = 0"
+    return [(s - x) / s for x in d]
+
+
+def test_official_direction_terms_are_unscaled_c_and_the_layer_weights():
+    """Official: the L_gm the next step differentiates is built from c_i WITHOUT rho (the same c as the
+    encoder multipliers divided by rho) and from the WEIGHTS of F.out and f_i.out as they were at this
+    step (not their gradients, not the updated weights)."""
+    model = toy_model()
+    opt, clf_opt = optimizers(model)
+    batch = toy_batches(1)[0]
+    c = hand_coefficients(model, batch, [0.0, 0.0, 0.0])
+    fused_w = model.head.out.weight.detach().flatten().clone()
+    clf_w = torch.stack([model.classifiers[m].out.weight.detach().flatten().clone() for m in model.modalities])
+    state = fresh_state(model)
+    cggm.cggm_step(model, batch, opt, clf_opt, state, dict(STEP_CFG, rho=1.7), "classification")
+    c_stored, vec_f, vecs = state["direction_prev"]
+    assert c_stored.tolist() == pytest.approx(c, rel=1e-6)
+    torch.testing.assert_close(vec_f, fused_w)
+    torch.testing.assert_close(vecs.reshape(clf_w.shape), clf_w)
+    assert not torch.equal(model.head.out.weight.detach().flatten(), fused_w)   # the step did move them
+
+
+def test_paper_direction_loss_uses_rho_c_and_the_layer_gradients():
+    """Paper: L_gm = (sum |B_i| - sum B_i cos(vec_i, vec_F)) / M with B_i = rho c_i and vec the
+    GRADIENTS of F.out (task loss) and f_i.out (classifier i's loss), all written out here."""
+    rho = 1.7
+    model = toy_model()
+    batch = toy_batches(1)[0]
+    c = hand_coefficients(model, batch, [0.0, 0.0, 0.0])
+    out = model(batch)
+    labels = batch["label"]
+    vec_f = torch.autograd.grad(F.cross_entropy(model.fuse(out), labels), model.head.out.weight)[0].flatten()
+    cos = [F.cosine_similarity(torch.autograd.grad(F.cross_entropy(out[m][1], labels),
+                                                   model.classifiers[m].out.weight)[0].flatten(), vec_f, dim=0)
+           for m in model.modalities]
+    b = [rho * x for x in c]
+    want = (sum(abs(x) for x in b) - sum(x * float(y) for x, y in zip(b, cos))) / 3
+    opt, clf_opt = optimizers(model)
+    stats = cggm.cggm_step(model, batch, opt, clf_opt, fresh_state(model),
+                           dict(STEP_CFG, variant="paper", rho=rho), "classification")
+    assert stats["train/lgm"].item() == pytest.approx(want, rel=1e-5)
+    assert abs(want - want / rho) > 1e-3   # B_i = c_i would give another value
+
+
 def test_classifiers_never_send_gradient_to_encoders():
     batch = toy_batches(1)[0]
     model = toy_model()
