@@ -265,27 +265,30 @@ def bayes_accuracy(flavour, seed=0, mc_samples=MC_SAMPLES, **overrides):
 # ----------------------------------------------------------------------------------- writing
 
 
-def generate(out_dir, flavour, seed=0, n_train=None, n_val=None, n_test=None, overwrite=False,
-             **snr_overrides) -> pathlib.Path:
-    """Write ``<out_dir>/embedded_<flavour>/`` (shard format) and return its path.
+def _split_blocks(structure, seed, flavour, split_idx, n):
+    """A split's (start, labels, modality arrays) in write blocks; the same every time it is called."""
+    y = _rng(seed, flavour, _DATA, split_idx).integers(0, NUM_CLASSES, n)
+    mod_rngs = [_rng(seed, flavour, _DATA, split_idx, m + 1) for m in range(len(structure))]
+    for start in range(0, n, WRITE_BLOCK):
+        yb = y[start:start + WRITE_BLOCK]
+        yield start, yb, _sample_split(structure, yb, lambda m: mod_rngs[m])
 
-    Deterministic from the arguments: the structure depends on (flavour, seed, settings) only,
-    and each split draws from its own stream, so changing one split's size leaves the others
-    unchanged. ``snr_overrides``: any key of DEFAULTS[flavour] (e.g. sigma_image=0.7)."""
-    knobs = _knobs(flavour, snr_overrides)
-    sizes = dict(DEFAULT_SIZES)
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        if n is not None:
-            sizes[split] = int(n)
-    structure = _structure(flavour, seed, knobs)
-    acc, stderr = bayes_accuracy(flavour, seed, **knobs)
+
+def _modality_specs(structure) -> dict:
+    """meta.json's modalities entry of the generated structure."""
     modalities = {}
     for name, s in structure.items():
         modalities[name] = {"kind": s["kind"], "shape": s["shape"], "dtype": s["dtype"]}
         if s["kind"] == "tabular":
             modalities[name]["continuous"] = s["continuous"]
             modalities[name]["categorical"] = s["categorical"]
-    source = {
+    return modalities
+
+
+def _source(flavour, seed, sizes, knobs, structure) -> dict:
+    """meta.json's source entry: how the set was generated and its Bayes accuracy."""
+    acc, stderr = bayes_accuracy(flavour, seed, **knobs)
+    return {
         "generator": "data_prep.embedded", "flavour": flavour, "seed": int(seed), "sizes": sizes,
         "settings": knobs,
         "sigmas": {name: s["sigma"] for name, s in structure.items()},
@@ -295,30 +298,43 @@ def generate(out_dir, flavour, seed=0, n_train=None, n_val=None, n_test=None, ov
         "strong_modality": next(n for n, s in structure.items() if s["role"] == "strong"),
         "weak_modalities": [n for n, s in structure.items() if s["role"] == "weak"],
     }
-    def split_blocks(split_idx, n):
-        """The split's (labels, modality arrays) in write blocks; the same every time it is called."""
-        y = _rng(seed, flavour, _DATA, split_idx).integers(0, NUM_CLASSES, n)
-        mod_rngs = [_rng(seed, flavour, _DATA, split_idx, m + 1) for m in range(len(structure))]
-        for start in range(0, n, WRITE_BLOCK):
-            yb = y[start:start + WRITE_BLOCK]
-            yield start, yb, _sample_split(structure, yb, lambda m: mod_rngs[m])
 
-    # Continuous table columns are z-scored with statistics fitted on the training split, as the
-    # dataset converters do: the shards hold what a model is fed. (One extra pass over train.)
+
+def _zscore_stats(structure, seed, flavour, n_train, source) -> dict:
+    """{table modality: (mean, std, continuous columns)} of the training split's continuous columns,
+    also recorded in `source` (the converters' standardisation: the shards hold what a model is fed;
+    one extra pass over train)."""
     zscore = {}
     for name, s in structure.items():
         if s["kind"] == "tabular":
             n_cont = len(s["continuous"])
-            cont = np.concatenate([b[name][:, :n_cont] for _, _, b in split_blocks(0, sizes["train"])]).astype(np.float64)
+            cont = np.concatenate([b[name][:, :n_cont] for _, _, b in _split_blocks(structure, seed, flavour, 0, n_train)]
+                                  ).astype(np.float64)
             zscore[name] = (cont.mean(0), cont.std(0) + 1e-12, n_cont)
             source.setdefault("standardisation", {})[name] = {
                 "fitted_on": "train", "mean": cont.mean(0).tolist(), "std": cont.std(0).tolist()}
+    return zscore
+
+
+def generate(out_dir, flavour, seed=0, n_train=None, n_val=None, n_test=None, overwrite=False,
+             **snr_overrides) -> pathlib.Path:
+    """Write ``<out_dir>/embedded_<flavour>/`` (shard format) and return its path.
+
+    Deterministic from the arguments: the structure depends on (flavour, seed, settings) only,
+    and each split draws from its own stream, so changing one split's size leaves the others
+    unchanged. ``snr_overrides``: any key of DEFAULTS[flavour] (e.g. sigma_image=0.7)."""
+    knobs = _knobs(flavour, snr_overrides)
+    sizes = dict(DEFAULT_SIZES)
+    sizes.update({split: int(n) for split, n in (("train", n_train), ("val", n_val), ("test", n_test)) if n is not None})
+    structure = _structure(flavour, seed, knobs)
+    source = _source(flavour, seed, sizes, knobs, structure)
+    zscore = _zscore_stats(structure, seed, flavour, sizes["train"], source)
     first_id = 0
-    with ShardWriter(out_dir, f"embedded_{flavour}", "classification", NUM_CLASSES, modalities,
+    with ShardWriter(out_dir, f"embedded_{flavour}", "classification", NUM_CLASSES, _modality_specs(structure),
                      samples_per_shard=SAMPLES_PER_SHARD, class_names=CLASS_NAMES, source=source,
                      overwrite=overwrite) as writer:
         for split_idx, split in enumerate(("train", "val", "test")):
-            for start, yb, batch in split_blocks(split_idx, sizes[split]):
+            for start, yb, batch in _split_blocks(structure, seed, flavour, split_idx, sizes[split]):
                 for name, (mean, std, n_cont) in zscore.items():
                     cont = (batch[name][:, :n_cont].astype(np.float64) - mean) / std
                     batch[name][:, :n_cont] = cont.astype(np.float32)
