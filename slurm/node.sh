@@ -49,16 +49,8 @@ PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT \
   --mixed_precision no --dynamo_backend no "$@" &
 LAUNCHER=$!
 
-training_processes() {   # the launcher's children that run the training script ($1)
-  local stat line fields cmd pid
-  for stat in /proc/[0-9]*/stat; do
-    { read -r line < "$stat"; } 2>/dev/null || continue
-    read -r -a fields <<< "${line##*) }"   # after "pid (comm) ": state ppid ...
-    [ "${fields[1]:-}" = "$LAUNCHER" ] || continue
-    pid="${stat#/proc/}"; pid="${pid%/stat}"
-    cmd="$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null)" || continue
-    case "$cmd" in *"$1"*) echo "$pid" ;; esac
-  done
+training_processes() {   # the launcher's children that run the training script ($1) (procps' pgrep)
+  pgrep -P "$LAUNCHER" -f -- "$1" || true
 }
 forward() {   # signal script; ends within half a second of the launcher
   local i
