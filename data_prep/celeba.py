@@ -40,8 +40,7 @@ import time
 import numpy as np
 
 from data_prep import converter
-from data_prep.image_io import (add_image_table_args, csv_header, drop_missing, image_table_batches,
-                                image_table_modalities, read_csv, resize_rule)
+from data_prep.image_io import add_image_table_args, csv_header, drop_missing, read_csv, resize_rule
 
 ATTR_CSV = "list_attr_celeba.csv"
 PARTITION_CSV = "list_eval_partition.csv"
@@ -170,16 +169,11 @@ def convert(raw, out, name="celeba", attr_csv=None, partition_csv=None, image_ro
 
     options = {"label": label, "image_size": image_size, "skip_missing_images": skip_missing_images,
                "crop": crop}
-    counts = {"rows": len(ids), "missing_images_skipped": len(missing),
-              "splits": {s: int(len(i)) for s, i in order.items()},
-              "positives": {s: int(labels[i].sum()) for s, i in order.items()}}
-    meta = converter.Meta("classification", 2, image_table_modalities(image_size, feature_names),
-                          _source(raw, attr_csv, partition_csv, image_root, options, counts),
-                          class_names=[f"not {label}", label])
-    batches = image_table_batches(order, paths, feats, labels, np.arange(len(ids), dtype=np.int64),
-                                  image_size, crop, workers, block, log)
-    return converter.write(out, name, meta, batches, lambda: _index(ids, order),
-                           samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0)
+    return converter.write_binary_image_table(
+        out, name, label, (paths, feats, labels, order), feature_names, missing,
+        lambda counts: _source(raw, attr_csv, partition_csv, image_root, options, counts), lambda: _index(ids, order),
+        image_size=image_size, crop=crop, workers=workers, block=block, samples_per_shard=samples_per_shard,
+        overwrite=overwrite, log=log, started=t0)
 
 
 def _arguments(parser):

@@ -10,7 +10,8 @@ Every converter's ``convert`` has one shape, in this order:
 4. WRITE (:func:`write`): describe the shards (:class:`Meta`: task, classes, modalities,
    meta.json ``source``), stream the batches of each split through a ``ShardWriter`` (shards
    under temporary names, meta.json last, nothing left behind on an error), then write
-   ``samples.csv`` (and any other index file) next to them.
+   ``samples.csv`` (and any other index file) next to them. The image + table converters with a
+   binary attribute label (CelebA, SUN Attribute) write through :func:`write_binary_image_table`.
 
 The dataset-specific parts of each step are small named functions in the converter itself.
 :func:`main` is the one command line of every converter: ``--out``, ``--name``,
@@ -32,7 +33,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from data_prep import shards
-from data_prep.image_io import stratified_pick
+from data_prep.image_io import image_table_batches, image_table_modalities, stratified_pick
 from data_prep.shards.format import META_NAME, TMP_PREFIX
 
 
@@ -154,6 +155,25 @@ def write(out, name, meta: Meta, batches: Iterable, index: Callable[[], dict], *
     log(f"wrote {writer.root}{f' ({what})' if what else ''} in {time.perf_counter() - started:.1f}s"
         + ("; validated" if validate else ""))
     return writer.root
+
+
+def write_binary_image_table(out, name, label, samples, feature_names, missing, source, index, *, image_size,
+                             crop, workers, block, samples_per_shard, overwrite, log, started) -> pathlib.Path:
+    """The write phase of the image + table converters with a binary attribute label (CelebA,
+    SUN Attribute) -> ``<out>/<name>``. ``samples`` = (paths, table, labels, order) over every raw
+    row (sample_id: the row's index; ``order``: split -> kept rows), ``missing``: the rows skipped;
+    ``source(counts)`` -> meta.json ``source`` given the counts (rows, skipped, per split: samples,
+    positives); classes ``not <label>``, ``<label>``."""
+    paths, table, labels, order = samples
+    counts = {"rows": len(paths), "missing_images_skipped": len(missing),
+              "splits": {s: int(len(i)) for s, i in order.items()},
+              "positives": {s: int(labels[i].sum()) for s, i in order.items()}}
+    meta = Meta("classification", 2, image_table_modalities(image_size, feature_names), source(counts),
+                class_names=[f"not {label}", label])
+    batches = image_table_batches(order, paths, table, labels, np.arange(len(paths), dtype=np.int64),
+                                  image_size, crop, workers, block, log)
+    return write(out, name, meta, batches, index, samples_per_shard=samples_per_shard, overwrite=overwrite,
+                 log=log, started=started)
 
 
 # -------------------------------------------------------------------------------- command line

@@ -35,8 +35,8 @@ float32 arrays.
   returns the last hidden state (N, 1 + (S/P)^2, hidden): 197 x 768 for ViT-B/16 at 224.
 
 ``add_feature_args`` / ``text_image_extractors`` / ``collect_text_image_rows`` /
-``text_image_batches`` are the shared command-line options, reading and writing of the image + text
-feature converters (data_prep.twitter2015, data_prep.sarcasm).
+``text_image_batches`` / ``convert_text_image`` are the shared command-line options, reading and
+writing of the image + text feature converters (data_prep.twitter2015, data_prep.sarcasm).
 
 On CUDA, PyTorch's default cuDNN settings allow TF32 convolutions, so ResNet features there can
 differ from CPU ones by ~1e-3 relative; BERT/ViT matmuls stay float32.
@@ -46,10 +46,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import time
 
 import numpy as np
 import torch
 
+from data_prep import converter
 from data_prep.image_io import ImageLoader, decoded_blocks, drop_missing
 from models.encoders import IMAGENET_MEAN, IMAGENET_STD, RESNET_ARCHS, load_pretrained
 
@@ -366,6 +368,39 @@ def text_image_batches(order, texts, paths, labels, sample_ids, bert, resnet, si
         for split, rows, images in decoded_blocks(order, loader, paths, log, every=10):
             yield split, {"text": bert.cls([texts[i] for i in rows]), "image": resnet(images),
                           "label": labels[rows], "sample_id": sample_ids[rows]}
+
+
+def convert_text_image(out, name, class_names, rows, files, image_root, what, index, source, bert, resnet, *,
+                       workers, block, samples_per_shard, overwrite, log, started, options):
+    """Everything of an image + text feature converter after its annotation files are read ->
+    ``<out>/<name>``: the samples (:func:`collect_text_image_rows`), their counts, the features,
+    the shards.
+
+    ``rows``, ``files``: as :func:`collect_text_image_rows`; ``what`` = (dataset, row key, count
+    key), e.g. ("Sarcasm", "item", "items"): the names in messages and the meta.json count of
+    annotated rows per split; ``index(kept)`` -> the index files (samples.csv); ``source(options,
+    bert_x, resnet_x, counts)`` -> meta.json ``source``; ``bert``/``resnet``: the weights paths;
+    ``options``: the converter's options as meta.json records them, the extractor settings among
+    them (resnet_arch, resnet_width, device, batch_size, max_tokens, image_size, crop,
+    skip_missing_images). sample_id: the sample's index; ``started``: the converter's start."""
+    dataset, key_name, count_key = what
+    texts, paths, labels, kept, order, skipped = collect_text_image_rows(
+        rows, files, image_root, options["skip_missing_images"], dataset, key_name, log)
+    counts = {count_key: {s: len(r) for s, r in rows.items()}, "missing_images_skipped": skipped,
+              "splits": {s: int(len(i)) for s, i in order.items()},
+              "per_class": {s: np.bincount(labels[i], minlength=len(class_names)).tolist()
+                            for s, i in order.items()}}
+    log(f"read annotations: {counts['splits']} samples ({time.perf_counter() - started:.1f}s)")
+
+    bert_x, resnet_x = text_image_extractors(bert, resnet, options["resnet_arch"], options["resnet_width"],
+                                             options["device"], options["batch_size"], options["max_tokens"])
+    options = {**options, "max_tokens": bert_x.max_length}   # recorded: the truncation used (None: the model's)
+    meta = converter.Meta("classification", len(class_names), text_image_modalities(bert_x, resnet_x),
+                          source(options, bert_x, resnet_x, counts), class_names=class_names)
+    batches = text_image_batches(order, texts, paths, labels, np.arange(len(texts), dtype=np.int64), bert_x,
+                                 resnet_x, options["image_size"], options["crop"], workers, block, log)
+    return converter.write(out, name, meta, batches, lambda: index(kept),
+                           samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=started)
 
 
 def weights_source(bert, resnet, image_size, crop):

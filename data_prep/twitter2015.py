@@ -43,12 +43,11 @@ Choices the paper and the released loader leave open:
 """
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 import sys
 import time
-
-import numpy as np
 
 from data_prep import converter, features
 from data_prep.image_io import annotation_files
@@ -161,26 +160,13 @@ def convert(raw, out, bert, resnet, name="twitter2015", annotations=None, image_
     image_root = pathlib.Path(image_root) if image_root else raw / IMAGE_DIR
     t0 = time.perf_counter()
     files = annotation_files(pathlib.Path(annotations) if annotations else raw / ANNOTATIONS, SPLIT_FILES)
-    rows = {s: read_tsv(p, max_words) for s, p in files.items()}
-    texts, paths, labels, kept, order, skipped = features.collect_text_image_rows(
-        rows, files, image_root, skip_missing_images, "Twitter2015", "line", log)
-    counts = {"rows": {s: len(r) for s, r in rows.items()}, "missing_images_skipped": skipped,
-              "splits": {s: int(len(i)) for s, i in order.items()},
-              "per_class": {s: np.bincount(labels[i], minlength=3).tolist() for s, i in order.items()}}
-    log(f"read annotations: {counts['splits']} samples ({time.perf_counter() - t0:.1f}s)")
-
-    bert_x, resnet_x = features.text_image_extractors(bert, resnet, resnet_arch, resnet_width, device,
-                                                      batch_size, max_tokens)
-    options = {"max_words": max_words, "resnet_arch": resnet_arch, "resnet_width": resnet_width,
-               "device": device, "batch_size": batch_size, "max_tokens": bert_x.max_length,
-               "image_size": image_size, "crop": crop, "skip_missing_images": skip_missing_images}
-    meta = converter.Meta("classification", len(CLASS_NAMES), features.text_image_modalities(bert_x, resnet_x),
-                          _source(raw, files, image_root, options, bert_x, resnet_x, counts),
-                          class_names=CLASS_NAMES)
-    batches = features.text_image_batches(order, texts, paths, labels, np.arange(len(texts), dtype=np.int64),
-                                          bert_x, resnet_x, image_size, crop, workers, block, log)
-    return converter.write(out, name, meta, batches, lambda: _index(kept),
-                           samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0)
+    return features.convert_text_image(
+        out, name, CLASS_NAMES, {s: read_tsv(p, max_words) for s, p in files.items()}, files, image_root,
+        ("Twitter2015", "line", "rows"), _index, functools.partial(_source, raw, files, image_root), bert, resnet,
+        workers=workers, block=block, samples_per_shard=samples_per_shard, overwrite=overwrite, log=log, started=t0,
+        options={"max_words": max_words, "resnet_arch": resnet_arch, "resnet_width": resnet_width, "device": device,
+                 "batch_size": batch_size, "max_tokens": max_tokens, "image_size": image_size, "crop": crop,
+                 "skip_missing_images": skip_missing_images})
 
 
 def _arguments(parser):
