@@ -58,10 +58,9 @@ CONFIG = declare(LOOP_CONFIG,   # + the loop's keys (data, optimiser, selection,
     rho=Key(1.3, "the modulation's scale", at_least=0),
     lambda_gm=Key(0.2, "weight of the direction loss L_gm", at_least=0),
     coeff_clip=Key([], "[] = none (official) | [lo, hi]"),
-    progress_estimate=Key("batch", "d_i, each modality's progress: batch (released: the change between two "
-                          "consecutive batch metrics) | ema (an exponential average of that change) | window "
-                          "(mean of the last progress_window batch metrics minus the window's before); ema and "
-                          "window take c_i from max(d_i, 0), so 0 < c_i <= 1", choices=("batch", "ema", "window")),
+    progress_estimate=Key("batch", "d_i: batch (released: change between consecutive batch metrics) | ema (its "
+                          "average) | window (gain per step over two windows); ema, window: c_i from max(d_i, 0)",
+                          choices=("batch", "ema", "window")),
     progress_decay=Key(0.995, "progress_estimate ema: the average's decay, in [0, 1)", at_least=0),
     progress_window=Key(50, "progress_estimate window: batches in each of the two windows compared", above=0),
     epochs=30,
