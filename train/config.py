@@ -365,7 +365,9 @@ def exit_on_help(declared: dict, default_config: str | None = None, argv: list[s
     """With --help / -h in `argv` (default sys.argv[1:]): print help_text and exit 0."""
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("--help", "-h") for arg in argv):
-        file_name = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None) or default_config
+        given = [argv[i + 1] if a == "--config" else a.partition("=")[2] for i, a in enumerate(argv)
+                 if (a == "--config" and i + 1 < len(argv)) or a.startswith("--config=")]
+        file_name = (given[-1] if given else None) or default_config
         try:
             print(help_text(declared, file_name, default_config), flush=True)
         except BrokenPipeError:   # `--help | head`: the reader left
