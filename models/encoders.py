@@ -269,6 +269,71 @@ def _find_resnet(model: nn.Module) -> ResNet:
     return found[0]
 
 
+def _read_checkpoint(path_or_state_dict, map_location):
+    """What load_pretrained was given: the contents of a LOCAL checkpoint file (never downloaded),
+    or the mapping itself."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        path = os.fspath(path_or_state_dict)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"load_pretrained: no checkpoint file at {path!r} "
+                                    f"(weights are never downloaded; give a local path)")
+        return torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(path_or_state_dict, Mapping):
+        return path_or_state_dict
+    raise TypeError("load_pretrained: expected a path or a state dict, got "
+                    f"{type(path_or_state_dict).__name__}")
+
+
+def _normalised_state_dict(sd) -> dict:
+    """A new dict: the state dict under ``"state_dict"`` / ``"model"`` where it is wrapped, without a
+    DDP ``"module."`` prefix and without the classifier ``fc.*``."""
+    for key in ("state_dict", "model"):
+        if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
+            sd = sd[key]
+    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    return {k: v for k, v in sd.items() if not k.startswith("fc.")}
+
+
+def _adapt_conv1(net: ResNet, sd: dict) -> list[str]:
+    """Fit the checkpoint's conv1 (in ``sd``, in place) to ``net``: dropped for a small-input stem,
+    summed / spread over the channels for ``in_channels != 3``. Returns the keys dropped (they keep
+    their random init)."""
+    w = sd.get("conv1.weight")
+    if w is None or w.dim() != 4:
+        return []
+    if net.small_input:
+        sd.pop("conv1.weight")
+        return ["conv1.weight"]
+    if w.shape[1] != net.in_channels:
+        if w.shape[1] != 3:
+            raise ValueError(f"load_pretrained: checkpoint conv1 has {w.shape[1]} input "
+                             f"channels; only 3-channel checkpoints can be adapted to "
+                             f"in_channels={net.in_channels}")
+        s = w.sum(dim=1, keepdim=True)
+        c = net.in_channels
+        sd["conv1.weight"] = s if c == 1 else (s / c).repeat(1, c, 1, 1)
+    return []
+
+
+def _refuse_mismatched_keys(net: ResNet, sd: Mapping, skipped: list[str]) -> None:
+    """ValueError listing every missing key, unexpected key and shape mismatch of ``sd`` against
+    ``net`` (``skipped`` keys and BatchNorm's ``num_batches_tracked`` may be missing)."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in sd and k not in skipped
+               and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            "load_pretrained: checkpoint does not match the ResNet "
+            f"(block={net.block}, layers={net.layers_cfg}, base_width={net.base_width}, "
+            f"in_channels={net.in_channels}, small_input={net.small_input}).\n"
+            f"  missing keys ({len(missing)}): {missing}\n"
+            f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
+            f"  shape mismatches ({len(mismatched)}): {mismatched}")
+
+
 def load_pretrained(model: nn.Module, path_or_state_dict, *, map_location="cpu") -> nn.Module:
     """Load a torchvision-format ResNet checkpoint from a LOCAL file (or a state dict).
 
@@ -283,52 +348,9 @@ def load_pretrained(model: nn.Module, path_or_state_dict, *, map_location="cpu")
     listing them all. Nothing is ever downloaded. Returns ``model``.
     """
     net = _find_resnet(model)
-    if isinstance(path_or_state_dict, (str, os.PathLike)):
-        path = os.fspath(path_or_state_dict)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"load_pretrained: no checkpoint file at {path!r} "
-                                    f"(weights are never downloaded; give a local path)")
-        sd = torch.load(path, map_location=map_location, weights_only=True)
-    elif isinstance(path_or_state_dict, Mapping):
-        sd = path_or_state_dict
-    else:
-        raise TypeError("load_pretrained: expected a path or a state dict, got "
-                        f"{type(path_or_state_dict).__name__}")
-    for key in ("state_dict", "model"):
-        if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
-            sd = sd[key]
-    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-
-    own = net.state_dict()
-    skipped: list[str] = []
-    w = sd.get("conv1.weight")
-    if w is not None and w.dim() == 4:
-        if net.small_input:
-            sd.pop("conv1.weight")
-            skipped.append("conv1.weight")
-        elif w.shape[1] != net.in_channels:
-            if w.shape[1] != 3:
-                raise ValueError(f"load_pretrained: checkpoint conv1 has {w.shape[1]} input "
-                                 f"channels; only 3-channel checkpoints can be adapted to "
-                                 f"in_channels={net.in_channels}")
-            s = w.sum(dim=1, keepdim=True)
-            c = net.in_channels
-            sd["conv1.weight"] = s if c == 1 else (s / c).repeat(1, c, 1, 1)
-
-    missing = [k for k in own if k not in sd and k not in skipped
-               and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            "load_pretrained: checkpoint does not match the ResNet "
-            f"(block={net.block}, layers={net.layers_cfg}, base_width={net.base_width}, "
-            f"in_channels={net.in_channels}, small_input={net.small_input}).\n"
-            f"  missing keys ({len(missing)}): {missing}\n"
-            f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
-            f"  shape mismatches ({len(mismatched)}): {mismatched}")
+    sd = _normalised_state_dict(_read_checkpoint(path_or_state_dict, map_location))
+    skipped = _adapt_conv1(net, sd)
+    _refuse_mismatched_keys(net, sd, skipped)
     net.load_state_dict(sd, strict=False)
     if skipped:
         warnings.warn(f"load_pretrained: small_input=True, so {skipped} keep their random init "
@@ -633,6 +655,140 @@ _SHAPE_RANK = {"image": 3, "frames": 4, "spectrogram": 2, "sequence": 2, "featur
                "tabular": 1, "volume": None}
 
 
+def _checked_kind_and_config(name: str, spec: Mapping, cfg: Mapping | None) -> tuple[str, dict]:
+    """The modality's kind and its encoder config merged over the kind's defaults; refuses a config
+    that is not a mapping, a kind without an encoder and unknown config keys (with a did-you-mean)."""
+    if cfg is not None and not isinstance(cfg, Mapping):
+        raise ModelConfigError(f"encoders.{name}: must be a mapping of encoder config keys, got "
+                               f"{type(cfg).__name__} {cfg!r}")
+    cfg = dict(cfg or {})
+    kind = spec.get("kind") if isinstance(spec, Mapping) else None
+    if kind not in ENCODER_DEFAULTS:
+        raise ModelConfigError(f"modality {name!r}: key 'kind' = {kind!r} has no encoder; "
+                               f"known kinds: {sorted(ENCODER_DEFAULTS)}")
+    allowed = ENCODER_DEFAULTS[kind]
+    unknown = sorted(k for k in cfg if k not in allowed)
+    if unknown:
+        close = [c for k in unknown for c in suggest(k, allowed)[:1]]
+        hint = f" (did you mean {' or '.join(dict.fromkeys(close))}?)" if close else ""
+        raise ModelConfigError(f"modality {name!r} (kind {kind!r}): unknown encoder config key(s) "
+                               f"{unknown}{hint}; allowed: {sorted(allowed)}")
+    return kind, {**allowed, **cfg}
+
+
+def _checked_shape(name: str, kind: str, spec: Mapping) -> list[int]:
+    """The spec's ``shape`` as ints, refused where its rank does not fit the kind."""
+    if "shape" not in spec:
+        raise ModelConfigError(f"modality {name!r}: spec lacks key 'shape'")
+    shape = [int(s) for s in spec["shape"]]
+    rank = _SHAPE_RANK[kind]
+    if rank is not None and len(shape) != rank:
+        raise ModelConfigError(f"modality {name!r} (kind {kind!r}): key 'shape' = {shape} must have "
+                               f"{rank} dims")
+    if kind == "volume" and len(shape) not in (3, 4):
+        raise ModelConfigError(f"modality {name!r} (kind 'volume'): key 'shape' = {shape} must be "
+                               f"(D, H, W) or (C, D, H, W)")
+    if kind == "features" and len(shape) < 1:
+        raise ModelConfigError(f"modality {name!r} (kind 'features'): key 'shape' is empty")
+    return shape
+
+
+def _check_value(name: str, kind: str, c: Mapping, key: str, ok: bool, what: str) -> None:
+    """ModelConfigError naming config key ``key`` of modality ``name`` unless ``ok``."""
+    if not ok:
+        raise ModelConfigError(f"modality {name!r} (kind {kind!r}): config key {key!r} = "
+                               f"{c[key]!r} is invalid; expected {what}")
+
+
+# The constructors of build_encoder, one per kind: (name, kind, merged config, int shape, spec) ->
+# the encoder on the current default device, without its pretrained weights.
+def _construct_resnet_encoder(name: str, kind: str, c: Mapping, shape: list[int],
+                              spec: Mapping) -> nn.Module:
+    """Kinds image, frames, spectrogram: a ResNet trunk behind the kind's input handling."""
+    _check_value(name, kind, c, "arch", c["arch"] in RESNET_ARCHS, f"one of {sorted(RESNET_ARCHS)}")
+    _check_value(name, kind, c, "base_width", isinstance(c["base_width"], int) and c["base_width"] > 0,
+                 "a positive int")
+    if kind == "spectrogram":
+        return SpectrogramEncoder(c["arch"], c["base_width"], bool(c["small_input"]))
+    _check_value(name, kind, c, "normalize", c["normalize"] in ("none", "imagenet"), "'none' or 'imagenet'")
+    ch = shape[0] if kind == "image" else shape[1]
+    _check_value(name, kind, c, "normalize", c["normalize"] == "none" or ch == 3,
+                 f"'none' for {ch}-channel input")
+    cls = ImageEncoder if kind == "image" else FramesEncoder
+    return cls(c["arch"], ch, c["base_width"], bool(c["small_input"]), c["normalize"])
+
+
+def _construct_sequence_encoder(name: str, kind: str, c: Mapping, shape: list[int],
+                                spec: Mapping) -> nn.Module:
+    """Kind sequence: an input projection and a transformer core."""
+    # every sequence of the shard is stored padded to T = shape[0]: a longer table only
+    # adds position embeddings no step ever trains, a shorter one cannot hold the data
+    _check_value(name, kind, c, "max_len", c["max_len"] is None or (not isinstance(c["max_len"], bool)
+                                                                  and c["max_len"] == shape[0]),
+                 f"the stored length {shape[0]} (every sequence of {name!r} is stored padded to "
+                 f"{shape[0]} steps); leave max_len unset")
+    _check_value(name, kind, c, "n_heads", c["d_model"] % c["n_heads"] == 0,
+                 f"a divisor of d_model={c['d_model']}")
+    return SequenceEncoder(shape[1], c["d_model"], c["n_layers"], c["n_heads"],
+                           shape[0], c["dropout"], c["dim_feedforward"])
+
+
+def _construct_features_encoder(name: str, kind: str, c: Mapping, shape: list[int],
+                                spec: Mapping) -> nn.Module:
+    """Kind features: an MLP on the flattened input."""
+    return FeatureMLP(math.prod(shape), c["hidden"], c["out_dim"], c["n_layers"], c["dropout"])
+
+
+def _construct_tabular_encoder(name: str, kind: str, c: Mapping, shape: list[int],
+                               spec: Mapping) -> nn.Module:
+    """The columns the spec lists must be the stored ones."""
+    for key in ("continuous", "categorical"):
+        if key not in spec:
+            raise ModelConfigError(f"modality {name!r} (kind 'tabular'): spec lacks key {key!r}")
+    n_cont = len(spec["continuous"])
+    cats = dict(spec["categorical"])
+    if shape[0] != n_cont + len(cats):
+        raise ModelConfigError(f"modality {name!r} (kind 'tabular'): key 'shape' = {shape} "
+                               f"but spec lists {n_cont} continuous + {len(cats)} categorical "
+                               f"columns")
+    return TabularMLP(n_cont, cats, c["hidden"], c["out_dim"], bool(c["validate_codes"]))
+
+
+def _construct_volume_encoder(name: str, kind: str, c: Mapping, shape: list[int],
+                              spec: Mapping) -> nn.Module:
+    """Kind volume: 3-D convolutions; a (D, H, W) shape is one channel."""
+    in_ch = 1 if len(shape) == 3 else shape[0]
+    return VolumeEncoder(in_ch, c["widths"])
+
+
+_CONSTRUCTORS = {"image": _construct_resnet_encoder, "frames": _construct_resnet_encoder,
+                 "spectrogram": _construct_resnet_encoder, "sequence": _construct_sequence_encoder,
+                 "features": _construct_features_encoder, "tabular": _construct_tabular_encoder,
+                 "volume": _construct_volume_encoder}
+
+
+def _parameter_count_on_meta(name: str, kind: str, c: Mapping, shape: list[int],
+                             spec: Mapping) -> int:
+    """The encoder's parameter count, from a build on the meta device (no memory, no random numbers
+    drawn); a size torch cannot allocate (negative, overflowing) is refused in one line."""
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in _CONSTRUCTORS[kind](name, kind, c, shape, spec).parameters())
+    except RuntimeError as e:   # a negative or overflowing size
+        raise ModelConfigError(f"modality {name!r} (kind {kind!r}): cannot build the encoder "
+                               f"({_encoder_sizes(kind, c, shape, spec)}): "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                               ) from None
+
+
+def _load_pretrained_entry(name: str, kind: str, c: Mapping, enc: nn.Module) -> None:
+    """Config key ``pretrained`` of the ResNet kinds: a local checkpoint loaded into ``enc``."""
+    if kind in ("image", "frames", "spectrogram") and c["pretrained"] is not None:
+        _check_value(name, kind, c, "pretrained", isinstance(c["pretrained"], (str, os.PathLike)),
+                     "null or a local checkpoint path")
+        load_pretrained(enc, c["pretrained"])
+
+
 def build_encoder(name: str, spec: Mapping, cfg: Mapping | None = None) -> nn.Module:
     """Build the encoder for modality ``name`` from its ``meta.json`` spec (``kind``, ``shape``,
     ``dtype``; ``continuous`` / ``categorical`` for tabular) and an encoder config dict.
@@ -646,101 +802,15 @@ def build_encoder(name: str, spec: Mapping, cfg: Mapping | None = None) -> nn.Mo
     and two Adam moments (16 bytes a parameter) exceed the memory available on this host
     (``MemAvailable``) is refused, naming the sizes that make it big, before it is built for real.
     """
-    if cfg is not None and not isinstance(cfg, Mapping):
-        raise ModelConfigError(f"encoders.{name}: must be a mapping of encoder config keys, got "
-                               f"{type(cfg).__name__} {cfg!r}")
-    cfg = dict(cfg or {})
-    kind = spec.get("kind") if isinstance(spec, Mapping) else None
-    if kind not in ENCODER_DEFAULTS:
-        raise ModelConfigError(f"modality {name!r}: key 'kind' = {kind!r} has no encoder; "
-                         f"known kinds: {sorted(ENCODER_DEFAULTS)}")
-    allowed = ENCODER_DEFAULTS[kind]
-    unknown = sorted(k for k in cfg if k not in allowed)
-    if unknown:
-        close = [c for k in unknown for c in suggest(k, allowed)[:1]]
-        hint = f" (did you mean {' or '.join(dict.fromkeys(close))}?)" if close else ""
-        raise ModelConfigError(f"modality {name!r} (kind {kind!r}): unknown encoder config key(s) "
-                               f"{unknown}{hint}; allowed: {sorted(allowed)}")
-    c = {**allowed, **cfg}
-
-    if "shape" not in spec:
-        raise ModelConfigError(f"modality {name!r}: spec lacks key 'shape'")
-    shape = [int(s) for s in spec["shape"]]
-    rank = _SHAPE_RANK[kind]
-    if rank is not None and len(shape) != rank:
-        raise ModelConfigError(f"modality {name!r} (kind {kind!r}): key 'shape' = {shape} must have "
-                         f"{rank} dims")
-    if kind == "volume" and len(shape) not in (3, 4):
-        raise ModelConfigError(f"modality {name!r} (kind 'volume'): key 'shape' = {shape} must be "
-                         f"(D, H, W) or (C, D, H, W)")
-    if kind == "features" and len(shape) < 1:
-        raise ModelConfigError(f"modality {name!r} (kind 'features'): key 'shape' is empty")
-
-    def check(key, ok, what):
-        if not ok:
-            raise ModelConfigError(f"modality {name!r} (kind {kind!r}): config key {key!r} = "
-                             f"{c[key]!r} is invalid; expected {what}")
-
-    def construct() -> nn.Module:
-        """The encoder, on the current default device, without its pretrained weights."""
-        if kind in ("image", "frames", "spectrogram"):
-            check("arch", c["arch"] in RESNET_ARCHS, f"one of {sorted(RESNET_ARCHS)}")
-            check("base_width", isinstance(c["base_width"], int) and c["base_width"] > 0,
-                  "a positive int")
-            if kind == "spectrogram":
-                return SpectrogramEncoder(c["arch"], c["base_width"], bool(c["small_input"]))
-            check("normalize", c["normalize"] in ("none", "imagenet"), "'none' or 'imagenet'")
-            ch = shape[0] if kind == "image" else shape[1]
-            check("normalize", c["normalize"] == "none" or ch == 3,
-                  f"'none' for {ch}-channel input")
-            cls = ImageEncoder if kind == "image" else FramesEncoder
-            return cls(c["arch"], ch, c["base_width"], bool(c["small_input"]), c["normalize"])
-        if kind == "sequence":
-            # every sequence of the shard is stored padded to T = shape[0]: a longer table only
-            # adds position embeddings no step ever trains, a shorter one cannot hold the data
-            check("max_len", c["max_len"] is None or (not isinstance(c["max_len"], bool)
-                                                      and c["max_len"] == shape[0]),
-                  f"the stored length {shape[0]} (every sequence of {name!r} is stored padded to "
-                  f"{shape[0]} steps); leave max_len unset")
-            check("n_heads", c["d_model"] % c["n_heads"] == 0,
-                  f"a divisor of d_model={c['d_model']}")
-            return SequenceEncoder(shape[1], c["d_model"], c["n_layers"], c["n_heads"],
-                                   shape[0], c["dropout"], c["dim_feedforward"])
-        if kind == "features":
-            return FeatureMLP(math.prod(shape), c["hidden"], c["out_dim"], c["n_layers"],
-                              c["dropout"])
-        if kind == "tabular":
-            for key in ("continuous", "categorical"):
-                if key not in spec:
-                    raise ModelConfigError(f"modality {name!r} (kind 'tabular'): spec lacks key "
-                                     f"{key!r}")
-            n_cont = len(spec["continuous"])
-            cats = dict(spec["categorical"])
-            if shape[0] != n_cont + len(cats):
-                raise ModelConfigError(f"modality {name!r} (kind 'tabular'): key 'shape' = {shape} "
-                                 f"but spec lists {n_cont} continuous + {len(cats)} categorical "
-                                 f"columns")
-            return TabularMLP(n_cont, cats, c["hidden"], c["out_dim"], bool(c["validate_codes"]))
-        in_ch = 1 if len(shape) == 3 else shape[0]   # volume
-        return VolumeEncoder(in_ch, c["widths"])
-
+    kind, c = _checked_kind_and_config(name, spec, cfg)
+    shape = _checked_shape(name, kind, spec)
     try:
-        # sized first on the meta device (no memory, no random numbers drawn): an encoder whose
-        # training state cannot fit this host is refused before anything big is allocated
-        try:
-            with torch.device("meta"):
-                n_params = sum(p.numel() for p in construct().parameters())
-        except RuntimeError as e:   # a negative or overflowing size
-            raise ModelConfigError(f"modality {name!r} (kind {kind!r}): cannot build the encoder "
-                                   f"({_encoder_sizes(kind, c, shape, spec)}): "
-                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
-                                   ) from None
+        # sized first on the meta device: an encoder whose training state cannot fit this host is
+        # refused before anything big is allocated
+        n_params = _parameter_count_on_meta(name, kind, c, shape, spec)
         _refuse_too_big(name, kind, n_params, _encoder_sizes(kind, c, shape, spec))
-        enc = construct()
-        if kind in ("image", "frames", "spectrogram") and c["pretrained"] is not None:
-            check("pretrained", isinstance(c["pretrained"], (str, os.PathLike)),
-                  "null or a local checkpoint path")
-            load_pretrained(enc, c["pretrained"])
+        enc = _CONSTRUCTORS[kind](name, kind, c, shape, spec)
+        _load_pretrained_entry(name, kind, c, enc)
         return enc
     except ModelConfigError:
         raise
@@ -890,6 +960,86 @@ def auto_encoder_config(name: str, spec: Mapping, width: int = AUTO_WIDTH) -> di
     return cfg
 
 
+def _used_modalities(meta_modalities: Mapping[str, Mapping],
+                     used_modalities: Sequence[str] | None) -> list[str]:
+    """The modalities the run trains (``None`` / empty: all of the dataset's); refuses one the
+    dataset lacks."""
+    used = list(used_modalities or meta_modalities)
+    missing = [m for m in used if m not in meta_modalities]
+    if missing:
+        raise ModelConfigError(f"modality {missing[0]!r} is not in the dataset (it has "
+                               f"{', '.join(meta_modalities)})")
+    return used
+
+
+def _keys_of_another_kind(entry: Mapping, kind) -> list[str]:
+    """The keys of ``entry`` that a ``kind`` encoder does not take, where all of ``entry``'s keys are
+    those of one other kind (an entry written for another encoder); else [] (a key allowed for no
+    kind is a typo, for build_encoder to refuse)."""
+    foreign = [k for k in entry if kind in ENCODER_DEFAULTS and k not in ENCODER_DEFAULTS[kind]]
+    if foreign and any(set(entry) <= set(allowed) for other, allowed in ENCODER_DEFAULTS.items()
+                       if other != kind):
+        return foreign
+    return []
+
+
+def _given_entries(meta_modalities: Mapping[str, Mapping], cfg_encoders: dict
+                   ) -> tuple[dict[str, dict], dict[str, str]]:
+    """``(given, dropped)``: the entries that fit the dataset (copied), and {name: why} for those
+    that do not (a modality the dataset lacks, an entry for another kind of encoder); refuses an
+    entry that is not a mapping."""
+    dropped, given = {}, {}
+    for m, entry in cfg_encoders.items():
+        if m not in meta_modalities:
+            dropped[m] = "not in the dataset"
+            continue
+        if entry is not None and not isinstance(entry, Mapping):
+            raise ModelConfigError(f"encoders.{m}: must be a mapping of encoder config keys, got "
+                                   f"{type(entry).__name__} {entry!r}")
+        entry = dict(entry or {})
+        spec = meta_modalities[m]
+        kind = spec.get("kind") if isinstance(spec, Mapping) else None
+        foreign = _keys_of_another_kind(entry, kind)
+        if foreign:
+            dropped[m] = f"its keys ({', '.join(foreign)}) are for another kind of encoder; {m} is {kind} here"
+            continue
+        given[m] = entry
+    return given, dropped
+
+
+def _common_width(meta_modalities: Mapping[str, Mapping], used: list[str], given: dict[str, dict],
+                  feature_dim: int | None) -> int:
+    """The width of the automatic entries: ``feature_dim``, else the one width the given entries of
+    used modalities agree on, else AUTO_WIDTH."""
+    if feature_dim is not None:
+        return feature_dim
+    widths = set()
+    for m in used:
+        if m in given:
+            try:
+                widths.add(encoder_out_dim(meta_modalities[m], given[m]))
+            except (KeyError, TypeError, ValueError, IndexError):
+                pass   # build_encoder will name what is wrong with it
+    return widths.pop() if len(widths) == 1 else AUTO_WIDTH
+
+
+def _assembled_configs(meta_modalities: Mapping[str, Mapping], used: list[str],
+                       given: dict[str, dict], feature_dim: int | None, width: int) -> dict[str, dict]:
+    """In the dataset's order: the given entries (a used one without a width key gets the one of
+    ``feature_dim``, if set), and an automatic entry of ``width`` for each other used modality."""
+    configs = {}
+    for m, spec in meta_modalities.items():
+        if m in given:
+            entry = given[m]
+            kind = spec.get("kind") if isinstance(spec, Mapping) else None
+            if feature_dim is not None and m in used and kind in _WIDTH_KEY and _WIDTH_KEY[kind] not in entry:
+                entry.update(_width_setting(m, kind, entry.get("arch"), feature_dim))
+            configs[m] = entry
+        elif m in used:
+            configs[m] = auto_encoder_config(m, spec, width)
+    return configs
+
+
 def resolve_encoder_configs(meta_modalities: Mapping[str, Mapping], used_modalities: Sequence[str] | None,
                             cfg_encoders: Mapping | None, feature_dim: int | None = None
                             ) -> tuple[dict[str, dict], dict[str, str]]:
@@ -918,46 +1068,7 @@ def resolve_encoder_configs(meta_modalities: Mapping[str, Mapping], used_modalit
     mapping, a kind without an encoder, or a width a kind cannot give.
     """
     cfg_encoders = dict(cfg_encoders or {})
-    used = list(used_modalities or meta_modalities)
-    missing = [m for m in used if m not in meta_modalities]
-    if missing:
-        raise ModelConfigError(f"modality {missing[0]!r} is not in the dataset (it has "
-                               f"{', '.join(meta_modalities)})")
-    dropped, given = {}, {}
-    for m, entry in cfg_encoders.items():
-        if m not in meta_modalities:
-            dropped[m] = "not in the dataset"
-            continue
-        if entry is not None and not isinstance(entry, Mapping):
-            raise ModelConfigError(f"encoders.{m}: must be a mapping of encoder config keys, got "
-                                   f"{type(entry).__name__} {entry!r}")
-        entry = dict(entry or {})
-        spec = meta_modalities[m]
-        kind = spec.get("kind") if isinstance(spec, Mapping) else None
-        foreign = [k for k in entry if kind in ENCODER_DEFAULTS and k not in ENCODER_DEFAULTS[kind]]
-        if foreign and any(set(entry) <= set(allowed) for other, allowed in ENCODER_DEFAULTS.items()
-                           if other != kind):
-            dropped[m] = f"its keys ({', '.join(foreign)}) are for another kind of encoder; {m} is {kind} here"
-            continue
-        given[m] = entry
-    width = feature_dim
-    if width is None:
-        widths = set()
-        for m in used:
-            if m in given:
-                try:
-                    widths.add(encoder_out_dim(meta_modalities[m], given[m]))
-                except (KeyError, TypeError, ValueError, IndexError):
-                    pass   # build_encoder will name what is wrong with it
-        width = widths.pop() if len(widths) == 1 else AUTO_WIDTH
-    configs = {}
-    for m, spec in meta_modalities.items():
-        if m in given:
-            entry = given[m]
-            kind = spec.get("kind") if isinstance(spec, Mapping) else None
-            if feature_dim is not None and m in used and kind in _WIDTH_KEY and _WIDTH_KEY[kind] not in entry:
-                entry.update(_width_setting(m, kind, entry.get("arch"), feature_dim))
-            configs[m] = entry
-        elif m in used:
-            configs[m] = auto_encoder_config(m, spec, width)
-    return configs, dropped
+    used = _used_modalities(meta_modalities, used_modalities)
+    given, dropped = _given_entries(meta_modalities, cfg_encoders)
+    width = _common_width(meta_modalities, used, given, feature_dim)
+    return _assembled_configs(meta_modalities, used, given, feature_dim, width), dropped

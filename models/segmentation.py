@@ -313,6 +313,19 @@ def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _positive_ints(v, n: int | None = None) -> bool:
+    """``v`` is a non-empty list / tuple of positive ints (of length ``n``, when given)."""
+    return (isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(x) and x > 0 for x in v)
+            and (n is None or len(v) == n))
+
+
+def _check_seg_value(c: Mapping, key: str, ok: bool, what: str) -> None:
+    """ValueError naming config key ``key`` of BratsCGGMModel unless ``ok``."""
+    if not ok:
+        raise ValueError(f"BratsCGGMModel: config key {key!r} = {c[key]!r} is invalid; "
+                         f"expected {what}")
+
+
 def check_seg_config(cfg: Mapping | None) -> dict:
     """Merge ``cfg`` over :data:`SEG_DEFAULTS` and validate it. Unknown keys and invalid values
     raise ``ValueError`` naming the key. Returns the resolved dict."""
@@ -322,32 +335,22 @@ def check_seg_config(cfg: Mapping | None) -> dict:
         raise ValueError(f"BratsCGGMModel: unknown config key(s) {unknown}; "
                          f"allowed: {sorted(SEG_DEFAULTS)}")
     c = {**SEG_DEFAULTS, **cfg}
-
-    def check(key, ok, what):
-        if not ok:
-            raise ValueError(f"BratsCGGMModel: config key {key!r} = {c[key]!r} is invalid; "
-                             f"expected {what}")
-
-    def int_list(v, n=None):
-        return (isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(x) and x > 0 for x in v)
-                and (n is None or len(v) == n))
-
-    check("block", c["block"] in ("basic", "bottleneck"), "'basic' or 'bottleneck'")
-    check("layers", int_list(c["layers"], 4), "4 positive ints")
+    _check_seg_value(c, "block", c["block"] in ("basic", "bottleneck"), "'basic' or 'bottleneck'")
+    _check_seg_value(c, "layers", _positive_ints(c["layers"], 4), "4 positive ints")
     for key in ("base_width", "aspp_channels", "low_channels", "decoder_channels"):
-        check(key, _is_int(c[key]) and c[key] > 0, "a positive int")
-    check("output_stride", _is_int(c["output_stride"]) and c["output_stride"] in (8, 16),
-          "8 or 16")
-    check("multi_grid", int_list(c["multi_grid"], int(c["layers"][3])),
-          f"{c['layers'][3]} positive ints (one per layer4 block, layers[3])")
-    check("aspp_rates", int_list(c["aspp_rates"]), "a non-empty list of positive ints")
-    check("aspp_dropout", _is_num(c["aspp_dropout"]) and 0 <= c["aspp_dropout"] < 1,
-          "a number in [0, 1)")
-    check("decoder_dropout", isinstance(c["decoder_dropout"], (list, tuple))
-          and len(c["decoder_dropout"]) == 2
-          and all(_is_num(p) and 0 <= p < 1 for p in c["decoder_dropout"]),
-          "two numbers in [0, 1)")
-    check("fusion", c["fusion"] in ("concat", "sum"), "'concat' or 'sum'")
+        _check_seg_value(c, key, _is_int(c[key]) and c[key] > 0, "a positive int")
+    _check_seg_value(c, "output_stride", _is_int(c["output_stride"]) and c["output_stride"] in (8, 16),
+                     "8 or 16")
+    _check_seg_value(c, "multi_grid", _positive_ints(c["multi_grid"], int(c["layers"][3])),
+                     f"{c['layers'][3]} positive ints (one per layer4 block, layers[3])")
+    _check_seg_value(c, "aspp_rates", _positive_ints(c["aspp_rates"]), "a non-empty list of positive ints")
+    _check_seg_value(c, "aspp_dropout", _is_num(c["aspp_dropout"]) and 0 <= c["aspp_dropout"] < 1,
+                     "a number in [0, 1)")
+    _check_seg_value(c, "decoder_dropout", isinstance(c["decoder_dropout"], (list, tuple))
+                     and len(c["decoder_dropout"]) == 2
+                     and all(_is_num(p) and 0 <= p < 1 for p in c["decoder_dropout"]),
+                     "two numbers in [0, 1)")
+    _check_seg_value(c, "fusion", c["fusion"] in ("concat", "sum"), "'concat' or 'sum'")
     return c
 
 
