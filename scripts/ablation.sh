@@ -3,9 +3,12 @@
 # seeds of test accuracy), the evaluation of each finished run (train.evaluate: Shapley modality
 # contributions, missing and noisy modalities -> <run>/evaluation.json) and the report with figures
 # (scripts/report.py -> <OUT>/report/report.md, whose path is printed last). The runs are listed in
-# scripts/ablations/<method>.jobs. Resumable: finished runs (and their evaluations) are skipped.
+# scripts/ablations/<method>.jobs. Resumable: finished runs (and their evaluations) are skipped, and a
+# run that was stopped (a kill, a preemption, the end of a session: the loop checkpoints on SIGTERM and
+# exits 0 without result.json) continues from its checkpoint with --resume when the runner is started
+# again; only a run that left no checkpoint starts over. A run counts as finished when it wrote result.json.
 # Usage: bash scripts/ablation.sh <jobs> [OUT=runs/<jobs>_ablation] [PARALLEL=2]
-#   <jobs>: gaal|igm|cggm|cggm_av|... (a file scripts/ablations/<jobs>.jobs)
+#   <jobs>: gaal|igm|cggm|cggm_av|... (a file scripts/ablations/<jobs>.jobs), or the path of a .jobs file
 #   env SEEDS="0 1 2 3 4" (default "0 1 2"): the seeds each row runs with
 #   env ROWS="official no_surgery" (default: every row): run only these rows of the jobs file
 #   env THREADS=1 (default: nproc / PARALLEL): OMP threads of each run
@@ -16,6 +19,7 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 method="${1:?usage: bash scripts/ablation.sh gaal|igm|cggm|... [OUT] [PARALLEL]}"
 spec="scripts/ablations/$method.jobs"
+[[ "$method" == *.jobs && -f "$method" ]] && { spec="$method"; method="$(basename "$method" .jobs)"; }
 [ -f "$spec" ] || { echo "no $spec (methods: $(ls scripts/ablations | sed 's/.jobs//' | tr '\n' ' '))" >&2; exit 2; }
 out="${2:-runs/${method}_ablation}"; parallel="${3:-2}"
 mkdir -p "$out"
@@ -36,10 +40,20 @@ run_one() {
   exec 9>"$dir.lock"
   flock -n 9 || { echo "[ablation] $name is running in another invocation"; return 0; }
   [ -e "$dir/.done" ] && { echo "[ablation] $name done"; return 0; }
-  rm -rf "$dir"
+  resume=()
+  if python -c 'import sys; from train.checkpoint import has_checkpoint; sys.exit(not has_checkpoint(sys.argv[1]))' "$dir"; then
+    resume=(--resume true); echo "[ablation] $name continues from its checkpoint"
+  else
+    rm -rf "$dir"; : > "$dir.log"   # nothing to continue from: start over
+  fi
   OMP_NUM_THREADS=${THREADS:-$(( $(nproc) / PARALLEL > 0 ? $(nproc) / PARALLEL : 1 ))} \
-    python "$script" "$@" --seed "$seed" --out_dir "$dir" --progress false > "$dir.log" 2>&1 \
-    && touch "$dir/.done" && echo "[ablation] $name finished"
+    python "$script" "$@" --seed "$seed" --out_dir "$dir" --progress false "${resume[@]}" >> "$dir.log" 2>&1 \
+    || { echo "[ablation] $name failed (exit $?): $dir.log" >&2; return 1; }
+  if [ -e "$dir/result.json" ]; then
+    touch "$dir/.done"; echo "[ablation] $name finished"
+  else   # stopped (exit 0 after a stop checkpoint): a second invocation continues it
+    echo "[ablation] $name stopped before the end: run the same command again to continue it"
+  fi
 }
 export -f run_one; export OUT="$out" PARALLEL="$parallel"
 xargs -P "$parallel" -L 1 bash -c 'run_one "$@"' _ < "$jobs"

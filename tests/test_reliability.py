@@ -567,3 +567,44 @@ def test_a_second_run_on_a_running_directory_is_refused(seq3, tmp_path):
     run_script("train/joint.py", seq3_args(seq3, out, "--resume", "--epochs", "40", "--stop_after_steps", "12"))
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == sorted(set(epochs))
+
+
+# ------------------------------------------------------------------------------------------------
+# the ablation runner: a run stopped before its end is continued, not counted as finished nor redone
+
+def ablation_row(data, *extra) -> str:
+    """One line of a .jobs file: the seq3 run of seq3_args, without the flags the runner adds."""
+    args, skip = [], False
+    for arg in seq3_args(data, "unused", *extra):
+        if skip or arg in ("--out_dir", "--progress"):
+            skip = not skip
+            continue
+        args.append(arg)
+    return " ".join(["row", "train/joint.py", *args])
+
+
+@pytest.mark.slow
+def test_ablation_runner_continues_a_stopped_run(seq3, tmp_path):
+    """scripts/ablation.sh: a run that exits cleanly before its end (a stop checkpoint: SIGTERM from a
+    kill, a preemption or the end of a session; here --stop_after_steps) is not marked finished, and
+    the next invocation continues it with --resume instead of starting it over: the result equals an
+    uninterrupted run's, weight for weight."""
+    whole = tmp_path / "whole"
+    run_script("train/joint.py", seq3_args(seq3, whole, "--seed", "0"))
+    out, env = tmp_path / "campaign", dict(os.environ, SEEDS="0", THREADS="1", PYTHONPATH=str(REPO))
+    jobs = tmp_path / "stopping.jobs"
+    jobs.write_text(ablation_row(seq3, "--stop_after_steps", "3") + "\n")
+    first = subprocess.run(["bash", "scripts/ablation.sh", str(jobs), str(out), "1"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert "[ablation] row_s0 stopped before the end" in first.stdout, first.stdout + first.stderr[-2000:]
+    assert first.returncode != 0 and "result.json under" in first.stderr   # nothing finished: no table
+    assert checkpoint.has_checkpoint(out / "row_s0") and not (out / "row_s0" / ".done").exists()
+    jobs.write_text(ablation_row(seq3) + "\n")
+    second = subprocess.run(["bash", "scripts/ablation.sh", str(jobs), str(out), "1"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr[-2000:]
+    assert "[ablation] row_s0 continues from its checkpoint" in second.stdout
+    assert "[ablation] row_s0 finished" in second.stdout and (out / "row_s0" / ".done").exists()
+    assert [json.loads(line)["epoch"] for line in (out / "row_s0" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    a, b = final_weights(whole), final_weights(out / "row_s0")
+    assert all(torch.equal(a[k], b[k]) for k in a)
