@@ -4,12 +4,14 @@ the experiment trackers (`report_to`: TensorBoard, wandb, MLflow, through Accele
 API), metrics.jsonl, result.json and the closing table."""
 from __future__ import annotations
 
+import atexit
 import copy
 import fcntl
 import importlib.util
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from train.config import COMMAND_LINE, ConfigError, load_yaml, source_of
 
 #: What a run writes into its out_dir. A fresh run refuses a directory holding any of them (the
 #: launchers' own files, slurm_jobs.log, submit.txt, submitit/, and the lock, .lock, do not count).
-RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "best.pt", "result.json", "tb")
+#: tracker_ids.json among them: a fresh run that found one would continue that run's wandb/MLflow runs.
+RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "best.pt", "result.json", "tb", "tracker_ids.json")
 
 #: Keys a resumed run may set to another value than its config.yaml has, from the command line or
 #: its YAML: how the run is fed, watched, logged and checkpointed, never what it computes.
@@ -223,8 +226,13 @@ def setup_run_dir(cfg: dict, accelerator) -> Path:
 
 #: report_to's tracker names and the package each needs ("all": tensorboard and every installed other).
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-#: MLflow's experiment when MLFLOW_EXPERIMENT_NAME is not set (Accelerate reads the variable first).
-MLFLOW_EXPERIMENT = "mm-balance"
+#: wandb's project unless WANDB_PROJECT is set, MLflow's experiment unless MLFLOW_EXPERIMENT_NAME is
+#: (Accelerate reads that one first). Without it wandb would name the project after the git checkout
+#: and the script's folder (`main-train`), or `uncategorized` outside one.
+TRACKER_PROJECT = "mm-balance"
+#: MLflow's store when MLFLOW_TRACKING_URI is not set: SQLite, MLflow's own default (MLflow 3.17
+#: refuses a file store, <out_dir>/mlruns, unless MLFLOW_ALLOW_FILE_STORE=true).
+MLFLOW_DB = "mlflow.db"
 
 
 def report_to(value) -> list[str]:
@@ -254,8 +262,9 @@ def trackers(cfg: dict) -> list:
     """Accelerate's trackers for `report_to`, to pass as Accelerator(log_with=...): made, not opened
     (no package imported, nothing written). TensorBoard writes <out_dir>/tb/; on --resume its events
     after the checkpoint the run resumes from are purged (they are logged again). wandb logs under
-    the run directory, named after it; MLflow names its run after it in experiment
-    MLFLOW_EXPERIMENT. A --resume continues the wandb/MLflow run whose id tracker_ids.json holds."""
+    the run directory, its run named after it, in project WANDB_PROJECT or TRACKER_PROJECT; MLflow
+    names its run after it, in experiment MLFLOW_EXPERIMENT_NAME or TRACKER_PROJECT. A --resume
+    continues the wandb/MLflow run whose id tracker_ids.json holds."""
     from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
     run_dir = Path(cfg["out_dir"])
     made = []
@@ -263,11 +272,11 @@ def trackers(cfg: dict) -> list:
         if name == "tensorboard":
             resumed = resume_step(run_dir) if cfg["resume"] else None
             made.append(TensorBoardTracker("tb", str(run_dir), purge_step=None if resumed is None else resumed + 1))
-        elif name == "wandb":   # project None: WANDB_PROJECT or wandb's default, as wandb.init decides
-            made.append(WandBTracker(None, dir=str(run_dir), id=tracker_id(run_dir, "wandb"), resume="allow",
-                                     name=run_dir.name))
+        elif name == "wandb":   # an explicit project would override WANDB_PROJECT in wandb.init: read it here
+            made.append(WandBTracker(os.environ.get("WANDB_PROJECT") or TRACKER_PROJECT, dir=str(run_dir),
+                                     id=tracker_id(run_dir, "wandb"), resume="allow", name=run_dir.name))
         else:
-            made.append(MLflowTracker(MLFLOW_EXPERIMENT, run_id=tracker_id(run_dir, "mlflow"), run_name=run_dir.name))
+            made.append(MLflowTracker(TRACKER_PROJECT, run_id=tracker_id(run_dir, "mlflow"), run_name=run_dir.name))
     return made
 
 
@@ -283,23 +292,43 @@ def resume_step(run_dir: Path) -> int | None:
 
 
 def start_trackers(accelerator, cfg: dict, run_dir: Path) -> None:
-    """Open the Accelerator's trackers (accelerator.init_trackers), on the main process. MLflow gets
-    a file store in <run_dir>/mlruns unless MLFLOW_TRACKING_URI is set; the resolved config goes to
-    wandb (every start) and to a new MLflow run as its parameters; each tracker's run id is kept in
-    <run_dir>/tracker_ids.json for --resume."""
+    """Open the Accelerator's trackers (accelerator.init_trackers), on the main process; a tracker
+    that cannot start its run is refused in one line (ConfigError). MLflow gets a SQLite store,
+    <run_dir>/mlflow.db, unless MLFLOW_TRACKING_URI is set; the resolved config goes to wandb (every
+    start) and to a new MLflow run as its parameters (flattened, each cut to MLflow's longest value);
+    each tracker's run id is kept in <run_dir>/tracker_ids.json for --resume."""
     if not accelerator.is_main_process:
         return
-    if "mlflow" in report_to(cfg["report_to"]) and not os.environ.get("MLFLOW_TRACKING_URI"):
+    if "mlflow" in report_to(cfg["report_to"]):
         import mlflow
-        mlflow.set_tracking_uri((Path(run_dir) / "mlruns").resolve().as_uri())
-    accelerator.init_trackers(Path(run_dir).name)
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri(f"sqlite:///{(Path(run_dir) / MLFLOW_DB).resolve()}")
+        atexit.unregister(_end_unclosed_mlflow_run)   # registered once, after MLflow's own hook: runs before it
+        atexit.register(_end_unclosed_mlflow_run)
+    try:
+        accelerator.init_trackers(Path(run_dir).name)
+    except Exception as err:   # wandb not logged in, an MLflow store refused or unreachable, ...
+        reason = " ".join(str(err).split()) or "no message"
+        raise ConfigError(f"report_to={cfg['report_to']}: a tracker could not start its run "
+                          f"({type(err).__module__}.{type(err).__name__}: {reason})") from None
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
             tracker.store_init_configuration(_plain(cfg))
             tracker_id(run_dir, "wandb", tracker.tracker.id)
         elif tracker.name == "mlflow" and tracker_id(run_dir, "mlflow") is None:
+            import mlflow
+            longest = mlflow.utils.validation.MAX_PARAM_VAL_LENGTH   # longer values Accelerate would drop
             tracker_id(run_dir, "mlflow", tracker.tracker.info.run_id)
-            tracker.store_init_configuration({key: str(value)[:500] for key, value in _flat(_plain(cfg)).items()})
+            tracker.store_init_configuration({key: str(value)[:longest] for key, value in _flat(_plain(cfg)).items()})
+
+
+def _end_unclosed_mlflow_run() -> None:
+    """At exit: an MLflow run still open was not ended by close_trackers, so the process is ending on
+    an error (a refusal, a non-finite loss, an exception) or a second Ctrl-C; say FAILED, where
+    MLflow's own exit hook would say FINISHED."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None and mlflow.active_run() is not None:
+        mlflow.end_run(status="FAILED")
 
 
 def close_trackers(accelerator, finished: bool = True) -> None:
@@ -307,6 +336,7 @@ def close_trackers(accelerator, finished: bool = True) -> None:
     wandb exit code 1, MLflow status KILLED; --resume continues them."""
     if not accelerator.is_main_process:
         return
+    atexit.unregister(_end_unclosed_mlflow_run)   # ended here: nothing left for the exit
     for tracker in accelerator.trackers:
         if finished or tracker.name not in ("wandb", "mlflow"):
             tracker.finish()
