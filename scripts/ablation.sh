@@ -12,6 +12,7 @@
 #   env SEEDS="0 1 2 3 4" (default "0 1 2"): the seeds each row runs with
 #   env ROWS="official no_surgery" (default: every row): run only these rows of the jobs file
 #   env THREADS=1 (default: nproc / PARALLEL): OMP threads of each run
+#   env REFERENCE=joint,ogm_ge (default joint): the report's paired differences, a table against each
 # A second invocation with the same arguments while the first runs shares its queue: each run is
 # claimed with a lock (flock on <OUT>/<run>.lock), so two invocations never run the same one; they
 # evaluate one after the other (flock on <OUT>/.evaluate.lock).
@@ -65,4 +66,4 @@ exec 8>"$out/.evaluate.lock"; flock 8
 finished=(); for dir in "$out"/*_s*/; do [ -e "$dir.done" ] && finished+=("${dir%/}"); done
 [ ${#finished[@]} -gt 0 ] || { echo "no finished run under $out: no report" >&2; exit 2; }
 python -m train.evaluate "${finished[@]}"
-python scripts/report.py "$out" --out "$out/report"   # prints "report: <OUT>/report/report.md"
+python scripts/report.py "$out" --out "$out/report" --reference "${REFERENCE:-joint}"   # prints "report: <OUT>/report/report.md"

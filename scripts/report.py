@@ -397,14 +397,18 @@ def check_one_data_set(groups: dict) -> None:
 
 
 def write_report(paths: list, out: Path, split: str = "test", reference: str = "joint") -> Path:
+    """report.md and its figures in `out`; `reference`: the group the paired differences are taken
+    against, or several, comma-separated (a table against each: e.g. a method against each baseline)."""
     runs = find_runs(paths)
     groups = group_runs(runs)
     parents = {run.parent for run in runs}
     if len(parents) == 1:   # one ablation directory: its rows in the order its jobs list gives them
         groups = summarize.in_listed_order(groups, str(parents.pop()))
     check_one_data_set(groups)
-    if reference != "joint" and reference not in groups:
-        raise ConfigError(f"--reference {reference}: no such group among the runs ({', '.join(groups)})")
+    references = [name.strip() for name in reference.split(",") if name.strip()] or ["joint"]
+    for name in references:
+        if name != "joint" and name not in groups:
+            raise ConfigError(f"--reference {name}: no such group among the runs ({', '.join(groups)})")
     metric = metric_of(next(iter(groups.values()))[0][2])
     records = {run: read_records(run) for run in runs}   # every file read before any compute
     stored = {run: evaluate.stored_evaluation(run).get(split) for run in runs}
@@ -422,9 +426,10 @@ def write_report(paths: list, out: Path, split: str = "test", reference: str = "
     columns_ = columns(groups, evaluations, metric, split)
     md += ["", f"## Summary: {split} {metric} (mean ± std over seeds)", "",
            f"The model each run selected on validation (best.pt). {summarize.READINGS} Absent modalities: "
-           f"{rules['absent_rule']}.", "", *summary_table(groups, columns_),
-           "", f"### Paired difference against {reference} ({split} {metric}, same seed; mean ± std over pairs)", "",
-           *paired_table(groups, columns_, reference)]
+           f"{rules['absent_rule']}.", "", *summary_table(groups, columns_)]
+    for name in references:
+        md += ["", f"### Paired difference against {name} ({split} {metric}, same seed; mean ± std over pairs)", "",
+               *paired_table(groups, columns_, name)]
     curves = val_curves(groups, records, metric, out)
     if curves:
         md += ["", f"## Validation {metric} over epochs", "", f"![validation curves]({curves})"]
@@ -459,7 +464,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="directory for report.md and its PNG figures")
     parser.add_argument("--split", choices=evaluate.SPLITS, default="test")
     parser.add_argument("--reference", default="joint",
-                        help="the group the paired differences are taken against (default: joint)")
+                        help="the group the paired differences are taken against (default: joint), or several, "
+                             "comma-separated: a table against each (e.g. joint,ogm_ge,mla,mmpareto)")
     args = parser.parse_args(argv)
     try:
         report = write_report(args.runs, Path(args.out), args.split, args.reference)

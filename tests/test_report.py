@@ -208,6 +208,16 @@ def test_report_takes_a_reference_group_and_refuses_mixed_data_sets(ablation, tm
     assert proc.returncode == 0, proc.stderr
     paired = rows((out / "report.md").read_text(), "### Paired difference against gaal")
     assert list(paired) == ["run − gaal", "joint"]
+    # several references: a table against each, the same differences with the sign turned
+    proc = subprocess.run([sys.executable, "scripts/report.py", str(ablation), "--out", str(out), "--reference",
+                           "joint,gaal"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    text = (out / "report.md").read_text()
+    against_joint, against_gaal = rows(text, "### Paired difference against joint"), rows(text, "### Paired difference against gaal")
+    assert list(against_joint) == ["run − joint", "gaal"] and list(against_gaal) == ["run − gaal", "joint"]
+    means = lambda cells: [None if c == "-" else float(c.split(" ± ")[0]) for c in cells[1:]]   # after `pairs`
+    assert against_joint["gaal"][0] == against_gaal["joint"][0] != "0"
+    assert [None if m is None else -m for m in means(against_joint["gaal"])] == means(against_gaal["joint"])
     proc = subprocess.run([sys.executable, "scripts/report.py", str(ablation), "--out", str(out), "--reference", "igm"],
                           cwd=REPO, capture_output=True, text=True, env=env)
     assert "no such group among the runs (joint, gaal)" in assert_one_error_line(proc, "--reference igm")
