@@ -315,8 +315,7 @@ def start_trackers(accelerator, cfg: dict, run_dir: Path) -> None:
         if tracker.name == "wandb":
             tracker.store_init_configuration(_plain(cfg))
             tracker_id(run_dir, "wandb", tracker.tracker.id)
-        elif tracker.name == "mlflow" and tracker_id(run_dir, "mlflow") is None:
-            import mlflow
+        elif tracker.name == "mlflow" and tracker_id(run_dir, "mlflow") is None:   # mlflow imported above
             longest = mlflow.utils.validation.MAX_PARAM_VAL_LENGTH   # longer values Accelerate would drop
             tracker_id(run_dir, "mlflow", tracker.tracker.info.run_id)
             tracker.store_init_configuration({key: str(value)[:longest] for key, value in _flat(_plain(cfg)).items()})
