@@ -147,3 +147,28 @@ def write_csv(path, header, rows):
             w.writerow(header)
         w.writerows(rows)
 # ========================================================================== end: converter helpers
+
+
+# ====================================================================================================
+# In-process data parallelism (the DDP equivalence tests of each method, tests/test_reliability.py):
+# one function run on two gloo ranks, each rank's return value handed back to the test.
+def run_on_gloo_ranks(compute, tmp_path, *args, world=2):
+    """``[compute(world, rank, *args) for each rank]``, each rank a spawned process in one gloo group."""
+    import torch
+    torch.multiprocessing.spawn(_gloo_rank, args=(world, str(tmp_path), compute, args), nprocs=world)
+    return [torch.load(Path(tmp_path, f"gloo_rank{rank}.pt")) for rank in range(world)]
+
+
+def _gloo_rank(rank, world, folder, compute, args):
+    import torch
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{folder}/gloo_init", rank=rank, world_size=world)
+    torch.save(compute(world, rank, *args), Path(folder, f"gloo_rank{rank}.pt"))
+    dist.barrier()
+    # gloo's teardown (destroy_process_group, or the interpreter's exit) has aborted a rank under load
+    # ("terminate called without an active exception") after its work was done and written: the result
+    # is on disk and every rank passed the barrier, so leave without tearing anything down.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+# =================================================================================== end: gloo ranks

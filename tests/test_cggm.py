@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from data_prep import embedded
 from models.fusion import CGGMModel
+from tests.conftest import run_on_gloo_ranks
 from tests.test_train import final_weights, run_script, tb_tags
 from methods import modulation
 from train import cggm, config
@@ -350,7 +351,7 @@ def test_shortest_smoothing_is_the_released_change_rectified(estimate, extra):
 # ------------------------------------------------------------------------------------------------
 # N ranks x B/N == 1 rank x B
 
-def _run(variant, task, world=1, rank=0, estimate="batch"):
+def _run(world, rank, variant, task, estimate="batch"):
     model = toy_model(task)
     opt, clf_opt = optimizers(model)
     state = fresh_state(model)
@@ -361,26 +362,13 @@ def _run(variant, task, world=1, rank=0, estimate="batch"):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _ddp_worker(rank, world, init_file, variant, task, out_file, estimate="batch"):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    state = _run(variant, task, world, rank, estimate)
-    if rank == 0:
-        torch.save(state, out_file)
-    dist.barrier()   # both ranks done before either tears gloo down (an early teardown has aborted a rank)
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("variant, task, estimate", [
     ("official", "classification", "batch"), ("paper", "classification", "batch"), ("paper", "regression", "batch"),
     ("official", "classification", "window")])   # window 1: the estimator acts from the second step
 @pytest.mark.slow
 def test_cggm_step_two_ranks_equal_one(tmp_path, variant, task, estimate):
-    single = _run(variant, task, estimate=estimate)
-    out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), variant, task, str(out), estimate),
-                                nprocs=2)
-    ddp = torch.load(out)
+    single = _run(1, 0, variant, task, estimate)
+    ddp = run_on_gloo_ranks(_run, tmp_path, variant, task, estimate)[0]
     for key, value in single.items():
         torch.testing.assert_close(ddp[key], value, rtol=1e-5, atol=1e-6, msg=key)
 

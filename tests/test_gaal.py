@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from data_prep import embedded
+from tests.conftest import run_on_gloo_ranks
 from tests.test_train import final_weights, run_script
 
 
@@ -97,10 +98,8 @@ def toy_batches(n_batches=3, batch=16):
 STEP_CFG = {"topk_frac": 0.5, "margin": 0.75, "qp_eps": 1e-3, "surgery": True, "guidance": "hard"}
 
 
-def _ddp_worker(rank, world, init_file, variant, out_file):
-    import torch.distributed as dist
+def _gaal_on_rank(world, rank, variant):
     from train.gaal import gaal_step
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     encoders, head, opt = toy_gaal()
     cfg = dict(STEP_CFG, variant=variant)
     conflicts = []
@@ -108,28 +107,17 @@ def _ddp_worker(rank, world, init_file, variant, out_file):
         local = {k: v.chunk(world)[rank] for k, v in batch.items()}
         stats = gaal_step(encoders, head, opt, local, ["image", "table"], cfg, world, rank)
         conflicts.append(stats["image/conflict"] + stats["table/conflict"])
-    if rank == 0:
-        torch.save({"state": {**encoders.state_dict(), **head.state_dict()}, "conflicts": conflicts}, out_file)
-    dist.barrier()   # both ranks done before either tears gloo down (an early teardown has aborted a rank)
-    dist.destroy_process_group()
+    return {"state": {**encoders.state_dict(), **head.state_dict()}, "conflicts": conflicts}
 
 
 @pytest.mark.parametrize("variant", ["official", "paper"])
 @pytest.mark.slow
 def test_gaal_step_two_ranks_equal_one(tmp_path, variant):
-    from train.gaal import gaal_step
-    encoders, head, opt = toy_gaal()
-    conflicts = []
-    for batch in toy_batches():
-        stats = gaal_step(encoders, head, opt, batch, ["image", "table"], dict(STEP_CFG, variant=variant))
-        conflicts.append(stats["image/conflict"] + stats["table/conflict"])
-    single = {**encoders.state_dict(), **head.state_dict()}
-    out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), variant, str(out)), nprocs=2)
-    ddp = torch.load(out)
-    assert sum(float(c) for c in conflicts) > 0, "the toy problem must exercise the surgery"
-    assert [float(c) for c in ddp["conflicts"]] == [float(c) for c in conflicts]
-    for key, value in single.items():
+    single = _gaal_on_rank(1, 0, variant)
+    ddp = run_on_gloo_ranks(_gaal_on_rank, tmp_path, variant)[0]
+    assert sum(float(c) for c in single["conflicts"]) > 0, "the toy problem must exercise the surgery"
+    assert [float(c) for c in ddp["conflicts"]] == [float(c) for c in single["conflicts"]]
+    for key, value in single["state"].items():
         torch.testing.assert_close(ddp["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 

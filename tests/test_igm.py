@@ -10,6 +10,7 @@ from torch import nn
 from data_prep import embedded
 from methods import flat_sam
 from models.heads import IGMHead
+from tests.conftest import run_on_gloo_ranks
 from tests.test_train import final_weights, run_script, tb_tags
 from train import config, igm
 
@@ -354,26 +355,19 @@ def _run_steps(model, cfg, batches, world=1, rank=0):
     return params_of(model), {i: s / counts.unsqueeze(1) for i, s in sums.items()}
 
 
-def _ddp_worker(rank, world, init_file, variant, out_file):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _igm_on_rank(world, rank, variant):
     state, means = _run_steps(Toy(), DDP_CFGS[variant], toy_batches(), world, rank)
-    if rank == 0:
-        torch.save({"state": state, "means": means}, out_file)
-    dist.barrier()   # both ranks done before either tears gloo down (an early teardown has aborted a rank)
-    dist.destroy_process_group()
+    return {"state": state, "means": means}
 
 
 @pytest.mark.parametrize("variant", ["official", "paper"])
 @pytest.mark.slow
 def test_igm_step_two_ranks_equal_one(tmp_path, variant):
-    single, means = _run_steps(Toy(), DDP_CFGS[variant], toy_batches())
-    out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), variant, str(out)), nprocs=2)
-    ddp = torch.load(out)
-    for key, value in single.items():
+    single = _igm_on_rank(1, 0, variant)
+    ddp = run_on_gloo_ranks(_igm_on_rank, tmp_path, variant)[0]
+    for key, value in single["state"].items():
         torch.testing.assert_close(ddp["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    for i, m in means.items():   # global batch means of the head inputs (what Y is built from)
+    for i, m in single["means"].items():   # global batch means of the head inputs (what Y is built from)
         torch.testing.assert_close(ddp["means"][i].float(), m.float(), rtol=1e-5, atol=1e-6)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from data_prep import embedded
 from methods import mla as mla_maths
+from tests.conftest import run_on_gloo_ranks
 from tests.test_train import final_weights, run_script, tb_tags
 from train import config, mla
 from train.loop_config import LOOP_CONFIG
@@ -277,17 +278,12 @@ def test_echo_and_projection_change_the_update():
 DDP_CFGS = {"official_projection": RELEASED_PROJECTION, "paper": PAPER}
 
 
-def _ddp_worker(rank, world, init_file, out_file):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _mla_on_rank(world, rank):
     results = {}
     for name, cfg in DDP_CFGS.items():
         state, mstate, _ = ours_train(Toy(), toy_batches(), cfg, world, rank, torch.float64)
         results[name] = {"state": state, "P": mstate["P"]}
-    if rank == 0:
-        torch.save(results, out_file)
-    dist.barrier()   # both ranks done before either tears gloo down
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.mark.slow
@@ -297,9 +293,7 @@ def test_mla_step_two_ranks_equal_one(tmp_path):
     0, which amplifies the float32 rounding difference between the mean of rank means and the
     global mean (a 1e-7 relative change of r moves the head weight by ~4e-5 on this toy) — a
     property of the released formula, not of the data parallelism this test checks."""
-    out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2)
-    ddp = torch.load(out)
+    ddp = run_on_gloo_ranks(_mla_on_rank, tmp_path)[0]
     for name, cfg in DDP_CFGS.items():
         single, mstate, _ = ours_train(Toy(), toy_batches(), cfg, dtype=torch.float64)
         for key, value in single.items():

@@ -11,6 +11,7 @@ from torch import nn
 from data_prep import embedded
 from methods import mmpareto
 from models.fusion import ConcatAndUnimodalHeadsModel
+from tests.conftest import run_on_gloo_ranks
 from tests.test_train import final_weights, run_script, tb_tags
 from train import config, mmpareto as script
 
@@ -224,14 +225,8 @@ def _run_steps(variant, world=1, rank=0):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, torch.stack(logged)
 
 
-def _ddp_worker(rank, world, init_file, out_file):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    results = {variant: _run_steps(variant, world, rank) for variant in VARIANTS}
-    if rank == 0:
-        torch.save(results, out_file)
-    dist.barrier()   # both ranks done before either tears gloo down
-    dist.destroy_process_group()
+def _mmpareto_on_rank(world, rank):
+    return {variant: _run_steps(variant, world, rank) for variant in VARIANTS}
 
 
 VARIANTS = ("official", "paper")
@@ -240,9 +235,7 @@ VARIANTS = ("official", "paper")
 @pytest.mark.slow
 def test_step_two_ranks_equal_one(tmp_path):
     """Both variants in one 2-process group (one spawn): weights, cosines and weights logged."""
-    out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2)
-    ddp = torch.load(out)
+    ddp = run_on_gloo_ranks(_mmpareto_on_rank, tmp_path)[0]
     for variant in VARIANTS:
         single, logged = _run_steps(variant)
         state, ddp_logged = ddp[variant]

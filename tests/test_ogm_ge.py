@@ -11,6 +11,7 @@ from torch import nn
 from data_prep import embedded
 from methods import ogm_ge as maths
 from models.fusion import ConcatFusionModel
+from tests.conftest import run_on_gloo_ranks
 from tests.test_train import final_weights, run_script, tb_tags
 from train import config, ogm_ge
 
@@ -226,23 +227,15 @@ def _run_steps(case, world=1, rank=0):
     return params_of(model)
 
 
-def _ddp_worker(rank, world, init_file, out_file):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    states = {case: _run_steps(case, world, rank) for case in DDP_CASES}   # one group for every case
-    if rank == 0:
-        torch.save(states, out_file)
-    dist.barrier()   # both ranks done before either tears gloo down
-    dist.destroy_process_group()
+def _ogm_ge_on_rank(world, rank):
+    return {case: _run_steps(case, world, rank) for case in DDP_CASES}   # one group for every case
 
 
 @pytest.mark.slow
 def test_ogm_ge_step_two_ranks_equal_one(tmp_path):
     """Two modalities (official, released branch) and three (paper, others_mean), every encoder
     parameter modulated with GE noise: global scores, reduced gradients, one noise stream."""
-    out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2)
-    ddp = torch.load(out)
+    ddp = run_on_gloo_ranks(_ogm_ge_on_rank, tmp_path)[0]
     for case in DDP_CASES:
         for key, value in _run_steps(case).items():
             torch.testing.assert_close(ddp[case][key], value, rtol=1e-5, atol=1e-6, msg=f"{case}: {key}")

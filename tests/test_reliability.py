@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from data_prep import embedded
+from tests.conftest import run_on_gloo_ranks
 from tests.test_train import REPO, final_weights, run_script, seq3_args
 from train import checkpoint, config, loop
 
@@ -57,24 +58,19 @@ def test_igm_official_stage_restarts_on_two_processes(av, tmp_path):
     assert set(json.loads((out / "result.json").read_text())["test"]) == {"audio", "video", "fused"}
 
 
-def _nonfinite_worker(rank, world, init_file, out_dir):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _nonfinite_on_rank(world, rank):
     flag = torch.tensor(rank == 1)   # only rank 1 saw a NaN
     try:
         loop.check_finite(flag, 10, SimpleNamespace(num_processes=world))
-        outcome = "went on"
+        return "went on"
     except loop.NonFiniteLossError:
-        outcome = "stopped"
-    Path(out_dir, f"rank{rank}").write_text(outcome)
-    torch.distributed.barrier()   # both ranks done before either tears gloo down
-    torch.distributed.destroy_process_group()
+        return "stopped"
 
 
 @pytest.mark.slow
 def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
     """A rank that stopped alone would leave the others in their next collective."""
-    torch.multiprocessing.spawn(_nonfinite_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["stopped", "stopped"]
+    assert run_on_gloo_ranks(_nonfinite_on_rank, tmp_path) == ["stopped", "stopped"]
 
 
 # ------------------------------------------------------------------------------------------------
