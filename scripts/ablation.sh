@@ -42,7 +42,7 @@ run_one() {
   flock -n 9 || { echo "[ablation] $name is running in another invocation"; return 0; }
   [ -e "$dir/.done" ] && { echo "[ablation] $name done"; return 0; }
   resume=()
-  if python -c 'import sys; from train.checkpoint import has_checkpoint; sys.exit(not has_checkpoint(sys.argv[1]))' "$dir"; then
+  if has_checkpoint "$dir"; then
     resume=(--resume true); echo "[ablation] $name continues from its checkpoint"
   else
     rm -rf "$dir"; : > "$dir.log"   # nothing to continue from: start over

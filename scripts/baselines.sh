@@ -7,14 +7,11 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 out="${1:-runs/baselines}"; shift || true
 mkdir -p "$out/logs"   # the logs beside the runs would read as runs to summarize.py
-# a checkpoint to continue from, in the run directory or (unimodal: one run per modality) below it
-resumable='import sys; from pathlib import Path; from train.checkpoint import has_checkpoint
-d = Path(sys.argv[1]); sys.exit(not d.is_dir() or not any(has_checkpoint(r) for r in [d, *d.iterdir()]))'
 for flavour in imgtab av seq3; do
   for script in joint unimodal; do
     dir="$out/${script}_${flavour}"
     if [ -e "$dir/.done" ]; then echo "[baselines] $dir done, skipping"; continue; fi
-    log="$out/logs/${script}_${flavour}.log"; resume=(); python -c "$resumable" "$dir" && resume=(--resume true)
+    log="$out/logs/${script}_${flavour}.log"; resume=(); has_checkpoint "$dir" && resume=(--resume true)
     python "train/$script.py" --config "train/configs/${script}_${flavour}.yaml" --out_dir "$dir" \
       --progress false "${resume[@]}" "$@" 2>&1 | tee "$log"
     if grep -q '^\[stop\] .*checkpoint written' "$log"; then

@@ -37,6 +37,13 @@ if [ "$(cat "$pkg_stamp" 2>/dev/null || true)" != "$pkg_want" ] || [ "$(installe
   python -m pip install --quiet --no-deps -e "$ROOT"
   echo "$pkg_want" > "$pkg_stamp"
 fi
+# has_checkpoint DIR: DIR, or a run below it (unimodal.py: one run per modality), holds a checkpoint
+# --resume can continue from (train.checkpoint.has_checkpoint). Exported: xargs' `bash -c` sees it.
+has_checkpoint() {
+  python -c 'import sys; from pathlib import Path; from train.checkpoint import has_checkpoint as has
+d = Path(sys.argv[1]); sys.exit(not d.is_dir() or not any(has(r) for r in [d, *d.iterdir()]))' "$1"
+}
+export -f has_checkpoint
 cd "$ROOT"
 if [ -z "$caller_venv" ] || [ "$(cd "$caller_venv" 2>/dev/null && pwd -P)" != "$(cd "$VENV" && pwd -P)" ]; then   # not active in the caller
   if [ "$caller_pwd" = "$ROOT" ] && [ "$VENV" = "$ROOT/.venv" ]; then activate=".venv/bin/activate"; else activate="$VENV/bin/activate"; fi

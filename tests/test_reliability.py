@@ -604,3 +604,22 @@ def test_ablation_runner_continues_a_stopped_run(seq3, tmp_path):
     assert [json.loads(line)["epoch"] for line in (out / "row_s0" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     a, b = final_weights(whole), final_weights(out / "row_s0")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_scripts_find_a_checkpoint_in_a_run_or_below_it(tmp_path):
+    """scripts/env.sh `has_checkpoint`, which ablation.sh and baselines.sh ask before --resume: true for
+    a run directory with a checkpoint and for a folder with such a run below it (unimodal.py's one run
+    per modality); false for a missing folder, an empty one and a run whose checkpoint is incomplete."""
+    run = tmp_path / "unimodal" / "video"
+    (run / "checkpoints").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "partial" / "checkpoints" / "ckpt-000000003").mkdir(parents=True)   # no state.pt
+
+    def found(folder):
+        return subprocess.run(["bash", "-c", '. scripts/env.sh >/dev/null; has_checkpoint "$1"', "_", str(folder)],
+                              cwd=REPO, capture_output=True, text=True, timeout=120).returncode == 0
+    assert not found(run)    # the folder alone is not a checkpoint
+    (run / "checkpoints" / "ckpt-000000003").mkdir()
+    (run / "checkpoints" / "ckpt-000000003" / "state.pt").write_bytes(b"")
+    assert [found(d) for d in (run, run.parent, tmp_path / "missing", tmp_path / "empty", tmp_path / "partial")] \
+        == [True, True, False, False, False]
