@@ -60,6 +60,21 @@ def test_help_lists_every_key_with_its_default_and_help(script, monkeypatch, cap
     assert lines.index(groups[-1]) > max(lines.index(key_lines[k]) for k in ("out_dir", "data"))
 
 
+@pytest.mark.parametrize("argv", [["--config", "{f}", "stray", "-h"], ["-h", "--config={f}"],
+                                  ["--lr", "oops", "--config", "{f}", "--help"], ["--config", "other.yaml", "--config", "{f}", "-h"]])
+def test_help_reads_the_config_the_line_names(argv, tmp_path, capsys):
+    """--help marks what the --config file sets, found by the same token walk as loading (the last
+    --config wins), on a line loading would refuse (a stray value, -h)."""
+    from train import joint
+    f = tmp_path / "mine.yaml"
+    f.write_text("lr: 0.5\n")
+    with pytest.raises(SystemExit) as exit_:
+        config.exit_on_help(joint.CONFIG, "train/configs/joint_imgtab.yaml", [a.format(f=f) for a in argv])
+    assert exit_.value.code == 0
+    lr_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  --lr "))
+    assert lr_line.endswith(f"[{f}: 0.5]")
+
+
 def test_a_redeclared_key_keeps_what_it_does_not_change():
     from train import gaal
     from train.loop_config import LOOP_CONFIG

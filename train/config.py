@@ -193,18 +193,30 @@ def _parse_cli_value(text: str):
     return _Replace(value) if isinstance(value, dict) else value
 
 
-def _cli_to_nested(argv: list[str]) -> tuple[str | None, dict]:
-    """`--config F --a.b 3 --c=x --flag` -> (F, {"a": {"b": 3}, "c": "x", "flag": True})."""
-    config_path, nested, i = None, {}, 0
+def _cli_pairs(argv: list[str], strict: bool = True) -> list[tuple[str, str]]:
+    """`--a.b 3 --c=x --flag` -> [("a.b", "3"), ("c", "x"), ("flag", "true")]: the --key value pairs,
+    values as typed. A token that is no --key is a ConfigError when `strict`, else skipped (--help must
+    still find --config on a line it would refuse: `-h`, a stray value)."""
+    pairs, i = [], 0
     while i < len(argv):
         if not argv[i].startswith("--") or argv[i] == "--":
-            raise ConfigError(f"command line: expected --key value, got {argv[i]!r} (--help lists the keys)")
+            if strict:
+                raise ConfigError(f"command line: expected --key value, got {argv[i]!r} (--help lists the keys)")
+            i += 1
+            continue
         key, eq, value = argv[i][2:].partition("=")
         if not eq:
             bare = i + 1 >= len(argv) or argv[i + 1].startswith("--")
             value, i = ("true", i) if bare else (argv[i + 1], i + 1)   # a bare flag: --resume
+        pairs.append((key.replace("-", "_"), value))
         i += 1
-        key = key.replace("-", "_")
+    return pairs
+
+
+def _cli_to_nested(argv: list[str]) -> tuple[str | None, dict]:
+    """`--config F --a.b 3 --c=x --flag` -> (F, {"a": {"b": 3}, "c": "x", "flag": True})."""
+    config_path, nested = None, {}
+    for key, value in _cli_pairs(argv):
         if key == "config":
             config_path = value
             continue
@@ -365,8 +377,7 @@ def exit_on_help(declared: dict, default_config: str | None = None, argv: list[s
     """With --help / -h in `argv` (default sys.argv[1:]): print help_text and exit 0."""
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("--help", "-h") for arg in argv):
-        given = [argv[i + 1] if a == "--config" else a.partition("=")[2] for i, a in enumerate(argv)
-                 if (a == "--config" and i + 1 < len(argv)) or a.startswith("--config=")]
+        given = [value for key, value in _cli_pairs(argv, strict=False) if key == "config"]
         file_name = (given[-1] if given else None) or default_config
         try:
             print(help_text(declared, file_name, default_config), flush=True)
