@@ -339,7 +339,8 @@ def summary_table(groups: dict, columns_: list) -> list[str]:
 
 
 def paired_table(groups: dict, columns_: list, baseline: str = "joint") -> list[str]:
-    """Per group and column (columns()): mean ± std (n pairs) of group − baseline over the seeds both finished."""
+    """Per group and column (columns()): mean ± std of group − baseline over the seeds both finished, and
+    how many of those pairs lie above / below zero (a sign that holds in every pair reads 3/0 or 0/3)."""
     if baseline not in groups:
         return [f"No `{baseline}` group among the runs: no paired differences."]
     base = {seed: (run, r) for seed, run, r in groups[baseline] if seed is not None}
@@ -354,7 +355,7 @@ def paired_table(groups: dict, columns_: list, baseline: str = "joint") -> list[
             diffs = [va - vb for a, b in pairs if (va := value(*a)) is not None and (vb := value(*b)) is not None]
             if diffs:
                 stats = summarize.paired_stats(diffs)
-                cells.append(f"{stats['mean']:+.4f} ± {stats['std']:.4f}")
+                cells.append(f"{stats['mean']:+.4f} ± {stats['std']:.4f} ({stats['above']}/{stats['below']})")
             else:
                 cells.append("-")
         lines.append(f"| {group} | {len(pairs)} | " + " | ".join(cells) + " |")
@@ -428,7 +429,7 @@ def write_report(paths: list, out: Path, split: str = "test", reference: str = "
            f"The model each run selected on validation (best.pt). {summarize.READINGS} Absent modalities: "
            f"{rules['absent_rule']}.", "", *summary_table(groups, columns_)]
     for name in references:
-        md += ["", f"### Paired difference against {name} ({split} {metric}, same seed; mean ± std over pairs)", "",
+        md += ["", f"### Paired difference against {name} ({split} {metric}, same seed; mean ± std over pairs, (pairs above/below 0))", "",
                *paired_table(groups, columns_, name)]
     curves = val_curves(groups, records, metric, out)
     if curves:

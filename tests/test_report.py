@@ -81,7 +81,8 @@ def test_report_renders_from_two_runs(ablation, tmp_path):
         assert summary[g] == ["1", *[f"{v:.4f} ± 0.0000" for v in readings(g)]]
     paired = rows(md, "### Paired difference against joint")
     assert list(paired) == ["run − joint", "gaal"]
-    assert paired["gaal"] == ["1", *[f"{a - b:+.4f} ± 0.0000" for a, b in zip(readings("gaal"), readings("joint"))]]
+    assert paired["gaal"] == ["1", *[f"{a - b:+.4f} ± 0.0000 ({int(a > b)}/{int(a < b)})"
+                                     for a, b in zip(readings("gaal"), readings("joint"))]]
     assert "`fused, only <m>`: the fused model with every other modality absent" in md
     shapley = rows(md, "## Modality contribution")
     for g, entry in evaluations.items():
@@ -128,9 +129,11 @@ def test_summary_and_paired_tables_add_the_uniform_readings(report_module, tmp_p
     assert summary[4] == "| video_alone | 1 | - | 0.5600 ± 0.0000 | 0.5600 ± 0.0000 | - | 0.5600 ± 0.0000 | - | 0.4600 ± 0.0000 |"
     paired = report_module.paired_table(groups, columns)
     assert paired[0] == summary[0].replace("| run | seeds |", "| run − joint | pairs |")
-    assert paired[2] == ("| mla | 2 | -0.0150 ± 0.0071 | +0.0500 ± 0.0000 | -0.0100 ± 0.0000 | -0.0200 ± 0.0000 "
-                         "| +0.1000 ± 0.0000 | -0.0200 ± 0.0000 | +0.0600 ± 0.0000 |")
-    assert paired[3] == "| video_alone | 1 | - | +0.0600 ± 0.0000 | -0.4000 ± 0.0000 | - | +0.1400 ± 0.0000 | - | +0.3000 ± 0.0000 |"
+    assert paired[2] == ("| mla | 2 | -0.0150 ± 0.0071 (0/2) | +0.0500 ± 0.0000 (2/0) | -0.0100 ± 0.0000 (0/2) "
+                         "| -0.0200 ± 0.0000 (0/2) | +0.1000 ± 0.0000 (2/0) | -0.0200 ± 0.0000 (0/2) "
+                         "| +0.0600 ± 0.0000 (2/0) |")
+    assert paired[3] == ("| video_alone | 1 | - | +0.0600 ± 0.0000 (1/0) | -0.4000 ± 0.0000 (0/1) | - "
+                         "| +0.1400 ± 0.0000 (1/0) | - | +0.3000 ± 0.0000 (1/0) |")
 
 
 def test_report_refuses_a_directory_without_runs(tmp_path):
