@@ -429,7 +429,7 @@ def write_report(paths: list, out: Path, split: str = "test", reference: str = "
            f"The model each run selected on validation (best.pt). {summarize.READINGS} Absent modalities: "
            f"{rules['absent_rule']}.", "", *summary_table(groups, columns_)]
     for name in references:
-        md += ["", f"### Paired difference against {name} ({split} {metric}, same seed; mean ± std over pairs, (pairs above/below 0))", "",
+        md += ["", f"### Paired difference against {name} ({split} {metric}, same seed; mean ± std over pairs, then the pairs above/below 0)", "",
                *paired_table(groups, columns_, name)]
     curves = val_curves(groups, records, metric, out)
     if curves:
