@@ -611,15 +611,12 @@ def test_the_scripts_find_a_checkpoint_in_a_run_or_below_it(tmp_path):
     a run directory with a checkpoint and for a folder with such a run below it (unimodal.py's one run
     per modality); false for a missing folder, an empty one and a run whose checkpoint is incomplete."""
     run = tmp_path / "unimodal" / "video"
-    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "ckpt-000000003").mkdir(parents=True)
+    (run / "checkpoints" / "ckpt-000000003" / "state.pt").write_bytes(b"")
+    (tmp_path / "bare" / "checkpoints").mkdir(parents=True)   # the folder alone is not a checkpoint
     (tmp_path / "empty").mkdir()
     (tmp_path / "partial" / "checkpoints" / "ckpt-000000003").mkdir(parents=True)   # no state.pt
-
-    def found(folder):
-        return subprocess.run(["bash", "-c", '. scripts/env.sh >/dev/null; has_checkpoint "$1"', "_", str(folder)],
-                              cwd=REPO, capture_output=True, text=True, timeout=120).returncode == 0
-    assert not found(run)    # the folder alone is not a checkpoint
-    (run / "checkpoints" / "ckpt-000000003").mkdir()
-    (run / "checkpoints" / "ckpt-000000003" / "state.pt").write_bytes(b"")
-    assert [found(d) for d in (run, run.parent, tmp_path / "missing", tmp_path / "empty", tmp_path / "partial")] \
-        == [True, True, False, False, False]
+    folders = [run, run.parent, tmp_path / "bare", tmp_path / "missing", tmp_path / "empty", tmp_path / "partial"]
+    proc = subprocess.run(["bash", "-c", '. scripts/env.sh >/dev/null; for d; do has_checkpoint "$d" && echo yes || echo no; done',
+                           "_", *map(str, folders)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["yes", "yes", "no", "no", "no", "no"], proc.stderr
